@@ -1,0 +1,1 @@
+"""Serving adapters with vLLM."""

@@ -1,0 +1,1 @@
+"""The fine-tuning trainer: `tuneloom train` and `python -m tuneloom.trainer`."""

@@ -1,0 +1,274 @@
+"""The FineTuneJob API (`tuneloom.dev/v1alpha1`): typed spec and status, shared by every component.
+
+The CRD schema is generated from these models, so each field carries its description and its
+bounds here, once. Field names are the camelCase names users write in YAML.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+API_GROUP = "tuneloom.dev"
+API_VERSION = "v1alpha1"
+FULL_API_VERSION = f"{API_GROUP}/{API_VERSION}"
+
+# DNS-1123 label: adapter names become path segments, vLLM model names and Kubernetes names.
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_STORE_SCHEMES = ("s3://", "file://")
+
+
+class _Model(BaseModel):
+    """Base for every API object: unknown fields are errors, defaults are explicit."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=False, validate_default=True)
+
+
+class DatasetFormat(str, Enum):
+    chat = "chat"
+    completion = "completion"
+
+
+class Method(str, Enum):
+    lora = "lora"
+    qlora = "qlora"
+    full = "full"
+
+
+class GenerationMetric(str, Enum):
+    exact_match = "exact_match"
+    json_valid = "json_valid"
+
+
+class Phase(str, Enum):
+    pending = "Pending"
+    queued = "Queued"
+    running = "Running"
+    succeeded = "Succeeded"
+    failed = "Failed"
+    cancelled = "Cancelled"
+
+
+def _check_store_uri(value: str, field: str) -> str:
+    if "://" in value and not value.startswith(_STORE_SCHEMES):
+        scheme = value.split("://", 1)[0]
+        raise ValueError(f"unsupported scheme '{scheme}://' in {field}; use s3://BUCKET/PREFIX, file:///PATH or a path")
+    if value.startswith("s3://") and not value[len("s3://") :].split("/", 1)[0]:
+        raise ValueError(f"{field} '{value}' names no bucket; use s3://BUCKET/PREFIX")
+    return value
+
+
+class DatasetSpec(_Model):
+    train: str = Field(description="Training data: a JSONL file as a path, file:// or s3:// URI.")
+    validation: str | None = Field(
+        default=None,
+        description="Held-out JSONL file. When absent, validationSplit of the training data is held out.",
+    )
+    validationSplit: float = Field(
+        default=0.1,
+        gt=0.0,
+        lt=0.5,
+        description="Fraction of the training examples held out for validation when no validation file is given.",
+    )
+    format: DatasetFormat = Field(
+        default=DatasetFormat.chat,
+        description="chat: {'messages': [{'role','content'}]} per line; completion: {'prompt','completion'} per line.",
+    )
+
+    @field_validator("train", "validation")
+    @classmethod
+    def _uri(cls, value: str | None, info: Any) -> str | None:
+        if value is None:
+            return None
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return _check_store_uri(value, info.field_name)
+
+
+class LoraSpec(_Model):
+    r: int = Field(default=16, gt=0, le=1024, description="LoRA rank.")
+    alpha: int = Field(default=32, gt=0, description="LoRA scaling numerator (the update is scaled by alpha/r).")
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    targetModules: list[str] = Field(
+        default_factory=lambda: ["all-linear"],
+        min_length=1,
+        description="Module names to adapt (e.g. q_proj, v_proj), or ['all-linear'] for every linear layer "
+        "except the output head.",
+    )
+
+
+class EarlyStoppingSpec(_Model):
+    patience: int | None = Field(
+        default=None,
+        ge=1,
+        description="Stop after this many evaluations without a lower validation loss. Unset: never stop early.",
+    )
+    minDelta: float = Field(default=0.0, ge=0.0, description="Smallest decrease of validation loss that counts.")
+
+
+class HyperparametersSpec(_Model):
+    epochs: int = Field(default=3, gt=0, le=1000, description="Passes over the training data.")
+    learningRate: float = Field(default=2e-4, gt=0.0, lt=1.0, description="Peak learning rate of AdamW.")
+    batchSize: int = Field(
+        default=8, gt=0, le=4096, description="Sequences per optimizer micro-batch (packed rows when packing)."
+    )
+    gradientAccumulationSteps: int = Field(default=1, gt=0, le=1024, description="Micro-batches per optimizer step.")
+    maxSeqLength: int = Field(default=1024, ge=16, le=131072, description="Tokens per sequence; longer examples are truncated.")
+    packing: bool = Field(
+        default=True,
+        description="Pack several short examples into one sequence. Examples never attend to each other.",
+    )
+    warmupRatio: float = Field(default=0.03, ge=0.0, lt=1.0, description="Fraction of steps with a linear warm-up.")
+    weightDecay: float = Field(default=0.0, ge=0.0, le=1.0, description="AdamW weight decay.")
+    maxGradNorm: float = Field(default=1.0, gt=0.0, description="Gradient clipping norm.")
+    seed: int = Field(default=42, ge=0, description="Seed for the split, the shuffling and the initialisation.")
+    loggingSteps: int = Field(default=10, gt=0, description="Optimizer steps between progress lines.")
+    earlyStopping: EarlyStoppingSpec = Field(default_factory=EarlyStoppingSpec, description="Early stopping on validation loss.")
+
+
+class EvaluationSpec(_Model):
+    metrics: list[GenerationMetric] = Field(
+        default_factory=list,
+        description="Generation metrics computed on held-out examples for the base model and the result.",
+    )
+    maxNewTokens: int = Field(default=128, gt=0, le=8192, description="Tokens generated per held-out prompt.")
+    maxExamples: int = Field(default=50, ge=0, description="Held-out examples used for generation metrics.")
+
+
+class OutputSpec(_Model):
+    adapterName: str = Field(
+        description="Name of the result in the adapter registry and in vLLM (a DNS-1123 label).",
+    )
+    uri: str = Field(
+        description="Object-store root: s3://BUCKET/PREFIX, file:///PATH or a path. The adapter is written under "
+        "<uri>/adapters/<namespace>/<adapterName>/<version>/.",
+    )
+
+    @field_validator("adapterName")
+    @classmethod
+    def _dns_label(cls, value: str) -> str:
+        if len(value) > 63 or not _DNS_LABEL.match(value):
+            raise ValueError(
+                f"must be a DNS-1123 label (lowercase letters, digits and '-', at most 63), got '{value}'"
+            )
+        return value
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        return _check_store_uri(value, "uri")
+
+
+class CheckpointingSpec(_Model):
+    everySteps: int = Field(default=50, ge=0, description="Optimizer steps between checkpoints; 0 turns them off.")
+    keep: int = Field(default=2, ge=1, description="Checkpoints kept in object storage; older ones are deleted.")
+
+
+class Toleration(_Model):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    tolerationSeconds: int | None = None
+
+
+class ResourcesSpec(_Model):
+    gpus: int = Field(default=1, ge=0, le=64, description="GPUs for the training pod (nvidia.com/gpu).")
+    cpu: str | None = Field(default=None, description="CPU request, e.g. '4'.")
+    memory: str | None = Field(default=None, description="Memory request and limit, e.g. '32Gi'.")
+    nodeSelector: dict[str, str] = Field(default_factory=dict, description="Node labels the training pod needs.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations of the training pod.")
+
+
+class FineTuneJobSpec(_Model):
+    baseModel: str = Field(
+        description="Base model: a local directory, an s3:// prefix holding a Hugging Face model directory, "
+        "or a Hugging Face hub id.",
+    )
+    dataset: DatasetSpec = Field(description="Training and validation data.")
+    method: Method = Field(default=Method.lora, description="lora, qlora (4-bit NF4 base, CUDA only) or full.")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings (lora and qlora).")
+    hyperparameters: HyperparametersSpec = Field(default_factory=HyperparametersSpec, description="Optimisation.")
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Held-out evaluation.")
+    output: OutputSpec = Field(description="Where the result is written.")
+    checkpointing: CheckpointingSpec = Field(default_factory=CheckpointingSpec, description="Checkpoints.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Pod resources (operator only).")
+
+    @field_validator("baseModel")
+    @classmethod
+    def _base_model(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return _check_store_uri(value, "baseModel")
+
+    @model_validator(mode="after")
+    def _lora_fits_method(self) -> FineTuneJobSpec:
+        if self.method is Method.full and "lora" in self.model_fields_set:
+            raise ValueError("lora settings are given but method is 'full'; remove spec.lora or use lora/qlora")
+        return self
+
+
+class ObjectMeta(_Model):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(description="Job name.")
+    namespace: str = Field(default="default", description="Namespace; also the adapter registry's namespace.")
+    uid: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class Condition(_Model):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = ""
+    message: str = ""
+    lastTransitionTime: datetime | None = None
+
+
+class Progress(_Model):
+    step: int = 0
+    totalSteps: int = 0
+    epoch: float = 0.0
+    trainLoss: float | None = None
+    validationLoss: float | None = None
+    tokensPerSecond: float | None = None
+    etaSeconds: float | None = None
+
+
+class AdapterRef(_Model):
+    name: str
+    version: str
+    uri: str
+    sha256: str = Field(description="sha256 of the adapter's manifest.json.")
+    baseValidationLoss: float | None = None
+    validationLoss: float | None = None
+
+
+class FineTuneJobStatus(_Model):
+    phase: Phase = Phase.pending
+    message: str = ""
+    conditions: list[Condition] = Field(default_factory=list)
+    observedGeneration: int | None = None
+    startTime: datetime | None = None
+    completionTime: datetime | None = None
+    jobName: str | None = None
+    progress: Progress | None = None
+    adapter: AdapterRef | None = None
+
+
+class FineTuneJob(_Model):
+    apiVersion: Literal["tuneloom.dev/v1alpha1"] = Field(description="tuneloom.dev/v1alpha1")
+    kind: Literal["FineTuneJob"] = Field(description="FineTuneJob")
+    metadata: ObjectMeta
+    spec: FineTuneJobSpec
+    status: FineTuneJobStatus | None = None
+
+    @property
+    def identity(self) -> str:
+        """Stable identity of one job: restarts with the same identity resume its checkpoints."""
+        return f"{self.metadata.namespace}/{self.metadata.name}"
+

@@ -1,0 +1,81 @@
+"""The `tuneloom` command. Each subcommand imports its component only when it runs, so
+`tuneloom validate-data` works without torch installed."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+
+def _train(args: argparse.Namespace) -> int:
+    from tuneloom.trainer.main import run_from_file
+
+    return run_from_file(args.file, metrics_port=args.metrics_port, fresh=args.fresh)
+
+
+def _validate_data(args: argparse.Namespace) -> int:
+    from tuneloom.trainer.datafile import validate_data_command
+
+    return validate_data_command(
+        args.file,
+        fmt=args.format,
+        model=args.model,
+        max_seq_length=args.max_seq_length,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+    )
+
+
+def _models_prepare(args: argparse.Namespace) -> int:
+    from tuneloom.models import prepare_model
+
+    path = prepare_model(args.name)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuneloom", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="fine-tune a model as a FineTuneJob YAML describes")
+    train.add_argument("-f", "--file", required=True, help="FineTuneJob YAML")
+    train.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    train.add_argument("--fresh", action="store_true", help="ignore existing checkpoints of this job")
+    train.set_defaults(handler=_train)
+
+    validate = commands.add_parser("validate-data", help="check a JSONL dataset before training")
+    validate.add_argument("file", help="JSONL file")
+    validate.add_argument("--format", choices=["chat", "completion"], default="chat")
+    validate.add_argument("--model", help="model directory whose tokenizer counts the tokens")
+    validate.add_argument("--max-seq-length", type=int, default=1024)
+    validate.add_argument("--batch-size", type=int, default=8, help="for the estimated step count")
+    validate.add_argument("--epochs", type=int, default=3, help="for the estimated step count")
+    validate.set_defaults(handler=_validate_data)
+
+    models = commands.add_parser("models", help="base model assets").add_subparsers(
+        dest="models_command", required=True, metavar="ACTION"
+    )
+    prepare = models.add_parser("prepare", help="build a known base model into the local cache")
+    prepare.add_argument("name", choices=["smollm2-135m-instruct"])
+    prepare.set_defaults(handler=_models_prepare)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("botocore", "urllib3", "s3transfer", "filelock", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Reading FineTuneJob documents, with errors that name the file, the line and the field."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from tuneloom.api import FineTuneJob
+
+
+class SpecError(ValueError):
+    """A FineTuneJob that cannot be used; `problems` holds one 'where: field: what' line each."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid FineTuneJob:\n  " + "\n  ".join(problems))
+
+
+def _describe(error: dict[str, Any]) -> str:
+    """One pydantic error as a sentence that says what was wrong and what was given."""
+    kind, ctx, given = error["type"], error.get("ctx") or {}, error.get("input")
+    bounds = {
+        "greater_than": ("> ", "gt"),
+        "greater_than_equal": (">= ", "ge"),
+        "less_than": ("< ", "lt"),
+        "less_than_equal": ("<= ", "le"),
+    }
+    if kind in bounds:
+        symbol, key = bounds[kind]
+        return f"must be {symbol}{ctx[key]}, got {given!r}"
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "extra_forbidden":
+        return "unknown field; check its spelling against `kubectl explain finetunejob.spec` or the README reference"
+    if kind in ("enum", "literal_error"):
+        return f"must be one of {ctx.get('expected')}, got {given!r}"
+    if kind == "value_error":
+        return str(ctx.get("error", error["msg"]))
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        return f"{error['msg'].lower()}, got {given!r}"
+    if kind == "too_short":
+        return f"must have at least {ctx.get('min_length')} item(s)"
+    return f"{error['msg']}, got {given!r}"
+
+
+def _field_path(loc: Iterable[Any]) -> str:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+def _line_index(node: yaml.Node, path: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], int]:
+    """Maps each key path of a YAML document to its 1-based line, so errors can point at it."""
+    lines = {path: node.start_mark.line + 1}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            child = (*path, key.value)
+            lines.update(_line_index(value, child))
+            lines[child] = key.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            lines.update(_line_index(item, (*path, index)))
+    return lines
+
+
+def _nearest_line(lines: dict[tuple[Any, ...], int], loc: tuple[Any, ...]) -> int | None:
+    """A missing field has no line of its own; point at its closest existing parent."""
+    for cut in range(len(loc), -1, -1):
+        if loc[:cut] in lines:
+            return lines[loc[:cut]]
+    return None
+
+
+def parse_job(data: Any, *, source: str = "<spec>", lines: dict[tuple[Any, ...], int] | None = None) -> FineTuneJob:
+    """Validates a decoded FineTuneJob document; raises SpecError naming every problem."""
+    if not isinstance(data, dict):
+        raise SpecError([f"{source}: expected a FineTuneJob mapping, got {type(data).__name__}"])
+    try:
+        return FineTuneJob.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_url=False):
+            loc = tuple(part for part in error["loc"] if not (isinstance(part, str) and part.startswith("function-")))
+            line = _nearest_line(lines, loc) if lines else None
+            where = f"{source}:{line}" if line else source
+            field = _field_path(loc) or "(document)"
+            problems.append(f"{where}: {field}: {_describe(error)}")
+        raise SpecError(problems) from None
+
+
+def load_job(path: str | Path) -> FineTuneJob:
+    """Reads one FineTuneJob from a YAML file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError([f"{path}: cannot read: {exc.strerror}"]) from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise SpecError([f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    return parse_job(data, source=str(path), lines=_line_index(node) if node is not None else None)

@@ -125,6 +125,9 @@ class HyperparametersSpec(_Model):
     warmupRatio: float = Field(default=0.03, ge=0.0, lt=1.0, description="Fraction of steps with a linear warm-up.")
     weightDecay: float = Field(default=0.0, ge=0.0, le=1.0, description="AdamW weight decay.")
     maxGradNorm: float = Field(default=1.0, gt=0.0, description="Gradient clipping norm.")
+    gradientCheckpointing: bool = Field(
+        default=False, description="Recompute activations in the backward pass: less memory, about 30% slower."
+    )
     seed: int = Field(default=42, ge=0, description="Seed for the split, the shuffling and the initialisation.")
     loggingSteps: int = Field(default=10, gt=0, description="Optimizer steps between progress lines.")
     earlyStopping: EarlyStoppingSpec = Field(default_factory=EarlyStoppingSpec, description="Early stopping on validation loss.")

@@ -1,0 +1,124 @@
+"""Checkpoints in object storage, so a restarted job continues where it stopped.
+
+Layout: `checkpoints/<namespace>/<job>/step-<N>/` holding the trainable weights, the optimizer
+state and the loop's state, committed with a manifest written last (a checkpoint without one
+was interrupted and is ignored). `published.json` beside them records the adapter version a
+finished run wrote, so a rerun of a finished job does not publish a second version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tuneloom.registry import commit_files, fetch_committed
+from tuneloom.storage import ObjectNotFoundError, ObjectStore
+
+log = logging.getLogger("tuneloom.trainer")
+
+_STEP_DIR = re.compile(r"^step-(\d+)/")
+
+
+@dataclass
+class LoopState:
+    """Everything besides tensors that the training loop needs to continue exactly."""
+
+    step: int = 0
+    spec_sha256: str = ""
+    best_validation_loss: float | None = None
+    best_step: int = 0
+    evaluations_without_improvement: int = 0
+    stopped_early: bool = False
+    tokens_seen: int = 0
+    base_evaluation: dict[str, Any] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters being trained (LoRA weights, or every weight for a full fine-tune), on CPU."""
+    return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = [name for name, p in params.items() if p.requires_grad and name not in tensors]
+    if missing:
+        raise RuntimeError(f"checkpoint lacks {len(missing)} trainable tensors (e.g. {missing[0]}); start with --fresh")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor)
+
+
+class CheckpointStore:
+    def __init__(self, store: ObjectStore, namespace: str, job_name: str):
+        self.store = store
+        self.prefix = f"checkpoints/{namespace}/{job_name}"
+
+    def committed_steps(self) -> list[int]:
+        steps = []
+        for key in self.store.list(self.prefix + "/"):
+            relative = key[len(self.prefix) + 1 :]
+            match = _STEP_DIR.match(relative)
+            if match and relative.endswith("/manifest.json"):
+                steps.append(int(match.group(1)))
+        return sorted(steps)
+
+    def save(
+        self,
+        state: LoopState,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        best: dict[str, torch.Tensor] | None,
+        keep: int,
+    ) -> None:
+        with tempfile.TemporaryDirectory(prefix="tuneloom-ckpt-") as tmp:
+            files = {"trainable.safetensors": Path(tmp) / "trainable.safetensors"}
+            save_file(trainable_state(model), files["trainable.safetensors"])
+            files["optimizer.pt"] = Path(tmp) / "optimizer.pt"
+            torch.save(optimizer.state_dict(), files["optimizer.pt"])
+            if best is not None:
+                files["best.safetensors"] = Path(tmp) / "best.safetensors"
+                save_file(best, files["best.safetensors"])
+            files["state.json"] = Path(tmp) / "state.json"
+            files["state.json"].write_text(json.dumps(asdict(state)))
+            commit_files(self.store, f"{self.prefix}/step-{state.step:08d}", files, {"step": state.step})
+        log.info("checkpoint at step %d saved to %s", state.step, self.store.describe(self.prefix))
+        for old in self.committed_steps()[:-keep]:
+            self.store.delete_prefix(f"{self.prefix}/step-{old:08d}/")
+
+    def load_latest(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
+    ) -> tuple[LoopState, dict[str, torch.Tensor] | None] | None:
+        steps = self.committed_steps()
+        if not steps:
+            return None
+        with tempfile.TemporaryDirectory(prefix="tuneloom-ckpt-") as tmp:
+            dest = Path(tmp) / "checkpoint"
+            fetch_committed(self.store, f"{self.prefix}/step-{steps[-1]:08d}", dest)
+            state = LoopState(**json.loads((dest / "state.json").read_text()))
+            load_trainable_state(model, load_file(dest / "trainable.safetensors"))
+            optimizer.load_state_dict(torch.load(dest / "optimizer.pt", map_location=device, weights_only=True))
+            best_file = dest / "best.safetensors"
+            best = load_file(best_file) if best_file.exists() else None
+        return state, best
+
+    def published(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.store.get_bytes(f"{self.prefix}/published.json"))
+        except ObjectNotFoundError:
+            return None
+
+    def mark_published(self, record: dict[str, Any]) -> None:
+        self.store.put_bytes(f"{self.prefix}/published.json", json.dumps(record).encode())
+
+    def clear(self) -> None:
+        self.store.delete_prefix(self.prefix + "/")

@@ -1,0 +1,203 @@
+"""The optimisation loop.
+
+Our own loop rather than HF Trainer or TRL: it needs packed rows with per-example position ids
+(no cross-example attention), a loss head that runs only on labelled tokens, checkpoints in
+object storage that resume at an exact optimizer step with the same data order, and progress in
+a form the operator reads. Each of those is a few lines here and a fight with callbacks there.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tuneloom.api import FineTuneJobSpec
+from tuneloom.trainer.batching import Batch, collate, epoch_batches
+from tuneloom.trainer.checkpoint import CheckpointStore, LoopState, load_trainable_state, trainable_state
+from tuneloom.trainer.evaluate import LossResult, evaluate_loss
+from tuneloom.trainer.modeling import MaskedTokenLoss, autocast
+from tuneloom.trainer.progress import ProgressReporter
+from tuneloom.trainer.tokenize import EncodedExample
+
+log = logging.getLogger("tuneloom.trainer")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the rows of one run are cut into optimizer steps."""
+
+    rows: Sequence[Sequence[int]]
+    row_lengths: Sequence[int]
+    batch_size: int
+    accumulation: int
+    epochs: int
+
+    @property
+    def micro_batches_per_epoch(self) -> int:
+        return math.ceil(len(self.rows) / self.batch_size)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.micro_batches_per_epoch / self.accumulation)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+    def steps_of_epoch(self, seed: int, epoch: int) -> list[list[Sequence[int]]]:
+        """Micro-batches of each optimizer step of `epoch`: a list per step."""
+        batches = epoch_batches(self.rows, self.row_lengths, self.batch_size, seed=seed, epoch=epoch)
+        return [batches[i : i + self.accumulation] for i in range(0, len(batches), self.accumulation)]
+
+
+def learning_rate(step: int, total: int, peak: float, warmup_ratio: float) -> float:
+    """Linear warm-up, then cosine decay to zero."""
+    warmup = math.ceil(total * warmup_ratio)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class TrainingLoop:
+    def __init__(
+        self,
+        spec: FineTuneJobSpec,
+        model: nn.Module,
+        train: Sequence[EncodedExample],
+        validation_batches: Sequence[Batch],
+        plan: Plan,
+        device: torch.device,
+        checkpoints: CheckpointStore | None,
+        reporter_factory: Callable[[int], ProgressReporter],
+    ):
+        self.spec = spec
+        self.hp = spec.hyperparameters
+        self.model = model
+        self.loss_fn = MaskedTokenLoss(model)
+        self.train = train
+        self.validation_batches = validation_batches
+        self.plan = plan
+        self.device = device
+        self.checkpoints = checkpoints
+        self.reporter_factory = reporter_factory
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            trainable, lr=self.hp.learningRate, weight_decay=self.hp.weightDecay, foreach=True
+        )
+        self.state = LoopState()
+        self.best: dict[str, torch.Tensor] | None = None
+
+    def resume(self, spec_sha256: str) -> bool:
+        """Loads the latest checkpoint of this job, if any. True when one was loaded."""
+        self.state.spec_sha256 = spec_sha256
+        loaded = self.checkpoints.load_latest(self.model, self.optimizer, self.device) if self.checkpoints else None
+        if loaded is None:
+            return False
+        state, best = loaded
+        if state.spec_sha256 != spec_sha256:
+            raise RuntimeError(
+                f"checkpoints at {self.checkpoints.store.describe(self.checkpoints.prefix)} were made from a "
+                "different spec; rerun with --fresh (or give the job a new name) to start over"
+            )
+        self.state, self.best = state, best
+        log.info("resumed from the checkpoint at step %d of %d", state.step, self.plan.total_steps)
+        return True
+
+    def evaluate(self) -> LossResult:
+        with autocast(self.device):
+            return evaluate_loss(self.loss_fn, self.validation_batches, self.device)
+
+    def run(self) -> LoopState:
+        state, plan = self.state, self.plan
+        reporter = self.reporter_factory(state.step)
+        reporter.event("training", step=state.step, totalSteps=plan.total_steps)
+        self.model.train()
+        first_epoch = state.step // plan.steps_per_epoch
+        for epoch in range(first_epoch, plan.epochs):
+            if state.stopped_early:
+                break
+            torch.manual_seed(self.hp.seed + epoch * 7919 + state.step)  # dropout masks; reproducible per resume point
+            for index, step_batches in enumerate(plan.steps_of_epoch(self.hp.seed, epoch)):
+                if epoch * plan.steps_per_epoch + index < state.step:
+                    continue  # done before the checkpoint we resumed from
+                self._step(step_batches, reporter)
+                every = self.spec.checkpointing.everySteps
+                last_of_epoch = index == plan.steps_per_epoch - 1
+                if every and state.step % every == 0 and not last_of_epoch:
+                    self._checkpoint()
+            self._end_of_epoch(epoch, reporter)
+        reporter.peak_memory(peak_memory_bytes(self.device))
+        if self.best is not None and state.best_step != state.step:
+            log.info("restoring the weights of step %d, which had the lowest validation loss", state.best_step)
+            load_trainable_state(self.model, self.best)
+        return state
+
+    def _step(self, step_batches: list[Sequence[int]], reporter: ProgressReporter) -> None:
+        started = time.monotonic()
+        batches = [collate(self.train, rows) for rows in step_batches]
+        trained_tokens = sum(batch.num_trained_tokens for batch in batches)
+        loss_total = 0.0
+        for batch in batches:
+            with autocast(self.device):
+                loss_sum, _, _ = self.loss_fn(batch.to(self.device))
+            # Normalised by the whole step's labelled tokens: every token weighs the same whatever
+            # micro-batch it landed in.
+            (loss_sum / max(trained_tokens, 1)).backward()
+            loss_total += float(loss_sum)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, self.hp.maxGradNorm)
+        rate = learning_rate(self.state.step, self.plan.total_steps, self.hp.learningRate, self.hp.warmupRatio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = rate
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        tokens = sum(batch.num_tokens for batch in batches)
+        self.state.step += 1
+        self.state.tokens_seen += tokens
+        reporter.step(
+            self.state.step,
+            loss=loss_total / max(trained_tokens, 1),
+            tokens=tokens,
+            learning_rate=rate,
+            seconds=time.monotonic() - started,
+        )
+
+    def _end_of_epoch(self, epoch: int, reporter: ProgressReporter) -> None:
+        state = self.state
+        result = self.evaluate()
+        reporter.evaluation(loss=result.loss, accuracy=result.token_accuracy)
+        state.history.append(
+            {"epoch": epoch + 1, "step": state.step, "validationLoss": result.loss, "tokenAccuracy": result.token_accuracy}
+        )
+        min_delta = self.hp.earlyStopping.minDelta
+        if state.best_validation_loss is None or result.loss < state.best_validation_loss - min_delta:
+            state.best_validation_loss, state.best_step = result.loss, state.step
+            state.evaluations_without_improvement = 0
+            self.best = trainable_state(self.model) if self.hp.earlyStopping.patience else None
+        else:
+            state.evaluations_without_improvement += 1
+            patience = self.hp.earlyStopping.patience
+            if patience and state.evaluations_without_improvement >= patience:
+                log.info("early stopping: no lower validation loss for %d evaluation(s)", patience)
+                state.stopped_early = True
+        if epoch + 1 < self.plan.epochs and not state.stopped_early:
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        if self.checkpoints and self.spec.checkpointing.everySteps:
+            self.checkpoints.save(self.state, self.model, self.optimizer, self.best, self.spec.checkpointing.keep)

@@ -1,0 +1,328 @@
+"""One fine-tuning run, from a FineTuneJob to a published, evaluated adapter.
+
+The same entry point runs in the operator's training pod (`python -m tuneloom.trainer`) and on a
+laptop (`tuneloom train -f job.yaml`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tuneloom import __version__
+from tuneloom.api import FineTuneJob, Method
+from tuneloom.jobfile import SpecError, load_job
+from tuneloom.models import model_config_hash
+from tuneloom.registry import AdapterVersion, publish_adapter, read_adapter
+from tuneloom.storage import StorageError, open_store, sha256_file
+from tuneloom.trainer.batching import collate, pack_rows, single_rows
+from tuneloom.trainer.checkpoint import CheckpointStore
+from tuneloom.trainer.datafile import DataValidationError, Example, load_examples
+from tuneloom.trainer.evaluate import GenerationResult, LossResult, generate_answers, references, score
+from tuneloom.trainer.inputs import fetch_file, resolve_base_model
+from tuneloom.trainer.loop import Plan, TrainingLoop, peak_memory_bytes
+from tuneloom.trainer.modeling import (
+    MethodNotSupportedError,
+    check_method_supported,
+    load_model,
+    load_tokenizer,
+    pick_device,
+)
+from tuneloom.trainer.progress import ProgressReporter, TrainerMetrics
+from tuneloom.trainer.report import print_report
+from tuneloom.trainer.tokenize import EncodedExample, encode_example
+
+log = logging.getLogger("tuneloom.trainer")
+
+METRICS_PORT_ENV = "TUNELOOM_METRICS_PORT"
+EVALUATION_FILE = "evaluation.json"
+
+# Exit codes the operator tells apart: a user's mistake is not retried, an infrastructure error is.
+EXIT_INVALID_INPUT = 2
+EXIT_FAILED = 1
+
+
+class UnusableDataError(ValueError):
+    """The data is valid line by line but cannot train anything (too few examples, all truncated)."""
+
+
+@dataclass
+class Datasets:
+    train: list[Example]
+    validation: list[Example]
+    info: dict[str, Any]
+
+
+def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """A reproducible held-out split; at least one example on each side."""
+    if len(examples) < 2:
+        raise UnusableDataError("at least 2 examples are needed to hold one out for validation")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held_out = min(max(1, math.ceil(len(examples) * fraction)), len(examples) - 1)
+    chosen = set(order[:held_out])
+    train = [e for i, e in enumerate(examples) if i not in chosen]
+    validation = [e for i, e in enumerate(examples) if i in chosen]
+    return train, validation
+
+
+def load_datasets(job: FineTuneJob) -> Datasets:
+    dataset = job.spec.dataset
+    fmt = dataset.format.value
+    train_path = fetch_file(dataset.train)
+    examples = load_examples(train_path, fmt, source=dataset.train)
+    info: dict[str, Any] = {"train": {"uri": dataset.train, "sha256": sha256_file(train_path)}}
+    if dataset.validation:
+        validation_path = fetch_file(dataset.validation)
+        validation = load_examples(validation_path, fmt, source=dataset.validation)
+        train = examples
+        info["validation"] = {"uri": dataset.validation, "sha256": sha256_file(validation_path)}
+    else:
+        train, validation = split_examples(examples, dataset.validationSplit, job.spec.hyperparameters.seed)
+        info["validation"] = {"uri": dataset.train, "split": dataset.validationSplit}
+    info["train"]["examples"] = len(train)
+    info["validation"]["examples"] = len(validation)
+    return Datasets(train, validation, info)
+
+
+def encode_all(tokenizer: Any, examples: list[Example], max_length: int, what: str) -> list[EncodedExample]:
+    """Encodes and truncates; drops examples left with nothing to learn, saying which."""
+    encoded, truncated, dropped = [], [], []
+    for example in examples:
+        item = encode_example(tokenizer, example, max_length)
+        if len(item.input_ids) == max_length:
+            truncated.append(example.line)
+        if item.num_trained_tokens == 0:
+            dropped.append(example.line)
+            continue
+        encoded.append(item)
+    if truncated:
+        log.warning("%s: %d example(s) truncated to maxSeqLength=%d (lines %s)", what, len(truncated), max_length, truncated[:10])
+    if dropped:
+        log.warning("%s: %d example(s) dropped, no assistant tokens left after truncation (lines %s)", what, len(dropped), dropped[:10])
+    if not encoded:
+        raise UnusableDataError(f"{what}: no example has tokens to learn from")
+    return encoded
+
+
+def spec_sha256(job: FineTuneJob) -> str:
+    """What a checkpoint must match to be resumed: the parts of the spec that shape training."""
+    relevant = job.spec.model_dump(mode="json", exclude={"resources", "evaluation", "checkpointing"})
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+class FineTuneRun:
+    def __init__(self, job: FineTuneJob, *, metrics_port: int | None = None, fresh: bool = False):
+        self.job = job
+        self.spec = job.spec
+        self.fresh = fresh
+        self.device = pick_device()
+        self.store = open_store(self.spec.output.uri)
+        run_id = job.metadata.uid or "local"
+        self.checkpoints = CheckpointStore(self.store, job.metadata.namespace, f"{job.metadata.name}/{run_id}")
+        self.metrics = self._start_metrics(metrics_port)
+        self.reporter = self._reporter(0, 0, 1)
+
+    def _start_metrics(self, port: int | None) -> TrainerMetrics | None:
+        port = port if port is not None else int(os.environ.get(METRICS_PORT_ENV, "0")) or None
+        if not port:
+            return None
+        from prometheus_client import CollectorRegistry
+
+        from tuneloom.metrics import serve_metrics
+
+        registry = CollectorRegistry()
+        metrics = TrainerMetrics(registry, self.job.metadata.namespace, self.job.metadata.name)
+        serve_metrics(registry, port)
+        return metrics
+
+    def _reporter(self, start_step: int, total_steps: int, steps_per_epoch: int) -> ProgressReporter:
+        return ProgressReporter(
+            total_steps=total_steps,
+            steps_per_epoch=steps_per_epoch,
+            logging_steps=self.spec.hyperparameters.loggingSteps,
+            metrics=self.metrics,
+            start_step=start_step,
+        )
+
+    def run(self) -> AdapterVersion:
+        spec, job = self.spec, self.job
+        check_method_supported(spec, self.device)
+        if self.fresh:
+            self.checkpoints.clear()
+        elif (done := self.checkpoints.published()) is not None:
+            log.info("this job already published %s@%s; nothing to do", spec.output.adapterName, done["version"])
+            return read_adapter(self.store, job.metadata.namespace, spec.output.adapterName, done["version"])
+
+        self.reporter.event("validating-data")
+        data = load_datasets(job)
+        log.info("data: %d training, %d held-out examples", len(data.train), len(data.validation))
+
+        self.reporter.event("loading-model", baseModel=spec.baseModel)
+        model_path = resolve_base_model(spec.baseModel)
+        tokenizer = load_tokenizer(model_path)
+        max_length = spec.hyperparameters.maxSeqLength
+        train = encode_all(tokenizer, data.train, max_length, "training data")
+        validation = encode_all(tokenizer, data.validation, max_length, "validation data")
+        model = load_model(spec, model_path, self.device)
+
+        hp = spec.hyperparameters
+        rows = pack_rows(train, max_length) if hp.packing else single_rows(train)
+        plan = Plan(
+            rows=rows,
+            row_lengths=[sum(len(train[i].input_ids) for i in row) for row in rows],
+            batch_size=hp.batchSize,
+            accumulation=hp.gradientAccumulationSteps,
+            epochs=hp.epochs,
+        )
+        validation_rows = pack_rows(validation, max_length) if hp.packing else single_rows(validation)
+        validation_batches = [
+            collate(validation, validation_rows[i : i + hp.batchSize]) for i in range(0, len(validation_rows), hp.batchSize)
+        ]
+        loop = TrainingLoop(
+            spec,
+            model,
+            train,
+            validation_batches,
+            plan,
+            self.device,
+            self.checkpoints if spec.checkpointing.everySteps else None,
+            lambda start: self._reporter(start, plan.total_steps, plan.steps_per_epoch),
+        )
+        loop.resume(spec_sha256(job))
+        held_out = data.validation[: spec.evaluation.maxExamples]
+
+        if loop.state.base_evaluation is None:
+            # Before any step the LoRA update is zero (B starts at 0), so this is the base model.
+            self.reporter.event("evaluating-base")
+            loop.state.base_evaluation = self._evaluate(loop, tokenizer, held_out)
+        started = time.monotonic()
+        state = loop.run()
+        train_seconds = time.monotonic() - started
+
+        self.reporter.event("evaluating")
+        final = self._evaluate(loop, tokenizer, held_out)
+        base = state.base_evaluation
+        summary = {
+            "base": {k: v for k, v in base.items() if k != "answers"},
+            "adapter": {k: v for k, v in final.items() if k != "answers"},
+            "steps": state.step,
+            "bestStep": state.best_step,
+            "stoppedEarly": state.stopped_early,
+            "tokensSeen": state.tokens_seen,
+            "trainSeconds": round(train_seconds, 1),
+            "peakMemoryBytes": peak_memory_bytes(self.device),
+            "history": state.history,
+        }
+        samples = [
+            {
+                "line": example.line,
+                "reference": reference,
+                "base": base_answer,
+                "adapter": answer,
+                "baseScores": base["perExample"][i] if base.get("perExample") else {},
+                "adapterScores": final["perExample"][i] if final.get("perExample") else {},
+            }
+            for i, (example, reference, base_answer, answer) in enumerate(
+                zip(held_out, references(held_out), base.get("answers", []), final.get("answers", []), strict=False)
+            )
+        ]
+        self.reporter.event("uploading")
+        adapter = self._publish(model, tokenizer, model_path, data, summary, samples)
+        self.checkpoints.mark_published({"version": adapter.version, "uri": adapter.uri})
+        self.reporter.event("succeeded", adapter={"name": adapter.name, "version": adapter.version, "uri": adapter.uri})
+        print_report(summary, samples, adapter)
+        return adapter
+
+    def _evaluate(self, loop: TrainingLoop, tokenizer: Any, held_out: list[Example]) -> dict[str, Any]:
+        loss: LossResult = loop.evaluate()
+        result: dict[str, Any] = {"validationLoss": round(loss.loss, 4), "tokenAccuracy": round(loss.token_accuracy, 4)}
+        metrics = self.spec.evaluation.metrics
+        if metrics and held_out:
+            answers = generate_answers(
+                loop.model, tokenizer, held_out, max_new_tokens=self.spec.evaluation.maxNewTokens, device=self.device
+            )
+            scored: GenerationResult = score(answers, references(held_out), metrics)
+            result.update(scored.metrics)
+            result["answers"] = answers
+            result["perExample"] = scored.per_example
+        return result
+
+    def _publish(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        model_path: str,
+        data: Datasets,
+        summary: dict[str, Any],
+        samples: list[dict[str, Any]],
+    ) -> AdapterVersion:
+        spec, job = self.spec, self.job
+        with tempfile.TemporaryDirectory(prefix="tuneloom-out-") as tmp:
+            out = Path(tmp)
+            if spec.method is Method.full:
+                model.save_pretrained(out)
+                tokenizer.save_pretrained(out)
+            else:
+                # Recorded as the user wrote it, not as the local cache path it was loaded from.
+                model.peft_config["default"].base_model_name_or_path = spec.baseModel
+                model.save_pretrained(out)
+            (out / EVALUATION_FILE).write_text(json.dumps(samples, indent=1))
+            files = {path.name: path for path in sorted(out.iterdir()) if path.is_file()}
+            manifest = {
+                "kind": "full" if spec.method is Method.full else "lora",
+                "baseModel": {"name": spec.baseModel, "configSha256": _config_hash(model_path)},
+                "datasets": data.info,
+                "spec": spec.model_dump(mode="json"),
+                "metrics": summary,
+                "job": {"namespace": job.metadata.namespace, "name": job.metadata.name, "uid": job.metadata.uid},
+                "tuneloomVersion": __version__,
+            }
+            return publish_adapter(self.store, job.metadata.namespace, spec.output.adapterName, files, manifest)
+
+
+def _config_hash(model_path: str) -> str | None:
+    path = Path(model_path)
+    return model_config_hash(path) if path.is_dir() else None
+
+
+def run(job: FineTuneJob, *, metrics_port: int | None = None, fresh: bool = False) -> AdapterVersion:
+    return FineTuneRun(job, metrics_port=metrics_port, fresh=fresh).run()
+
+
+def _fail(reporter_path: str | None, reason: str, message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    if reporter_path:
+        ProgressReporter(total_steps=0, steps_per_epoch=1, logging_steps=1, progress_file=reporter_path).event(
+            "failed", reason=reason, message=message[-2000:]
+        )
+    return code
+
+
+def run_from_file(path: str | Path, *, metrics_port: int | None = None, fresh: bool = False) -> int:
+    """The command-line entry: an exit status, and every error said in one place."""
+    from tuneloom.trainer.progress import PROGRESS_FILE_ENV
+
+    progress_file = os.environ.get(PROGRESS_FILE_ENV)
+    try:
+        job = load_job(path)
+        run(job, metrics_port=metrics_port, fresh=fresh)
+    except (SpecError, DataValidationError, UnusableDataError) as exc:
+        return _fail(progress_file, "InvalidInput", str(exc), EXIT_INVALID_INPUT)
+    except MethodNotSupportedError as exc:
+        return _fail(progress_file, "MethodNotSupported", str(exc), EXIT_INVALID_INPUT)
+    except StorageError as exc:
+        return _fail(progress_file, "StorageError", str(exc), EXIT_FAILED)
+    return 0

@@ -1,0 +1,135 @@
+"""Loading the base model for a method (LoRA, QLoRA, full) and computing the masked loss."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tuneloom.api import FineTuneJobSpec, Method
+from tuneloom.trainer.batching import Batch
+from tuneloom.trainer.tokenize import IGNORE_INDEX
+
+log = logging.getLogger("tuneloom.trainer")
+
+
+class MethodNotSupportedError(RuntimeError):
+    """The job's method cannot run on this machine."""
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def check_method_supported(spec: FineTuneJobSpec, device: torch.device) -> None:
+    """Refuses QLoRA without CUDA before anything heavy is loaded."""
+    if spec.method is Method.qlora and device.type != "cuda":
+        raise MethodNotSupportedError(
+            "spec.method: qlora loads the base model in 4-bit NF4 through bitsandbytes, which needs a CUDA GPU, "
+            "and none was found; use method: lora on CPU, or run on a node with an NVIDIA GPU"
+        )
+
+
+def weights_dtype(method: Method, device: torch.device) -> torch.dtype:
+    """bf16 frozen weights on GPUs that have it; fp32 for weights the optimizer updates (full
+    fine-tuning keeps fp32 master weights under bf16 autocast) and on CPUs, which mostly lack
+    bf16 matrix units and run it slower than fp32."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported() and method is not Method.full:
+        return torch.bfloat16
+    return torch.float32
+
+
+def autocast(device: torch.device) -> torch.autocast:
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def load_tokenizer(model_path: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(spec: FineTuneJobSpec, model_path: str | Path, device: torch.device) -> nn.Module:
+    """The trainable model: a PEFT model for lora/qlora, the base model itself for full."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = weights_dtype(spec.method, device)
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
+    if spec.method is Method.qlora:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        kwargs["device_map"] = {"": device.index or 0}
+    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    if spec.method is not Method.qlora:
+        model.to(device)
+    model.config.use_cache = False
+    if spec.hyperparameters.gradientCheckpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if spec.method is Method.full:
+        model.train()
+        return model
+    return _with_lora(spec, model)
+
+
+def _with_lora(spec: FineTuneJobSpec, model: nn.Module) -> nn.Module:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if spec.method is Method.qlora:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=spec.hyperparameters.gradientCheckpointing
+        )
+    targets = spec.lora.targetModules
+    config = LoraConfig(
+        r=spec.lora.r,
+        lora_alpha=spec.lora.alpha,
+        lora_dropout=spec.lora.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config)
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    log.info("LoRA r=%d on %s: %.2fM trainable of %.1fM parameters", spec.lora.r, targets, trainable / 1e6, total / 1e6)
+    return peft_model
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers *ForCausalLM inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class MaskedTokenLoss(nn.Module):
+    """Summed cross-entropy and correct-prediction count over labelled tokens only.
+
+    The output head runs only on positions that have a label. With a 49k vocabulary the head is a
+    large share of a small model's compute, and in chat data most tokens (system and user turns)
+    carry no label, so this skips most of it and never materialises full-sequence logits.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        lm = causal_lm(model)
+        self.decoder = lm.get_decoder()
+        self.head = lm.get_output_embeddings()
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        hidden = self.decoder(input_ids=batch.input_ids, position_ids=batch.position_ids).last_hidden_state
+        targets = batch.labels[:, 1:]
+        mask = targets != IGNORE_INDEX
+        logits = self.head(hidden[:, :-1][mask]).float()
+        wanted = targets[mask]
+        loss_sum = nn.functional.cross_entropy(logits, wanted, reduction="sum")
+        correct = (logits.argmax(dim=-1) == wanted).sum()
+        return loss_sum, correct, mask.sum()

@@ -1,0 +1,164 @@
+"""Where a training run stands, told three ways: log lines for people, JSON lines for the
+operator (the file named by $TUNELOOM_PROGRESS_FILE), and Prometheus metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from tuneloom.api import Progress
+
+log = logging.getLogger("tuneloom.trainer")
+
+PROGRESS_FILE_ENV = "TUNELOOM_PROGRESS_FILE"
+
+
+class TrainerMetrics:
+    """tuneloom_trainer_* series, labelled with the job so dashboards can plot one curve per job."""
+
+    def __init__(self, registry: CollectorRegistry, namespace: str, name: str):
+        labels = ["job_namespace", "finetunejob"]
+        values = (namespace, name)
+
+        def gauge(metric: str, doc: str) -> Gauge:
+            return Gauge(f"tuneloom_trainer_{metric}", doc, labels, registry=registry).labels(*values)
+
+        self.step = gauge("step", "Optimizer steps completed.")
+        self.total_steps = gauge("total_steps", "Optimizer steps planned for the run.")
+        self.epoch = gauge("epoch", "Fractional epoch reached.")
+        self.train_loss = gauge("train_loss", "Mean training loss over the last logging interval.")
+        self.validation_loss = gauge("validation_loss", "Validation loss at the last evaluation.")
+        self.validation_accuracy = gauge("validation_token_accuracy_ratio", "Next-token accuracy on held-out data.")
+        self.learning_rate = gauge("learning_rate", "Current learning rate.")
+        self.eta = gauge("eta_seconds", "Estimated seconds until training ends.")
+        self.peak_memory = gauge("peak_memory_bytes", "Peak accelerator memory (GPU) or resident memory (CPU).")
+        self.tokens = Counter(
+            "tuneloom_trainer_tokens", "Tokens processed, padding excluded.", labels, registry=registry
+        ).labels(*values)
+        self.step_duration = Histogram(
+            "tuneloom_trainer_step_duration_seconds",
+            "Wall time of one optimizer step.",
+            labels,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=registry,
+        ).labels(*values)
+
+
+@dataclass
+class _Interval:
+    """Accumulates the steps between two progress lines."""
+
+    started: float
+    loss_sum: float = 0.0
+    steps: int = 0
+    tokens: int = 0
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class ProgressReporter:
+    def __init__(
+        self,
+        *,
+        total_steps: int,
+        steps_per_epoch: int,
+        logging_steps: int,
+        metrics: TrainerMetrics | None = None,
+        progress_file: str | None = None,
+        start_step: int = 0,
+    ):
+        self.total_steps = total_steps
+        self.steps_per_epoch = steps_per_epoch
+        self.logging_steps = logging_steps
+        self.metrics = metrics
+        path = progress_file if progress_file is not None else os.environ.get(PROGRESS_FILE_ENV)
+        self.progress_path = Path(path) if path else None
+        self.start_step = start_step
+        self.run_started = time.monotonic()
+        self.interval = _Interval(started=self.run_started)
+        self.state = Progress(step=start_step, totalSteps=total_steps, epoch=start_step / max(steps_per_epoch, 1))
+        if metrics:
+            metrics.total_steps.set(total_steps)
+            metrics.step.set(start_step)
+
+    def event(self, name: str, **fields: Any) -> None:
+        """A phase change (loading, training, evaluating, uploading, done, failed) for the operator."""
+        self._write({"event": name, **fields})
+
+    def step(self, step: int, *, loss: float, tokens: int, learning_rate: float, seconds: float) -> None:
+        interval = self.interval
+        interval.loss_sum += loss
+        interval.steps += 1
+        interval.tokens += tokens
+        self.state.step = step
+        self.state.epoch = round(step / self.steps_per_epoch, 3)
+        if self.metrics:
+            self.metrics.step.set(step)
+            self.metrics.epoch.set(self.state.epoch)
+            self.metrics.tokens.inc(tokens)
+            self.metrics.learning_rate.set(learning_rate)
+            self.metrics.step_duration.observe(seconds)
+        if step % self.logging_steps == 0 or step == self.total_steps:
+            self._flush(learning_rate)
+
+    def _flush(self, learning_rate: float) -> None:
+        now = time.monotonic()
+        interval = self.interval
+        elapsed = max(now - interval.started, 1e-9)
+        done_here = self.state.step - self.start_step
+        rate = done_here / max(now - self.run_started, 1e-9)
+        self.state.trainLoss = round(interval.loss_sum / interval.steps, 4)
+        self.state.tokensPerSecond = round(interval.tokens / elapsed, 1)
+        self.state.etaSeconds = round((self.total_steps - self.state.step) / rate, 1) if rate > 0 else None
+        if self.metrics:
+            self.metrics.train_loss.set(self.state.trainLoss)
+            if self.state.etaSeconds is not None:
+                self.metrics.eta.set(self.state.etaSeconds)
+        eta = _duration(self.state.etaSeconds) if self.state.etaSeconds is not None else "?"
+        log.info(
+            "step %d/%d (%d%%) epoch %.2f loss %.4f lr %.2e %.0f tok/s eta %s",
+            self.state.step,
+            self.total_steps,
+            100 * self.state.step // max(self.total_steps, 1),
+            self.state.epoch,
+            self.state.trainLoss,
+            learning_rate,
+            self.state.tokensPerSecond,
+            eta,
+        )
+        self._write({"event": "progress", **self.state.model_dump(exclude_none=True), "learningRate": learning_rate})
+        self.interval = _Interval(started=now)
+
+    def evaluation(self, *, loss: float, accuracy: float) -> None:
+        self.state.validationLoss = round(loss, 4)
+        if self.metrics:
+            self.metrics.validation_loss.set(loss)
+            self.metrics.validation_accuracy.set(accuracy)
+        log.info("validation at step %d: loss %.4f token accuracy %.3f", self.state.step, loss, accuracy)
+        self._write({"event": "evaluation", **self.state.model_dump(exclude_none=True), "tokenAccuracy": accuracy})
+
+    def peak_memory(self, value: int) -> None:
+        if self.metrics:
+            self.metrics.peak_memory.set(value)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if not self.progress_path:
+            return
+        record = {"time": time.time(), **record}
+        # One short line per write, appended: a reader polling the file never sees half a record.
+        with self.progress_path.open("a", encoding="utf-8") as stream:
+            stream.write(json.dumps(record, default=str) + "\n")
+
+

@@ -125,7 +125,11 @@ class MaskedTokenLoss(nn.Module):
         self.head = lm.get_output_embeddings()
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        hidden = self.decoder(input_ids=batch.input_ids, position_ids=batch.position_ids).last_hidden_state
+        # use_cache=False matters: with a KV cache transformers skips the packed-sequence mask and
+        # packed examples would attend to each other.
+        hidden = self.decoder(
+            input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
+        ).last_hidden_state
         targets = batch.labels[:, 1:]
         mask = targets != IGNORE_INDEX
         logits = self.head(hidden[:, :-1][mask]).float()

@@ -1,0 +1,113 @@
+"""The FineTuneJob API: defaults, and errors that name the file, the line and the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tuneloom.api import FineTuneJob, Method
+from tuneloom.jobfile import SpecError, load_job, parse_job
+
+VALID = """\
+apiVersion: tuneloom.dev/v1alpha1
+kind: FineTuneJob
+metadata:
+  name: tickets
+spec:
+  baseModel: HuggingFaceTB/SmolLM2-135M-Instruct
+  dataset:
+    train: s3://data/tickets.jsonl
+  output:
+    adapterName: tickets
+    uri: s3://adapters
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return path
+
+
+def _problems(tmp_path: Path, text: str) -> list[str]:
+    with pytest.raises(SpecError) as caught:
+        load_job(_write(tmp_path, text))
+    return caught.value.problems
+
+
+def test_valid_spec_gets_explicit_defaults(tmp_path: Path) -> None:
+    job = load_job(_write(tmp_path, VALID))
+    assert isinstance(job, FineTuneJob)
+    assert job.metadata.namespace == "default"
+    assert job.spec.method is Method.lora
+    assert job.spec.lora.targetModules == ["all-linear"]
+    assert job.spec.dataset.validationSplit == 0.1
+    assert job.spec.hyperparameters.packing is True
+    assert job.identity == "default/tickets"
+
+
+def test_negative_rank_names_field_and_line(tmp_path: Path) -> None:
+    text = VALID.replace("  output:", "  lora:\n    r: -4\n  output:")
+    assert _problems(tmp_path, text) == [f"{tmp_path / 'job.yaml'}:10: spec.lora.r: must be > 0, got -4"]
+
+
+def test_unknown_field_is_an_error(tmp_path: Path) -> None:
+    text = VALID.replace("  output:", "  hyperparameters:\n    epochz: 3\n  output:")
+    [problem] = _problems(tmp_path, text)
+    assert problem.startswith(f"{tmp_path / 'job.yaml'}:10: spec.hyperparameters.epochz: unknown field")
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    text = VALID.replace("  output:", "  method: lorax\n  output:").replace("adapterName: tickets", "adapterName: Bad_Name")
+    problems = _problems(tmp_path, text)
+    assert len(problems) == 2
+    assert "spec.method: must be one of 'lora', 'qlora' or 'full', got 'lorax'" in problems[0]
+    assert "spec.output.adapterName: must be a DNS-1123 label" in problems[1]
+
+
+def test_missing_field_points_at_its_parent(tmp_path: Path) -> None:
+    text = VALID.replace("    uri: s3://adapters\n", "")
+    assert _problems(tmp_path, text) == [f"{tmp_path / 'job.yaml'}:9: spec.output.uri: required field is missing"]
+
+
+@pytest.mark.parametrize(
+    ("fragment", "expected"),
+    [
+        ("train: gs://data/x.jsonl", "spec.dataset.train: unsupported scheme 'gs://'"),
+        ("train: s3:///x.jsonl", "spec.dataset.train: train 's3:///x.jsonl' names no bucket"),
+    ],
+)
+def test_store_uris_are_checked(tmp_path: Path, fragment: str, expected: str) -> None:
+    [problem] = _problems(tmp_path, VALID.replace("train: s3://data/tickets.jsonl", fragment))
+    assert expected in problem
+
+
+def test_validation_split_bounds() -> None:
+    data = FineTuneJob.model_validate(_minimal()).model_dump(mode="json")
+    data["spec"]["dataset"]["validationSplit"] = 0.7
+    with pytest.raises(SpecError) as caught:
+        parse_job(data)
+    assert caught.value.problems == ["<spec>: spec.dataset.validationSplit: must be < 0.5, got 0.7"]
+
+
+def test_lora_settings_with_full_method_are_refused() -> None:
+    data = _minimal()
+    data["spec"].update(method="full", lora={"r": 8})
+    with pytest.raises(SpecError) as caught:
+        parse_job(data)
+    assert "method is 'full'" in caught.value.problems[0]
+
+
+def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
+    [problem] = _problems(tmp_path, VALID + "  oops: [unclosed\n")
+    assert problem.startswith(f"{tmp_path / 'job.yaml'}:13: invalid YAML")
+
+
+def _minimal() -> dict:
+    return {
+        "apiVersion": "tuneloom.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "x"},
+        "spec": {"baseModel": "/m", "dataset": {"train": "d.jsonl"}, "output": {"adapterName": "x", "uri": "/o"}},
+    }

@@ -1,0 +1,130 @@
+"""Loss masks at token level against SmolLM2's real chat template, and packing boundaries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tuneloom.trainer.batching import PAD_MARK, collate, epoch_batches, pack_rows
+from tuneloom.trainer.datafile import Example, Message
+from tuneloom.trainer.modeling import MaskedTokenLoss
+from tuneloom.trainer.tokenize import IGNORE_INDEX, EncodedExample, encode_example, prompt_text
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def _labelled_runs(tokenizer, encoded: EncodedExample) -> list[str]:
+    runs, current = [], []
+    for token, label in zip(encoded.input_ids, encoded.labels, strict=True):
+        if label != IGNORE_INDEX:
+            assert label == token
+            current.append(token)
+        elif current:
+            runs.append(tokenizer.decode(current))
+            current = []
+    if current:
+        runs.append(tokenizer.decode(current))
+    return runs
+
+
+def test_only_assistant_replies_with_weight_carry_loss(tokenizer) -> None:
+    example = Example(
+        line=7,
+        messages=(
+            Message("system", "Be brief."),
+            Message("user", "Hi"),
+            Message("assistant", "Hello!"),
+            Message("user", "Again"),
+            Message("assistant", "Not this one", weight=0),
+            Message("user", "Last"),
+            Message("assistant", "Bye."),
+        ),
+    )
+    encoded = encode_example(tokenizer, example)
+    assert _labelled_runs(tokenizer, encoded) == ["Hello!<|im_end|>\n", "Bye.<|im_end|>\n"]
+    rendered = tokenizer.apply_chat_template(
+        [{"role": m.role, "content": m.content} for m in example.messages], tokenize=False
+    )
+    # The ids are exactly the template's rendering: nothing added, nothing lost.
+    assert tokenizer.decode(encoded.input_ids) == rendered
+    assert encoded.line == 7
+
+
+def test_prompt_ends_with_generation_prompt(tokenizer) -> None:
+    example = Example(line=1, messages=(Message("user", "Hi"), Message("assistant", "Hello!")))
+    assert prompt_text(tokenizer, example).endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_completion_format_learns_completion_and_eos(tokenizer) -> None:
+    example = Example(line=1, prompt="Translate: cat ->", completion=" chat")
+    encoded = encode_example(tokenizer, example)
+    assert _labelled_runs(tokenizer, encoded) == [" chat" + tokenizer.eos_token]
+
+
+def test_truncation(tokenizer) -> None:
+    example = Example(line=1, messages=(Message("user", "word " * 50), Message("assistant", "ok")))
+    assert len(encode_example(tokenizer, example, max_length=16).input_ids) == 16
+
+
+def _encoded(lengths: list[int]) -> list[EncodedExample]:
+    return [EncodedExample(input_ids=list(range(3, 3 + n)), labels=list(range(3, 3 + n))) for n in lengths]
+
+
+def test_first_fit_decreasing_fills_rows() -> None:
+    examples = _encoded([60, 50, 40, 30, 20, 10])
+    rows = pack_rows(examples, 64)
+    assert sorted(i for row in rows for i in row) == list(range(6))
+    assert all(sum(len(examples[i].input_ids) for i in row) <= 64 for row in rows)
+    assert len(rows) == 4  # 60 | 50+10 | 40+20 | 30
+
+
+def test_collate_restarts_positions_and_masks_boundaries() -> None:
+    examples = _encoded([3, 2])
+    batch = collate(examples, [[0, 1], [1]])
+    assert batch.position_ids.tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]]
+    # the first token of the second example is never predicted from the first example
+    assert batch.labels[0].tolist() == [IGNORE_INDEX, 4, 5, IGNORE_INDEX, 4]
+    assert batch.input_ids[1].tolist()[2:] == [PAD_MARK] * 3
+    assert batch.labels[1].tolist()[2:] == [IGNORE_INDEX] * 3
+    assert batch.num_tokens == 7 and batch.num_padding == 3
+
+
+def test_epoch_order_is_reproducible_and_complete() -> None:
+    rows = [[i] for i in range(100)]
+    lengths = list(range(100))
+    first = epoch_batches(rows, lengths, 8, seed=1, epoch=0)
+    assert first == epoch_batches(rows, lengths, 8, seed=1, epoch=0)
+    assert first != epoch_batches(rows, lengths, 8, seed=1, epoch=1)
+    assert sorted(r[0] for batch in first for r in batch) == list(range(100))
+
+
+def test_packed_examples_do_not_attend_to_each_other(tokenizer, tiny_model_dir: Path) -> None:
+    """Loss and logits of an example are the same alone and packed behind another one."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model.eval()  # eval() keeps use_cache on: the loss module must turn it off itself
+    first = encode_example(tokenizer, Example(1, (Message("user", "Tell me a story."), Message("assistant", "Once upon a time."))))
+    second = encode_example(tokenizer, Example(2, (Message("user", "2+2?"), Message("assistant", "4"))))
+    loss_fn = MaskedTokenLoss(model)
+    with torch.no_grad():
+        alone, _, alone_count = loss_fn(collate([second], [[0]]).to("cpu"))
+        packed, _, packed_count = loss_fn(collate([first, second], [[0, 1]]).to("cpu"))
+        first_alone, _, _ = loss_fn(collate([first], [[0]]).to("cpu"))
+        packed_batch = collate([first, second], [[0, 1]]).to("cpu")
+        logits_packed = model(
+            input_ids=packed_batch.input_ids, position_ids=packed_batch.position_ids, use_cache=False
+        ).logits
+        single = collate([second], [[0]]).to("cpu")
+        logits_alone = model(input_ids=single.input_ids, position_ids=single.position_ids, use_cache=False).logits
+    offset = len(first.input_ids)
+    torch.testing.assert_close(logits_packed[0, offset:], logits_alone[0], rtol=1e-4, atol=1e-4)
+    assert packed_count == alone_count + (len([x for x in first.labels[1:] if x != IGNORE_INDEX]))
+    torch.testing.assert_close(packed, alone + first_alone, rtol=1e-4, atol=1e-4)

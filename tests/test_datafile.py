@@ -1,0 +1,419 @@
+"""Dataset checks: problems named FILE:LINE: field, summaries, validate-data, the quick start data."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from tuneloom.trainer.datafile import (
+    DataValidationError,
+    Example,
+    Message,
+    Problem,
+    check_file,
+    load_examples,
+    summarize,
+)
+
+from tuneloom.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE_DIR = REPO / "examples" / "support-tickets"
+
+USER = {"role": "user", "content": "Where is my order?"}
+ASSISTANT = {"role": "assistant", "content": "It ships tomorrow."}
+GOOD = {"messages": [USER, ASSISTANT]}
+
+
+def write_jsonl(path: Path, lines: list[Any]) -> Path:
+    """Each item is a line: dicts and lists as JSON, strings as written."""
+    text = "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def problem_lines(path: Path, fmt: str = "chat") -> list[str]:
+    return [str(problem) for problem in check_file(path, fmt)[1]]
+
+
+def chat(*messages: Any) -> dict[str, Any]:
+    return {"messages": list(messages)}
+
+
+# Each case puts the bad line between two good ones, at line 2, and expects exactly one problem.
+CHAT_CASES = [
+    ("invalid-json", '{"messages": [}', "line: invalid JSON at column 15: "),
+    ("not-an-object", [1, 2], "line: must be a JSON object, got array"),
+    ("missing-messages", {"text": "hi"}, "messages: missing"),
+    ("messages-not-a-list", {"messages": "hi"}, "messages: must be an array of messages, got string"),
+    ("empty-messages", {"messages": []}, "messages: empty; "),
+    ("message-not-an-object", chat("hi", ASSISTANT), "messages[0]: must be an object with role and content"),
+    (
+        "unknown-role",
+        chat({"role": "bot", "content": "x"}, ASSISTANT),
+        "messages[0].role: unknown role 'bot'; must be one of system, user, assistant",
+    ),
+    ("missing-role", chat({"content": "x"}, ASSISTANT), "messages[0].role: missing; must be one of "),
+    ("missing-content", chat(USER, {"role": "assistant"}), "messages[1].content: missing"),
+    (
+        "content-not-a-string",
+        chat(USER, {"role": "assistant", "content": 5}),
+        "messages[1].content: must be a string, got number",
+    ),
+    (
+        "content-parts",
+        chat({"role": "user", "content": [{"type": "text", "text": "hi"}]}, ASSISTANT),
+        "messages[0].content: must be a string; lists of content parts are not supported",
+    ),
+    ("empty-content", chat(USER, {"role": "assistant", "content": "  "}), "messages[1].content: empty"),
+    (
+        "nothing-to-learn",
+        chat(USER, {**ASSISTANT, "weight": 0}),
+        "messages: no assistant message with weight 1; nothing to learn from",
+    ),
+    (
+        "weight-not-0-or-1",
+        chat(USER, {**ASSISTANT, "weight": 2}),
+        "messages[1].weight: must be 0 or 1, got 2",
+    ),
+    (
+        "weight-boolean",
+        chat(USER, {**ASSISTANT, "weight": True}),
+        "messages[1].weight: must be 0 or 1, got true",
+    ),
+    (
+        "weight-on-user",
+        chat({**USER, "weight": 1}, ASSISTANT),
+        "messages[0].weight: only assistant messages take a weight (this one is 'user')",
+    ),
+    (
+        "unknown-key",
+        chat(USER, {**ASSISTANT, "name": "bot"}),
+        "messages[1].name: unknown key; a message has only role, content, weight",
+    ),
+    (
+        "ends-with-user",
+        chat(USER, ASSISTANT, USER),
+        "messages[2].role: last message is from 'user'; the final turn must be the assistant's",
+    ),
+    (
+        "completion-line-in-chat-file",
+        {"prompt": "a", "completion": "b"},
+        "messages: missing; this line looks like completion format (prompt, completion): "
+        "use --format completion",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("bad", "expected"), [case[1:] for case in CHAT_CASES], ids=[c[0] for c in CHAT_CASES]
+)
+def test_each_chat_problem_is_named_with_file_line_and_field(tmp_path: Path, bad: Any, expected: str) -> None:
+    path = write_jsonl(tmp_path / "data.jsonl", [GOOD, bad, GOOD])
+    examples, problems = check_file(path)
+    assert len(problems) == 1, problems
+    assert str(problems[0]).startswith(f"{path}:2: {expected}")
+    assert problems[0].line == 2
+    # The good lines around it are still read.
+    assert [example.line for example in examples] == [1, 3]
+
+
+COMPLETION_CASES = [
+    ("missing-prompt", {"completion": "b"}, "prompt: missing"),
+    ("prompt-not-a-string", {"prompt": ["a"], "completion": "b"}, "prompt: must be a string"),
+    ("empty-prompt", {"prompt": "", "completion": "b"}, "prompt: empty"),
+    ("missing-completion", {"prompt": "a"}, "completion: missing"),
+    (
+        "completion-not-a-string",
+        {"prompt": "a", "completion": None},
+        "completion: must be a string, got null",
+    ),
+    ("empty-completion", {"prompt": "a", "completion": "\n"}, "completion: empty"),
+    ("not-an-object", '"just text"', "line: must be a JSON object, got string"),
+]
+
+
+@pytest.mark.parametrize(
+    ("bad", "expected"), [case[1:] for case in COMPLETION_CASES], ids=[c[0] for c in COMPLETION_CASES]
+)
+def test_each_completion_problem_is_named(tmp_path: Path, bad: Any, expected: str) -> None:
+    good = {"prompt": "Q: 2+2?\nA:", "completion": " 4"}
+    path = write_jsonl(tmp_path / "data.jsonl", [good, bad, good])
+    examples, problems = check_file(path, "completion")
+    assert len(problems) == 1, problems
+    assert str(problems[0]).startswith(f"{path}:2: {expected}")
+    assert examples == [
+        Example(line=1, prompt="Q: 2+2?\nA:", completion=" 4"),
+        Example(line=3, prompt="Q: 2+2?\nA:", completion=" 4"),
+    ]
+
+
+def test_chat_line_in_completion_file_suggests_the_chat_format(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "data.jsonl", [GOOD])
+    assert problem_lines(path, "completion") == [
+        f"{path}:1: prompt: missing; this line looks like chat format (messages): use --format chat "
+        "(dataset.format: chat in a FineTuneJob)",
+        f"{path}:1: completion: missing; this line looks like chat format (messages): use --format chat "
+        "(dataset.format: chat in a FineTuneJob)",
+    ]
+
+
+def test_invalid_json_names_the_column(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "data.jsonl", ['{"messages": [], "x": tru}'])
+    assert problem_lines(path) == [f"{path}:1: line: invalid JSON at column 23: Expecting value"]
+
+
+def test_blank_line_in_the_middle_is_a_problem_but_trailing_ones_are_not(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "data.jsonl", [GOOD, "", "   ", GOOD, "", ""])
+    assert problem_lines(path) == [
+        f"{path}:2: line: blank line; only the end of the file may have blank lines",
+        f"{path}:3: line: blank line; only the end of the file may have blank lines",
+    ]
+
+
+def test_invalid_utf8_is_named_with_its_byte(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    good = json.dumps(GOOD).encode()
+    path.write_bytes(good + b"\n" + b'{"messages": "caf\xe9"}\n' + good + b"\n")
+    assert problem_lines(path) == [
+        f"{path}:2: line: not valid UTF-8 (byte 0xe9 at byte 18); save the file as UTF-8"
+    ]
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n  \n"], ids=["no-bytes", "only-blank-lines"])
+def test_empty_file_is_a_problem(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(content)
+    assert problem_lines(path) == [f"{path}:1: file: empty; expected one JSON object per line"]
+
+
+def test_every_problem_of_every_line_is_reported_in_order(tmp_path: Path) -> None:
+    bad_message = {"role": "tool", "content": "", "extra": 1}
+    path = write_jsonl(tmp_path / "data.jsonl", ["{", GOOD, chat(USER, bad_message), "", [], GOOD])
+    assert [(problem.line, problem.field) for problem in check_file(path)[1]] == [
+        (1, "line"),
+        (3, "messages[1].extra"),
+        (3, "messages[1].role"),
+        (3, "messages[1].content"),
+        (4, "line"),
+        (5, "line"),
+    ]
+
+
+def test_source_names_the_file_in_problems(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "copy.jsonl", [GOOD, {"messages": []}])
+    _, problems = check_file(path, source="s3://bucket/data/train.jsonl")
+    assert [str(problem) for problem in problems] == [
+        "s3://bucket/data/train.jsonl:2: messages: empty; "
+        "a conversation needs at least a user and an assistant message"
+    ]
+
+
+def test_valid_chat_file_loads_every_example(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    lines = [
+        json.dumps({"id": 7, "messages": [{"role": "system", "content": "Be brief."}, USER, ASSISTANT]}),
+        json.dumps(chat(USER, {**ASSISTANT, "weight": 0}, {"role": "user", "content": "And?"}, ASSISTANT)),
+    ]
+    # A byte order mark, Windows line endings and a blank line at the end are all accepted.
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n\r\n")
+    assert load_examples(path) == [
+        Example(
+            line=1,
+            messages=(
+                Message("system", "Be brief."),
+                Message("user", "Where is my order?"),
+                Message("assistant", "It ships tomorrow."),
+            ),
+        ),
+        Example(
+            line=2,
+            messages=(
+                Message("user", "Where is my order?"),
+                Message("assistant", "It ships tomorrow.", weight=0),
+                Message("user", "And?"),
+                Message("assistant", "It ships tomorrow."),
+            ),
+        ),
+    ]
+
+
+def test_load_examples_raises_with_every_problem_and_caps_the_listing(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "data.jsonl", [GOOD] + [[1]] * 60)
+    with pytest.raises(DataValidationError) as caught:
+        load_examples(path)
+    assert len(caught.value.problems) == 60
+    assert caught.value.problems[0] == Problem(str(path), 2, "line", "must be a JSON object, got array")
+    text = str(caught.value)
+    assert text.startswith("invalid dataset, 60 problems:\n")
+    assert f"{path}:51: line:" in text and f"{path}:52: line:" not in text
+    assert text.endswith("... and 10 more")
+
+
+def test_unknown_format_is_refused(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "data.jsonl", [GOOD])
+    with pytest.raises(ValueError, match="unknown dataset format 'alpaca'"):
+        check_file(path, "alpaca")
+
+
+def test_summary_counts_duplicates_and_unpacked_steps(tmp_path: Path) -> None:
+    other = chat(USER, {"role": "assistant", "content": "Tomorrow."})
+    # Same text with a different weight is a different example, not a duplicate.
+    reweighted = chat(USER, {**ASSISTANT, "weight": 0}, ASSISTANT)
+    lines = [GOOD, other, GOOD, reweighted, other, GOOD] + [
+        chat(USER, {**ASSISTANT, "content": f"{i}"}) for i in range(14)
+    ]
+    examples = load_examples(write_jsonl(tmp_path / "data.jsonl", lines))
+    summary = summarize(examples, batch_size=4, grad_accum=2, epochs=3)
+    assert summary.examples == 20
+    assert summary.duplicates == 3
+    assert summary.duplicate_lines == [(3, 1), (5, 2), (6, 1)]
+    assert summary.steps_per_epoch_unpacked == 3  # ceil(20 / (4 * 2))
+    assert summary.total_steps_unpacked == 9
+    assert summary.tokens_per_epoch is None and summary.steps_per_epoch_packed is None
+
+
+def test_validate_data_reports_problems_on_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_jsonl(tmp_path / "data.jsonl", [GOOD, {"messages": [USER]}, "{oops"])
+    assert main(["validate-data", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        f"{path}:2: messages[0].role: last message is from 'user'; the final turn must be the assistant's",
+        f"{path}:2: messages: no assistant message with weight 1; nothing to learn from",
+        f"{path}:3: line: invalid JSON at column 2: Expecting property name enclosed in double quotes",
+        f"3 problems on 2 lines; {path} cannot be used for training",
+    ]
+
+
+def test_validate_data_prints_a_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_jsonl(
+        tmp_path / "data.jsonl", [GOOD, GOOD, chat(USER, {"role": "assistant", "content": "Soon."})]
+    )
+    assert main(["validate-data", str(path), "--batch-size", "2", "--epochs", "5"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert out.splitlines() == [
+        f"{path}: OK, 3 examples (chat format)",
+        "warning: 1 exact duplicate example; every copy is trained on, so repeated examples weigh more",
+        "  line 2 repeats line 1",
+        "tokens: not counted; pass --model DIR to count them with the model's tokenizer",
+        "estimated optimizer steps for batch size 2, gradient accumulation 1, 5 epochs "
+        "(estimates; the trainer's count may differ):",
+        "  one example per row: 2 per epoch, 10 in total",
+    ]
+
+
+def test_validate_data_completion_format(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_jsonl(tmp_path / "data.jsonl", [{"prompt": "a", "completion": "b"}])
+    assert main(["validate-data", str(path), "--format", "completion"]) == 0
+    assert f"{path}: OK, 1 example (completion format)" in capsys.readouterr().out
+    assert main(["validate-data", str(path)]) == 1
+    assert f"{path}:1: messages: missing; this line looks like completion format" in capsys.readouterr().err
+
+
+def test_validate_data_missing_file_or_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope.jsonl"
+    assert main(["validate-data", str(missing)]) == 1
+    assert capsys.readouterr().err == f"error: {missing}: No such file or directory\n"
+    path = write_jsonl(tmp_path / "data.jsonl", [GOOD])
+    assert main(["validate-data", str(path), "--model", str(tmp_path / "no-model")]) == 1
+    assert "not a directory; pass a local model directory" in capsys.readouterr().err
+
+
+def test_validate_data_needs_neither_torch_nor_transformers(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "data.jsonl", [GOOD])
+    code = (
+        "import sys\n"
+        "from tuneloom.cli import main\n"
+        f"assert main(['validate-data', {str(path)!r}]) == 0\n"
+        "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+# --- with a real tokenizer ----------------------------------------------------------------------------
+
+
+def test_summary_counts_tokens_and_lists_too_long_examples(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+    from tuneloom.trainer.tokenize import encode_example
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    long_answer = {"role": "assistant", "content": "word " * 200}
+    path = write_jsonl(
+        tmp_path / "data.jsonl", [GOOD, chat(USER, long_answer), GOOD, chat(USER, long_answer)]
+    )
+    examples = load_examples(path)
+    lengths = [len(encode_example(tokenizer, example).input_ids) for example in examples]
+    trained = [sum(label != -100 for label in encode_example(tokenizer, e).labels) for e in examples]
+    short, long = lengths[0], lengths[1]
+    assert short < 100 < long
+
+    summary = summarize(examples, tokenizer=tokenizer, max_seq_length=100, batch_size=1, epochs=2)
+    assert (summary.tokens_min, summary.tokens_max) == (short, long)
+    assert summary.tokens_mean == pytest.approx((short + long) / 2)
+    assert summary.tokens_per_epoch == 2 * (short + long)
+    assert summary.trained_tokens_per_epoch == sum(trained) > 0
+    assert (summary.too_long, summary.too_long_lines) == (2, [2, 4])
+    # Packing counts at most max_seq_length tokens of each example: ceil((2*short + 2*100) / 100).
+    assert summary.steps_per_epoch_packed == -(-(2 * short + 200) // 100)
+    assert summary.total_steps_packed == 2 * summary.steps_per_epoch_packed
+
+
+def test_validate_data_with_model_prints_token_stats(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    long_answer = {"role": "assistant", "content": "word " * 200}
+    path = write_jsonl(tmp_path / "data.jsonl", [GOOD, chat(USER, long_answer)])
+    argv = ["validate-data", str(path), "--model", str(tiny_model_dir), "--max-seq-length", "100"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"tokens per example (tokenizer of {tiny_model_dir}): min " in out
+    assert "warning: 1 example longer than max_seq_length 100, on lines 2; " in out
+    assert "  packed into 100-token rows: " in out
+
+
+# --- the quick start dataset ----------------------------------------------------------------------------
+
+
+def _generator() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("support_tickets_generate", EXAMPLE_DIR / "generate.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_dataset_is_valid_and_matches_its_generator() -> None:
+    train = EXAMPLE_DIR / "train.jsonl"
+    examples = load_examples(train)
+    assert len(examples) == 320
+    assert summarize(examples).duplicates == 0
+    generated = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in _generator().generate())
+    assert generated == train.read_text(encoding="utf-8"), "train.jsonl is stale: run generate.py"
+    categories = {"billing", "technical", "account", "shipping", "feature_request"}
+    for example in examples:
+        assert [message.role for message in example.messages] == ["system", "user", "assistant"]
+        assistant = example.messages[-1]
+        label = json.loads(assistant.content)
+        assert label.keys() == {"category", "priority"}
+        assert label["category"] in categories
+        assert label["priority"] in {"low", "medium", "high", "urgent"}
+        assert assistant.content == json.dumps(label, separators=(", ", ": "))
+
+
+def test_example_dataset_is_short(tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    summary = summarize(load_examples(EXAMPLE_DIR / "train.jsonl"), tokenizer=tokenizer)
+    assert summary.tokens_max is not None and summary.tokens_max <= 120

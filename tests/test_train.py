@@ -1,0 +1,190 @@
+"""The trainer end to end on the tiny model: real training, real object storage, real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tuneloom.jobfile import parse_job
+from tuneloom.registry import download_adapter, list_versions
+from tuneloom.storage import open_store
+from tuneloom.trainer.main import run
+
+PIRATE = "Arr, matey! That be a fine question."
+QUESTIONS = [f"Question number {i}: what is {i} plus {i + 1}?" for i in range(40)]
+
+
+def _dataset(path: Path, count: int = 40) -> Path:
+    with path.open("w") as stream:
+        for question in QUESTIONS[:count]:
+            record = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": PIRATE}]}
+            stream.write(json.dumps(record) + "\n")
+    return path
+
+
+def _job(model: Path, data: Path, store: str, **overrides) -> dict:
+    spec = {
+        "baseModel": str(model),
+        "dataset": {"train": str(data), "validationSplit": 0.2},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "hyperparameters": {
+            "epochs": 3,
+            "learningRate": 5e-3,
+            "batchSize": 4,
+            "maxSeqLength": 128,
+            "loggingSteps": 1,
+            "warmupRatio": 0.0,
+        },
+        "evaluation": {"metrics": ["exact_match"], "maxNewTokens": 16, "maxExamples": 4},
+        "checkpointing": {"everySteps": 0},
+        "output": {"adapterName": "pirate", "uri": store},
+    }
+    for key, value in overrides.items():
+        spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
+    return {"apiVersion": "tuneloom.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "pirate"}, "spec": spec}
+
+
+def _greedy(model, tokenizer, question: str) -> str:
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def test_training_publishes_an_adapter_that_loads_and_changes_outputs(
+    tiny_model_dir: Path, s3_root: str, tmp_path: Path
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    job = parse_job(_job(tiny_model_dir, _dataset(tmp_path / "train.jsonl"), s3_root))
+    adapter = run(job)
+
+    assert adapter.version == "1" and adapter.uri.startswith(s3_root)
+    manifest = adapter.manifest
+    assert set(manifest["files"]) >= {"adapter_config.json", "adapter_model.safetensors", "evaluation.json"}
+    assert manifest["datasets"]["train"]["examples"] == 32 and manifest["datasets"]["validation"]["examples"] == 8
+    assert len(manifest["datasets"]["train"]["sha256"]) == 64
+    assert manifest["baseModel"]["name"] == str(tiny_model_dir) and len(manifest["baseModel"]["configSha256"]) == 64
+    assert manifest["spec"]["lora"]["r"] == 8
+    metrics = manifest["metrics"]
+    # The adapter learned the answer: held-out loss fell and the exact answer is produced.
+    assert metrics["adapter"]["validationLoss"] < metrics["base"]["validationLoss"] / 2
+    assert metrics["adapter"]["exact_match"] > metrics["base"]["exact_match"]
+    assert len(metrics["history"]) == 3
+
+    local = tmp_path / "adapter"
+    download_adapter(open_store(s3_root), "default", "pirate", "1", local)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    before = _greedy(base, tokenizer, "Question number 99: what is 1 plus 2?")
+    tuned = PeftModel.from_pretrained(base, local)
+    after = _greedy(tuned, tokenizer, "Question number 99: what is 1 plus 2?")
+    assert before != after
+    assert after.startswith("Arr, matey!")
+
+
+def test_rerun_of_a_finished_job_publishes_nothing_new(tiny_model_dir: Path, tmp_path: Path) -> None:
+    store = str(tmp_path / "store")
+    spec = _job(tiny_model_dir, _dataset(tmp_path / "train.jsonl", 12), store, hyperparameters={"epochs": 1})
+    spec["spec"]["checkpointing"] = {"everySteps": 10}
+    first = run(parse_job(spec))
+    again = run(parse_job(spec))
+    assert again.version == first.version == "1"
+    assert list_versions(open_store(store), "default", "pirate") == ["1"]
+    fresh = run(parse_job(spec), fresh=True)
+    assert fresh.version == "2"
+
+
+def test_qlora_on_cpu_is_refused_clearly(tiny_model_dir: Path, tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; the refusal is for CPU-only machines")
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        yaml.safe_dump(_job(tiny_model_dir, _dataset(tmp_path / "t.jsonl"), str(tmp_path / "s"), method="qlora"))
+    )
+    result = _trainer(job, tmp_path)
+    assert result.returncode == 2
+    assert "spec.method: qlora" in result.stderr and "needs a CUDA GPU" in result.stderr
+    assert not (tmp_path / "s" / "adapters").exists()
+
+
+def test_bad_data_fails_before_the_model_loads_with_file_and_line(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = _dataset(tmp_path / "train.jsonl", 5)
+    with data.open("a") as stream:
+        stream.write('{"messages": [{"role": "robot", "content": "hi"}]}\n')
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(_job(tiny_model_dir, data, str(tmp_path / "s"))))
+    progress = tmp_path / "progress.jsonl"
+    result = _trainer(job, tmp_path, progress=progress)
+    assert result.returncode == 2
+    assert f"{data}:6: messages[0].role" in result.stderr
+    events = [json.loads(line)["event"] for line in progress.read_text().splitlines()]
+    assert events[-1] == "failed" and "loading-model" not in events
+
+
+def _trainer(job: Path, cwd: Path, progress: Path | None = None, **popen) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TUNELOOM_PROGRESS_FILE": str(progress or cwd / "progress.jsonl")}
+    return subprocess.run(
+        [sys.executable, "-m", "tuneloom.trainer", "-f", str(job)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **popen,
+    )
+
+
+def _events(progress: Path) -> list[dict]:
+    if not progress.exists():
+        return []
+    return [json.loads(line) for line in progress.read_text().splitlines() if line.endswith("}")]
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tiny_model_dir: Path, s3_env, s3_root: str, tmp_path: Path) -> None:
+    spec = _job(tiny_model_dir, _dataset(tmp_path / "train.jsonl"), s3_root, hyperparameters={"epochs": 4})
+    spec["spec"]["checkpointing"] = {"everySteps": 3, "keep": 2}
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(spec))
+    progress = tmp_path / "progress.jsonl"
+    env = {**os.environ, "TUNELOOM_PROGRESS_FILE": str(progress)}
+    process = subprocess.Popen([sys.executable, "-m", "tuneloom.trainer", "-f", str(job)], env=env, cwd=tmp_path)
+    deadline = time.monotonic() + 300
+    # 8 steps an epoch: kill after the step-9 checkpoint (an in-epoch one) and before the run ends.
+    while not any(e.get("event") == "progress" and e["step"] >= 10 for e in _events(progress)):
+        assert process.poll() is None, "the trainer ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    first_run = _events(progress)
+    killed_at = max(e["step"] for e in first_run if e.get("event") == "progress")
+    assert killed_at < 32
+
+    progress.unlink()
+    result = subprocess.run(
+        [sys.executable, "-m", "tuneloom.trainer", "-f", str(job)], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    second_run = _events(progress)
+    resumed_from = next(e["step"] for e in second_run if e["event"] == "training")
+    steps = [e["step"] for e in second_run if e["event"] == "progress"]
+    # Resumed from the last checkpoint at or before the kill: a multiple of 3 or an epoch end (8, 16, 24).
+    assert resumed_from >= 9 and (resumed_from % 3 == 0 or resumed_from % 8 == 0) and resumed_from <= killed_at
+    assert steps == list(range(resumed_from + 1, 33)), "steps before the checkpoint were repeated or skipped"
+    assert not any(e["event"] == "evaluating-base" for e in second_run), "the base was evaluated again"
+    assert list_versions(open_store(s3_root), "default", "pirate") == ["1"]
+    checkpoints = [k for k in open_store(s3_root).list("checkpoints/") if k.endswith("manifest.json")]
+    assert len(checkpoints) == 2, checkpoints  # keep: 2

@@ -1,0 +1,483 @@
+"""Reading and checking JSONL datasets, with every problem named as `FILE:LINE: field: problem`.
+
+Two formats, one JSON object per line:
+
+- chat (OpenAI's fine-tuning format): `{"messages": [{"role": "system|user|assistant", "content": "..."}]}`;
+  an assistant message may carry `"weight": 0` to be shown to the model but not learned from.
+- completion: `{"prompt": "...", "completion": "..."}`.
+
+Other top-level keys (ids, metadata) are ignored, as OpenAI does. This module imports neither torch nor
+transformers at load time: `tuneloom validate-data` must run on a laptop without them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("chat", "completion")
+ROLES = ("system", "user", "assistant")
+MESSAGE_KEYS = ("role", "content", "weight")
+# An error message listing 10,000 problems helps nobody; the CLI still prints them all.
+MAX_LISTED_PROBLEMS = 50
+# How many line numbers a summary keeps for duplicates and too-long examples.
+MAX_LISTED_LINES = 20
+# The most common mistake is the wrong format for the file; say so instead of just "missing".
+_FORMAT_HINT = "; this line looks like {found}: use --format {fmt} (dataset.format: {fmt} in a FineTuneJob)"
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # "system" | "user" | "assistant"
+    content: str
+    weight: int = 1  # assistant messages only; 0 = shown to the model but not learned from
+
+
+@dataclass(frozen=True)
+class Example:
+    line: int  # 1-based line in the source file
+    messages: tuple[Message, ...] = ()  # chat format
+    prompt: str = ""  # completion format
+    completion: str = ""  # completion format
+
+
+@dataclass(frozen=True)
+class Problem:
+    source: str
+    line: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.line}: {self.field}: {self.message}"
+
+
+class DataValidationError(ValueError):
+    """A dataset with problems; `problems` holds all of them, str() lists the first few."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        listed = [str(problem) for problem in problems[:MAX_LISTED_PROBLEMS]]
+        if len(problems) > MAX_LISTED_PROBLEMS:
+            listed.append(f"... and {len(problems) - MAX_LISTED_PROBLEMS} more")
+        noun = "problem" if len(problems) == 1 else "problems"
+        super().__init__(f"invalid dataset, {len(problems)} {noun}:\n  " + "\n  ".join(listed))
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a decoded value's type: users wrote JSON, not Python."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def _read_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw bytes without the line ending); streams, so big files are fine."""
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte order mark, as Windows tools write; harmless
+            yield number, raw.rstrip(b"\r\n")
+
+
+def _decode(source: str, number: int, raw: bytes) -> tuple[Any, Problem | None]:
+    """One line's JSON value, or the problem that stops it being read."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        byte = raw[error.start]
+        return None, Problem(
+            source,
+            number,
+            "line",
+            f"not valid UTF-8 (byte 0x{byte:02x} at byte {error.start + 1}); save the file as UTF-8",
+        )
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as error:
+        return None, Problem(source, number, "line", f"invalid JSON at column {error.colno}: {error.msg}")
+
+
+def _text_problem(value: Any, *, present: bool) -> str | None:
+    """Why a content/prompt/completion value is unusable, or None."""
+    if not present:
+        return "missing"
+    if isinstance(value, list):
+        return "must be a string; lists of content parts are not supported"
+    if not isinstance(value, str):
+        return f"must be a string, got {_json_type(value)}"
+    if not value.strip():
+        return "empty"
+    return None
+
+
+def _check_weight(message: dict[str, Any], role: Any) -> tuple[int, str | None]:
+    # An unknown role is already reported; whether it may take a weight is moot.
+    if "weight" not in message or role not in ROLES:
+        return 1, None
+    weight = message["weight"]
+    if role != "assistant":
+        return 1, f"only assistant messages take a weight (this one is {role!r})"
+    # `type(...) is int` because JSON true would pass isinstance(…, int) as 1.
+    if type(weight) is not int or weight not in (0, 1):
+        shown = json.dumps(weight) if not isinstance(weight, (dict, list)) else _json_type(weight)
+        return 1, f"must be 0 or 1, got {shown}"
+    return weight, None
+
+
+def _check_message(index: int, message: Any) -> tuple[Message | None, list[tuple[str, str]]]:
+    """One chat message as a Message, with (field, problem) pairs for whatever is wrong."""
+    where = f"messages[{index}]"
+    if not isinstance(message, dict):
+        return None, [(where, f"must be an object with role and content, got {_json_type(message)}")]
+    problems = [
+        (f"{where}.{key}", f"unknown key; a message has only {', '.join(MESSAGE_KEYS)}")
+        for key in message
+        if key not in MESSAGE_KEYS
+    ]
+    role = message.get("role")
+    if "role" not in message:
+        problems.append((f"{where}.role", f"missing; must be one of {', '.join(ROLES)}"))
+    elif role not in ROLES:
+        shown = repr(role) if isinstance(role, str) else _json_type(role)
+        problems.append((f"{where}.role", f"unknown role {shown}; must be one of {', '.join(ROLES)}"))
+    content = message.get("content")
+    why = _text_problem(content, present="content" in message)
+    if why:
+        problems.append((f"{where}.content", why))
+    weight, why = _check_weight(message, role)
+    if why:
+        problems.append((f"{where}.weight", why))
+    if problems:
+        return None, problems
+    return Message(role=role, content=content, weight=weight), []
+
+
+def _check_chat(record: dict[str, Any], line: int) -> tuple[Example | None, list[tuple[str, str]]]:
+    if "messages" not in record:
+        hint = ""
+        if "prompt" in record or "completion" in record:
+            hint = _FORMAT_HINT.format(found="completion format (prompt, completion)", fmt="completion")
+        return None, [("messages", "missing" + hint)]
+    raw_messages = record["messages"]
+    if not isinstance(raw_messages, list):
+        return None, [("messages", f"must be an array of messages, got {_json_type(raw_messages)}")]
+    if not raw_messages:
+        return None, [("messages", "empty; a conversation needs at least a user and an assistant message")]
+    messages: list[Message] = []
+    problems: list[tuple[str, str]] = []
+    for index, raw in enumerate(raw_messages):
+        message, found = _check_message(index, raw)
+        problems.extend(found)
+        if message:
+            messages.append(message)
+    if problems:
+        # Conversation-level checks on a half-read conversation would only add noise.
+        return None, problems
+    last = len(messages) - 1
+    if messages[last].role != "assistant":
+        problems.append(
+            (
+                f"messages[{last}].role",
+                f"last message is from {messages[last].role!r}; the final turn must be the assistant's",
+            )
+        )
+    if not any(message.role == "assistant" and message.weight == 1 for message in messages):
+        problems.append(("messages", "no assistant message with weight 1; nothing to learn from"))
+    if problems:
+        return None, problems
+    return Example(line=line, messages=tuple(messages)), []
+
+
+def _check_completion(record: dict[str, Any], line: int) -> tuple[Example | None, list[tuple[str, str]]]:
+    problems: list[tuple[str, str]] = []
+    for key in ("prompt", "completion"):
+        why = _text_problem(record.get(key), present=key in record)
+        if why == "missing" and "messages" in record:
+            why += _FORMAT_HINT.format(found="chat format (messages)", fmt="chat")
+        if why:
+            problems.append((key, why))
+    if problems:
+        return None, problems
+    return Example(line=line, prompt=record["prompt"], completion=record["completion"]), []
+
+
+def check_file(
+    path: Path | str, fmt: str = "chat", *, source: str | None = None
+) -> tuple[list[Example], list[Problem]]:
+    """Every valid example and every problem in a JSONL file; raises OSError if it can't be read.
+
+    `source` is the name used in problems, such as the s3:// URI a local copy came from.
+    """
+    fmt = str(getattr(fmt, "value", fmt))  # accepts api.DatasetFormat as well as a plain string
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown dataset format {fmt!r}; must be one of {', '.join(FORMATS)}")
+    path = Path(path)
+    source = source or str(path)
+    check = _check_chat if fmt == "chat" else _check_completion
+    examples: list[Example] = []
+    problems: list[Problem] = []
+    # Blank lines are only wrong when something follows them, so hold them until it does.
+    pending_blanks: list[int] = []
+    seen_content = False
+    for number, raw in _read_lines(path):
+        if not raw.strip():
+            pending_blanks.append(number)
+            continue
+        problems.extend(
+            Problem(source, blank, "line", "blank line; only the end of the file may have blank lines")
+            for blank in pending_blanks
+        )
+        pending_blanks.clear()
+        seen_content = True
+        record, problem = _decode(source, number, raw)
+        if problem:
+            problems.append(problem)
+            continue
+        if not isinstance(record, dict):
+            problems.append(
+                Problem(source, number, "line", f"must be a JSON object, got {_json_type(record)}")
+            )
+            continue
+        example, found = check(record, number)
+        problems.extend(Problem(source, number, where, what) for where, what in found)
+        if example:
+            examples.append(example)
+    if not seen_content:
+        problems.append(Problem(source, 1, "file", "empty; expected one JSON object per line"))
+    return examples, problems
+
+
+def load_examples(path: Path | str, fmt: str = "chat", *, source: str | None = None) -> list[Example]:
+    """All examples of a JSONL file; raises DataValidationError naming every problem."""
+    examples, problems = check_file(path, fmt, source=source)
+    if problems:
+        raise DataValidationError(problems)
+    return examples
+
+
+@dataclass
+class DataSummary:
+    examples: int
+    duplicates: int  # examples identical to an earlier one
+    duplicate_lines: list[tuple[int, int]]  # (line, line of its first copy), the first few
+    max_seq_length: int
+    batch_size: int
+    epochs: int
+    grad_accum: int
+    steps_per_epoch_unpacked: int  # one example per sequence
+    # Token statistics: only with a tokenizer.
+    tokens_min: int | None = None
+    tokens_mean: float | None = None
+    tokens_max: int | None = None
+    tokens_per_epoch: int | None = None
+    trained_tokens_per_epoch: int | None = None  # tokens that carry loss (labels != -100)
+    too_long: int = 0  # examples longer than max_seq_length
+    too_long_lines: list[int] = field(default_factory=list)  # the first few
+    steps_per_epoch_packed: int | None = None  # sequences packed to max_seq_length
+
+    @property
+    def counted_tokens(self) -> bool:
+        return self.tokens_per_epoch is not None
+
+    @property
+    def total_steps_unpacked(self) -> int:
+        return self.steps_per_epoch_unpacked * self.epochs
+
+    @property
+    def total_steps_packed(self) -> int | None:
+        if self.steps_per_epoch_packed is None:
+            return None
+        return self.steps_per_epoch_packed * self.epochs
+
+
+def _content_key(example: Example) -> tuple[Any, ...]:
+    return (example.messages, example.prompt, example.completion)
+
+
+def find_duplicates(examples: Sequence[Example]) -> list[tuple[int, int]]:
+    """(line, line of the first copy) for every example that repeats an earlier one exactly."""
+    first_line: dict[tuple[Any, ...], int] = {}
+    duplicates: list[tuple[int, int]] = []
+    for example in examples:
+        key = _content_key(example)
+        if key in first_line:
+            duplicates.append((example.line, first_line[key]))
+        else:
+            first_line[key] = example.line
+    return duplicates
+
+
+def summarize(
+    examples: Sequence[Example],
+    *,
+    tokenizer: Any = None,
+    max_seq_length: int = 1024,
+    batch_size: int = 8,
+    epochs: int = 3,
+    grad_accum: int = 1,
+) -> DataSummary:
+    """Counts, duplicates and, with a tokenizer, token statistics and estimated optimizer steps."""
+    per_step = batch_size * grad_accum
+    duplicates = find_duplicates(examples)
+    summary = DataSummary(
+        examples=len(examples),
+        duplicates=len(duplicates),
+        duplicate_lines=duplicates[:MAX_LISTED_LINES],
+        max_seq_length=max_seq_length,
+        batch_size=batch_size,
+        epochs=epochs,
+        grad_accum=grad_accum,
+        steps_per_epoch_unpacked=math.ceil(len(examples) / per_step),
+    )
+    if tokenizer is None or not examples:
+        return summary
+    # Lazy: tokenize pulls in transformers, which validate-data without --model must not need.
+    from tuneloom.trainer.tokenize import IGNORE_INDEX, encode_example
+
+    lengths: list[int] = []
+    trained = 0
+    too_long: list[int] = []
+    for example in examples:
+        encoded = encode_example(tokenizer, example)
+        lengths.append(len(encoded.input_ids))
+        trained += sum(1 for label in encoded.labels if label != IGNORE_INDEX)
+        if lengths[-1] > max_seq_length:
+            too_long.append(example.line)
+    summary.tokens_min = min(lengths)
+    summary.tokens_mean = sum(lengths) / len(lengths)
+    summary.tokens_max = max(lengths)
+    summary.tokens_per_epoch = sum(lengths)
+    summary.trained_tokens_per_epoch = trained
+    summary.too_long = len(too_long)
+    summary.too_long_lines = too_long[:MAX_LISTED_LINES]
+    # Training cuts examples at max_seq_length, so only that much of each one fills packed rows.
+    packed_tokens = sum(min(length, max_seq_length) for length in lengths)
+    summary.steps_per_epoch_packed = math.ceil(packed_tokens / (max_seq_length * per_step))
+    return summary
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _lines_text(lines: Sequence[int], total: int) -> str:
+    text = ", ".join(str(line) for line in lines)
+    return text + (f", ... ({total - len(lines)} more)" if total > len(lines) else "")
+
+
+def _duplicate_lines(summary: DataSummary) -> list[str]:
+    if not summary.duplicates:
+        return ["duplicates: none"]
+    out = [
+        f"warning: {_plural(summary.duplicates, 'exact duplicate example')}; "
+        "every copy is trained on, so repeated examples weigh more"
+    ]
+    out.extend(f"  line {line} repeats line {first}" for line, first in summary.duplicate_lines)
+    if summary.duplicates > len(summary.duplicate_lines):
+        out.append(f"  ... and {summary.duplicates - len(summary.duplicate_lines)} more")
+    return out
+
+
+def _token_lines(summary: DataSummary, model: str | None) -> list[str]:
+    if not summary.counted_tokens:
+        return ["tokens: not counted; pass --model DIR to count them with the model's tokenizer"]
+    limit = summary.max_seq_length
+    out = [
+        f"tokens per example (tokenizer of {model}): "
+        f"min {summary.tokens_min}, mean {summary.tokens_mean:.1f}, max {summary.tokens_max}",
+        f"tokens per epoch: {summary.tokens_per_epoch:,} "
+        f"({summary.trained_tokens_per_epoch:,} of them learned from)",
+    ]
+    if summary.too_long:
+        out.append(
+            f"warning: {_plural(summary.too_long, 'example')} longer than max_seq_length {limit}, on lines "
+            f"{_lines_text(summary.too_long_lines, summary.too_long)}; tokens past the limit are not "
+            "trained on: raise max_seq_length or shorten them"
+        )
+    else:
+        out.append(f"longer than max_seq_length {limit}: none")
+    return out
+
+
+def _step_lines(summary: DataSummary) -> list[str]:
+    out = [
+        f"estimated optimizer steps for batch size {summary.batch_size}, gradient accumulation "
+        f"{summary.grad_accum}, {summary.epochs} epochs (estimates; the trainer's count may differ):",
+        f"  one example per row: {summary.steps_per_epoch_unpacked} per epoch, "
+        f"{summary.total_steps_unpacked} in total",
+    ]
+    if summary.steps_per_epoch_packed is not None:
+        out.append(
+            f"  packed into {summary.max_seq_length}-token rows: {summary.steps_per_epoch_packed} per epoch, "
+            f"{summary.total_steps_packed} in total"
+        )
+    return out
+
+
+def format_summary(summary: DataSummary, *, source: str, fmt: str, model: str | None = None) -> str:
+    """The human-readable report `tuneloom validate-data` prints on success."""
+    head = f"{source}: OK, {_plural(summary.examples, 'example')} ({fmt} format)"
+    return "\n".join([head, *_duplicate_lines(summary), *_token_lines(summary, model), *_step_lines(summary)])
+
+
+def _load_tokenizer(model: str) -> Any:
+    """The model directory's tokenizer; raises ValueError with a sentence a user can act on."""
+    if not Path(model).is_dir():
+        raise ValueError(f"--model {model}: not a directory; pass a local model directory")
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as error:
+        raise ValueError("--model needs transformers: pip install 'tuneloom[train]'") from error
+    return AutoTokenizer.from_pretrained(model)
+
+
+def validate_data_command(
+    file: str,
+    *,
+    fmt: str,
+    model: str | None,
+    max_seq_length: int,
+    batch_size: int,
+    epochs: int,
+) -> int:
+    """`tuneloom validate-data`: 1 and every problem on stderr, or 0 and a summary on stdout."""
+    try:
+        examples, problems = check_file(Path(file), fmt)
+    except OSError as error:
+        print(f"error: {file}: {error.strerror or error}", file=sys.stderr)
+        return 1
+    if problems:
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        lines = len({problem.line for problem in problems})
+        print(
+            f"{_plural(len(problems), 'problem')} on {_plural(lines, 'line')}; "
+            f"{file} cannot be used for training",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        tokenizer = _load_tokenizer(model) if model else None
+        summary = summarize(
+            examples, tokenizer=tokenizer, max_seq_length=max_seq_length, batch_size=batch_size, epochs=epochs
+        )
+    except (ValueError, OSError) as error:
+        # A directory that is not a model, or a chat template that cannot mask assistant turns.
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(format_summary(summary, source=file, fmt=fmt, model=model))
+    return 0

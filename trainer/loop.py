@@ -158,7 +158,7 @@ class TrainingLoop:
             # Normalised by the whole step's labelled tokens: every token weighs the same whatever
             # micro-batch it landed in.
             (loss_sum / max(trained_tokens, 1)).backward()
-            loss_total += float(loss_sum)
+            loss_total += loss_sum.detach().item()
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, self.hp.maxGradNorm)
         rate = learning_rate(self.state.step, self.plan.total_steps, self.hp.learningRate, self.hp.warmupRatio)

@@ -1,0 +1,307 @@
+"""Committed object sets and the adapter registry built on them.
+
+A version is a folder of files plus a `manifest.json` written LAST and only if absent. The
+manifest is the commit: readers look only at versions that have one, it records the SHA-256 and
+size of every file so downloads are verified, and its conditional write makes a committed
+version immutable. No locks or databases are needed, on S3 or on a local disk.
+
+Adapters live at `adapters/<namespace>/<name>/<version>/` with versions "1", "2", ...
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from tuneloom import __version__
+from tuneloom.storage import (
+    ChecksumMismatchError,
+    ObjectExistsError,
+    ObjectNotFoundError,
+    ObjectStore,
+    StorageError,
+    join_key,
+    sha256_file,
+    validate_key,
+)
+
+MANIFEST = "manifest.json"
+ADAPTERS_ROOT = "adapters"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_VERSION = re.compile(r"^[1-9][0-9]{0,17}$")
+
+
+# --- committed object sets ----------------------------------------------------------------------
+
+
+def manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
+    """The canonical serialisation; its SHA-256 identifies a committed version."""
+    return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+
+
+def commit_files(
+    store: ObjectStore, prefix: str, files: Mapping[str, Path], manifest: dict[str, Any]
+) -> tuple[dict[str, Any], str]:
+    """Uploads `files` under `prefix/`, then commits them by writing `prefix/manifest.json`.
+
+    Returns the manifest written (the given dict plus "files": {name: {"sha256", "size"}}) and the
+    SHA-256 of its bytes. Raises ObjectExistsError, before uploading anything, if the set is
+    already committed, and also if another writer commits the same prefix first.
+    """
+    if "files" in manifest:
+        raise ValueError("the manifest's 'files' entry is computed by commit_files; do not pass one")
+    names = [_file_name(name) for name in files]
+    manifest_key = join_key(prefix, MANIFEST)
+    if store.exists(manifest_key):
+        raise ObjectExistsError(
+            f"{store.describe(prefix)}: already committed ({MANIFEST} exists); committed versions are "
+            "immutable, publish a new version instead"
+        )
+    recorded = {}
+    for name in names:
+        path = Path(files[name])
+        recorded[name] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+        _upload_uncommitted(store, join_key(prefix, name), path)
+    written = {**manifest, "files": recorded}
+    data = manifest_bytes(written)
+    store.put_bytes(manifest_key, data, if_absent=True)
+    return written, _sha256_bytes(data)
+
+
+def _upload_uncommitted(store: ObjectStore, key: str, path: Path) -> None:
+    """Uploads a file of a not-yet-committed set, replacing one left by an abandoned attempt.
+
+    Overwriting is safe: without a manifest no reader can see or trust these files, and the
+    manifest we write afterwards records the hashes of what we uploaded. The conditional first
+    try keeps the common case (a fresh version) a single request with no overwrite.
+    """
+    try:
+        store.put_file(key, path, if_absent=True)
+    except ObjectExistsError:
+        store.put_file(key, path)
+
+
+def fetch_committed(store: ObjectStore, prefix: str, dest: Path) -> dict[str, Any]:
+    """Downloads a committed set into the new directory `dest`, verifying every file; returns its manifest."""
+    manifest, _ = _fetch_committed(store, prefix, Path(dest))
+    return manifest
+
+
+def _fetch_committed(store: ObjectStore, prefix: str, dest: Path) -> tuple[dict[str, Any], str]:
+    """Downloads into a temp dir beside `dest` and renames it into place only once all files check out."""
+    data, manifest = _read_manifest(store, prefix)
+    dest = dest.absolute()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        for name, expected in _manifest_files(store, prefix, manifest).items():
+            local = staging / name
+            store.download_file(join_key(prefix, name), local)
+            _verify(store.describe(join_key(prefix, name)), local, expected)
+        (staging / MANIFEST).write_bytes(data)
+        _move_into_place(staging, dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest, _sha256_bytes(data)
+
+
+def _read_manifest(store: ObjectStore, prefix: str) -> tuple[bytes, dict[str, Any]]:
+    try:
+        data = store.get_bytes(join_key(prefix, MANIFEST))
+    except ObjectNotFoundError as exc:
+        raise ObjectNotFoundError(
+            f"{store.describe(prefix)}: no {MANIFEST}: this version does not exist or was never "
+            "committed (an interrupted upload leaves files without a manifest); check the name and version"
+        ) from exc
+    try:
+        manifest = json.loads(data)
+    except ValueError as exc:
+        raise StorageError(f"{store.describe(join_key(prefix, MANIFEST))}: not valid JSON: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise StorageError(f"{store.describe(join_key(prefix, MANIFEST))}: not a JSON object")
+    return data, manifest
+
+
+def _manifest_files(store: ObjectStore, prefix: str, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The manifest's file table, with names checked so a crafted manifest cannot write outside dest."""
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise StorageError(f"{store.describe(join_key(prefix, MANIFEST))}: has no 'files' table")
+    for name in files:
+        _file_name(name)
+    return files
+
+
+def _verify(where: str, local: Path, expected: Mapping[str, Any]) -> None:
+    actual_size = local.stat().st_size
+    actual_sha = sha256_file(local)
+    if actual_sha != expected.get("sha256") or actual_size != expected.get("size"):
+        raise ChecksumMismatchError(
+            f"{where}: checksum mismatch: expected sha256 {expected.get('sha256')} ({expected.get('size')} "
+            f"bytes), got {actual_sha} ({actual_size} bytes); the stored file was altered or damaged "
+            "after commit, publish a new version"
+        )
+
+
+def _move_into_place(staging: Path, dest: Path) -> None:
+    """Renames the verified directory to `dest` (allowed onto an empty directory only)."""
+    try:
+        staging.rename(dest)
+    except OSError as exc:
+        raise StorageError(
+            f"{dest}: cannot move the download into place ({exc.strerror}); remove it or choose "
+            "an empty or new destination"
+        ) from exc
+
+
+def _file_name(name: str) -> str:
+    validate_key(name)
+    if name == MANIFEST:
+        raise ValueError(f"{MANIFEST} is written by commit_files; it cannot be one of the files")
+    return name
+
+
+def _sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# --- adapter registry ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    """One committed adapter version, as recorded by its manifest."""
+
+    namespace: str
+    name: str
+    version: str
+    uri: str
+    manifest: dict[str, Any]
+    manifest_sha256: str
+
+
+def validate_label(value: str, what: str) -> str:
+    """DNS-1123 label check: names become path segments, Kubernetes names and vLLM model names."""
+    if not isinstance(value, str) or not _DNS_LABEL.match(value):
+        raise ValueError(
+            f"{what} {value!r} is not a DNS-1123 label (lowercase letters, digits and '-', "
+            "1-63 characters, starting and ending with a letter or digit)"
+        )
+    return value
+
+
+def validate_version(version: str) -> str:
+    if not isinstance(version, str) or not _VERSION.match(version):
+        raise ValueError(f"adapter version {version!r} must be a positive integer string such as '1'")
+    return version
+
+
+def adapter_prefix(namespace: str, name: str, version: str | None = None) -> str:
+    """`adapters/<namespace>/<name>[/<version>]`, after validating every part."""
+    parts = [ADAPTERS_ROOT, validate_label(namespace, "namespace"), validate_label(name, "adapter name")]
+    if version is not None:
+        parts.append(validate_version(version))
+    return "/".join(parts)
+
+
+def _version_dirs(store: ObjectStore, namespace: str, name: str) -> dict[int, set[str]]:
+    """Every numeric version folder under the adapter, committed or not, with its file names."""
+    base = adapter_prefix(namespace, name) + "/"
+    found: dict[int, set[str]] = {}
+    for key in store.list(base):
+        version, _, rest = key[len(base) :].partition("/")
+        if rest and _VERSION.match(version):
+            found.setdefault(int(version), set()).add(rest)
+    return found
+
+
+def list_versions(store: ObjectStore, namespace: str, name: str) -> list[str]:
+    """Committed versions (those with a manifest), oldest first."""
+    found = _version_dirs(store, namespace, name)
+    return [str(v) for v in sorted(found) if MANIFEST in found[v]]
+
+
+def next_version(store: ObjectStore, namespace: str, name: str) -> str:
+    """One past the highest version folder seen, so an abandoned attempt's number is never reused."""
+    found = _version_dirs(store, namespace, name)
+    return str(max(found, default=0) + 1)
+
+
+def publish_adapter(
+    store: ObjectStore,
+    namespace: str,
+    name: str,
+    files: Mapping[str, Path],
+    manifest: Mapping[str, Any],
+    version: str | None = None,
+) -> AdapterVersion:
+    """Commits an adapter as a new immutable version (the next free one unless `version` is given).
+
+    Two publishers racing for the same version are refused at the manifest (ObjectExistsError) but
+    may overwrite each other's files first; the operator publishes one version per job, and
+    fetch_committed's checksums would catch such damage.
+    """
+    missing = [f for f in ADAPTER_FILES if f not in files]
+    if missing:
+        raise ValueError(f"adapter {namespace}/{name}: missing {', '.join(missing)}")
+    version = validate_version(version) if version is not None else next_version(store, namespace, name)
+    prefix = adapter_prefix(namespace, name, version)
+    record = {
+        **manifest,
+        "name": name,
+        "namespace": namespace,
+        "version": version,
+        "createdAt": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "tuneloomVersion": __version__,
+    }
+    written, sha = commit_files(store, prefix, files, record)
+    return AdapterVersion(namespace, name, version, store.describe(prefix), written, sha)
+
+
+def _resolve_version(store: ObjectStore, namespace: str, name: str, version: str | None) -> str:
+    if version is not None:
+        return validate_version(version)
+    versions = list_versions(store, namespace, name)
+    if not versions:
+        raise ObjectNotFoundError(
+            f"adapter {namespace}/{name}: no committed version under "
+            f"{store.describe(adapter_prefix(namespace, name))}; publish one first"
+        )
+    return versions[-1]
+
+
+def read_adapter(store: ObjectStore, namespace: str, name: str, version: str | None = None) -> AdapterVersion:
+    """The manifest of a committed version (None: the latest); ObjectNotFoundError if there is none."""
+    version = _resolve_version(store, namespace, name, version)
+    prefix = adapter_prefix(namespace, name, version)
+    try:
+        data, manifest = _read_manifest(store, prefix)
+    except ObjectNotFoundError as exc:
+        raise ObjectNotFoundError(f"adapter {namespace}/{name} version {version}: {exc}") from exc
+    return AdapterVersion(namespace, name, version, store.describe(prefix), manifest, _sha256_bytes(data))
+
+
+def download_adapter(
+    store: ObjectStore, namespace: str, name: str, version: str | None, dest: Path
+) -> AdapterVersion:
+    """Downloads and verifies a committed version into the new directory `dest` (None: the latest)."""
+    version = _resolve_version(store, namespace, name, version)
+    prefix = adapter_prefix(namespace, name, version)
+    try:
+        manifest, sha = _fetch_committed(store, prefix, Path(dest))
+    except ObjectNotFoundError as exc:
+        raise ObjectNotFoundError(f"adapter {namespace}/{name} version {version}: {exc}") from exc
+    return AdapterVersion(namespace, name, version, store.describe(prefix), manifest, sha)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tuneloom.dev.seaweedfs import SeaweedFS
+from tuneloom.storage import LocalStore, ObjectStore, open_store
 
 
 def _cuda_available() -> bool:
@@ -50,6 +51,14 @@ def s3_root(s3_env: SeaweedFS) -> str:
     bucket = f"t-{uuid.uuid4().hex[:12]}"
     s3_env.create_bucket(bucket)
     return f"s3://{bucket}/root"
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> ObjectStore:
+    """The same test against both backends; S3 pages by 4 so every listing crosses pages."""
+    if request.param == "local":
+        return LocalStore(tmp_path / "store")
+    return open_store(request.getfixturevalue("s3_root"), page_size=4)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,8 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+
+from tuneloom.cli import main
 from tuneloom.trainer.datafile import (
     DataValidationError,
     Example,
@@ -20,8 +22,6 @@ from tuneloom.trainer.datafile import (
     load_examples,
     summarize,
 )
-
-from tuneloom.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_DIR = REPO / "examples" / "support-tickets"
@@ -105,15 +105,12 @@ CHAT_CASES = [
     (
         "completion-line-in-chat-file",
         {"prompt": "a", "completion": "b"},
-        "messages: missing; this line looks like completion format (prompt, completion): "
-        "use --format completion",
+        "messages: missing; this line looks like completion format (prompt, completion): use --format completion",
     ),
 ]
 
 
-@pytest.mark.parametrize(
-    ("bad", "expected"), [case[1:] for case in CHAT_CASES], ids=[c[0] for c in CHAT_CASES]
-)
+@pytest.mark.parametrize(("bad", "expected"), [case[1:] for case in CHAT_CASES], ids=[c[0] for c in CHAT_CASES])
 def test_each_chat_problem_is_named_with_file_line_and_field(tmp_path: Path, bad: Any, expected: str) -> None:
     path = write_jsonl(tmp_path / "data.jsonl", [GOOD, bad, GOOD])
     examples, problems = check_file(path)
@@ -181,9 +178,7 @@ def test_invalid_utf8_is_named_with_its_byte(tmp_path: Path) -> None:
     path = tmp_path / "data.jsonl"
     good = json.dumps(GOOD).encode()
     path.write_bytes(good + b"\n" + b'{"messages": "caf\xe9"}\n' + good + b"\n")
-    assert problem_lines(path) == [
-        f"{path}:2: line: not valid UTF-8 (byte 0xe9 at byte 18); save the file as UTF-8"
-    ]
+    assert problem_lines(path) == [f"{path}:2: line: not valid UTF-8 (byte 0xe9 at byte 18); save the file as UTF-8"]
 
 
 @pytest.mark.parametrize("content", [b"", b"\n\n  \n"], ids=["no-bytes", "only-blank-lines"])
@@ -210,8 +205,7 @@ def test_source_names_the_file_in_problems(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "copy.jsonl", [GOOD, {"messages": []}])
     _, problems = check_file(path, source="s3://bucket/data/train.jsonl")
     assert [str(problem) for problem in problems] == [
-        "s3://bucket/data/train.jsonl:2: messages: empty; "
-        "a conversation needs at least a user and an assistant message"
+        "s3://bucket/data/train.jsonl:2: messages: empty; a conversation needs at least a user and an assistant message"
     ]
 
 
@@ -293,9 +287,7 @@ def test_validate_data_reports_problems_on_stderr(tmp_path: Path, capsys: pytest
 
 
 def test_validate_data_prints_a_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = write_jsonl(
-        tmp_path / "data.jsonl", [GOOD, GOOD, chat(USER, {"role": "assistant", "content": "Soon."})]
-    )
+    path = write_jsonl(tmp_path / "data.jsonl", [GOOD, GOOD, chat(USER, {"role": "assistant", "content": "Soon."})])
     assert main(["validate-data", str(path), "--batch-size", "2", "--epochs", "5"]) == 0
     out, err = capsys.readouterr()
     assert err == ""
@@ -345,13 +337,12 @@ def test_validate_data_needs_neither_torch_nor_transformers(tmp_path: Path) -> N
 
 def test_summary_counts_tokens_and_lists_too_long_examples(tiny_model_dir: Path, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
+
     from tuneloom.trainer.tokenize import encode_example
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     long_answer = {"role": "assistant", "content": "word " * 200}
-    path = write_jsonl(
-        tmp_path / "data.jsonl", [GOOD, chat(USER, long_answer), GOOD, chat(USER, long_answer)]
-    )
+    path = write_jsonl(tmp_path / "data.jsonl", [GOOD, chat(USER, long_answer), GOOD, chat(USER, long_answer)])
     examples = load_examples(path)
     lengths = [len(encode_example(tokenizer, example).input_ids) for example in examples]
     trained = [sum(label != -100 for label in encode_example(tokenizer, e).labels) for e in examples]

@@ -113,16 +113,12 @@ def test_manifest_records_every_file_and_the_source(smollm2_dir: Path):
     manifest = json.loads((smollm2_dir / MANIFEST_NAME).read_text())
     assert manifest["hub_id"] == HUB_ID
     assert set(manifest["files"]) == {p.name for p in smollm2_dir.iterdir()} - {MANIFEST_NAME}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= set(
-        manifest["files"]
-    )
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= set(manifest["files"])
     assert len(manifest["source"]["gguf_sha256"]) == 64
     assert manifest["created"]
 
 
-def test_corrupted_file_triggers_a_real_rebuild(
-    smollm2_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
-):
+def test_corrupted_file_triggers_a_real_rebuild(smollm2_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture):
     copy = _copy_prepared(smollm2_dir, tmp_path)
     with (copy / "tokenizer.json").open("ab") as f:
         f.write(b" ")
@@ -180,8 +176,7 @@ def test_concurrent_callers_build_once(smollm2_dir: Path, tmp_path: Path, monkey
     results: list[Path] = []
     # flock locks belong to the open file, so two threads exclude each other like two processes.
     workers = [
-        threading.Thread(target=lambda: results.append(prepare_model(NAME, cache_dir=tmp_path)))
-        for _ in range(2)
+        threading.Thread(target=lambda: results.append(prepare_model(NAME, cache_dir=tmp_path))) for _ in range(2)
     ]
     for worker in workers:
         worker.start()
@@ -192,9 +187,7 @@ def test_concurrent_callers_build_once(smollm2_dir: Path, tmp_path: Path, monkey
     assert results == [tmp_path / "models" / NAME] * 2
 
 
-def test_missing_source_package_says_how_to_install(
-    smollm2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-):
+def test_missing_source_package_says_how_to_install(smollm2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     absent = dataclasses.replace(models.KNOWN_MODELS[NAME], package="tuneloom_no_such_package")
     monkeypatch.setitem(models.KNOWN_MODELS, NAME, absent)
 

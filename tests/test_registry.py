@@ -32,20 +32,11 @@ from tuneloom.storage import (
     ObjectNotFoundError,
     ObjectStore,
     StorageError,
-    open_store,
     sha256_file,
 )
 
 NS = "team-a"
 NAME = "support-bot"
-
-
-@pytest.fixture(params=["local", "s3"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> ObjectStore:
-    if request.param == "local":
-        return LocalStore(tmp_path / "store")
-    root: str = request.getfixturevalue("s3_root")
-    return open_store(root, page_size=4)
 
 
 def _adapter_files(folder: Path, seed: str = "a") -> dict[str, Path]:

@@ -59,7 +59,9 @@ def test_unknown_field_is_an_error(tmp_path: Path) -> None:
 
 
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
-    text = VALID.replace("  output:", "  method: lorax\n  output:").replace("adapterName: tickets", "adapterName: Bad_Name")
+    text = VALID.replace("  output:", "  method: lorax\n  output:").replace(
+        "adapterName: tickets", "adapterName: Bad_Name"
+    )
     problems = _problems(tmp_path, text)
     assert len(problems) == 2
     assert "spec.method: must be one of 'lora', 'qlora' or 'full', got 'lorax'" in problems[0]
@@ -109,5 +111,9 @@ def _minimal() -> dict:
         "apiVersion": "tuneloom.dev/v1alpha1",
         "kind": "FineTuneJob",
         "metadata": {"name": "x"},
-        "spec": {"baseModel": "/m", "dataset": {"train": "d.jsonl"}, "output": {"adapterName": "x", "uri": "/o"}},
+        "spec": {
+            "baseModel": "/m",
+            "dataset": {"train": "d.jsonl"},
+            "output": {"adapterName": "x", "uri": "/o"},
+        },
     }

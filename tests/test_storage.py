@@ -27,15 +27,6 @@ from tuneloom.storage import (
 MIB = 1024 * 1024
 
 
-@pytest.fixture(params=["local", "s3"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> ObjectStore:
-    """The same tests against both backends; S3 pages by 4 so every listing crosses pages."""
-    if request.param == "local":
-        return LocalStore(tmp_path / "store")
-    root: str = request.getfixturevalue("s3_root")
-    return open_store(root, page_size=4)
-
-
 def _bucket(s3_root: str) -> str:
     return s3_root.removeprefix("s3://").split("/")[0]
 
@@ -295,9 +286,7 @@ def test_small_transfers_are_not_logged(caplog: pytest.LogCaptureFixture) -> Non
     assert caplog.records == []
 
 
-def test_transfers_log_their_final_line(
-    store: ObjectStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_transfers_log_their_final_line(store: ObjectStore, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="tuneloom.storage")
     source = _random_file(tmp_path / "two.bin", 2_000_000)
     store.put_file("p/two.bin", source)

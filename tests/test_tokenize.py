@@ -111,7 +111,10 @@ def test_packed_examples_do_not_attend_to_each_other(tokenizer, tiny_model_dir: 
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
     model.eval()  # eval() keeps use_cache on: the loss module must turn it off itself
-    first = encode_example(tokenizer, Example(1, (Message("user", "Tell me a story."), Message("assistant", "Once upon a time."))))
+    first = encode_example(
+        tokenizer,
+        Example(1, (Message("user", "Tell me a story."), Message("assistant", "Once upon a time."))),
+    )
     second = encode_example(tokenizer, Example(2, (Message("user", "2+2?"), Message("assistant", "4"))))
     loss_fn = MaskedTokenLoss(model)
     with torch.no_grad():

@@ -50,12 +50,20 @@ def _job(model: Path, data: Path, store: str, **overrides) -> dict:
     }
     for key, value in overrides.items():
         spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
-    return {"apiVersion": "tuneloom.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "pirate"}, "spec": spec}
+    return {
+        "apiVersion": "tuneloom.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "pirate"},
+        "spec": spec,
+    }
 
 
 def _greedy(model, tokenizer, question: str) -> str:
     ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        [{"role": "user", "content": question}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     )
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=12, do_sample=False)
@@ -153,7 +161,9 @@ def _events(progress: Path) -> list[dict]:
     return [json.loads(line) for line in progress.read_text().splitlines() if line.endswith("}")]
 
 
-def test_killed_run_resumes_from_its_last_checkpoint(tiny_model_dir: Path, s3_env, s3_root: str, tmp_path: Path) -> None:
+def test_killed_run_resumes_from_its_last_checkpoint(
+    tiny_model_dir: Path, s3_env, s3_root: str, tmp_path: Path
+) -> None:
     spec = _job(tiny_model_dir, _dataset(tmp_path / "train.jsonl"), s3_root, hyperparameters={"epochs": 4})
     spec["spec"]["checkpointing"] = {"everySteps": 3, "keep": 2}
     job = tmp_path / "job.yaml"
@@ -175,7 +185,11 @@ def test_killed_run_resumes_from_its_last_checkpoint(tiny_model_dir: Path, s3_en
 
     progress.unlink()
     result = subprocess.run(
-        [sys.executable, "-m", "tuneloom.trainer", "-f", str(job)], env=env, cwd=tmp_path, capture_output=True, text=True
+        [sys.executable, "-m", "tuneloom.trainer", "-f", str(job)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     second_run = _events(progress)

@@ -45,7 +45,9 @@ class LoopState:
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The parameters being trained (LoRA weights, or every weight for a full fine-tune), on CPU."""
-    return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    return {
+        name: p.detach().to("cpu", copy=True).contiguous() for name, p in model.named_parameters() if p.requires_grad
+    }
 
 
 def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:

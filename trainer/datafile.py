@@ -248,9 +248,7 @@ def check_file(
             problems.append(problem)
             continue
         if not isinstance(record, dict):
-            problems.append(
-                Problem(source, number, "line", f"must be a JSON object, got {_json_type(record)}")
-            )
+            problems.append(Problem(source, number, "line", f"must be a JSON object, got {_json_type(record)}"))
             continue
         example, found = check(record, number)
         problems.extend(Problem(source, number, where, what) for where, what in found)
@@ -399,8 +397,7 @@ def _token_lines(summary: DataSummary, model: str | None) -> list[str]:
     out = [
         f"tokens per example (tokenizer of {model}): "
         f"min {summary.tokens_min}, mean {summary.tokens_mean:.1f}, max {summary.tokens_max}",
-        f"tokens per epoch: {summary.tokens_per_epoch:,} "
-        f"({summary.trained_tokens_per_epoch:,} of them learned from)",
+        f"tokens per epoch: {summary.tokens_per_epoch:,} ({summary.trained_tokens_per_epoch:,} of them learned from)",
     ]
     if summary.too_long:
         out.append(
@@ -417,8 +414,7 @@ def _step_lines(summary: DataSummary) -> list[str]:
     out = [
         f"estimated optimizer steps for batch size {summary.batch_size}, gradient accumulation "
         f"{summary.grad_accum}, {summary.epochs} epochs (estimates; the trainer's count may differ):",
-        f"  one example per row: {summary.steps_per_epoch_unpacked} per epoch, "
-        f"{summary.total_steps_unpacked} in total",
+        f"  one example per row: {summary.steps_per_epoch_unpacked} per epoch, {summary.total_steps_unpacked} in total",
     ]
     if summary.steps_per_epoch_packed is not None:
         out.append(
@@ -465,8 +461,7 @@ def validate_data_command(
             print(problem, file=sys.stderr)
         lines = len({problem.line for problem in problems})
         print(
-            f"{_plural(len(problems), 'problem')} on {_plural(lines, 'line')}; "
-            f"{file} cannot be used for training",
+            f"{_plural(len(problems), 'problem')} on {_plural(lines, 'line')}; {file} cannot be used for training",
             file=sys.stderr,
         )
         return 1

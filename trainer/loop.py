@@ -182,7 +182,12 @@ class TrainingLoop:
         result = self.evaluate()
         reporter.evaluation(loss=result.loss, accuracy=result.token_accuracy)
         state.history.append(
-            {"epoch": epoch + 1, "step": state.step, "validationLoss": result.loss, "tokenAccuracy": result.token_accuracy}
+            {
+                "epoch": epoch + 1,
+                "step": state.step,
+                "validationLoss": result.loss,
+                "tokenAccuracy": result.token_accuracy,
+            }
         )
         min_delta = self.hp.earlyStopping.minDelta
         if state.best_validation_loss is None or result.loss < state.best_validation_loss - min_delta:

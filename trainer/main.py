@@ -109,9 +109,20 @@ def encode_all(tokenizer: Any, examples: list[Example], max_length: int, what: s
             continue
         encoded.append(item)
     if truncated:
-        log.warning("%s: %d example(s) truncated to maxSeqLength=%d (lines %s)", what, len(truncated), max_length, truncated[:10])
+        log.warning(
+            "%s: %d example(s) truncated to maxSeqLength=%d (lines %s)",
+            what,
+            len(truncated),
+            max_length,
+            truncated[:10],
+        )
     if dropped:
-        log.warning("%s: %d example(s) dropped, no assistant tokens left after truncation (lines %s)", what, len(dropped), dropped[:10])
+        log.warning(
+            "%s: %d example(s) dropped, no assistant tokens left after truncation (lines %s)",
+            what,
+            len(dropped),
+            dropped[:10],
+        )
     if not encoded:
         raise UnusableDataError(f"{what}: no example has tokens to learn from")
     return encoded
@@ -189,7 +200,8 @@ class FineTuneRun:
         )
         validation_rows = pack_rows(validation, max_length) if hp.packing else single_rows(validation)
         validation_batches = [
-            collate(validation, validation_rows[i : i + hp.batchSize]) for i in range(0, len(validation_rows), hp.batchSize)
+            collate(validation, validation_rows[i : i + hp.batchSize])
+            for i in range(0, len(validation_rows), hp.batchSize)
         ]
         loop = TrainingLoop(
             spec,
@@ -236,7 +248,13 @@ class FineTuneRun:
                 "adapterScores": final["perExample"][i] if final.get("perExample") else {},
             }
             for i, (example, reference, base_answer, answer) in enumerate(
-                zip(held_out, references(held_out), base.get("answers", []), final.get("answers", []), strict=False)
+                zip(
+                    held_out,
+                    references(held_out),
+                    base.get("answers", []),
+                    final.get("answers", []),
+                    strict=False,
+                )
             )
         ]
         self.reporter.event("uploading")
@@ -248,11 +266,18 @@ class FineTuneRun:
 
     def _evaluate(self, loop: TrainingLoop, tokenizer: Any, held_out: list[Example]) -> dict[str, Any]:
         loss: LossResult = loop.evaluate()
-        result: dict[str, Any] = {"validationLoss": round(loss.loss, 4), "tokenAccuracy": round(loss.token_accuracy, 4)}
+        result: dict[str, Any] = {
+            "validationLoss": round(loss.loss, 4),
+            "tokenAccuracy": round(loss.token_accuracy, 4),
+        }
         metrics = self.spec.evaluation.metrics
         if metrics and held_out:
             answers = generate_answers(
-                loop.model, tokenizer, held_out, max_new_tokens=self.spec.evaluation.maxNewTokens, device=self.device
+                loop.model,
+                tokenizer,
+                held_out,
+                max_new_tokens=self.spec.evaluation.maxNewTokens,
+                device=self.device,
             )
             scored: GenerationResult = score(answers, references(held_out), metrics)
             result.update(scored.metrics)
@@ -287,7 +312,11 @@ class FineTuneRun:
                 "datasets": data.info,
                 "spec": spec.model_dump(mode="json"),
                 "metrics": summary,
-                "job": {"namespace": job.metadata.namespace, "name": job.metadata.name, "uid": job.metadata.uid},
+                "job": {
+                    "namespace": job.metadata.namespace,
+                    "name": job.metadata.name,
+                    "uid": job.metadata.uid,
+                },
                 "tuneloomVersion": __version__,
             }
             return publish_adapter(self.store, job.metadata.namespace, spec.output.adapterName, files, manifest)

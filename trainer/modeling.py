@@ -100,7 +100,13 @@ def _with_lora(spec: FineTuneJobSpec, model: nn.Module) -> nn.Module:
     )
     peft_model = get_peft_model(model, config)
     trainable, total = peft_model.get_nb_trainable_parameters()
-    log.info("LoRA r=%d on %s: %.2fM trainable of %.1fM parameters", spec.lora.r, targets, trainable / 1e6, total / 1e6)
+    log.info(
+        "LoRA r=%d on %s: %.2fM trainable of %.1fM parameters",
+        spec.lora.r,
+        targets,
+        trainable / 1e6,
+        total / 1e6,
+    )
     return peft_model
 
 

@@ -160,5 +160,3 @@ class ProgressReporter:
         # One short line per write, appended: a reader polling the file never sees half a record.
         with self.progress_path.open("a", encoding="utf-8") as stream:
             stream.write(json.dumps(record, default=str) + "\n")
-
-

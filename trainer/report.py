@@ -22,7 +22,9 @@ def _value(metrics: dict[str, Any], key: str) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def print_report(summary: dict[str, Any], samples: list[dict[str, Any]], adapter: AdapterVersion, width: int = 38) -> None:
+def print_report(
+    summary: dict[str, Any], samples: list[dict[str, Any]], adapter: AdapterVersion, width: int = 38
+) -> None:
     if samples:
         header = f"{'line':>5}  {'expected':<{width}}  {'base model':<{width + 14}}  {'adapter':<{width + 14}}"
         print("\nHeld-out prompts: base model vs adapter\n" + header + "\n" + "-" * len(header))

@@ -114,10 +114,15 @@ class HyperparametersSpec(_Model):
     epochs: int = Field(default=3, gt=0, le=1000, description="Passes over the training data.")
     learningRate: float = Field(default=2e-4, gt=0.0, lt=1.0, description="Peak learning rate of AdamW.")
     batchSize: int = Field(
-        default=8, gt=0, le=4096, description="Sequences per optimizer micro-batch (packed rows when packing)."
+        default=8,
+        gt=0,
+        le=4096,
+        description="Sequences per optimizer micro-batch (packed rows when packing).",
     )
     gradientAccumulationSteps: int = Field(default=1, gt=0, le=1024, description="Micro-batches per optimizer step.")
-    maxSeqLength: int = Field(default=1024, ge=16, le=131072, description="Tokens per sequence; longer examples are truncated.")
+    maxSeqLength: int = Field(
+        default=1024, ge=16, le=131072, description="Tokens per sequence; longer examples are truncated."
+    )
     packing: bool = Field(
         default=True,
         description="Pack several short examples into one sequence. Examples never attend to each other.",
@@ -126,11 +131,14 @@ class HyperparametersSpec(_Model):
     weightDecay: float = Field(default=0.0, ge=0.0, le=1.0, description="AdamW weight decay.")
     maxGradNorm: float = Field(default=1.0, gt=0.0, description="Gradient clipping norm.")
     gradientCheckpointing: bool = Field(
-        default=False, description="Recompute activations in the backward pass: less memory, about 30% slower."
+        default=False,
+        description="Recompute activations in the backward pass: less memory, about 30% slower.",
     )
     seed: int = Field(default=42, ge=0, description="Seed for the split, the shuffling and the initialisation.")
     loggingSteps: int = Field(default=10, gt=0, description="Optimizer steps between progress lines.")
-    earlyStopping: EarlyStoppingSpec = Field(default_factory=EarlyStoppingSpec, description="Early stopping on validation loss.")
+    earlyStopping: EarlyStoppingSpec = Field(
+        default_factory=EarlyStoppingSpec, description="Early stopping on validation loss."
+    )
 
 
 class EvaluationSpec(_Model):
@@ -155,9 +163,7 @@ class OutputSpec(_Model):
     @classmethod
     def _dns_label(cls, value: str) -> str:
         if len(value) > 63 or not _DNS_LABEL.match(value):
-            raise ValueError(
-                f"must be a DNS-1123 label (lowercase letters, digits and '-', at most 63), got '{value}'"
-            )
+            raise ValueError(f"must be a DNS-1123 label (lowercase letters, digits and '-', at most 63), got '{value}'")
         return value
 
     @field_validator("uri")
@@ -274,4 +280,3 @@ class FineTuneJob(_Model):
     def identity(self) -> str:
         """Stable identity of one job: restarts with the same identity resume its checkpoints."""
         return f"{self.metadata.namespace}/{self.metadata.name}"
-

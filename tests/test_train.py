@@ -202,3 +202,48 @@ def test_killed_run_resumes_from_its_last_checkpoint(
     assert list_versions(open_store(s3_root), "default", "pirate") == ["1"]
     checkpoints = [k for k in open_store(s3_root).list("checkpoints/") if k.endswith("manifest.json")]
     assert len(checkpoints) == 2, checkpoints  # keep: 2
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_progress_lines_and_prometheus_metrics(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+    import urllib.request
+
+    progress = tmp_path / "progress.jsonl"
+    monkeypatch.setenv("TUNELOOM_PROGRESS_FILE", str(progress))
+    port = _free_port()
+    spec = _job(
+        tiny_model_dir, _dataset(tmp_path / "train.jsonl", 20), str(tmp_path / "s"), hyperparameters={"epochs": 2}
+    )
+    run(parse_job(spec), metrics_port=port)
+
+    events = _events(progress)
+    names = [e["event"] for e in events]
+    assert names[:4] == ["validating-data", "loading-model", "evaluating-base", "training"]
+    assert names[-2:] == ["uploading", "succeeded"]
+    steps = [e for e in events if e["event"] == "progress"]
+    assert [e["step"] for e in steps] == list(range(1, 9))  # 16 examples, batch 4, 2 epochs, logged every step
+    assert all(e["totalSteps"] == 8 and e["tokensPerSecond"] > 0 and "etaSeconds" in e for e in steps)
+    assert steps[-1]["epoch"] == 2.0 and steps[-1]["etaSeconds"] == 0
+    assert len([e for e in events if e["event"] == "evaluation"]) == 2
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    labels = '{finetunejob="pirate",job_namespace="default"}'
+    assert f"tuneloom_trainer_step{labels} 8.0" in text
+    assert f"tuneloom_trainer_total_steps{labels} 8.0" in text
+    assert f"tuneloom_trainer_step_duration_seconds_count{labels} 8.0" in text
+    tokens = next(line for line in text.splitlines() if line.startswith("tuneloom_trainer_tokens_total{"))
+    assert float(tokens.split()[-1]) > 0
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: `make test` installs Debian's prometheus package"
+    lint = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr

@@ -38,9 +38,10 @@ def _job(model: Path, data: Path, store: str, **overrides) -> dict:
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
         "hyperparameters": {
             "epochs": 3,
-            "learningRate": 5e-3,
+            "learningRate": 2e-2,
             "batchSize": 4,
             "maxSeqLength": 128,
+            "packing": False,
             "loggingSteps": 1,
             "warmupRatio": 0.0,
         },
@@ -70,13 +71,25 @@ def _greedy(model, tokenizer, question: str) -> str:
     return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
+def _answer_loss(model, tokenizer, question: str) -> float:
+    """Teacher-forced cross-entropy of the trained answer given the question."""
+    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": PIRATE}]
+    prompt = tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    ids = tokenizer(full, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    start = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, start - 1 : -1]
+    return float(torch.nn.functional.cross_entropy(logits, ids[0, start:]))
+
+
 def test_training_publishes_an_adapter_that_loads_and_changes_outputs(
     tiny_model_dir: Path, s3_root: str, tmp_path: Path
 ) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    job = parse_job(_job(tiny_model_dir, _dataset(tmp_path / "train.jsonl"), s3_root))
+    job = parse_job(_job(tiny_model_dir, _dataset(tmp_path / "train.jsonl"), s3_root, hyperparameters={"epochs": 4}))
     adapter = run(job)
 
     assert adapter.version == "1" and adapter.uri.startswith(s3_root)
@@ -87,20 +100,43 @@ def test_training_publishes_an_adapter_that_loads_and_changes_outputs(
     assert manifest["baseModel"]["name"] == str(tiny_model_dir) and len(manifest["baseModel"]["configSha256"]) == 64
     assert manifest["spec"]["lora"]["r"] == 8
     metrics = manifest["metrics"]
-    # The adapter learned the answer: held-out loss fell and the exact answer is produced.
-    assert metrics["adapter"]["validationLoss"] < metrics["base"]["validationLoss"] / 2
-    assert metrics["adapter"]["exact_match"] > metrics["base"]["exact_match"]
-    assert len(metrics["history"]) == 3
+    # Held-out: the base predicts none of the answer, the adapter most of it. (The tiny random model's
+    # logits stay nearly flat, so its loss falls slowly; the real-model test below checks answers.)
+    assert metrics["base"]["tokenAccuracy"] < 0.1 and metrics["adapter"]["tokenAccuracy"] > 0.6
+    assert metrics["adapter"]["validationLoss"] < metrics["base"]["validationLoss"] - 0.5
+    assert len(metrics["history"]) == 4 and {"exact_match"} <= set(metrics["adapter"])
 
     local = tmp_path / "adapter"
     download_adapter(open_store(s3_root), "default", "pirate", "1", local)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    before = _greedy(base, tokenizer, "Question number 99: what is 1 plus 2?")
-    tuned = PeftModel.from_pretrained(base, local)
-    after = _greedy(tuned, tokenizer, "Question number 99: what is 1 plus 2?")
-    assert before != after
-    assert after.startswith("Arr, matey!")
+    question = "Question number 99: what is 1 plus 2?"
+    before = _answer_loss(base, tokenizer, question)
+    after = _answer_loss(PeftModel.from_pretrained(base, local), tokenizer, question)
+    assert after < before - 0.5, (before, after)
+
+
+@pytest.mark.slow
+def test_real_model_answers_in_the_trained_style(smollm2_dir: Path, tmp_path: Path) -> None:
+    """SmolLM2-135M, 15 steps: the adapter answers like a pirate, the base does not."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = _job(
+        smollm2_dir,
+        _dataset(tmp_path / "train.jsonl", 24),
+        str(tmp_path / "s"),
+        hyperparameters={"epochs": 3, "learningRate": 3e-3, "maxSeqLength": 256, "loggingSteps": 5},
+        evaluation={"maxExamples": 0},
+    )
+    adapter = run(parse_job(spec))
+    local = tmp_path / "adapter"
+    download_adapter(open_store(str(tmp_path / "s")), "default", "pirate", adapter.version, local)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    base = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    question = "Question number 99: what is 1 plus 2?"
+    assert not _greedy(base, tokenizer, question).startswith("Arr")
+    assert _greedy(PeftModel.from_pretrained(base, local), tokenizer, question).startswith("Arr, matey!")
 
 
 def test_rerun_of_a_finished_job_publishes_nothing_new(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -164,7 +200,9 @@ def _events(progress: Path) -> list[dict]:
 def test_killed_run_resumes_from_its_last_checkpoint(
     tiny_model_dir: Path, s3_env, s3_root: str, tmp_path: Path
 ) -> None:
-    spec = _job(tiny_model_dir, _dataset(tmp_path / "train.jsonl"), s3_root, hyperparameters={"epochs": 4})
+    spec = _job(
+        tiny_model_dir, _dataset(tmp_path / "train.jsonl"), s3_root, hyperparameters={"epochs": 4, "packing": False}
+    )
     spec["spec"]["checkpointing"] = {"everySteps": 3, "keep": 2}
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(spec))
@@ -222,7 +260,10 @@ def test_progress_lines_and_prometheus_metrics(
     monkeypatch.setenv("TUNELOOM_PROGRESS_FILE", str(progress))
     port = _free_port()
     spec = _job(
-        tiny_model_dir, _dataset(tmp_path / "train.jsonl", 20), str(tmp_path / "s"), hyperparameters={"epochs": 2}
+        tiny_model_dir,
+        _dataset(tmp_path / "train.jsonl", 20),
+        str(tmp_path / "s"),
+        hyperparameters={"epochs": 2, "packing": False},
     )
     run(parse_job(spec), metrics_port=port)
 

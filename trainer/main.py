@@ -228,8 +228,8 @@ class FineTuneRun:
         final = self._evaluate(loop, tokenizer, held_out)
         base = state.base_evaluation
         summary = {
-            "base": {k: v for k, v in base.items() if k != "answers"},
-            "adapter": {k: v for k, v in final.items() if k != "answers"},
+            "base": _aggregate(base),
+            "adapter": _aggregate(final),
             "steps": state.step,
             "bestStep": state.best_step,
             "stoppedEarly": state.stopped_early,
@@ -320,6 +320,11 @@ class FineTuneRun:
                 "tuneloomVersion": __version__,
             }
             return publish_adapter(self.store, job.metadata.namespace, spec.output.adapterName, files, manifest)
+
+
+def _aggregate(evaluation: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation's overall figures, without per-example answers and scores."""
+    return {k: v for k, v in evaluation.items() if k not in ("answers", "perExample")}
 
 
 def _config_hash(model_path: str) -> str | None:

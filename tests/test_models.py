@@ -24,6 +24,7 @@ from tuneloom.models import (
     model_config_hash,
     prepare_model,
 )
+from tuneloom.storage import sha256_file
 
 NAME = "smollm2-135m-instruct"
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -300,11 +301,11 @@ def test_derive_with_another_shape_rebuilds(smollm2_dir: Path, tmp_path: Path):
     dest = tmp_path / "tiny"
     derive_tiny_model(smollm2_dir, dest, num_layers=1, hidden_size=32, intermediate_size=64)
     first = model_config_hash(dest)
-    weights = models.sha256_file(dest / "model.safetensors")
+    weights = sha256_file(dest / "model.safetensors")
     derive_tiny_model(smollm2_dir, dest, num_layers=1, hidden_size=32, intermediate_size=64, seed=1)
     # Same shape, another seed: the same config but other weights.
     assert model_config_hash(dest) == first
-    assert models.sha256_file(dest / "model.safetensors") != weights
+    assert sha256_file(dest / "model.safetensors") != weights
     derive_tiny_model(smollm2_dir, dest, num_layers=1, hidden_size=48, intermediate_size=64)
     assert json.loads((dest / "config.json").read_text())["hidden_size"] == 48
     assert model_config_hash(dest) != first

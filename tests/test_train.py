@@ -288,3 +288,22 @@ def test_progress_lines_and_prometheus_metrics(
     assert promtool, "promtool is missing: `make test` installs Debian's prometheus package"
     lint = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+def test_base_model_and_data_from_s3(tiny_model_dir: Path, s3_root: str, tmp_path: Path, monkeypatch) -> None:
+    """baseModel as an s3:// prefix and the dataset as an s3:// file: downloaded to the cache, then trained."""
+    monkeypatch.setenv("TUNELOOM_CACHE_DIR", str(tmp_path / "cache"))
+    store = open_store(s3_root)
+    for path in sorted(tiny_model_dir.iterdir()):
+        if path.is_file():
+            store.put_file(f"models/tiny/{path.name}", path)
+    store.put_file("data/train.jsonl", _dataset(tmp_path / "train.jsonl", 12))
+    spec = _job(Path("unused"), Path("unused"), f"{s3_root}/out", hyperparameters={"epochs": 1})
+    spec["spec"]["baseModel"] = f"{s3_root}/models/tiny"
+    spec["spec"]["dataset"]["train"] = f"{s3_root}/data/train.jsonl"
+    adapter = run(parse_job(spec))
+    assert adapter.manifest["baseModel"]["name"] == f"{s3_root}/models/tiny"
+    assert adapter.manifest["datasets"]["train"]["uri"] == f"{s3_root}/data/train.jsonl"
+    assert list_versions(open_store(f"{s3_root}/out"), "default", "pirate") == ["1"]
+    cached = list((tmp_path / "cache" / "base-models").iterdir())
+    assert len(cached) == 1 and (cached[0] / "config.json").exists()

@@ -28,11 +28,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from tuneloom.storage import sha256_file
+
 log = logging.getLogger("tuneloom.models")
 
 MANIFEST_NAME = "tuneloom-model.json"
 MANIFEST_FORMAT = 1
-_HASH_CHUNK = 1 << 20
 
 # The files a causal LM's tokenizer may be saved as; the tiny model copies whichever exist so it
 # tokenizes and renders chat templates exactly like its source.
@@ -112,14 +113,6 @@ def _require_known(name: str) -> KnownModel:
 
 
 # --- hashing and manifests -------------------------------------------------------------------
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _content_files(directory: Path) -> list[Path]:

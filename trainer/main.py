@@ -130,7 +130,9 @@ def encode_all(tokenizer: Any, examples: list[Example], max_length: int, what: s
 
 def spec_sha256(job: FineTuneJob) -> str:
     """What a checkpoint must match to be resumed: the parts of the spec that shape training."""
-    relevant = job.spec.model_dump(mode="json", exclude={"resources", "evaluation", "checkpointing"})
+    relevant = job.spec.model_dump(
+        mode="json", exclude={"resources", "evaluation", "checkpointing", "storage", "scheduling", "image", "cancel"}
+    )
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 

@@ -103,6 +103,7 @@ class ProgressReporter:
         interval.steps += 1
         interval.tokens += tokens
         self.state.step = step
+        self.state.percent = 100 * step // max(self.total_steps, 1)
         self.state.epoch = round(step / self.steps_per_epoch, 3)
         if self.metrics:
             self.metrics.step.set(step)

@@ -178,11 +178,13 @@ class CheckpointingSpec(_Model):
 
 
 class Toleration(_Model):
-    key: str | None = None
-    operator: Literal["Exists", "Equal"] | None = None
-    value: str | None = None
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    tolerationSeconds: int | None = None
+    key: str | None = Field(default=None, description="Taint key to tolerate; unset with Exists: every taint.")
+    operator: Literal["Exists", "Equal"] | None = Field(default=None, description="Exists or Equal (default).")
+    value: str | None = Field(default=None, description="Taint value, with operator Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to tolerate; unset: all."
+    )
+    tolerationSeconds: int | None = Field(default=None, description="How long a NoExecute taint is tolerated.")
 
 
 class ResourcesSpec(_Model):
@@ -191,6 +193,25 @@ class ResourcesSpec(_Model):
     memory: str | None = Field(default=None, description="Memory request and limit, e.g. '32Gi'.")
     nodeSelector: dict[str, str] = Field(default_factory=dict, description="Node labels the training pod needs.")
     tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations of the training pod.")
+
+
+class StorageSpec(_Model):
+    endpoint: str | None = Field(
+        default=None, description="S3 endpoint URL for S3-compatible stores (MinIO, SeaweedFS); unset: AWS."
+    )
+    region: str | None = Field(default=None, description="S3 region.")
+    credentialsSecret: str | None = Field(
+        default=None,
+        description="Secret in the job's namespace with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; "
+        "unset: the pod's own identity (e.g. IRSA).",
+    )
+
+
+class SchedulingSpec(_Model):
+    queueName: str | None = Field(default=None, description="Kueue LocalQueue; sets kueue.x-k8s.io/queue-name.")
+    activeDeadlineSeconds: int | None = Field(default=None, gt=0, description="Fail the run after this long.")
+    backoffLimit: int = Field(default=2, ge=0, le=20, description="Pod retries after infrastructure failures.")
+    priorityClassName: str | None = Field(default=None, description="PriorityClass of the training pod.")
 
 
 class FineTuneJobSpec(_Model):
@@ -206,6 +227,10 @@ class FineTuneJobSpec(_Model):
     output: OutputSpec = Field(description="Where the result is written.")
     checkpointing: CheckpointingSpec = Field(default_factory=CheckpointingSpec, description="Checkpoints.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Pod resources (operator only).")
+    storage: StorageSpec = Field(default_factory=StorageSpec, description="Object-store connection (operator only).")
+    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec, description="Queueing and limits (operator).")
+    image: str | None = Field(default=None, description="Trainer image; unset: the operator's default.")
+    cancel: bool = Field(default=False, description="Set to true to stop the run; the phase becomes Cancelled.")
 
     @field_validator("baseModel")
     @classmethod
@@ -231,42 +256,49 @@ class ObjectMeta(_Model):
 
 
 class Condition(_Model):
-    type: str
-    status: Literal["True", "False", "Unknown"]
-    reason: str = ""
-    message: str = ""
-    lastTransitionTime: datetime | None = None
+    type: str = Field(description="Accepted, Queued, Running, Succeeded, Failed, Cancelled or SpecChangeRefused.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(default="", description="CamelCase reason, for machines.")
+    message: str = Field(default="", description="What happened and what to do, for people.")
+    lastTransitionTime: datetime | None = Field(default=None, description="When status last changed.")
 
 
 class Progress(_Model):
-    step: int = 0
-    totalSteps: int = 0
-    epoch: float = 0.0
-    trainLoss: float | None = None
-    validationLoss: float | None = None
-    tokensPerSecond: float | None = None
-    etaSeconds: float | None = None
+    percent: int = Field(default=0, description="Share of optimizer steps done, 0-100.")
+    step: int = Field(default=0, description="Optimizer steps done.")
+    totalSteps: int = Field(default=0, description="Optimizer steps planned.")
+    epoch: float = Field(default=0.0, description="Fractional epoch reached.")
+    trainLoss: float | None = Field(default=None, description="Mean training loss over the last logging interval.")
+    validationLoss: float | None = Field(default=None, description="Validation loss at the last evaluation.")
+    tokensPerSecond: float | None = Field(default=None, description="Training throughput, padding excluded.")
+    etaSeconds: float | None = Field(default=None, description="Estimated seconds until training ends.")
 
 
 class AdapterRef(_Model):
-    name: str
-    version: str
-    uri: str
+    name: str = Field(description="Adapter name in the registry.")
+    version: str = Field(description="Version written by this job.")
+    uri: str = Field(description="Object-store URI of the version's folder.")
     sha256: str = Field(description="sha256 of the adapter's manifest.json.")
-    baseValidationLoss: float | None = None
-    validationLoss: float | None = None
+    baseValidationLoss: float | None = Field(default=None, description="Held-out loss of the base model.")
+    validationLoss: float | None = Field(default=None, description="Held-out loss with the adapter.")
+    metrics: dict[str, float] = Field(
+        default_factory=dict, description="Held-out generation metrics with the adapter (e.g. json_valid)."
+    )
+    baseMetrics: dict[str, float] = Field(
+        default_factory=dict, description="The same generation metrics for the base model."
+    )
 
 
 class FineTuneJobStatus(_Model):
-    phase: Phase = Phase.pending
-    message: str = ""
-    conditions: list[Condition] = Field(default_factory=list)
-    observedGeneration: int | None = None
-    startTime: datetime | None = None
-    completionTime: datetime | None = None
-    jobName: str | None = None
-    progress: Progress | None = None
-    adapter: AdapterRef | None = None
+    phase: Phase = Field(default=Phase.pending, description="Pending, Queued, Running, Succeeded, Failed, Cancelled.")
+    message: str = Field(default="", description="The latest news, in a sentence.")
+    conditions: list[Condition] = Field(default_factory=list, description="Detailed state, one entry per type.")
+    observedGeneration: int | None = Field(default=None, description="The spec generation the status describes.")
+    startTime: datetime | None = Field(default=None, description="When training started.")
+    completionTime: datetime | None = Field(default=None, description="When the job ended.")
+    jobName: str | None = Field(default=None, description="The batch/v1 Job running the trainer.")
+    progress: Progress | None = Field(default=None, description="Training progress, refreshed about every 5 s.")
+    adapter: AdapterRef | None = Field(default=None, description="The adapter written, read from its manifest.")
 
 
 class FineTuneJob(_Model):

@@ -1,0 +1,137 @@
+"""The CustomResourceDefinitions, generated from the API models in `tuneloom.api`.
+
+`python -m tuneloom.operator.crd` rewrites `crds/`; a test fails when the committed YAML drifts.
+pydantic emits JSON Schema (2020-12); Kubernetes wants a structural OpenAPI v3.0 subset: no $ref,
+a type on every node, `nullable` instead of `anyOf [.., null]`, boolean exclusive bounds, and no
+`additionalProperties: false` beside `properties` (the API server prunes unknown fields itself).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from tuneloom.api import API_GROUP, API_VERSION, FineTuneJobSpec, FineTuneJobStatus
+
+CRD_DIR = Path(__file__).resolve().parent.parent / "crds"
+_DROPPED = {"title", "additionalProperties", "$defs"}
+
+
+def _structural(node: Any, defs: dict[str, Any]) -> Any:
+    """One JSON Schema node turned into its structural OpenAPI v3.0 equivalent."""
+    if isinstance(node, list):
+        return [_structural(item, defs) for item in node]
+    if not isinstance(node, dict):
+        return node
+    if "$ref" in node:
+        target = defs[node["$ref"].rsplit("/", 1)[-1]]
+        merged = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+        return _structural(merged, defs)
+    if "anyOf" in node:
+        options = [option for option in node["anyOf"] if option.get("type") != "null"]
+        if len(options) == 1:
+            rest = {k: v for k, v in node.items() if k != "anyOf"}
+            return {**_structural({**options[0], **rest}, defs), "nullable": True}
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _DROPPED or (key == "default" and value is None):
+            continue
+        if key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
+            out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
+            out[key] = True
+        elif key == "const":
+            out["enum"] = [value]
+        elif key == "properties":
+            out[key] = {name: _structural(child, defs) for name, child in value.items()}
+        else:
+            out[key] = _structural(value, defs)
+    if isinstance(node.get("additionalProperties"), dict):
+        out["additionalProperties"] = _structural(node["additionalProperties"], defs)
+    if out.get("format") == "date-time":
+        out["type"] = "string"
+    return out
+
+
+def openapi_schema(model: type[BaseModel]) -> dict[str, Any]:
+    schema = model.model_json_schema(mode="serialization" if model is FineTuneJobStatus else "validation")
+    return _structural(schema, schema.get("$defs", {}))
+
+
+def _column(name: str, path: str, kind: str = "string", **extra: Any) -> dict[str, Any]:
+    return {"name": name, "type": kind, "jsonPath": path, **extra}
+
+
+def finetunejob_crd() -> dict[str, Any]:
+    spec_schema = openapi_schema(FineTuneJobSpec)
+    spec_schema["description"] = "What to fine-tune, on which data, how, and where the result goes."
+    status_schema = openapi_schema(FineTuneJobStatus)
+    status_schema["description"] = "Where the job stands; written by the operator only."
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"finetunejobs.{API_GROUP}"},
+        "spec": {
+            "group": API_GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": "FineTuneJob",
+                "plural": "finetunejobs",
+                "singular": "finetunejob",
+                "shortNames": ["ftj"],
+                "categories": ["tuneloom"],
+            },
+            "versions": [
+                {
+                    "name": API_VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": [
+                        _column("Phase", ".status.phase"),
+                        _column("Base model", ".spec.baseModel"),
+                        _column("Progress", ".status.progress.percent", "integer", description="percent of steps"),
+                        _column("Train loss", ".status.progress.trainLoss", "number"),
+                        _column("Val loss", ".status.progress.validationLoss", "number"),
+                        _column("Age", ".metadata.creationTimestamp", "date"),
+                    ],
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "A fine-tuning run: a base model, chat data and a method (LoRA, QLoRA "
+                            "or full) produce an evaluated adapter in object storage.",
+                            "required": ["spec"],
+                            "properties": {
+                                "apiVersion": {"type": "string", "description": "tuneloom.dev/v1alpha1"},
+                                "kind": {"type": "string", "description": "FineTuneJob"},
+                                "metadata": {"type": "object"},
+                                "spec": spec_schema,
+                                "status": status_schema,
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+def rendered() -> dict[str, str]:
+    """File name -> YAML text of every CRD this project defines."""
+    header = "# Generated by `python -m tuneloom.operator.crd` from tuneloom/api.py. Do not edit.\n"
+    return {"finetunejobs.yaml": header + yaml.safe_dump(finetunejob_crd(), sort_keys=False, width=120)}
+
+
+def main() -> int:
+    CRD_DIR.mkdir(exist_ok=True)
+    for name, text in rendered().items():
+        (CRD_DIR / name).write_text(text)
+        print(CRD_DIR / name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,6 +12,8 @@ import pytest
 from tuneloom.dev.seaweedfs import SeaweedFS
 from tuneloom.storage import LocalStore, ObjectStore, open_store
 
+from .kube import api, kube_cluster, namespace, pod_runner  # noqa: F401  (fixtures shared by every test module)
+
 
 def _cuda_available() -> bool:
     try:

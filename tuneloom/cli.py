@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = models.add_parser("prepare", help="build a known base model into the local cache")
     prepare.add_argument("name", choices=["smollm2-135m-instruct"])
     prepare.set_defaults(handler=_models_prepare)
+
+    from tuneloom.dev.cli import add_dev_commands
+
+    add_dev_commands(commands)
     return parser
 
 

@@ -56,8 +56,16 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
     return out
 
 
+def _without_defaults(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _without_defaults(v) for k, v in node.items() if k != "default"}
+    if isinstance(node, list):
+        return [_without_defaults(item) for item in node]
+    return node
+
+
 def openapi_schema(model: type[BaseModel]) -> dict[str, Any]:
-    schema = model.model_json_schema(mode="serialization" if model is FineTuneJobStatus else "validation")
+    schema = model.model_json_schema()
     return _structural(schema, schema.get("$defs", {}))
 
 
@@ -68,7 +76,8 @@ def _column(name: str, path: str, kind: str = "string", **extra: Any) -> dict[st
 def finetunejob_crd() -> dict[str, Any]:
     spec_schema = openapi_schema(FineTuneJobSpec)
     spec_schema["description"] = "What to fine-tune, on which data, how, and where the result goes."
-    status_schema = openapi_schema(FineTuneJobStatus)
+    # Status is written by the operator alone; API-server defaults there would only add noise.
+    status_schema = _without_defaults(openapi_schema(FineTuneJobStatus))
     status_schema["description"] = "Where the job stands; written by the operator only."
     return {
         "apiVersion": "apiextensions.k8s.io/v1",

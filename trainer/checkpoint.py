@@ -1,6 +1,6 @@
 """Checkpoints in object storage, so a restarted job continues where it stopped.
 
-Layout: `checkpoints/<namespace>/<job>/step-<N>/` holding the trainable weights, the optimizer
+Layout: `<run prefix>/step-<N>/` (see `tuneloom.registry.run_prefix`) holding the trainable weights, the optimizer
 state and the loop's state, committed with a manifest written last (a checkpoint without one
 was interrupted and is ignored). `published.json` beside them records the adapter version a
 finished run wrote, so a rerun of a finished job does not publish a second version.
@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tuneloom.registry import commit_files, fetch_committed
-from tuneloom.storage import ObjectNotFoundError, ObjectStore
+from tuneloom.registry import commit_files, fetch_committed, read_published, write_published
+from tuneloom.storage import ObjectStore
 
 log = logging.getLogger("tuneloom.trainer")
 
@@ -61,9 +61,9 @@ def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> 
 
 
 class CheckpointStore:
-    def __init__(self, store: ObjectStore, namespace: str, job_name: str):
+    def __init__(self, store: ObjectStore, prefix: str):
         self.store = store
-        self.prefix = f"checkpoints/{namespace}/{job_name}"
+        self.prefix = prefix
 
     def committed_steps(self) -> list[int]:
         steps = []
@@ -114,13 +114,10 @@ class CheckpointStore:
         return state, best
 
     def published(self) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.store.get_bytes(f"{self.prefix}/published.json"))
-        except ObjectNotFoundError:
-            return None
+        return read_published(self.store, self.prefix)
 
     def mark_published(self, record: dict[str, Any]) -> None:
-        self.store.put_bytes(f"{self.prefix}/published.json", json.dumps(record).encode())
+        write_published(self.store, self.prefix, record)
 
     def clear(self) -> None:
         self.store.delete_prefix(self.prefix + "/")

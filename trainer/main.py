@@ -25,7 +25,7 @@ from tuneloom import __version__
 from tuneloom.api import FineTuneJob, Method
 from tuneloom.jobfile import SpecError, load_job
 from tuneloom.models import model_config_hash
-from tuneloom.registry import AdapterVersion, publish_adapter, read_adapter
+from tuneloom.registry import AdapterVersion, publish_adapter, read_adapter, run_prefix
 from tuneloom.storage import StorageError, open_store, sha256_file
 from tuneloom.trainer.batching import collate, pack_rows, single_rows
 from tuneloom.trainer.checkpoint import CheckpointStore
@@ -47,6 +47,8 @@ from tuneloom.trainer.tokenize import EncodedExample, encode_example
 log = logging.getLogger("tuneloom.trainer")
 
 METRICS_PORT_ENV = "TUNELOOM_METRICS_PORT"
+# The operator's pod sets this to the pod IP: on the local pod runner every pod shares one host.
+BIND_ADDRESS_ENV = "TUNELOOM_BIND_ADDRESS"
 EVALUATION_FILE = "evaluation.json"
 
 # Exit codes the operator tells apart: a user's mistake is not retried, an infrastructure error is.
@@ -143,8 +145,9 @@ class FineTuneRun:
         self.fresh = fresh
         self.device = pick_device()
         self.store = open_store(self.spec.output.uri)
-        run_id = job.metadata.uid or "local"
-        self.checkpoints = CheckpointStore(self.store, job.metadata.namespace, f"{job.metadata.name}/{run_id}")
+        prefix = run_prefix(job.metadata.namespace, job.metadata.name, job.metadata.uid or "local")
+        self.checkpoints = CheckpointStore(self.store, prefix)
+        self.latest_progress: dict[str, Any] = {"event": "starting"}
         self.metrics = self._start_metrics(metrics_port)
         self.reporter = self._reporter(0, 0, 1)
 
@@ -158,7 +161,9 @@ class FineTuneRun:
 
         registry = CollectorRegistry()
         metrics = TrainerMetrics(registry, self.job.metadata.namespace, self.job.metadata.name)
-        serve_metrics(registry, port)
+        # /progress is how the operator learns where the run stands: the trainer needs no API rights.
+        host = os.environ.get(BIND_ADDRESS_ENV) or "0.0.0.0"
+        serve_metrics(registry, port, host, json_routes={"/progress": lambda: self.latest_progress})
         return metrics
 
     def _reporter(self, start_step: int, total_steps: int, steps_per_epoch: int) -> ProgressReporter:
@@ -168,7 +173,12 @@ class FineTuneRun:
             logging_steps=self.spec.hyperparameters.loggingSteps,
             metrics=self.metrics,
             start_step=start_step,
+            on_record=self._remember,
         )
+
+    def _remember(self, record: dict[str, Any]) -> None:
+        # Progress lines carry the numbers; phase events say what the run is doing between them.
+        self.latest_progress = {**self.latest_progress, **record}
 
     def run(self) -> AdapterVersion:
         spec, job = self.spec, self.job

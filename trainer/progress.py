@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,7 @@ class ProgressReporter:
         metrics: TrainerMetrics | None = None,
         progress_file: str | None = None,
         start_step: int = 0,
+        on_record: Callable[[dict[str, Any]], None] | None = None,
     ):
         self.total_steps = total_steps
         self.steps_per_epoch = steps_per_epoch
@@ -86,6 +88,7 @@ class ProgressReporter:
         path = progress_file if progress_file is not None else os.environ.get(PROGRESS_FILE_ENV)
         self.progress_path = Path(path) if path else None
         self.start_step = start_step
+        self.on_record = on_record
         self.run_started = time.monotonic()
         self.interval = _Interval(started=self.run_started)
         self.state = Progress(step=start_step, totalSteps=total_steps, epoch=start_step / max(steps_per_epoch, 1))
@@ -155,9 +158,11 @@ class ProgressReporter:
             self.metrics.peak_memory.set(value)
 
     def _write(self, record: dict[str, Any]) -> None:
+        record = {"time": time.time(), **record}
+        if self.on_record:
+            self.on_record(record)
         if not self.progress_path:
             return
-        record = {"time": time.time(), **record}
         # One short line per write, appended: a reader polling the file never sees half a record.
         with self.progress_path.open("a", encoding="utf-8") as stream:
             stream.write(json.dumps(record, default=str) + "\n")

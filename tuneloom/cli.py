@@ -36,6 +36,12 @@ def _models_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _operator(args: argparse.Namespace) -> int:
+    from tuneloom.operator.main import run
+
+    return run(verbose=args.verbose)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneloom", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -62,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = models.add_parser("prepare", help="build a known base model into the local cache")
     prepare.add_argument("name", choices=["smollm2-135m-instruct"])
     prepare.set_defaults(handler=_models_prepare)
+
+    operator = commands.add_parser("operator", help="run the Kubernetes operator (kopf) for the whole cluster")
+    operator.set_defaults(handler=_operator)
 
     from tuneloom.dev.cli import add_dev_commands
 

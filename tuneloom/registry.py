@@ -303,3 +303,27 @@ def download_adapter(store: ObjectStore, namespace: str, name: str, version: str
     except ObjectNotFoundError as exc:
         raise ObjectNotFoundError(f"adapter {namespace}/{name} version {version}: {exc}") from exc
     return AdapterVersion(namespace, name, version, store.describe(prefix), manifest, sha)
+
+
+# -- training runs -------------------------------------------------------------------------------
+# A run's checkpoints and its "published" record live under one prefix per job identity. The
+# record is how a rerun knows it already published, and how the operator finds the version a job
+# wrote without taking the pod's word for it.
+
+PUBLISHED = "published.json"
+
+
+def run_prefix(namespace: str, job_name: str, run_id: str) -> str:
+    """`checkpoints/<namespace>/<job>/<run id>`: the uid on a cluster, `local` on a laptop."""
+    return f"checkpoints/{validate_label(namespace, 'namespace')}/{job_name}/{run_id}"
+
+
+def read_published(store: ObjectStore, prefix: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(store.get_bytes(f"{prefix}/{PUBLISHED}"))
+    except ObjectNotFoundError:
+        return None
+
+
+def write_published(store: ObjectStore, prefix: str, record: Mapping[str, Any]) -> None:
+    store.put_bytes(f"{prefix}/{PUBLISHED}", json.dumps(record).encode())

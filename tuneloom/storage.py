@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import unquote, urlparse
@@ -406,10 +407,26 @@ def _endpoint_setting() -> tuple[str | None, str]:
     return None, f"the AWS default for the region (set {ENDPOINT_ENV} for another S3 service)"
 
 
+@dataclass(frozen=True)
+class S3Connection:
+    """Explicit connection settings, for a caller (the operator) that reads them from a Secret
+    rather than from its own environment. Unset fields fall back to the environment."""
+
+    endpoint: str | None = None
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = field(default=None, repr=False)
+
+
 def make_s3_client(
-    *, max_attempts: int = 5, connect_timeout: float = 10.0, read_timeout: float = 60.0
+    *,
+    max_attempts: int = 5,
+    connect_timeout: float = 10.0,
+    read_timeout: float = 60.0,
+    connection: S3Connection | None = None,
 ) -> tuple[Any, str]:
-    """A boto3 S3 client configured from the environment, and where its endpoint came from.
+    """A boto3 S3 client configured from `connection` and the environment, and where its endpoint
+    came from.
 
     Path-style addressing works with every S3-compatible service (SeaweedFS, MinIO, Ceph);
     "standard" retries back off on throttling, 5xx and connection errors.
@@ -417,10 +434,21 @@ def make_s3_client(
     import boto3
     from botocore.config import Config
 
-    session = boto3.session.Session()
-    endpoint, source = _endpoint_setting()
+    connection = connection or S3Connection()
+    session = boto3.session.Session(
+        aws_access_key_id=connection.access_key_id, aws_secret_access_key=connection.secret_access_key
+    )
+    endpoint, source = (
+        (connection.endpoint, "the FineTuneJob's spec.storage.endpoint")
+        if connection.endpoint
+        else (_endpoint_setting())
+    )
     region = (
-        os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or session.region_name or DEFAULT_REGION
+        connection.region
+        or os.environ.get("AWS_REGION")
+        or os.environ.get("AWS_DEFAULT_REGION")
+        or session.region_name
+        or DEFAULT_REGION
     )
     config = Config(
         s3={"addressing_style": "path"},
@@ -447,6 +475,7 @@ class S3Store(ObjectStore):
         prefix: str = "",
         *,
         client: Any = None,
+        connection: S3Connection | None = None,
         max_attempts: int = 5,
         multipart_threshold: int = 8 * 1024 * 1024,
         part_size: int = 8 * 1024 * 1024,
@@ -460,7 +489,7 @@ class S3Store(ObjectStore):
         validate_prefix(self.prefix)
         self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         if client is None:
-            client, self._endpoint_source = make_s3_client(max_attempts=max_attempts)
+            client, self._endpoint_source = make_s3_client(max_attempts=max_attempts, connection=connection)
         else:
             self._endpoint_source = "the client passed to S3Store"
         self.client = client

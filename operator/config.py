@@ -1,0 +1,34 @@
+"""Operator settings, from the environment (the Helm chart sets them)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+def _int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value else default
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    trainer_image: str = "ghcr.io/tuneloom/trainer:0.1.0"
+    trainer_service_account: str = "tuneloom-trainer"
+    max_running_jobs: int = 0  # 0: no cap
+    max_running_jobs_per_namespace: int = 0
+    reconcile_interval_s: float = 3.0
+    metrics_port: int = 8080
+    trainer_metrics_port: int = 9400
+
+    @classmethod
+    def from_env(cls) -> OperatorConfig:
+        return cls(
+            trainer_image=os.environ.get("TUNELOOM_TRAINER_IMAGE", cls.trainer_image),
+            trainer_service_account=os.environ.get("TUNELOOM_TRAINER_SERVICE_ACCOUNT", cls.trainer_service_account),
+            max_running_jobs=_int("TUNELOOM_MAX_RUNNING_JOBS", 0),
+            max_running_jobs_per_namespace=_int("TUNELOOM_MAX_RUNNING_JOBS_PER_NAMESPACE", 0),
+            reconcile_interval_s=float(os.environ.get("TUNELOOM_RECONCILE_INTERVAL_SECONDS", "3")),
+            metrics_port=_int("TUNELOOM_OPERATOR_METRICS_PORT", 8080),
+            trainer_metrics_port=_int("TUNELOOM_TRAINER_METRICS_PORT", 9400),
+        )

@@ -1,0 +1,222 @@
+"""The objects one FineTuneJob runs as: a ConfigMap with the job file and a batch/v1 Job.
+
+Pure functions of the FineTuneJob and the operator's settings, so they are unit-testable and the
+same inputs always give the same objects (names included: a restarted operator finds, rather than
+duplicates, what it created).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import yaml
+
+from tuneloom.api import FineTuneJob, Method
+from tuneloom.operator.config import OperatorConfig
+
+LABEL_JOB = "tuneloom.dev/finetunejob"
+LABEL_MANAGED = "app.kubernetes.io/managed-by"
+MANAGER = "tuneloom-operator"
+ANNOTATION_SPEC_HASH = "tuneloom.dev/spec-sha256"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+
+JOB_FILE_DIR = "/etc/tuneloom"
+PROGRESS_DIR = "/var/run/tuneloom"
+CACHE_DIR = "/var/cache/tuneloom"
+RUN_AS_USER = 1000
+
+
+def _short(name: str, suffix: str, limit: int = 63) -> str:
+    """`name-suffix` within Kubernetes' 63-character limit for names used as label values."""
+    full = f"{name}-{suffix}"
+    if len(full) <= limit:
+        return full
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[: limit - len(suffix) - 10]}-{digest}-{suffix}"
+
+
+def job_name(ftj_name: str) -> str:
+    return _short(ftj_name, "train")
+
+
+def configmap_name(ftj_name: str) -> str:
+    return _short(ftj_name, "spec")
+
+
+def spec_hash(job: FineTuneJob) -> str:
+    """What the running Job was built from; `cancel` may change without being a spec change."""
+    relevant = job.spec.model_dump(mode="json", exclude={"cancel"})
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+def owner_reference(job: FineTuneJob) -> dict[str, Any]:
+    return {
+        "apiVersion": job.apiVersion,
+        "kind": job.kind,
+        "name": job.metadata.name,
+        "uid": job.metadata.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _labels(job: FineTuneJob) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "tuneloom-trainer",
+        LABEL_MANAGED: MANAGER,
+        LABEL_JOB: job.metadata.name,
+    }
+
+
+def build_configmap(job: FineTuneJob) -> dict[str, Any]:
+    """The job file the trainer reads: the FineTuneJob itself, status left out."""
+    document = {
+        "apiVersion": job.apiVersion,
+        "kind": job.kind,
+        "metadata": {"name": job.metadata.name, "namespace": job.metadata.namespace, "uid": job.metadata.uid},
+        "spec": job.spec.model_dump(mode="json", exclude_none=True),
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": configmap_name(job.metadata.name),
+            "namespace": job.metadata.namespace,
+            "labels": _labels(job),
+            "ownerReferences": [owner_reference(job)],
+        },
+        "data": {"job.yaml": yaml.safe_dump(document, sort_keys=False)},
+    }
+
+
+def _env(job: FineTuneJob, config: OperatorConfig) -> list[dict[str, Any]]:
+    storage = job.spec.storage
+    env: list[dict[str, Any]] = [
+        {"name": "TUNELOOM_JOB_FILE", "value": f"{JOB_FILE_DIR}/job.yaml"},
+        {"name": "TUNELOOM_PROGRESS_FILE", "value": f"{PROGRESS_DIR}/progress.jsonl"},
+        {"name": "TUNELOOM_METRICS_PORT", "value": str(config.trainer_metrics_port)},
+        {"name": "TUNELOOM_BIND_ADDRESS", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "TUNELOOM_CACHE_DIR", "value": CACHE_DIR},
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    if storage.endpoint:
+        env.append({"name": "TUNELOOM_S3_ENDPOINT", "value": storage.endpoint})
+    if storage.region:
+        env.append({"name": "AWS_REGION", "value": storage.region})
+    if storage.credentialsSecret:
+        # Referenced, never copied: the values stay in the Secret.
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": storage.credentialsSecret, "key": key}}})
+    return env
+
+
+def _command(job: FineTuneJob) -> list[str]:
+    gpus = job.spec.resources.gpus
+    if gpus > 1:
+        # One process per GPU; torchrun sets RANK/WORLD_SIZE/MASTER_* for PyTorch distributed.
+        return ["torchrun", "--standalone", f"--nproc_per_node={gpus}", "-m", "tuneloom.trainer"]
+    return ["python", "-m", "tuneloom.trainer"]
+
+
+def _resources(job: FineTuneJob) -> dict[str, Any]:
+    resources = job.spec.resources
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if resources.gpus:
+        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(resources.gpus)
+    if resources.cpu:
+        requests["cpu"] = resources.cpu
+    if resources.memory:
+        requests["memory"] = limits["memory"] = resources.memory
+    return {key: value for key, value in (("requests", requests), ("limits", limits)) if value}
+
+
+def _volumes(job: FineTuneJob) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    volumes = [
+        {"name": "job", "configMap": {"name": configmap_name(job.metadata.name)}},
+        # PyTorch's data loader and NCCL use shared memory; the default 64 MiB /dev/shm is too small.
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        {"name": "progress", "emptyDir": {}},
+        {"name": "cache", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts = [
+        {"name": "job", "mountPath": JOB_FILE_DIR, "readOnly": True},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "progress", "mountPath": PROGRESS_DIR},
+        {"name": "cache", "mountPath": CACHE_DIR},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    return volumes, mounts
+
+
+def build_job(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any]:
+    spec = job.spec
+    volumes, mounts = _volumes(job)
+    labels = _labels(job)
+    if spec.scheduling.queueName:
+        labels[KUEUE_QUEUE_LABEL] = spec.scheduling.queueName
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "serviceAccountName": config.trainer_service_account,
+        "automountServiceAccountToken": False,  # the trainer talks to object storage, not the API server
+        "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "fsGroup": RUN_AS_USER},
+        "containers": [
+            {
+                "name": "trainer",
+                "image": spec.image or config.trainer_image,
+                "command": _command(job),
+                "env": _env(job, config),
+                "resources": _resources(job),
+                "ports": [{"name": "metrics", "containerPort": config.trainer_metrics_port}],
+                "volumeMounts": mounts,
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+                "securityContext": {
+                    "allowPrivilegeEscalation": False,
+                    "readOnlyRootFilesystem": True,
+                    "capabilities": {"drop": ["ALL"]},
+                },
+            }
+        ],
+        "volumes": volumes,
+    }
+    if spec.resources.nodeSelector:
+        pod_spec["nodeSelector"] = spec.resources.nodeSelector
+    if spec.resources.tolerations:
+        pod_spec["tolerations"] = [t.model_dump(exclude_none=True) for t in spec.resources.tolerations]
+    if spec.scheduling.priorityClassName:
+        pod_spec["priorityClassName"] = spec.scheduling.priorityClassName
+    job_spec: dict[str, Any] = {
+        "backoffLimit": spec.scheduling.backoffLimit,
+        "template": {
+            "metadata": {
+                "labels": labels,
+                "annotations": {
+                    "prometheus.io/scrape": "true",
+                    "prometheus.io/port": str(config.trainer_metrics_port),
+                },
+            },
+            "spec": pod_spec,
+        },
+    }
+    if spec.scheduling.activeDeadlineSeconds:
+        job_spec["activeDeadlineSeconds"] = spec.scheduling.activeDeadlineSeconds
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": job_name(job.metadata.name),
+            "namespace": job.metadata.namespace,
+            "labels": labels,
+            "annotations": {ANNOTATION_SPEC_HASH: spec_hash(job)},
+            "ownerReferences": [owner_reference(job)],
+        },
+        "spec": job_spec,
+    }
+
+
+def needs_gpu(job: FineTuneJob) -> bool:
+    return job.spec.method is Method.qlora

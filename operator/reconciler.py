@@ -1,0 +1,391 @@
+"""Reconciling one FineTuneJob: from what exists (the object, its Job, its Pod, the adapter in
+object storage) to its status. Level-triggered and idempotent: it can run any number of times,
+from any handler, after any operator restart, and creates each object at most once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import urllib.request
+import uuid
+from collections import Counter
+from datetime import datetime, timezone
+from typing import Any
+
+from kubernetes import client as k8s
+from kubernetes.client.exceptions import ApiException
+
+from tuneloom.api import API_GROUP, API_VERSION, FineTuneJob, Phase, Progress
+from tuneloom.jobfile import SpecError, parse_job
+from tuneloom.operator import jobbuilder
+from tuneloom.operator.config import OperatorConfig
+from tuneloom.operator.metrics import OperatorMetrics
+from tuneloom.operator.observe import Observation, observe, running_pod
+from tuneloom.registry import read_adapter, read_published, run_prefix
+from tuneloom.storage import ObjectStore, S3Connection, StorageError, open_store
+
+log = logging.getLogger("tuneloom.operator")
+
+TERMINAL = {Phase.succeeded, Phase.failed, Phase.cancelled}
+PLURAL = "finetunejobs"
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def set_condition(conditions: list[dict[str, Any]], kind: str, status: str, reason: str, message: str) -> None:
+    """Upserts a condition; lastTransitionTime moves only when its status changes. Empty reason and
+    message are left out: some API servers store "" as null, which the schema then rejects."""
+    fields = {"status": status, "reason": reason, "message": message}
+    for condition in conditions:
+        if condition["type"] == kind:
+            if condition["status"] != status:
+                condition["lastTransitionTime"] = now()
+            condition.pop("reason", None)
+            condition.pop("message", None)
+            condition.update({k: v for k, v in fields.items() if v})
+            return
+    conditions.append({"type": kind, **{k: v for k, v in fields.items() if v}, "lastTransitionTime": now()})
+
+
+class Reconciler:
+    def __init__(self, config: OperatorConfig, api: k8s.ApiClient, metrics: OperatorMetrics):
+        self.config = config
+        self.core = k8s.CoreV1Api(api)
+        self.batch = k8s.BatchV1Api(api)
+        self.custom = k8s.CustomObjectsApi(api)
+        self.metrics = metrics
+        # One admission decision at a time: two jobs must not both take the last free slot.
+        self.admission = threading.Lock()
+
+    # -- entry point -----------------------------------------------------------------------------
+
+    def reconcile(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Brings the FineTuneJob's status up to date; returns the fields it changed."""
+        started = time.monotonic()
+        try:
+            status = self._reconcile(body)
+            old = body.get("status") or {}
+            changes = {key: value for key, value in status.items() if old.get(key) != value}
+            if changes:
+                self._patch_status(body, changes)
+        except Exception:
+            self.metrics.reconcile_errors.inc()
+            raise
+        finally:
+            self.metrics.reconcile_duration.observe(time.monotonic() - started)
+        self._record_transition(body, Phase(old.get("phase") or Phase.pending.value), Phase(status["phase"]), status)
+        return changes
+
+    def _patch_status(self, body: dict[str, Any], changes: dict[str, Any]) -> None:
+        # Written here rather than through kopf's patch: a rejected patch must fail this reconcile
+        # loudly (and be retried), not silently end the timer that drives it.
+        meta = body["metadata"]
+        self.custom.patch_namespaced_custom_object_status(
+            API_GROUP, API_VERSION, meta["namespace"], PLURAL, meta["name"], {"status": changes}
+        )
+
+    def forget(self, body: dict[str, Any]) -> None:
+        self.metrics.phases.set(self._key(body), None)
+
+    # -- the state machine -----------------------------------------------------------------------
+
+    def _reconcile(self, body: dict[str, Any]) -> dict[str, Any]:
+        meta = body["metadata"]
+        status = json.loads(json.dumps(body.get("status") or {}))  # a deep copy to edit
+        status.setdefault("phase", Phase.pending.value)
+        status.setdefault("conditions", [])
+        status["observedGeneration"] = meta.get("generation")
+        if Phase(status["phase"]) in TERMINAL:
+            return status
+        try:
+            job = parse_job({k: v for k, v in body.items() if k != "status"}, source=f"finetunejob/{meta['name']}")
+        except SpecError as exc:
+            return self._end(status, Observation(Phase.failed, "InvalidSpec", "; ".join(exc.problems)))
+        existing = self._read_job(job)
+        if job.spec.cancel:
+            if existing is not None:
+                self._delete_job(job)
+            return self._end(
+                status, Observation(Phase.cancelled, "Cancelled", "spec.cancel is true; the Job was deleted")
+            )
+        if existing is None:
+            return self._start(job, status)
+        return self._track(job, existing, status)
+
+    def _start(self, job: FineTuneJob, status: dict[str, Any]) -> dict[str, Any]:
+        if status.get("jobName"):
+            return self._end(
+                status, Observation(Phase.failed, "JobDeleted", f"Job {status['jobName']} was deleted outside Tuneloom")
+            )
+        problems = self._deeper_validation(job)
+        if problems:
+            return self._end(status, Observation(Phase.failed, "InvalidSpec", "; ".join(problems)))
+        with self.admission:
+            ahead = self._jobs_ahead(job)
+            if ahead is not None:
+                status.update(phase=Phase.queued.value, message=f"waiting for a free slot; {ahead} job(s) ahead")
+                set_condition(status["conditions"], "Queued", "True", "WaitingForSlot", status["message"])
+                return status
+            self._create(job)
+        set_condition(status["conditions"], "Queued", "False", "Admitted", "a training slot was free")
+        set_condition(status["conditions"], "Accepted", "True", "JobCreated", "the training Job was created")
+        status.update(
+            phase=Phase.pending.value,
+            jobName=jobbuilder.job_name(job.metadata.name),
+            message="waiting for the training pod to start",
+        )
+        return status
+
+    def _track(self, job: FineTuneJob, existing: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+        status["jobName"] = existing["metadata"]["name"]
+        built_from = (existing["metadata"].get("annotations") or {}).get(jobbuilder.ANNOTATION_SPEC_HASH)
+        if built_from and built_from != jobbuilder.spec_hash(job):
+            set_condition(
+                status["conditions"],
+                "SpecChangeRefused",
+                "True",
+                "JobAlreadyStarted",
+                "the spec changed after the Job started; the running Job keeps the spec it started with. "
+                "Only spec.cancel may change now: cancel and create a new FineTuneJob to apply changes",
+            )
+        pods = self._pods(existing)
+        seen = observe(existing, pods)
+        if seen.phase is Phase.succeeded:
+            return self._succeed(job, status)
+        if seen.phase is Phase.failed:
+            return self._end(status, seen)
+        status.update(phase=seen.phase.value, message=seen.message)
+        set_condition(status["conditions"], "Running", str(seen.phase is Phase.running), seen.reason, seen.message)
+        if seen.phase is Phase.running:
+            status.setdefault("startTime", now())
+            progress = self._poll_progress(running_pod(pods))
+            if progress is not None:
+                status["progress"] = progress
+        return status
+
+    def _succeed(self, job: FineTuneJob, status: dict[str, Any]) -> dict[str, Any]:
+        try:
+            status["adapter"] = self._adapter_ref(job)
+        except (StorageError, ApiException) as exc:
+            return self._end(
+                status,
+                Observation(
+                    Phase.failed, "AdapterNotFound", f"the Job completed but its adapter could not be read: {exc}"
+                ),
+            )
+        adapter = status["adapter"]
+        progress = dict(status.get("progress") or {})
+        progress.update(percent=100, etaSeconds=0)
+        status["progress"] = progress
+        return self._end(
+            status,
+            Observation(
+                Phase.succeeded,
+                "AdapterPublished",
+                f"adapter {adapter['name']}@{adapter['version']} written to {adapter['uri']}",
+            ),
+        )
+
+    def _end(self, status: dict[str, Any], outcome: Observation) -> dict[str, Any]:
+        status.update(phase=outcome.phase.value, message=outcome.message, completionTime=now())
+        for kind in (Phase.succeeded, Phase.failed, Phase.cancelled):
+            is_it = kind is outcome.phase
+            set_condition(
+                status["conditions"],
+                kind.value,
+                str(is_it),
+                outcome.reason if is_it else "",
+                outcome.message if is_it else "",
+            )
+        set_condition(status["conditions"], "Running", "False", outcome.reason, outcome.message)
+        return status
+
+    # -- checks that need the cluster ------------------------------------------------------------
+
+    def _deeper_validation(self, job: FineTuneJob) -> list[str]:
+        problems = []
+        spec = job.spec
+        if jobbuilder.needs_gpu(job) and spec.resources.gpus < 1:
+            problems.append("spec.resources.gpus: method qlora needs a CUDA GPU; request at least 1")
+        secret = spec.storage.credentialsSecret
+        if secret and self._secret_data(job.metadata.namespace, secret) is None:
+            problems.append(
+                f"spec.storage.credentialsSecret: Secret {job.metadata.namespace}/{secret} does not exist; create it "
+                "with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+            )
+        return problems
+
+    def _secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
+        import base64
+
+        try:
+            secret = self.core.read_namespaced_secret(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return {key: base64.b64decode(value).decode() for key, value in (secret.data or {}).items()}
+
+    # -- queueing --------------------------------------------------------------------------------
+
+    def _jobs_ahead(self, job: FineTuneJob) -> int | None:
+        """None when `job` may start now; otherwise how many waiting jobs come before it."""
+        cap, per_namespace = self.config.max_running_jobs, self.config.max_running_jobs_per_namespace
+        if not cap and not per_namespace:
+            return None
+        active = self.batch.list_job_for_all_namespaces(
+            label_selector=f"{jobbuilder.LABEL_MANAGED}={jobbuilder.MANAGER}"
+        ).items
+        running = [j for j in active if not self._finished(j)]
+        started = {(j.metadata.namespace, j.metadata.labels.get(jobbuilder.LABEL_JOB)) for j in active}
+        total, by_namespace = len(running), Counter(j.metadata.namespace for j in running)
+        waiting = [
+            item
+            for item in self.custom.list_cluster_custom_object(API_GROUP, API_VERSION, PLURAL)["items"]
+            if (item["metadata"]["namespace"], item["metadata"]["name"]) not in started
+            and (item.get("status") or {}).get("phase", Phase.pending.value)
+            in (Phase.pending.value, Phase.queued.value)
+            and not (item.get("spec") or {}).get("cancel")
+        ]
+        waiting.sort(key=lambda item: (item["metadata"]["creationTimestamp"], item["metadata"]["name"]))
+        for ahead, item in enumerate(waiting):
+            namespace = item["metadata"]["namespace"]
+            fits = (not cap or total < cap) and (not per_namespace or by_namespace[namespace] < per_namespace)
+            if item["metadata"]["uid"] == job.metadata.uid:
+                return None if fits else ahead
+            if fits:  # an older job takes this slot first
+                total += 1
+                by_namespace[namespace] += 1
+        return None
+
+    @staticmethod
+    def _finished(job: k8s.V1Job) -> bool:
+        return any(c.type in ("Complete", "Failed") and c.status == "True" for c in (job.status.conditions or []))
+
+    # -- objects ---------------------------------------------------------------------------------
+
+    def _create(self, job: FineTuneJob) -> None:
+        namespace = job.metadata.namespace
+        for create, manifest in (
+            (self.core.create_namespaced_config_map, jobbuilder.build_configmap(job)),
+            (self.batch.create_namespaced_job, jobbuilder.build_job(job, self.config)),
+        ):
+            try:
+                create(namespace, manifest)
+            except ApiException as exc:
+                if exc.status != 409:  # 409: created by an earlier pass; names are deterministic
+                    raise
+        log.info("created Job %s/%s", namespace, jobbuilder.job_name(job.metadata.name))
+
+    def _read_job(self, job: FineTuneJob) -> dict[str, Any] | None:
+        try:
+            found = self.batch.read_namespaced_job(jobbuilder.job_name(job.metadata.name), job.metadata.namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return self.batch.api_client.sanitize_for_serialization(found)
+
+    def _delete_job(self, job: FineTuneJob) -> None:
+        try:
+            self.batch.delete_namespaced_job(
+                jobbuilder.job_name(job.metadata.name), job.metadata.namespace, propagation_policy="Background"
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def _pods(self, existing: dict[str, Any]) -> list[dict[str, Any]]:
+        meta = existing["metadata"]
+        pods = self.core.list_namespaced_pod(meta["namespace"], label_selector=f"job-name={meta['name']}").items
+        return [self.core.api_client.sanitize_for_serialization(pod) for pod in pods]
+
+    def _poll_progress(self, pod: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The trainer's latest progress, from its /progress endpoint (it has no API rights)."""
+        ip = ((pod or {}).get("status") or {}).get("podIP")
+        if not ip:
+            return None
+        url = f"http://{ip}:{self.config.trainer_metrics_port}/progress"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                record = json.loads(response.read())
+        except (OSError, ValueError):
+            return None  # not serving yet; the next pass tries again
+        fields = {key: record[key] for key in Progress.model_fields if record.get(key) is not None}
+        return Progress(**fields).model_dump(exclude_none=True) if fields else None
+
+    def _adapter_ref(self, job: FineTuneJob) -> dict[str, Any]:
+        """What the job published, read from object storage: the manifest is the proof."""
+        store = self._store(job)
+        prefix = run_prefix(job.metadata.namespace, job.metadata.name, job.metadata.uid or "local")
+        record = read_published(store, prefix)
+        if record is None:
+            raise StorageError(f"{store.describe(prefix)}/published.json is missing")
+        adapter = read_adapter(store, job.metadata.namespace, job.spec.output.adapterName, record["version"])
+        metrics = adapter.manifest.get("metrics", {})
+        tuned, base = metrics.get("adapter", {}), metrics.get("base", {})
+        return {
+            "name": adapter.name,
+            "version": adapter.version,
+            "uri": adapter.uri,
+            "sha256": adapter.manifest_sha256,
+            "validationLoss": tuned.get("validationLoss"),
+            "baseValidationLoss": base.get("validationLoss"),
+            "metrics": {k: v for k, v in tuned.items() if k != "validationLoss" and isinstance(v, float | int)},
+            "baseMetrics": {k: v for k, v in base.items() if k != "validationLoss" and isinstance(v, float | int)},
+        }
+
+    def _store(self, job: FineTuneJob) -> ObjectStore:
+        storage = job.spec.storage
+        if not job.spec.output.uri.startswith("s3://"):
+            return open_store(job.spec.output.uri)
+        keys = self._secret_data(job.metadata.namespace, storage.credentialsSecret) if storage.credentialsSecret else {}
+        connection = S3Connection(
+            endpoint=storage.endpoint,
+            region=storage.region,
+            access_key_id=(keys or {}).get("AWS_ACCESS_KEY_ID"),
+            secret_access_key=(keys or {}).get("AWS_SECRET_ACCESS_KEY"),
+        )
+        return open_store(job.spec.output.uri, connection=connection)
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _key(body: dict[str, Any]) -> str:
+        return f"{body['metadata']['namespace']}/{body['metadata']['name']}"
+
+    def _record_transition(self, body: dict[str, Any], old: Phase, new: Phase, status: dict[str, Any]) -> None:
+        self.metrics.phases.set(self._key(body), new)
+        if old is new and body.get("status"):
+            return
+        self.metrics.transitions.labels(old.value, new.value).inc()
+        self._event(body, "Warning" if new is Phase.failed else "Normal", new.value, status.get("message", ""))
+
+    def _event(self, body: dict[str, Any], kind: str, reason: str, message: str) -> None:
+        meta = body["metadata"]
+        event = {
+            "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:12]}", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": body["apiVersion"],
+                "kind": body["kind"],
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta["uid"],
+            },
+            "type": kind,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": jobbuilder.MANAGER},
+            "firstTimestamp": now(),
+            "lastTimestamp": now(),
+            "count": 1,
+        }
+        try:
+            self.core.create_namespaced_event(meta["namespace"], event)
+        except ApiException as exc:  # an event is news, not state: never fail a reconcile over one
+            log.warning("could not post event %s on %s: %s", reason, meta["name"], exc.reason)

@@ -1,0 +1,450 @@
+"""The operator against a real API server: kubectl applies FineTuneJobs, the operator (running
+under its least-privilege ClusterRole, with a real ServiceAccount token) creates Jobs, the pod
+runner runs the real trainer on the tiny model, and the adapter lands in SeaweedFS."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client as k8s
+from kubernetes.client.exceptions import ApiException
+
+from tuneloom.dev.seaweedfs import SeaweedFS
+from tuneloom.registry import read_adapter
+from tuneloom.storage import open_store
+
+from .kube import KubeCluster, kubectl, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+GROUP, VERSION, PLURAL = "tuneloom.dev", "v1alpha1", "finetunejobs"
+OPERATOR_NAMESPACE = "tuneloom-system"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def crds(kube_cluster: KubeCluster, api: k8s.ApiClient) -> None:
+    kubectl(kube_cluster, "apply", "-f", str(ROOT / "crds" / "finetunejobs.yaml"))
+    extensions = k8s.ApiextensionsV1Api(api)
+
+    def established() -> bool:
+        crd = extensions.read_custom_resource_definition(f"{PLURAL}.{GROUP}")
+        return any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or [])
+
+    wait_for(established, "the FineTuneJob CRD to be established")
+
+
+def _operator_kubeconfig(cluster: KubeCluster, api: k8s.ApiClient, dest: Path) -> Path:
+    """A kubeconfig holding a token of the operator's ServiceAccount, bound to the chart's rules."""
+    core, rbac = k8s.CoreV1Api(api), k8s.RbacAuthorizationV1Api(api)
+    rules = yaml.safe_load((ROOT / "charts/tuneloom/files/operator-rules.yaml").read_text())
+    for create, body in (
+        (core.create_namespace, {"metadata": {"name": OPERATOR_NAMESPACE}}),
+        (
+            lambda b: core.create_namespaced_service_account(OPERATOR_NAMESPACE, b),
+            {"metadata": {"name": "tuneloom-operator"}},
+        ),
+        (rbac.create_cluster_role, {"metadata": {"name": "tuneloom-operator"}, "rules": rules}),
+        (
+            rbac.create_cluster_role_binding,
+            {
+                "metadata": {"name": "tuneloom-operator"},
+                "roleRef": {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "ClusterRole",
+                    "name": "tuneloom-operator",
+                },
+                "subjects": [{"kind": "ServiceAccount", "name": "tuneloom-operator", "namespace": OPERATOR_NAMESPACE}],
+            },
+        ),
+    ):
+        try:
+            create(body)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+    token = core.create_namespaced_service_account_token(
+        "tuneloom-operator", OPERATOR_NAMESPACE, {"spec": {"expirationSeconds": 7200}}
+    ).status.token
+    admin = yaml.safe_load(cluster.kubeconfig.read_text())
+    admin["users"] = [{"name": "operator", "user": {"token": token}}]
+    for context in admin["contexts"]:
+        context["context"]["user"] = "operator"
+    dest.write_text(yaml.safe_dump(admin))
+    return dest
+
+
+@dataclass
+class Operator:
+    kubeconfig: Path
+    work_dir: Path
+    env: dict[str, str]
+    metrics_port: int = field(default_factory=_free_port)
+    process: subprocess.Popen | None = None
+    starts: int = 0
+
+    @property
+    def log_path(self) -> Path:
+        return self.work_dir / f"operator-{self.starts}.log"
+
+    def start(self) -> None:
+        self.starts += 1
+        env = {
+            **os.environ,
+            **self.env,
+            "KUBECONFIG": str(self.kubeconfig),
+            "TUNELOOM_OPERATOR_METRICS_PORT": str(self.metrics_port),
+            "TUNELOOM_OPERATOR_HEALTH_PORT": str(_free_port()),
+            "TUNELOOM_RECONCILE_INTERVAL_SECONDS": "1",
+            "TUNELOOM_TRAINER_METRICS_PORT": "9400",
+        }
+        with self.log_path.open("w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "tuneloom.cli", "operator"], env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        wait_for(self._serving, "the operator's metrics endpoint", timeout=60)
+
+    def _serving(self) -> bool:
+        assert self.process and self.process.poll() is None, self.logs()[-3000:]
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=1)
+        except OSError:
+            return False
+        return True
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def metrics(self) -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text() for p in sorted(self.work_dir.glob("operator-*.log")))
+
+
+@pytest.fixture(scope="module")
+def operator_kubeconfig(kube_cluster: KubeCluster, api: k8s.ApiClient, crds: None, tmp_path_factory) -> Path:
+    return _operator_kubeconfig(kube_cluster, api, tmp_path_factory.mktemp("operator") / "kubeconfig")
+
+
+@pytest.fixture(scope="module")
+def operator(operator_kubeconfig: Path, pod_runner, tmp_path_factory) -> Iterator[Operator]:
+    # One operator for the module, with a cap the 50-job test checks (the others run one job at a time).
+    runner = Operator(
+        operator_kubeconfig, tmp_path_factory.mktemp("operator-logs"), env={"TUNELOOM_MAX_RUNNING_JOBS": "3"}
+    )
+    runner.start()
+    yield runner
+    runner.stop()
+
+
+@dataclass
+class Bench:
+    """What a FineTuneJob in these tests needs: a namespace, a bucket, a Secret and the tiny model."""
+
+    namespace: str
+    bucket_uri: str
+    seaweedfs: SeaweedFS
+    model: Path
+    custom: k8s.CustomObjectsApi
+    core: k8s.CoreV1Api
+    batch: k8s.BatchV1Api
+
+    def upload_data(self, name: str, lines: list[str]) -> str:
+        store = open_store(self.bucket_uri)
+        store.put_bytes(f"data/{name}", ("\n".join(lines) + "\n").encode())
+        return f"{self.bucket_uri}/data/{name}"
+
+    def manifest(self, name: str, data: str, **spec: Any) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "baseModel": str(self.model),
+            "dataset": {"train": data, "validationSplit": 0.2},
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+            "hyperparameters": {
+                "epochs": 2,
+                "learningRate": 2e-2,
+                "batchSize": 4,
+                "maxSeqLength": 128,
+                "packing": False,
+                "loggingSteps": 1,
+            },
+            "evaluation": {"maxExamples": 0},
+            "checkpointing": {"everySteps": 0},
+            "resources": {"gpus": 0},
+            "storage": {"endpoint": self.seaweedfs.endpoint, "credentialsSecret": "s3-credentials"},
+            "output": {"adapterName": name, "uri": f"{self.bucket_uri}/out"},
+        }
+        for key, value in spec.items():
+            body[key] = {**body.get(key, {}), **value} if isinstance(value, dict) else value
+        return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": body}
+
+    def apply(self, manifest: dict[str, Any]) -> None:
+        self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, manifest)
+
+    def get(self, name: str) -> dict[str, Any]:
+        return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+
+    def status(self, name: str) -> dict[str, Any]:
+        return self.get(name).get("status") or {}
+
+    def wait_phase(self, name: str, *phases: str, timeout: float = 240) -> dict[str, Any]:
+        def reached() -> dict[str, Any] | None:
+            status = self.status(name)
+            return status if status.get("phase") in phases else None
+
+        try:
+            return wait_for(reached, f"{name} to reach {phases}", timeout=timeout)
+        except AssertionError as exc:
+            jobs = [j.status.to_dict() for j in self.jobs()]
+            raise AssertionError(f"{exc}\nstatus: {self.status(name)}\njobs: {jobs}") from None
+
+    def jobs(self) -> list[k8s.V1Job]:
+        return self.batch.list_namespaced_job(self.namespace).items
+
+
+def _dataset(count: int = 20) -> list[str]:
+    return [
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Question {i}: what is {i} plus {i}?"},
+                    {"role": "assistant", "content": "Arr, matey!"},
+                ]
+            }
+        )
+        for i in range(count)
+    ]
+
+
+@pytest.fixture
+def bench(api: k8s.ApiClient, namespace: str, s3_env: SeaweedFS, tiny_model_dir: Path) -> Bench:
+    bucket = f"t-{uuid.uuid4().hex[:12]}"
+    s3_env.create_bucket(bucket)
+    core = k8s.CoreV1Api(api)
+    core.create_namespaced_secret(
+        namespace,
+        {
+            "metadata": {"name": "s3-credentials"},
+            "stringData": {"AWS_ACCESS_KEY_ID": s3_env.access_key, "AWS_SECRET_ACCESS_KEY": s3_env.secret_key},
+        },
+    )
+    return Bench(
+        namespace, f"s3://{bucket}", s3_env, tiny_model_dir, k8s.CustomObjectsApi(api), core, k8s.BatchV1Api(api)
+    )
+
+
+# -- the schema, at apply time -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("patch", "expected"),
+    [
+        ({"lora": {"r": -4}}, "spec.lora.r"),
+        ({"method": "lorax"}, "spec.method"),
+        ({"hyperparameters": {"learningRate": "fast"}}, "spec.hyperparameters.learningRate"),
+        ({"output": None}, "spec.output"),
+    ],
+)
+def test_invalid_specs_are_rejected_by_the_api_server(
+    kube_cluster: KubeCluster, crds: None, bench: Bench, patch: dict[str, Any], expected: str
+) -> None:
+    manifest = bench.manifest("bad", "s3://b/d.jsonl")
+    for key, value in patch.items():
+        if value is None:
+            manifest["spec"].pop(key)
+        elif isinstance(value, dict):
+            manifest["spec"][key] = {**manifest["spec"].get(key, {}), **value}
+        else:
+            manifest["spec"][key] = value
+    result = subprocess.run(
+        ["kubectl", "--kubeconfig", str(kube_cluster.kubeconfig), "-n", bench.namespace, "apply", "-f", "-"],
+        input=yaml.safe_dump(manifest),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert expected in result.stderr, result.stderr
+
+
+def test_kubectl_explain_describes_fields(kube_cluster: KubeCluster, crds: None) -> None:
+    def explained() -> str | None:
+        result = subprocess.run(
+            ["kubectl", "--kubeconfig", str(kube_cluster.kubeconfig), "explain", "finetunejob.spec.lora"],
+            capture_output=True,
+            text=True,
+        )
+        return result.stdout if result.returncode == 0 else None
+
+    text = wait_for(explained, "kubectl explain to know the CRD")
+    assert "LoRA rank" in text and "targetModules" in text
+
+
+# -- the lifecycle --------------------------------------------------------------------------------
+
+
+def test_job_runs_to_success_and_status_names_the_adapter(
+    kube_cluster: KubeCluster, operator: Operator, bench: Bench
+) -> None:
+    data = bench.upload_data("train.jsonl", _dataset())
+    bench.apply(bench.manifest("pirate", data, hyperparameters={"epochs": 6}))
+    seen_progress = wait_for(
+        lambda: (bench.status("pirate").get("progress") or {}).get("step"), "progress in status", timeout=180
+    )
+    assert seen_progress >= 1
+    status = bench.wait_phase("pirate", "Succeeded", "Failed")
+    assert status["phase"] == "Succeeded", status
+    adapter = status["adapter"]
+    stored = read_adapter(open_store(f"{bench.bucket_uri}/out"), bench.namespace, "pirate", adapter["version"])
+    assert adapter["sha256"] == stored.manifest_sha256 and adapter["uri"] == stored.uri
+    assert adapter["validationLoss"] < adapter["baseValidationLoss"]
+    assert status["progress"]["percent"] == 100
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Succeeded"] == "True"
+    assert len(bench.jobs()) == 1 and status["jobName"] == bench.jobs()[0].metadata.name
+    kubectl(kube_cluster, "-n", bench.namespace, "wait", "--for=condition=Succeeded", "ftj/pirate", "--timeout=10s")
+    table = kubectl(kube_cluster, "-n", bench.namespace, "get", "ftj")
+    assert "Succeeded" in table and "100" in table and "VAL LOSS" in table
+    reasons = [e.reason for e in bench.core.list_namespaced_event(bench.namespace).items]
+    assert "Pending" in reasons and "Succeeded" in reasons
+
+
+def test_failing_trainer_fails_with_a_reason(operator: Operator, bench: Bench) -> None:
+    data = bench.upload_data("bad.jsonl", [*_dataset(5), '{"messages": [{"role": "robot", "content": "x"}]}'])
+    bench.apply(bench.manifest("broken", data))
+    status = bench.wait_phase("broken", "Succeeded", "Failed")
+    assert status["phase"] == "Failed"
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "ExitCode2"
+    assert "bad.jsonl:6: messages[0].role" in status["message"]
+
+
+def test_missing_secret_is_refused_before_any_job(operator: Operator, bench: Bench) -> None:
+    manifest = bench.manifest("nosecret", "s3://b/d.jsonl", storage={"credentialsSecret": "absent"})
+    bench.apply(manifest)
+    status = bench.wait_phase("nosecret", "Failed")
+    assert "Secret" in status["message"] and "absent" in status["message"]
+    assert bench.jobs() == []
+
+
+def test_cancel_deletes_the_job_and_refuses_other_changes(operator: Operator, bench: Bench) -> None:
+    data = bench.upload_data("train.jsonl", _dataset(40))
+    bench.apply(bench.manifest("long", data, hyperparameters={"epochs": 200}))
+    bench.wait_phase("long", "Running")
+    bench.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, bench.namespace, PLURAL, "long", {"spec": {"hyperparameters": {"epochs": 3}}}
+    )
+    refused = wait_for(
+        lambda: next((c for c in bench.status("long")["conditions"] if c["type"] == "SpecChangeRefused"), None),
+        "the spec change to be refused",
+    )
+    assert refused["status"] == "True" and bench.status("long")["phase"] == "Running"
+    bench.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, bench.namespace, PLURAL, "long", {"spec": {"cancel": True}}
+    )
+    bench.wait_phase("long", "Cancelled")
+    wait_for(lambda: not bench.jobs(), "the Job to be deleted")
+    wait_for(lambda: not bench.core.list_namespaced_pod(bench.namespace).items, "the training pod to be deleted")
+
+
+def test_operator_restart_mid_job_keeps_one_job(operator: Operator, bench: Bench) -> None:
+    data = bench.upload_data("train.jsonl", _dataset())
+    bench.apply(bench.manifest("restart", data, hyperparameters={"epochs": 8}))
+    bench.wait_phase("restart", "Running")
+    operator.kill()
+    operator.start()
+    status = bench.wait_phase("restart", "Succeeded", "Failed")
+    assert status["phase"] == "Succeeded", status
+    assert len(bench.jobs()) == 1
+
+
+def test_metrics_are_served_and_lint_clean(operator: Operator) -> None:
+    import shutil
+
+    text = operator.metrics()
+    for series in (
+        'tuneloom_operator_jobs{phase="Succeeded"}',
+        "tuneloom_operator_phase_transitions_total",
+        "tuneloom_operator_reconcile_duration_seconds_bucket",
+        "tuneloom_operator_reconcile_errors_total",
+    ):
+        assert series in text
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: `make test` installs Debian's prometheus package"
+    lint = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+def test_no_secret_value_leaks(api: k8s.ApiClient, operator: Operator, bench: Bench, s3_env: SeaweedFS) -> None:
+    data = bench.upload_data("bad.jsonl", ['{"oops": 1}'])
+    bench.apply(bench.manifest("leak", data))
+    bench.wait_phase("leak", "Failed")
+    secret = s3_env.secret_key
+    written = [
+        bench.get("leak"),
+        *[api.sanitize_for_serialization(j) for j in bench.jobs()],
+        *[api.sanitize_for_serialization(c) for c in bench.core.list_namespaced_config_map(bench.namespace).items],
+        *[api.sanitize_for_serialization(e) for e in bench.core.list_namespaced_event(bench.namespace).items],
+    ]
+    assert secret not in json.dumps(written)
+    assert secret not in operator.logs()
+
+
+def test_operator_rules_have_no_wildcards() -> None:
+    rules = yaml.safe_load((ROOT / "charts/tuneloom/files/operator-rules.yaml").read_text())
+    for rule in rules:
+        for key in ("apiGroups", "resources", "verbs"):
+            assert "*" not in rule[key], rule
+    verbs = {verb for rule in rules for verb in rule["verbs"]}
+    assert not verbs & {"escalate", "bind", "impersonate", "deletecollection"}
+
+
+def test_fifty_jobs_respect_the_cap_without_duplicates(operator: Operator, bench: Bench) -> None:
+    data = bench.upload_data("bad.jsonl", ['{"oops": 1}'])  # each trainer starts for real, then fails fast
+    names = [f"many-{i:02d}" for i in range(50)]
+    for name in names:
+        bench.apply(bench.manifest(name, data))
+    most_active = 0
+    deadline = time.monotonic() + 600
+    while True:
+        active = [j for j in bench.jobs() if not any(c.status == "True" for c in (j.status.conditions or []))]
+        most_active = max(most_active, len(active))
+        phases = [bench.status(name).get("phase") for name in names]
+        if all(phase in ("Failed", "Succeeded") for phase in phases):
+            break
+        assert time.monotonic() < deadline, phases
+        time.sleep(0.5)
+    assert most_active <= 3
+    jobs = bench.jobs()
+    assert sorted(j.metadata.labels["tuneloom.dev/finetunejob"] for j in jobs) == names  # exactly one each
+    started = sorted(jobs, key=lambda j: (j.metadata.creation_timestamp, j.metadata.name))
+    # First in, first out. Creation times have one-second resolution; ties sort by name, which is
+    # the order the FineTuneJobs were created in.
+    order = [names.index(j.metadata.labels["tuneloom.dev/finetunejob"]) for j in started]
+    assert order == sorted(order)

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from tuneloom.api import FineTuneJob, Method
+from tuneloom.api import TRAINER_EXIT_INVALID_INPUT, FineTuneJob, Method
 from tuneloom.operator.config import OperatorConfig
 
 LABEL_JOB = "tuneloom.dev/finetunejob"
@@ -191,6 +191,20 @@ def build_job(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any]:
         pod_spec["priorityClassName"] = spec.scheduling.priorityClassName
     job_spec: dict[str, Any] = {
         "backoffLimit": spec.scheduling.backoffLimit,
+        # Exit code 2 is invalid input: fail at once instead of retrying (Kubernetes 1.26+; older
+        # API servers drop the field and the operator stops the retries itself).
+        "podFailurePolicy": {
+            "rules": [
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {
+                        "containerName": "trainer",
+                        "operator": "In",
+                        "values": [TRAINER_EXIT_INVALID_INPUT],
+                    },
+                }
+            ]
+        },
         "template": {
             "metadata": {
                 "labels": labels,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tuneloom.api import Phase
+from tuneloom.api import TRAINER_EXIT_INVALID_INPUT, Phase
 
 # A pod waiting for one of these will never start by itself.
 _HOPELESS_WAITING = {"InvalidImageName", "ErrImageNeverPull", "CreateContainerConfigError"}
@@ -74,11 +74,16 @@ def failure_of(job: dict[str, Any], pods: list[dict[str, Any]]) -> Observation:
     return Observation(Phase.failed, condition.get("reason") or "JobFailed", condition.get("message") or "")
 
 
+def invalid_input(pods: list[dict[str, Any]]) -> bool:
+    """The trainer exits 2 when the spec or the data is wrong: retrying cannot help."""
+    return any((_terminated(pod) or {}).get("exitCode") == TRAINER_EXIT_INVALID_INPUT for pod in pods)
+
+
 def observe(job: dict[str, Any], pods: list[dict[str, Any]]) -> Observation:
     """The FineTuneJob phase that a Job and its Pods amount to."""
     if _condition(job, "Complete"):
         return Observation(Phase.succeeded, "Completed", "training finished")
-    if _condition(job, "Failed"):
+    if _condition(job, "Failed") or invalid_input(pods):
         return failure_of(job, pods)
     for pod in pods:
         waiting = _waiting(pod)

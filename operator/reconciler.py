@@ -23,7 +23,7 @@ from tuneloom.jobfile import SpecError, parse_job
 from tuneloom.operator import jobbuilder
 from tuneloom.operator.config import OperatorConfig
 from tuneloom.operator.metrics import OperatorMetrics
-from tuneloom.operator.observe import Observation, observe, running_pod
+from tuneloom.operator.observe import Observation, invalid_input, observe, running_pod
 from tuneloom.registry import read_adapter, read_published, run_prefix
 from tuneloom.storage import ObjectStore, S3Connection, StorageError, open_store
 
@@ -158,6 +158,9 @@ class Reconciler:
         if seen.phase is Phase.succeeded:
             return self._succeed(job, status)
         if seen.phase is Phase.failed:
+            if invalid_input(pods) and not self._finished_dict(existing):
+                # The Job would retry up to backoffLimit times (clusters without podFailurePolicy).
+                self._delete_job(job)
             return self._end(status, seen)
         status.update(phase=seen.phase.value, message=seen.message)
         set_condition(status["conditions"], "Running", str(seen.phase is Phase.running), seen.reason, seen.message)
@@ -256,12 +259,25 @@ class Reconciler:
         for ahead, item in enumerate(waiting):
             namespace = item["metadata"]["namespace"]
             fits = (not cap or total < cap) and (not per_namespace or by_namespace[namespace] < per_namespace)
-            if item["metadata"]["uid"] == job.metadata.uid:
-                return None if fits else ahead
-            if fits:  # an older job takes this slot first
-                total += 1
-                by_namespace[namespace] += 1
+            if item["metadata"]["uid"] == job.metadata.uid or fits:
+                # Strictly first in, first out: when an older job could start now, it starts first
+                # (on its own pass) and this one waits for the next pass.
+                admitted = fits and item["metadata"]["uid"] == job.metadata.uid
+                log.info(
+                    "%s/%s: %s (%d running, %d waiting ahead)",
+                    job.metadata.namespace,
+                    job.metadata.name,
+                    "admitted" if admitted else "queued",
+                    len(running),
+                    ahead,
+                )
+                return None if admitted else max(ahead, 1)
         return None
+
+    @staticmethod
+    def _finished_dict(job: dict[str, Any]) -> bool:
+        conditions = (job.get("status") or {}).get("conditions") or []
+        return any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True" for c in conditions)
 
     @staticmethod
     def _finished(job: k8s.V1Job) -> bool:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from tuneloom import __version__
-from tuneloom.api import FineTuneJob, Method
+from tuneloom.api import TRAINER_EXIT_INVALID_INPUT, FineTuneJob, Method
 from tuneloom.jobfile import SpecError, load_job
 from tuneloom.models import model_config_hash
 from tuneloom.registry import AdapterVersion, publish_adapter, read_adapter, run_prefix
@@ -52,7 +52,7 @@ BIND_ADDRESS_ENV = "TUNELOOM_BIND_ADDRESS"
 EVALUATION_FILE = "evaluation.json"
 
 # Exit codes the operator tells apart: a user's mistake is not retried, an infrastructure error is.
-EXIT_INVALID_INPUT = 2
+EXIT_INVALID_INPUT = TRAINER_EXIT_INVALID_INPUT
 EXIT_FAILED = 1
 
 

@@ -17,6 +17,10 @@ API_GROUP = "tuneloom.dev"
 API_VERSION = "v1alpha1"
 FULL_API_VERSION = f"{API_GROUP}/{API_VERSION}"
 
+# The trainer's exit status for a wrong spec or wrong data: the operator fails the job at once
+# instead of letting the Job controller retry.
+TRAINER_EXIT_INVALID_INPUT = 2
+
 # DNS-1123 label: adapter names become path segments, vLLM model names and Kubernetes names.
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _STORE_SCHEMES = ("s3://", "file://")

@@ -307,3 +307,29 @@ def test_base_model_and_data_from_s3(tiny_model_dir: Path, s3_root: str, tmp_pat
     assert list_versions(open_store(f"{s3_root}/out"), "default", "pirate") == ["1"]
     cached = list((tmp_path / "cache" / "base-models").iterdir())
     assert len(cached) == 1 and (cached[0] / "config.json").exists()
+
+
+def test_torchrun_trains_one_adapter_across_two_processes(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The multi-GPU path (the operator runs torchrun for gpus > 1), on CPU with gloo."""
+    store = tmp_path / "s"
+    spec = _job(tiny_model_dir, _dataset(tmp_path / "train.jsonl"), str(store), hyperparameters={"epochs": 6})
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(spec))
+    progress = tmp_path / "progress.jsonl"
+    env = {**os.environ, "TUNELOOM_PROGRESS_FILE": str(progress), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = subprocess.run(
+        [*command, "-m", "tuneloom.trainer", "-f", str(job)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    # 32 examples, 4 a micro-batch: 8 micro-batches an epoch, 2 per step over 2 ranks.
+    steps = [e["step"] for e in _events(progress) if e["event"] == "progress"]
+    assert steps == list(range(1, 25)), "only rank 0 reports, and each step covers both ranks' batches"
+    assert list_versions(open_store(str(store)), "default", "pirate") == ["1"]
+    metrics = json.loads((store / "adapters/default/pirate/1/manifest.json").read_text())["metrics"]
+    assert metrics["adapter"]["validationLoss"] < metrics["base"]["validationLoss"] - 0.5

@@ -8,6 +8,7 @@ a form the operator reads. Each of those is a few lines here and a fight with ca
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -18,8 +19,10 @@ import torch
 from torch import nn
 
 from tuneloom.api import FineTuneJobSpec
+from tuneloom.trainer import distributed
 from tuneloom.trainer.batching import Batch, collate, epoch_batches
 from tuneloom.trainer.checkpoint import CheckpointStore, LoopState, load_trainable_state, trainable_state
+from tuneloom.trainer.distributed import Ranks
 from tuneloom.trainer.evaluate import LossResult, evaluate_loss
 from tuneloom.trainer.modeling import MaskedTokenLoss, autocast
 from tuneloom.trainer.progress import ProgressReporter
@@ -37,23 +40,31 @@ class Plan:
     batch_size: int
     accumulation: int
     epochs: int
+    world_size: int = 1
 
     @property
     def micro_batches_per_epoch(self) -> int:
         return math.ceil(len(self.rows) / self.batch_size)
 
     @property
+    def micro_batches_per_step(self) -> int:
+        """Over all ranks: each rank takes `accumulation` of them."""
+        return self.accumulation * self.world_size
+
+    @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(self.micro_batches_per_epoch / self.accumulation)
+        return math.ceil(self.micro_batches_per_epoch / self.micro_batches_per_step)
 
     @property
     def total_steps(self) -> int:
         return self.steps_per_epoch * self.epochs
 
-    def steps_of_epoch(self, seed: int, epoch: int) -> list[list[Sequence[int]]]:
-        """Micro-batches of each optimizer step of `epoch`: a list per step."""
+    def steps_of_epoch(self, seed: int, epoch: int, rank: int = 0) -> list[list[Sequence[int]]]:
+        """This rank's micro-batches of each optimizer step of `epoch`: a list per step. Every rank
+        builds the same order from the seed and takes every world_size-th micro-batch of a step."""
         batches = epoch_batches(self.rows, self.row_lengths, self.batch_size, seed=seed, epoch=epoch)
-        return [batches[i : i + self.accumulation] for i in range(0, len(batches), self.accumulation)]
+        per_step = self.micro_batches_per_step
+        return [batches[i : i + per_step][rank :: self.world_size] for i in range(0, len(batches), per_step)]
 
 
 def learning_rate(step: int, total: int, peak: float, warmup_ratio: float) -> float:
@@ -84,11 +95,20 @@ class TrainingLoop:
         device: torch.device,
         checkpoints: CheckpointStore | None,
         reporter_factory: Callable[[int], ProgressReporter],
+        ranks: Ranks | None = None,
     ):
         self.spec = spec
         self.hp = spec.hyperparameters
         self.model = model
+        self.ranks = ranks or Ranks()
         self.loss_fn = MaskedTokenLoss(model)
+        # Evaluation calls loss_fn directly; training goes through DDP so gradients are averaged.
+        self.train_fn: nn.Module = self.loss_fn
+        if self.ranks.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.ranks.local_rank] if device.type == "cuda" else None
+            self.train_fn = DistributedDataParallel(self.loss_fn, device_ids=ids)
         self.train = train
         self.validation_batches = validation_batches
         self.plan = plan
@@ -132,7 +152,7 @@ class TrainingLoop:
             if state.stopped_early:
                 break
             torch.manual_seed(self.hp.seed + epoch * 7919 + state.step)  # dropout masks; reproducible per resume point
-            for index, step_batches in enumerate(plan.steps_of_epoch(self.hp.seed, epoch)):
+            for index, step_batches in enumerate(plan.steps_of_epoch(self.hp.seed, epoch, self.ranks.rank)):
                 if epoch * plan.steps_per_epoch + index < state.step:
                     continue  # done before the checkpoint we resumed from
                 self._step(step_batches, reporter)
@@ -150,15 +170,25 @@ class TrainingLoop:
     def _step(self, step_batches: list[Sequence[int]], reporter: ProgressReporter) -> None:
         started = time.monotonic()
         batches = [collate(self.train, rows) for rows in step_batches]
-        trained_tokens = sum(batch.num_trained_tokens for batch in batches)
+        weight = 1.0
+        if not batches:
+            # The epoch's last step can leave a rank without a micro-batch. It still has to join
+            # the gradient all-reduce, so it runs one with zero weight.
+            batches, weight = [collate(self.train, [[0]])], 0.0
+        local_tokens = sum(batch.num_trained_tokens for batch in batches) * weight
+        trained_tokens = distributed.total(local_tokens, self.ranks)
+        # DDP averages gradients over ranks; scaling by world_size turns that into a sum, so every
+        # labelled token of the step weighs the same whatever rank or micro-batch it landed in.
+        scale = weight * self.ranks.world_size / max(trained_tokens, 1)
         loss_total = 0.0
-        for batch in batches:
-            with autocast(self.device):
-                loss_sum, _, _ = self.loss_fn(batch.to(self.device))
-            # Normalised by the whole step's labelled tokens: every token weighs the same whatever
-            # micro-batch it landed in.
-            (loss_sum / max(trained_tokens, 1)).backward()
-            loss_total += loss_sum.detach().item()
+        for number, batch in enumerate(batches):
+            last = number == len(batches) - 1
+            sync = contextlib.nullcontext() if last or not self.ranks.enabled else self.train_fn.no_sync()
+            with sync, autocast(self.device):
+                loss_sum, _, _ = self.train_fn(batch.to(self.device))
+                (loss_sum * scale).backward()
+            loss_total += loss_sum.detach().item() * weight
+        loss_total = distributed.total(loss_total, self.ranks)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, self.hp.maxGradNorm)
         rate = learning_rate(self.state.step, self.plan.total_steps, self.hp.learningRate, self.hp.warmupRatio)
@@ -166,7 +196,7 @@ class TrainingLoop:
             group["lr"] = rate
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        tokens = sum(batch.num_tokens for batch in batches)
+        tokens = int(distributed.total(sum(batch.num_tokens for batch in batches) * weight, self.ranks))
         self.state.step += 1
         self.state.tokens_seen += tokens
         reporter.step(
@@ -204,5 +234,5 @@ class TrainingLoop:
             self._checkpoint()
 
     def _checkpoint(self) -> None:
-        if self.checkpoints and self.spec.checkpointing.everySteps:
+        if self.checkpoints and self.spec.checkpointing.everySteps and self.ranks.is_main:
             self.checkpoints.save(self.state, self.model, self.optimizer, self.best, self.spec.checkpointing.keep)

@@ -27,6 +27,7 @@ from tuneloom.jobfile import SpecError, load_job
 from tuneloom.models import model_config_hash
 from tuneloom.registry import AdapterVersion, publish_adapter, read_adapter, run_prefix
 from tuneloom.storage import StorageError, open_store, sha256_file
+from tuneloom.trainer import distributed
 from tuneloom.trainer.batching import collate, pack_rows, single_rows
 from tuneloom.trainer.checkpoint import CheckpointStore
 from tuneloom.trainer.datafile import DataValidationError, Example, load_examples
@@ -38,7 +39,6 @@ from tuneloom.trainer.modeling import (
     check_method_supported,
     load_model,
     load_tokenizer,
-    pick_device,
 )
 from tuneloom.trainer.progress import ProgressReporter, TrainerMetrics
 from tuneloom.trainer.report import print_report
@@ -143,7 +143,10 @@ class FineTuneRun:
         self.job = job
         self.spec = job.spec
         self.fresh = fresh
-        self.device = pick_device()
+        self.ranks = distributed.setup()
+        self.device = distributed.device_for(self.ranks)
+        if not self.ranks.is_main:
+            logging.getLogger("tuneloom").setLevel(logging.WARNING)  # one rank tells the story
         self.store = open_store(self.spec.output.uri)
         prefix = run_prefix(job.metadata.namespace, job.metadata.name, job.metadata.uid or "local")
         self.checkpoints = CheckpointStore(self.store, prefix)
@@ -153,7 +156,7 @@ class FineTuneRun:
 
     def _start_metrics(self, port: int | None) -> TrainerMetrics | None:
         port = port if port is not None else int(os.environ.get(METRICS_PORT_ENV, "0")) or None
-        if not port:
+        if not port or not self.ranks.is_main:
             return None
         from prometheus_client import CollectorRegistry
 
@@ -174,17 +177,21 @@ class FineTuneRun:
             metrics=self.metrics,
             start_step=start_step,
             on_record=self._remember,
+            progress_file=None if self.ranks.is_main else "",
         )
 
     def _remember(self, record: dict[str, Any]) -> None:
         # Progress lines carry the numbers; phase events say what the run is doing between them.
         self.latest_progress = {**self.latest_progress, **record}
 
-    def run(self) -> AdapterVersion:
+    def run(self) -> AdapterVersion | None:
+        """The adapter published (None on ranks other than 0, which publish nothing)."""
         spec, job = self.spec, self.job
         check_method_supported(spec, self.device)
         if self.fresh:
-            self.checkpoints.clear()
+            if self.ranks.is_main:
+                self.checkpoints.clear()
+            distributed.barrier(self.ranks)
         elif (done := self.checkpoints.published()) is not None:
             log.info("this job already published %s@%s; nothing to do", spec.output.adapterName, done["version"])
             return read_adapter(self.store, job.metadata.namespace, spec.output.adapterName, done["version"])
@@ -209,6 +216,7 @@ class FineTuneRun:
             batch_size=hp.batchSize,
             accumulation=hp.gradientAccumulationSteps,
             epochs=hp.epochs,
+            world_size=self.ranks.world_size,
         )
         validation_rows = pack_rows(validation, max_length) if hp.packing else single_rows(validation)
         validation_batches = [
@@ -224,6 +232,7 @@ class FineTuneRun:
             self.device,
             self.checkpoints if spec.checkpointing.everySteps else None,
             lambda start: self._reporter(start, plan.total_steps, plan.steps_per_epoch),
+            self.ranks,
         )
         loop.resume(spec_sha256(job))
         held_out = data.validation[: spec.evaluation.maxExamples]
@@ -238,6 +247,9 @@ class FineTuneRun:
 
         self.reporter.event("evaluating")
         final = self._evaluate(loop, tokenizer, held_out)
+        if not self.ranks.is_main:
+            distributed.barrier(self.ranks)  # until rank 0 has published
+            return None
         base = state.base_evaluation
         summary = {
             "base": _aggregate(base),
@@ -274,6 +286,7 @@ class FineTuneRun:
         self.checkpoints.mark_published({"version": adapter.version, "uri": adapter.uri})
         self.reporter.event("succeeded", adapter={"name": adapter.name, "version": adapter.version, "uri": adapter.uri})
         print_report(summary, samples, adapter)
+        distributed.barrier(self.ranks)
         return adapter
 
     def _evaluate(self, loop: TrainingLoop, tokenizer: Any, held_out: list[Example]) -> dict[str, Any]:
@@ -283,7 +296,7 @@ class FineTuneRun:
             "tokenAccuracy": round(loss.token_accuracy, 4),
         }
         metrics = self.spec.evaluation.metrics
-        if metrics and held_out:
+        if metrics and held_out and self.ranks.is_main:
             answers = generate_answers(
                 loop.model,
                 tokenizer,
@@ -344,8 +357,12 @@ def _config_hash(model_path: str) -> str | None:
     return model_config_hash(path) if path.is_dir() else None
 
 
-def run(job: FineTuneJob, *, metrics_port: int | None = None, fresh: bool = False) -> AdapterVersion:
-    return FineTuneRun(job, metrics_port=metrics_port, fresh=fresh).run()
+def run(job: FineTuneJob, *, metrics_port: int | None = None, fresh: bool = False) -> AdapterVersion | None:
+    fine_tune = FineTuneRun(job, metrics_port=metrics_port, fresh=fresh)
+    try:
+        return fine_tune.run()
+    finally:
+        distributed.teardown(fine_tune.ranks)
 
 
 def _fail(reporter_path: str | None, reason: str, message: str, code: int) -> int:

@@ -20,10 +20,6 @@ class MethodNotSupportedError(RuntimeError):
     """The job's method cannot run on this machine."""
 
 
-def pick_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
 def check_method_supported(spec: FineTuneJobSpec, device: torch.device) -> None:
     """Refuses QLoRA without CUDA before anything heavy is loaded."""
     if spec.method is Method.qlora and device.type != "cuda":

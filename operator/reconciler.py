@@ -61,11 +61,35 @@ class Reconciler:
         self.metrics = metrics
         # One admission decision at a time: two jobs must not both take the last free slot.
         self.admission = threading.Lock()
+        # One reconcile per object at a time: kopf's timer and event handlers may overlap.
+        self._object_locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
 
     # -- entry point -----------------------------------------------------------------------------
 
     def reconcile(self, body: dict[str, Any]) -> dict[str, Any]:
         """Brings the FineTuneJob's status up to date; returns the fields it changed."""
+        with self._lock_for(body["metadata"]["uid"]):
+            fresh = self._read_fresh(body)
+            return self._reconcile_fresh(fresh) if fresh is not None else {}
+
+    def _lock_for(self, uid: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._object_locks.setdefault(uid, threading.Lock())
+
+    def _read_fresh(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The object as stored now: the body an event carried may predate our last status patch."""
+        meta = body["metadata"]
+        try:
+            return self.custom.get_namespaced_custom_object(
+                API_GROUP, API_VERSION, meta["namespace"], PLURAL, meta["name"]
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def _reconcile_fresh(self, body: dict[str, Any]) -> dict[str, Any]:
         started = time.monotonic()
         try:
             status = self._reconcile(body)
@@ -91,6 +115,8 @@ class Reconciler:
 
     def forget(self, body: dict[str, Any]) -> None:
         self.metrics.phases.set(self._key(body), None)
+        with self._locks_guard:
+            self._object_locks.pop(body["metadata"]["uid"], None)
 
     # -- the state machine -----------------------------------------------------------------------
 

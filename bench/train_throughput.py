@@ -395,42 +395,13 @@ def run_tuneloom(args: argparse.Namespace, examples: list[EncodedExample], devic
 
 
 def baseline_model(spec: Any, model_dir: Path, device: torch.device) -> Any:
-    """What a plain transformers + peft script loads: same dtype, attention and LoRA as ours."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM
+    """What a plain transformers + peft script loads: the same base model (dtype, attention,
+    quantisation) and the same LoRA as ours, through peft's own entry point."""
+    from peft import get_peft_model
 
-    from tuneloom.api import Method
-    from tuneloom.trainer.modeling import weights_dtype
+    from tuneloom.trainer.modeling import load_base_model, lora_config
 
-    qlora = spec.method is Method.qlora
-    kwargs: dict[str, Any] = {"dtype": weights_dtype(spec.method, device), "attn_implementation": "sdpa"}
-    if qlora:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
-        kwargs["device_map"] = {"": device.index or 0}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    if not qlora:
-        model.to(device)
-    model.config.use_cache = False
-    checkpointing = spec.hyperparameters.gradientCheckpointing
-    if qlora:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
-    elif checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    config = LoraConfig(
-        r=spec.lora.r,
-        lora_alpha=spec.lora.alpha,
-        lora_dropout=spec.lora.dropout,
-        target_modules="all-linear",
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, config)
+    return get_peft_model(load_base_model(spec, model_dir, device), lora_config(spec))
 
 
 def pad_to_longest(features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:

@@ -18,13 +18,16 @@ if [[ ",$extras," == *",dev,"* ]] && ! command -v promtool >/dev/null 2>&1; then
   fi
 fi
 
-[[ -x $venv/bin/python ]] || "$python" -m venv "$venv"
+# -I keeps the working directory off sys.path: this repo's operator/ folder would otherwise
+# shadow the standard library's `operator` module.
+[[ -x $venv/bin/python ]] || "$python" -I -m venv "$venv"
 stamp="$venv/.tuneloom-$(cat pyproject.toml | sha256sum | cut -c1-16)-${extras//,/-}"
 if [[ ! -e $stamp ]]; then
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
+  pip=("$venv/bin/python" -I -m pip install -q --disable-pip-version-check)
+  "${pip[@]}" --upgrade pip
   # torch first, pinned: pip then takes the local CPU wheel instead of the CUDA build.
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check "torch==2.13.0"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[$extras]"
+  "${pip[@]}" "torch==2.13.0"
+  "${pip[@]}" -e ".[$extras]"
   touch "$stamp"
 fi
 echo "environment ready: $venv (extras: $extras)"

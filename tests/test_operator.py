@@ -118,7 +118,11 @@ class Operator:
         }
         with self.log_path.open("w") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "tuneloom.cli", "operator"], env=env, stdout=log, stderr=subprocess.STDOUT
+                [sys.executable, "-I", "-m", "tuneloom.cli", "operator"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.work_dir,
             )
         wait_for(self._serving, "the operator's metrics endpoint", timeout=60)
 

@@ -51,13 +51,14 @@ def load_tokenizer(model_path: str | Path) -> Any:
     return tokenizer
 
 
-def load_model(spec: FineTuneJobSpec, model_path: str | Path, device: torch.device) -> nn.Module:
-    """The trainable model: a PEFT model for lora/qlora, the base model itself for full."""
+def load_base_model(spec: FineTuneJobSpec, model_path: str | Path, device: torch.device) -> nn.Module:
+    """The base model as the method needs it: dtype, 4-bit quantisation for qlora, device,
+    gradient checkpointing. No adapter yet."""
     from transformers import AutoModelForCausalLM
 
-    dtype = weights_dtype(spec.method, device)
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
-    if spec.method is Method.qlora:
+    qlora = spec.method is Method.qlora
+    kwargs: dict[str, Any] = {"dtype": weights_dtype(spec.method, device), "attn_implementation": "sdpa"}
+    if qlora:
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -68,38 +69,46 @@ def load_model(spec: FineTuneJobSpec, model_path: str | Path, device: torch.devi
         )
         kwargs["device_map"] = {"": device.index or 0}
     model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
-    if spec.method is not Method.qlora:
+    if not qlora:
         model.to(device)
     model.config.use_cache = False
-    if spec.hyperparameters.gradientCheckpointing:
+    checkpointing = spec.hyperparameters.gradientCheckpointing
+    if qlora:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if spec.method is Method.full:
-        model.train()
-        return model
-    return _with_lora(spec, model)
+    return model
 
 
-def _with_lora(spec: FineTuneJobSpec, model: nn.Module) -> nn.Module:
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def lora_config(spec: FineTuneJobSpec) -> Any:
+    from peft import LoraConfig
 
-    if spec.method is Method.qlora:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=spec.hyperparameters.gradientCheckpointing
-        )
     targets = spec.lora.targetModules
-    config = LoraConfig(
+    return LoraConfig(
         r=spec.lora.r,
         lora_alpha=spec.lora.alpha,
         lora_dropout=spec.lora.dropout,
         target_modules="all-linear" if targets == ["all-linear"] else targets,
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, config)
+
+
+def load_model(spec: FineTuneJobSpec, model_path: str | Path, device: torch.device) -> nn.Module:
+    """The trainable model: a PEFT model for lora/qlora, the base model itself for full."""
+    from peft import get_peft_model
+
+    model = load_base_model(spec, model_path, device)
+    if spec.method is Method.full:
+        model.train()
+        return model
+    peft_model = get_peft_model(model, lora_config(spec))
     trainable, total = peft_model.get_nb_trainable_parameters()
     log.info(
         "LoRA r=%d on %s: %.2fM trainable of %.1fM parameters",
         spec.lora.r,
-        targets,
+        spec.lora.targetModules,
         trainable / 1e6,
         total / 1e6,
     )

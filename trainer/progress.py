@@ -163,6 +163,6 @@ class ProgressReporter:
             self.on_record(record)
         if not self.progress_path:
             return
-        # One short line per write, appended: a reader polling the file never sees half a record.
+        # One line per record, appended and closed at once; a reader skips a last line without "\n".
         with self.progress_path.open("a", encoding="utf-8") as stream:
             stream.write(json.dumps(record, default=str) + "\n")

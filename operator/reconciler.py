@@ -314,13 +314,14 @@ class Reconciler:
     def _create(self, job: FineTuneJob) -> None:
         namespace = job.metadata.namespace
         for create, manifest in (
+            (self.core.create_namespaced_service_account, jobbuilder.build_service_account(job, self.config)),
             (self.core.create_namespaced_config_map, jobbuilder.build_configmap(job)),
             (self.batch.create_namespaced_job, jobbuilder.build_job(job, self.config)),
         ):
             try:
                 create(namespace, manifest)
             except ApiException as exc:
-                if exc.status != 409:  # 409: created by an earlier pass; names are deterministic
+                if exc.status != 409:  # 409: created by an earlier pass (or job); names are deterministic
                     raise
         log.info("created Job %s/%s", namespace, jobbuilder.job_name(job.metadata.name))
 

@@ -75,6 +75,15 @@ def test_scheduling_fields_reach_the_job() -> None:
     assert job["metadata"]["ownerReferences"][0]["uid"] == "1234-abcd"
 
 
+def test_trainer_runs_as_its_own_tokenless_service_account() -> None:
+    from tuneloom.operator.jobbuilder import build_service_account
+
+    pod = build_job(_job(), OperatorConfig())["spec"]["template"]["spec"]
+    account = build_service_account(_job(), OperatorConfig())
+    assert pod["serviceAccountName"] == account["metadata"]["name"] == "tuneloom-trainer"
+    assert pod["automountServiceAccountToken"] is False and account["automountServiceAccountToken"] is False
+
+
 def test_configmap_holds_a_job_file_the_trainer_reads() -> None:
     document = yaml.safe_load(build_configmap(_job())["data"]["job.yaml"])
     assert parse_job(document).spec.output.adapterName == "tickets"

@@ -333,6 +333,10 @@ def test_job_runs_to_success_and_status_names_the_adapter(
     assert status["progress"]["percent"] == 100
     assert {c["type"]: c["status"] for c in status["conditions"]}["Succeeded"] == "True"
     assert len(bench.jobs()) == 1 and status["jobName"] == bench.jobs()[0].metadata.name
+    trainer_account = bench.core.read_namespaced_service_account("tuneloom-trainer", bench.namespace)
+    assert trainer_account.automount_service_account_token is False
+    bindings = k8s.RbacAuthorizationV1Api(bench.core.api_client).list_namespaced_role_binding(bench.namespace).items
+    assert not [b for b in bindings if any(s.name == "tuneloom-trainer" for s in b.subjects or [])]
     kubectl(kube_cluster, "-n", bench.namespace, "wait", "--for=condition=Succeeded", "ftj/pirate", "--timeout=10s")
     table = kubectl(kube_cluster, "-n", bench.namespace, "get", "ftj")
     assert "Succeeded" in table and "100" in table and "VAL LOSS" in table

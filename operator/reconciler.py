@@ -199,7 +199,7 @@ class Reconciler:
 
     def _succeed(self, job: FineTuneJob, status: dict[str, Any]) -> dict[str, Any]:
         try:
-            status["adapter"] = self._adapter_ref(job)
+            status["adapter"], steps = self._adapter_ref(job)
         except (StorageError, ApiException) as exc:
             return self._end(
                 status,
@@ -208,9 +208,8 @@ class Reconciler:
                 ),
             )
         adapter = status["adapter"]
-        progress = dict(status.get("progress") or {})
-        progress.update(percent=100, etaSeconds=0)
-        status["progress"] = progress
+        # The manifest's count, not the last poll's: a short run can end between two polls.
+        status["progress"] = {**(status.get("progress") or {}), "percent": 100, "etaSeconds": 0, "step": steps}
         return self._end(
             status,
             Observation(
@@ -362,8 +361,9 @@ class Reconciler:
         fields = {key: record[key] for key in Progress.model_fields if record.get(key) is not None}
         return Progress(**fields).model_dump(exclude_none=True) if fields else None
 
-    def _adapter_ref(self, job: FineTuneJob) -> dict[str, Any]:
-        """What the job published, read from object storage: the manifest is the proof."""
+    def _adapter_ref(self, job: FineTuneJob) -> tuple[dict[str, Any], int]:
+        """What the job published and its optimizer steps, read from object storage: the
+        manifest is the proof."""
         store = self._store(job)
         prefix = run_prefix(job.metadata.namespace, job.metadata.name, job.metadata.uid or "local")
         record = read_published(store, prefix)
@@ -381,7 +381,7 @@ class Reconciler:
             "baseValidationLoss": base.get("validationLoss"),
             "metrics": {k: v for k, v in tuned.items() if k != "validationLoss" and isinstance(v, float | int)},
             "baseMetrics": {k: v for k, v in base.items() if k != "validationLoss" and isinstance(v, float | int)},
-        }
+        }, int(metrics.get("steps", 0))
 
     def _store(self, job: FineTuneJob) -> ObjectStore:
         storage = job.spec.storage

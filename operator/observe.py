@@ -26,6 +26,11 @@ def _condition(job: dict[str, Any], kind: str) -> dict[str, Any] | None:
     return None
 
 
+def is_finished(job: dict[str, Any]) -> bool:
+    """Whether the Job controller has given its verdict (Complete or Failed)."""
+    return bool(_condition(job, "Complete") or _condition(job, "Failed"))
+
+
 def _terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
     for status in (pod.get("status") or {}).get("containerStatuses") or []:
         state = status.get("state") or {}

@@ -5,6 +5,7 @@ from any handler, after any operator restart, and creates each object at most on
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import threading
@@ -23,7 +24,7 @@ from tuneloom.jobfile import SpecError, parse_job
 from tuneloom.operator import jobbuilder
 from tuneloom.operator.config import OperatorConfig
 from tuneloom.operator.metrics import OperatorMetrics
-from tuneloom.operator.observe import Observation, invalid_input, observe, running_pod
+from tuneloom.operator.observe import Observation, invalid_input, is_finished, observe, running_pod
 from tuneloom.registry import read_adapter, read_published, run_prefix
 from tuneloom.storage import ObjectStore, S3Connection, StorageError, open_store
 
@@ -184,7 +185,7 @@ class Reconciler:
         if seen.phase is Phase.succeeded:
             return self._succeed(job, status)
         if seen.phase is Phase.failed:
-            if invalid_input(pods) and not self._finished_dict(existing):
+            if invalid_input(pods) and not is_finished(existing):
                 # The Job would retry up to backoffLimit times (clusters without podFailurePolicy).
                 self._delete_job(job)
             return self._end(status, seen)
@@ -249,8 +250,6 @@ class Reconciler:
         return problems
 
     def _secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
-        import base64
-
         try:
             secret = self.core.read_namespaced_secret(name, namespace)
         except ApiException as exc:
@@ -266,12 +265,13 @@ class Reconciler:
         cap, per_namespace = self.config.max_running_jobs, self.config.max_running_jobs_per_namespace
         if not cap and not per_namespace:
             return None
-        active = self.batch.list_job_for_all_namespaces(
+        listed = self.batch.list_job_for_all_namespaces(
             label_selector=f"{jobbuilder.LABEL_MANAGED}={jobbuilder.MANAGER}"
-        ).items
-        running = [j for j in active if not self._finished(j)]
-        started = {(j.metadata.namespace, j.metadata.labels.get(jobbuilder.LABEL_JOB)) for j in active}
-        total, by_namespace = len(running), Counter(j.metadata.namespace for j in running)
+        )
+        active = [self.batch.api_client.sanitize_for_serialization(j) for j in listed.items]
+        running = [j for j in active if not is_finished(j)]
+        started = {(j["metadata"]["namespace"], j["metadata"]["labels"].get(jobbuilder.LABEL_JOB)) for j in active}
+        total, by_namespace = len(running), Counter(j["metadata"]["namespace"] for j in running)
         waiting = [
             item
             for item in self.custom.list_cluster_custom_object(API_GROUP, API_VERSION, PLURAL)["items"]
@@ -298,15 +298,6 @@ class Reconciler:
                 )
                 return None if admitted else max(ahead, 1)
         return None
-
-    @staticmethod
-    def _finished_dict(job: dict[str, Any]) -> bool:
-        conditions = (job.get("status") or {}).get("conditions") or []
-        return any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True" for c in conditions)
-
-    @staticmethod
-    def _finished(job: k8s.V1Job) -> bool:
-        return any(c.type in ("Complete", "Failed") and c.status == "True" for c in (job.status.conditions or []))
 
     # -- objects ---------------------------------------------------------------------------------
 

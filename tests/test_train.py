@@ -100,10 +100,10 @@ def test_training_publishes_an_adapter_that_loads_and_changes_outputs(
     assert manifest["baseModel"]["name"] == str(tiny_model_dir) and len(manifest["baseModel"]["configSha256"]) == 64
     assert manifest["spec"]["lora"]["r"] == 8
     metrics = manifest["metrics"]
-    # Held-out: the base predicts none of the answer, the adapter most of it. (The tiny random model's
-    # logits stay nearly flat, so its loss falls slowly; the real-model test below checks answers.)
-    assert metrics["base"]["tokenAccuracy"] < 0.1 and metrics["adapter"]["tokenAccuracy"] > 0.6
-    assert metrics["adapter"]["validationLoss"] < metrics["base"]["validationLoss"] - 0.5
+    # Held-out: the base predicts none of the answer; the adapter nearly all of it, end of turn included.
+    assert metrics["base"]["tokenAccuracy"] < 0.1 and metrics["adapter"]["tokenAccuracy"] > 0.9
+    assert metrics["adapter"]["validationLoss"] < metrics["base"]["validationLoss"] / 4
+    assert metrics["base"]["exact_match"] == 0.0 and metrics["adapter"]["exact_match"] > 0.5
     assert len(metrics["history"]) == 4 and {"exact_match"} <= set(metrics["adapter"])
 
     local = tmp_path / "adapter"
@@ -113,7 +113,7 @@ def test_training_publishes_an_adapter_that_loads_and_changes_outputs(
     question = "Question number 99: what is 1 plus 2?"
     before = _answer_loss(base, tokenizer, question)
     after = _answer_loss(PeftModel.from_pretrained(base, local), tokenizer, question)
-    assert after < before - 0.5, (before, after)
+    assert after < before / 4, (before, after)
 
 
 @pytest.mark.slow
@@ -332,4 +332,4 @@ def test_torchrun_trains_one_adapter_across_two_processes(tiny_model_dir: Path, 
     assert steps == list(range(1, 25)), "only rank 0 reports, and each step covers both ranks' batches"
     assert list_versions(open_store(str(store)), "default", "pirate") == ["1"]
     metrics = json.loads((store / "adapters/default/pirate/1/manifest.json").read_text())["metrics"]
-    assert metrics["adapter"]["validationLoss"] < metrics["base"]["validationLoss"] - 0.5
+    assert metrics["adapter"]["validationLoss"] < metrics["base"]["validationLoss"] / 4

@@ -369,9 +369,13 @@ def model_config_hash(model_dir: Path) -> str:
 # --- tiny derived model ----------------------------------------------------------------------
 
 
-def _tiny_source(source_dir: Path, **shape: int) -> dict[str, Any]:
+# Bump when _build_tiny changes what it writes, so older tiny builds are rebuilt.
+TINY_RECIPE = 2
+
+
+def _tiny_source(source_dir: Path, **shape: float) -> dict[str, Any]:
     """What a tiny build depends on; a change to any of it means a rebuild."""
-    return {"derived_from_config": model_config_hash(source_dir), **shape}
+    return {"derived_from_config": model_config_hash(source_dir), "recipe": TINY_RECIPE, **shape}
 
 
 def _build_tiny(source_dir: Path, out_dir: Path, shape: dict[str, Any]) -> None:
@@ -387,10 +391,17 @@ def _build_tiny(source_dir: Path, out_dir: Path, shape: dict[str, Any]) -> None:
     config.num_key_value_heads = shape["num_kv_heads"]
     config.head_dim = shape["hidden_size"] // shape["num_heads"]
     config.dtype = torch.float32
+    config.initializer_range = shape["init_std"]
     # fork_rng keeps the caller's global RNG untouched while the seed makes the weights repeatable.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(shape["seed"])
         model = LlamaForCausalLM(config).to(torch.float32)
+        # The embedding's padding row starts at zero, and SmolLM2 pads with its end-of-turn token:
+        # with tied embeddings that token's logit would stay 0 forever, so no adapter could ever
+        # learn to stop. A random row like every other token's keeps the end of turn learnable.
+        if config.pad_token_id is not None:
+            with torch.no_grad():
+                model.get_input_embeddings().weight[config.pad_token_id].normal_(0.0, config.initializer_range)
     generation = source_dir / "generation_config.json"
     if generation.is_file():
         model.generation_config = GenerationConfig.from_pretrained(source_dir)
@@ -410,10 +421,14 @@ def derive_tiny_model(
     num_heads: int = 4,
     num_kv_heads: int = 2,
     seed: int = 0,
+    init_std: float = 0.3,
 ) -> Path:
     """A tiny random float32 LlamaForCausalLM with `source_dir`'s tokenizer, chat template and
     vocab, saved at `dest`: trains in seconds on CPU. Returns at once when `dest` is already a
-    complete build with the same shape and source."""
+    complete build with the same shape and source.
+
+    `init_std` is far above the usual 0.02 on purpose: at hidden size 64 that would leave the
+    logits nearly flat, so an adapter could move the loss only a little and tests would hang on luck."""
     if hidden_size % num_heads or num_heads % num_kv_heads:
         raise ValueError("hidden_size must divide by num_heads, and num_heads by num_kv_heads")
     source_dir, dest = Path(source_dir), Path(dest)
@@ -425,6 +440,7 @@ def derive_tiny_model(
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
         seed=seed,
+        init_std=init_std,
     )
     with _exclusive_lock(dest.parent / f".{dest.name}.lock"):
         # Hashing ~13 MB is cheap, so the tiny model gets the same full check as a prepared one.

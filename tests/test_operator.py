@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import yaml
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
+from tuneloom.dev.net import free_port
 from tuneloom.dev.seaweedfs import SeaweedFS
 from tuneloom.registry import read_adapter
 from tuneloom.storage import open_store
@@ -32,12 +32,6 @@ from .kube import KubeCluster, kubectl, wait_for
 ROOT = Path(__file__).resolve().parent.parent
 GROUP, VERSION, PLURAL = "tuneloom.dev", "v1alpha1", "finetunejobs"
 OPERATOR_NAMESPACE = "tuneloom-system"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +91,7 @@ class Operator:
     kubeconfig: Path
     work_dir: Path
     env: dict[str, str]
-    metrics_port: int = field(default_factory=_free_port)
+    metrics_port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
     starts: int = 0
 
@@ -112,7 +106,7 @@ class Operator:
             **self.env,
             "KUBECONFIG": str(self.kubeconfig),
             "TUNELOOM_OPERATOR_METRICS_PORT": str(self.metrics_port),
-            "TUNELOOM_OPERATOR_HEALTH_PORT": str(_free_port()),
+            "TUNELOOM_OPERATOR_HEALTH_PORT": str(free_port()),
             "TUNELOOM_RECONCILE_INTERVAL_SECONDS": "1",
             "TUNELOOM_TRAINER_METRICS_PORT": "9400",
         }

@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from tuneloom.dev.net import free_port
 from tuneloom.jobfile import parse_job
 from tuneloom.registry import download_adapter, list_versions
 from tuneloom.storage import open_store
@@ -242,14 +243,6 @@ def test_killed_run_resumes_from_its_last_checkpoint(
     assert len(checkpoints) == 2, checkpoints  # keep: 2
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_progress_lines_and_prometheus_metrics(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -258,7 +251,7 @@ def test_progress_lines_and_prometheus_metrics(
 
     progress = tmp_path / "progress.jsonl"
     monkeypatch.setenv("TUNELOOM_PROGRESS_FILE", str(progress))
-    port = _free_port()
+    port = free_port()
     spec = _job(
         tiny_model_dir,
         _dataset(tmp_path / "train.jsonl", 20),

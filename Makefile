@@ -7,6 +7,7 @@ quickstart: env
 	$(VENV)/tuneloom models prepare smollm2-135m-instruct
 	$(VENV)/tuneloom validate-data examples/support-tickets/train.jsonl --model $$($(VENV)/tuneloom models prepare smollm2-135m-instruct) --max-seq-length 512 --batch-size 4 --epochs 3
 	$(VENV)/tuneloom train -f examples/quickstart.yaml --fresh
+	$(VENV)/python -I examples/support-tickets/ask_over_http.py --store out/store
 
 test: env-dev
 	$(VENV)/ruff check .
@@ -17,7 +18,7 @@ lint: env-dev
 	$(VENV)/ruff format --check .
 
 env:
-	scripts/bootstrap.sh train,models
+	scripts/bootstrap.sh train,models,serve-cpu
 
 env-dev:
 	scripts/bootstrap.sh train,models,operator,dev,serve-cpu

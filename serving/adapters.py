@@ -111,7 +111,9 @@ class AdapterSource:
             return ref.pinned(cached[1])
         versions = self._storage_call(ref, lambda: list_versions(self.store, ref.namespace, ref.name))
         if not versions:
-            raise AdapterNotFound(f"adapter {ref.key!r} does not exist: no committed version in the store", ref)
+            error = AdapterNotFound(f"adapter {ref.key!r} does not exist: no committed version in the store", ref)
+            metrics.load_failures.labels(error.metrics_label, error.reason).inc()
+            raise error
         self._latest[ref.key] = (time.monotonic(), versions[-1])
         return ref.pinned(versions[-1])
 

@@ -11,13 +11,23 @@ def _int(name: str, default: int) -> int:
     return int(value) if value else default
 
 
+def _float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    return float(value) if value else default
+
+
 @dataclass(frozen=True)
 class OperatorConfig:
     trainer_image: str = "ghcr.io/tuneloom/trainer:0.1.0"
     trainer_service_account: str = "tuneloom-trainer"
+    server_image: str = "ghcr.io/tuneloom/server:0.1.0"
     max_running_jobs: int = 0  # 0: no cap
     max_running_jobs_per_namespace: int = 0
     reconcile_interval_s: float = 3.0
+    # How often each ModelServer's pods are asked what they have loaded (and sent what they lack).
+    server_sync_interval_s: float = 10.0
+    # How often each Adapter looks for a newer registry version, and retries a failed check.
+    adapter_resync_interval_s: float = 30.0
     metrics_port: int = 8080
     trainer_metrics_port: int = 9400
 
@@ -26,9 +36,12 @@ class OperatorConfig:
         return cls(
             trainer_image=os.environ.get("TUNELOOM_TRAINER_IMAGE", cls.trainer_image),
             trainer_service_account=os.environ.get("TUNELOOM_TRAINER_SERVICE_ACCOUNT", cls.trainer_service_account),
+            server_image=os.environ.get("TUNELOOM_SERVER_IMAGE", cls.server_image),
             max_running_jobs=_int("TUNELOOM_MAX_RUNNING_JOBS", 0),
             max_running_jobs_per_namespace=_int("TUNELOOM_MAX_RUNNING_JOBS_PER_NAMESPACE", 0),
-            reconcile_interval_s=float(os.environ.get("TUNELOOM_RECONCILE_INTERVAL_SECONDS", "3")),
+            reconcile_interval_s=_float("TUNELOOM_RECONCILE_INTERVAL_SECONDS", cls.reconcile_interval_s),
+            server_sync_interval_s=_float("TUNELOOM_SERVER_SYNC_INTERVAL_SECONDS", cls.server_sync_interval_s),
+            adapter_resync_interval_s=_float("TUNELOOM_ADAPTER_RESYNC_INTERVAL_SECONDS", cls.adapter_resync_interval_s),
             metrics_port=_int("TUNELOOM_OPERATOR_METRICS_PORT", 8080),
             trainer_metrics_port=_int("TUNELOOM_TRAINER_METRICS_PORT", 9400),
         )

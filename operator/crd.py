@@ -1,6 +1,7 @@
 """The CustomResourceDefinitions, generated from the API models in `tuneloom.api`.
 
-`python -m tuneloom.operator.crd` rewrites `crds/`; a test fails when the committed YAML drifts.
+`python -m tuneloom.operator.crd` rewrites `crds/` and the Helm chart's copy in
+`charts/tuneloom/crds/`; a test fails when either drifts.
 pydantic emits JSON Schema (2020-12); Kubernetes wants a structural OpenAPI v3.0 subset: no $ref,
 a type on every node, `nullable` instead of `anyOf [.., null]`, boolean exclusive bounds, and no
 `additionalProperties: false` beside `properties` (the API server prunes unknown fields itself).
@@ -15,9 +16,20 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from tuneloom.api import API_GROUP, API_VERSION, FineTuneJobSpec, FineTuneJobStatus
+from tuneloom.api import (
+    API_GROUP,
+    API_VERSION,
+    AdapterSpec,
+    AdapterStatus,
+    FineTuneJobSpec,
+    FineTuneJobStatus,
+    ModelServerSpec,
+    ModelServerStatus,
+)
 
-CRD_DIR = Path(__file__).resolve().parent.parent / "crds"
+ROOT = Path(__file__).resolve().parent.parent
+CRD_DIR = ROOT / "crds"
+CHART_CRD_DIR = ROOT / "charts" / "tuneloom" / "crds"
 _DROPPED = {"title", "additionalProperties", "$defs"}
 
 
@@ -73,24 +85,33 @@ def _column(name: str, path: str, kind: str = "string", **extra: Any) -> dict[st
     return {"name": name, "type": kind, "jsonPath": path, **extra}
 
 
-def finetunejob_crd() -> dict[str, Any]:
-    spec_schema = openapi_schema(FineTuneJobSpec)
-    spec_schema["description"] = "What to fine-tune, on which data, how, and where the result goes."
+def _crd(
+    kind: str,
+    plural: str,
+    short_names: list[str],
+    description: str,
+    spec: tuple[type[BaseModel], str],
+    status: tuple[type[BaseModel], str],
+    columns: list[dict[str, Any]],
+    subresources: dict[str, Any],
+) -> dict[str, Any]:
+    spec_schema = openapi_schema(spec[0])
+    spec_schema["description"] = spec[1]
     # Status is written by the operator alone; API-server defaults there would only add noise.
-    status_schema = _without_defaults(openapi_schema(FineTuneJobStatus))
-    status_schema["description"] = "Where the job stands; written by the operator only."
+    status_schema = _without_defaults(openapi_schema(status[0]))
+    status_schema["description"] = status[1]
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"finetunejobs.{API_GROUP}"},
+        "metadata": {"name": f"{plural}.{API_GROUP}"},
         "spec": {
             "group": API_GROUP,
             "scope": "Namespaced",
             "names": {
-                "kind": "FineTuneJob",
-                "plural": "finetunejobs",
-                "singular": "finetunejob",
-                "shortNames": ["ftj"],
+                "kind": kind,
+                "plural": plural,
+                "singular": kind.lower(),
+                "shortNames": short_names,
                 "categories": ["tuneloom"],
             },
             "versions": [
@@ -98,24 +119,16 @@ def finetunejob_crd() -> dict[str, Any]:
                     "name": API_VERSION,
                     "served": True,
                     "storage": True,
-                    "subresources": {"status": {}},
-                    "additionalPrinterColumns": [
-                        _column("Phase", ".status.phase"),
-                        _column("Base model", ".spec.baseModel"),
-                        _column("Progress", ".status.progress.percent", "integer", description="percent of steps"),
-                        _column("Train loss", ".status.progress.trainLoss", "number"),
-                        _column("Val loss", ".status.progress.validationLoss", "number"),
-                        _column("Age", ".metadata.creationTimestamp", "date"),
-                    ],
+                    "subresources": subresources,
+                    "additionalPrinterColumns": columns,
                     "schema": {
                         "openAPIV3Schema": {
                             "type": "object",
-                            "description": "A fine-tuning run: a base model, chat data and a method (LoRA, QLoRA "
-                            "or full) produce an evaluated adapter in object storage.",
+                            "description": description,
                             "required": ["spec"],
                             "properties": {
                                 "apiVersion": {"type": "string", "description": "tuneloom.dev/v1alpha1"},
-                                "kind": {"type": "string", "description": "FineTuneJob"},
+                                "kind": {"type": "string", "description": kind},
                                 "metadata": {"type": "object"},
                                 "spec": spec_schema,
                                 "status": status_schema,
@@ -128,17 +141,92 @@ def finetunejob_crd() -> dict[str, Any]:
     }
 
 
+def finetunejob_crd() -> dict[str, Any]:
+    return _crd(
+        "FineTuneJob",
+        "finetunejobs",
+        ["ftj"],
+        "A fine-tuning run: a base model, chat data and a method (LoRA, QLoRA or full) produce an evaluated adapter "
+        "in object storage.",
+        (FineTuneJobSpec, "What to fine-tune, on which data, how, and where the result goes."),
+        (FineTuneJobStatus, "Where the job stands; written by the operator only."),
+        [
+            _column("Phase", ".status.phase"),
+            _column("Base model", ".spec.baseModel"),
+            _column("Progress", ".status.progress.percent", "integer", description="percent of steps"),
+            _column("Train loss", ".status.progress.trainLoss", "number"),
+            _column("Val loss", ".status.progress.validationLoss", "number"),
+            _column("Age", ".metadata.creationTimestamp", "date"),
+        ],
+        {"status": {}},
+    )
+
+
+def adapter_crd() -> dict[str, Any]:
+    return _crd(
+        "Adapter",
+        "adapters",
+        ["adp"],
+        "A LoRA adapter in the registry, checked in object storage before it is Ready to be served. A succeeded "
+        "FineTuneJob creates one; a PEFT folder trained elsewhere is imported through one.",
+        (AdapterSpec, "Which adapter, for which base model, and where its files are."),
+        (AdapterStatus, "The version checked and where it is loaded; written by the operator only."),
+        [
+            _column("Phase", ".status.phase"),
+            _column("Base model", ".spec.baseModel"),
+            _column("Version", ".status.version", description="the version checked: the latest unless pinned"),
+            _column("Val loss", ".status.validationLoss", "number"),
+            _column("Loaded on", ".status.loadedOn[*].modelServer"),
+            _column("Age", ".metadata.creationTimestamp", "date"),
+        ],
+        {"status": {}},
+    )
+
+
+def modelserver_crd() -> dict[str, Any]:
+    return _crd(
+        "ModelServer",
+        "modelservers",
+        ["msrv"],
+        "vLLM serving one base model and the adapters of its namespace: a Deployment of tuneloom serve pods and a "
+        "Service on port 8000 (OpenAI API).",
+        (ModelServerSpec, "The base model, the pods, and the adapters to load ahead of the first request."),
+        (ModelServerStatus, "Replicas and the adapters loaded on each pod; written by the operator only."),
+        [
+            _column("Base model", ".spec.baseModel"),
+            _column("Replicas", ".spec.replicas", "integer"),
+            _column("Ready", ".status.readyReplicas", "integer"),
+            _column("Age", ".metadata.creationTimestamp", "date"),
+        ],
+        # The scale subresource: `kubectl scale msrv` and a HorizontalPodAutoscaler act on spec.replicas.
+        {
+            "status": {},
+            "scale": {
+                "specReplicasPath": ".spec.replicas",
+                "statusReplicasPath": ".status.replicas",
+                "labelSelectorPath": ".status.selector",
+            },
+        },
+    )
+
+
 def rendered() -> dict[str, str]:
     """File name -> YAML text of every CRD this project defines."""
     header = "# Generated by `python -m tuneloom.operator.crd` from tuneloom/api.py. Do not edit.\n"
-    return {"finetunejobs.yaml": header + yaml.safe_dump(finetunejob_crd(), sort_keys=False, width=120)}
+    crds = {
+        "finetunejobs.yaml": finetunejob_crd(),
+        "adapters.yaml": adapter_crd(),
+        "modelservers.yaml": modelserver_crd(),
+    }
+    return {name: header + yaml.safe_dump(crd, sort_keys=False, width=120) for name, crd in crds.items()}
 
 
 def main() -> int:
-    CRD_DIR.mkdir(exist_ok=True)
-    for name, text in rendered().items():
-        (CRD_DIR / name).write_text(text)
-        print(CRD_DIR / name)
+    for directory in (CRD_DIR, CHART_CRD_DIR):
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, text in rendered().items():
+            (directory / name).write_text(text)
+            print(directory / name)
     return 0
 
 

@@ -1,8 +1,9 @@
-"""kopf handlers: each one hands the FineTuneJob to the reconciler and writes back its status.
+"""kopf handlers: each one hands the object to its reconciler, which writes back its status.
 
-Create and spec changes react at once; a timer reconciles every non-terminal job every few
-seconds, which is what makes the operator level-triggered and restart-safe (nothing depends on
-having seen an event), and what refreshes progress.
+Create and spec changes react at once; timers reconcile every non-terminal FineTuneJob every few
+seconds, every ModelServer (its pods and their adapters) and every Adapter (a newer registry
+version, a failed check to retry) at their own pace. That is what makes the operator
+level-triggered and restart-safe: nothing depends on having seen an event.
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ from kubernetes import config as k8s_config
 
 from tuneloom.api import API_GROUP, API_VERSION
 from tuneloom.metrics import serve_metrics
+from tuneloom.operator import adapters, servers
+from tuneloom.operator.adapters import AdapterReconciler
 from tuneloom.operator.config import OperatorConfig
 from tuneloom.operator.metrics import OperatorMetrics
 from tuneloom.operator.reconciler import PLURAL, TERMINAL, Reconciler
+from tuneloom.operator.servers import ServerReconciler
 
 CONFIG = OperatorConfig.from_env()
 _TERMINAL = {phase.value for phase in TERMINAL}
@@ -43,7 +47,10 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
     metrics = OperatorMetrics()
     serve_metrics(metrics.registry, CONFIG.metrics_port)
-    memo.reconciler = Reconciler(CONFIG, _api_client(), metrics)
+    api = _api_client()
+    memo.adapters = AdapterReconciler(api)
+    memo.reconciler = Reconciler(CONFIG, api, metrics, memo.adapters)
+    memo.servers = ServerReconciler(CONFIG, api, metrics)
 
 
 @kopf.on.create(API_GROUP, API_VERSION, PLURAL)
@@ -67,3 +74,43 @@ def on_timer(memo: kopf.Memo, body: kopf.Body, **_: Any) -> None:
 def on_delete(memo: kopf.Memo, body: kopf.Body, **_: Any) -> None:
     # The Job, its Pods and the ConfigMap go with the FineTuneJob through their owner references.
     memo.reconciler.forget(dict(body))
+
+
+# -- Adapters ------------------------------------------------------------------------------------
+
+
+@kopf.on.create(API_GROUP, API_VERSION, adapters.PLURAL)
+@kopf.on.update(API_GROUP, API_VERSION, adapters.PLURAL, field="spec")
+def on_adapter_change(memo: kopf.Memo, body: kopf.Body, **_: Any) -> None:
+    memo.adapters.reconcile(dict(body))
+
+
+@kopf.timer(API_GROUP, API_VERSION, adapters.PLURAL, interval=CONFIG.adapter_resync_interval_s)
+def on_adapter_timer(memo: kopf.Memo, body: kopf.Body, **_: Any) -> None:
+    memo.adapters.reconcile(dict(body))
+
+
+@kopf.on.delete(API_GROUP, API_VERSION, adapters.PLURAL, optional=True)
+def on_adapter_delete(memo: kopf.Memo, body: kopf.Body, **_: Any) -> None:
+    # The registry keeps its versions: an Adapter object is a view of them, not their owner.
+    memo.adapters.forget(dict(body))
+
+
+# -- ModelServers --------------------------------------------------------------------------------
+
+
+@kopf.on.create(API_GROUP, API_VERSION, servers.PLURAL)
+@kopf.on.update(API_GROUP, API_VERSION, servers.PLURAL, field="spec")
+def on_server_change(memo: kopf.Memo, body: kopf.Body, **_: Any) -> None:
+    memo.servers.reconcile(dict(body))
+
+
+@kopf.timer(API_GROUP, API_VERSION, servers.PLURAL, interval=CONFIG.server_sync_interval_s)
+def on_server_timer(memo: kopf.Memo, body: kopf.Body, **_: Any) -> None:
+    memo.servers.reconcile(dict(body))
+
+
+@kopf.on.delete(API_GROUP, API_VERSION, servers.PLURAL, optional=True)
+def on_server_delete(memo: kopf.Memo, body: kopf.Body, **_: Any) -> None:
+    # The Deployment and the Service go with the ModelServer through their owner references.
+    memo.servers.forget(dict(body))

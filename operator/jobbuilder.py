@@ -13,12 +13,18 @@ from typing import Any
 
 import yaml
 
-from tuneloom.api import TRAINER_EXIT_INVALID_INPUT, FineTuneJob, Method
+from tuneloom.api import (
+    TRAINER_EXIT_INVALID_INPUT,
+    FineTuneJob,
+    Method,
+    ModelServer,
+    ResourcesSpec,
+    StorageSpec,
+)
+from tuneloom.operator.common import LABEL_MANAGED, MANAGER
 from tuneloom.operator.config import OperatorConfig
 
 LABEL_JOB = "tuneloom.dev/finetunejob"
-LABEL_MANAGED = "app.kubernetes.io/managed-by"
-MANAGER = "tuneloom-operator"
 ANNOTATION_SPEC_HASH = "tuneloom.dev/spec-sha256"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
@@ -26,6 +32,14 @@ JOB_FILE_DIR = "/etc/tuneloom"
 PROGRESS_DIR = "/var/run/tuneloom"
 CACHE_DIR = "/var/cache/tuneloom"
 RUN_AS_USER = 1000
+# Every pod the operator makes runs as non-root with a read-only root file system; what it
+# writes goes to emptyDir volumes.
+POD_SECURITY_CONTEXT = {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "fsGroup": RUN_AS_USER}
+CONTAINER_SECURITY_CONTEXT = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
 
 
 def _short(name: str, suffix: str, limit: int = 63) -> str:
@@ -46,17 +60,17 @@ def configmap_name(ftj_name: str) -> str:
 
 
 def spec_hash(job: FineTuneJob) -> str:
-    """What the running Job was built from; `cancel` may change without being a spec change."""
-    relevant = job.spec.model_dump(mode="json", exclude={"cancel"})
+    """What the running Job was built from; `cancel` and `serve` may change without being a spec change."""
+    relevant = job.spec.model_dump(mode="json", exclude={"cancel", "serve"})
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
-def owner_reference(job: FineTuneJob) -> dict[str, Any]:
+def owner_reference(owner: FineTuneJob | ModelServer) -> dict[str, Any]:
     return {
-        "apiVersion": job.apiVersion,
-        "kind": job.kind,
-        "name": job.metadata.name,
-        "uid": job.metadata.uid,
+        "apiVersion": owner.apiVersion,
+        "kind": owner.kind,
+        "name": owner.metadata.name,
+        "uid": owner.metadata.uid,
         "controller": True,
         "blockOwnerDeletion": True,
     }
@@ -105,17 +119,9 @@ def build_configmap(job: FineTuneJob) -> dict[str, Any]:
     }
 
 
-def _env(job: FineTuneJob, config: OperatorConfig) -> list[dict[str, Any]]:
-    storage = job.spec.storage
-    env: list[dict[str, Any]] = [
-        {"name": "TUNELOOM_JOB_FILE", "value": f"{JOB_FILE_DIR}/job.yaml"},
-        {"name": "TUNELOOM_PROGRESS_FILE", "value": f"{PROGRESS_DIR}/progress.jsonl"},
-        {"name": "TUNELOOM_METRICS_PORT", "value": str(config.trainer_metrics_port)},
-        {"name": "TUNELOOM_BIND_ADDRESS", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-        {"name": "TUNELOOM_CACHE_DIR", "value": CACHE_DIR},
-        {"name": "HOME", "value": "/tmp"},
-        {"name": "PYTHONUNBUFFERED", "value": "1"},
-    ]
+def storage_env(storage: StorageSpec) -> list[dict[str, Any]]:
+    """How a pod reaches object storage: endpoint and region as values, credentials by reference."""
+    env: list[dict[str, Any]] = []
     if storage.endpoint:
         env.append({"name": "TUNELOOM_S3_ENDPOINT", "value": storage.endpoint})
     if storage.region:
@@ -127,6 +133,26 @@ def _env(job: FineTuneJob, config: OperatorConfig) -> list[dict[str, Any]]:
     return env
 
 
+def bind_address_env() -> dict[str, Any]:
+    """Servers in the pod bind to the pod's IP: on a cluster that is where Services and probes
+    connect, and the local pod runner gives every pod its own loopback IP so that several pods can
+    use one port (a 0.0.0.0 bind would collide there)."""
+    return {"name": "TUNELOOM_BIND_ADDRESS", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+
+
+def _env(job: FineTuneJob, config: OperatorConfig) -> list[dict[str, Any]]:
+    return [
+        {"name": "TUNELOOM_JOB_FILE", "value": f"{JOB_FILE_DIR}/job.yaml"},
+        {"name": "TUNELOOM_PROGRESS_FILE", "value": f"{PROGRESS_DIR}/progress.jsonl"},
+        {"name": "TUNELOOM_METRICS_PORT", "value": str(config.trainer_metrics_port)},
+        bind_address_env(),
+        {"name": "TUNELOOM_CACHE_DIR", "value": CACHE_DIR},
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        *storage_env(job.spec.storage),
+    ]
+
+
 def _command(job: FineTuneJob) -> list[str]:
     gpus = job.spec.resources.gpus
     if gpus > 1:
@@ -135,8 +161,8 @@ def _command(job: FineTuneJob) -> list[str]:
     return ["python", "-m", "tuneloom.trainer"]
 
 
-def _resources(job: FineTuneJob) -> dict[str, Any]:
-    resources = job.spec.resources
+def pod_resources(resources: ResourcesSpec) -> dict[str, Any]:
+    """A container's requests and limits: GPUs and memory are limited too, CPU only requested."""
     requests: dict[str, str] = {}
     limits: dict[str, str] = {}
     if resources.gpus:
@@ -177,22 +203,18 @@ def build_job(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any]:
         "restartPolicy": "Never",
         "serviceAccountName": config.trainer_service_account,
         "automountServiceAccountToken": False,  # the trainer talks to object storage, not the API server
-        "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "fsGroup": RUN_AS_USER},
+        "securityContext": POD_SECURITY_CONTEXT,
         "containers": [
             {
                 "name": "trainer",
                 "image": spec.image or config.trainer_image,
                 "command": _command(job),
                 "env": _env(job, config),
-                "resources": _resources(job),
+                "resources": pod_resources(spec.resources),
                 "ports": [{"name": "metrics", "containerPort": config.trainer_metrics_port}],
                 "volumeMounts": mounts,
                 "terminationMessagePolicy": "FallbackToLogsOnError",
-                "securityContext": {
-                    "allowPrivilegeEscalation": False,
-                    "readOnlyRootFilesystem": True,
-                    "capabilities": {"drop": ["ALL"]},
-                },
+                "securityContext": CONTAINER_SECURITY_CONTEXT,
             }
         ],
         "volumes": volumes,

@@ -37,11 +37,45 @@ class _PhaseCollector(Collector):
         yield family
 
 
+class _ServerCollector(Collector):
+    """Replicas asked for and ready, per ModelServer, as of the operator's last pass over each."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._servers: dict[tuple[str, str], tuple[int, int]] = {}
+
+    def set(self, namespace: str, name: str, replicas: int | None, ready: int | None) -> None:
+        """Records one ModelServer; None for both forgets it (deleted)."""
+        with self._lock:
+            if replicas is None or ready is None:
+                self._servers.pop((namespace, name), None)
+            else:
+                self._servers[(namespace, name)] = (replicas, ready)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        labels = ["namespace", "modelserver"]
+        replicas = GaugeMetricFamily(
+            "tuneloom_operator_modelserver_replicas", "Server pods a ModelServer asks for.", labels=labels
+        )
+        ready = GaugeMetricFamily(
+            "tuneloom_operator_modelserver_ready_replicas", "Ready server pods of a ModelServer.", labels=labels
+        )
+        with self._lock:
+            servers = dict(self._servers)
+        for (namespace, name), (wanted, ready_count) in sorted(servers.items()):
+            replicas.add_metric([namespace, name], wanted)
+            ready.add_metric([namespace, name], ready_count)
+        yield replicas
+        yield ready
+
+
 class OperatorMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         self.phases = _PhaseCollector()
         self.registry.register(self.phases)
+        self.servers = _ServerCollector()
+        self.registry.register(self.servers)
         self.transitions = Counter(
             "tuneloom_operator_phase_transitions",
             "FineTuneJob phase changes.",

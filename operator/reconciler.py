@@ -5,15 +5,12 @@ from any handler, after any operator restart, and creates each object at most on
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import threading
 import time
 import urllib.request
-import uuid
 from collections import Counter
-from datetime import datetime, timezone
 from typing import Any
 
 from kubernetes import client as k8s
@@ -22,44 +19,41 @@ from kubernetes.client.exceptions import ApiException
 from tuneloom.api import API_GROUP, API_VERSION, FineTuneJob, Phase, Progress
 from tuneloom.jobfile import SpecError, parse_job
 from tuneloom.operator import jobbuilder
+from tuneloom.operator.adapters import AdapterReconciler
+from tuneloom.operator.common import (
+    LABEL_MANAGED,
+    MANAGER,
+    now,
+    open_object_store,
+    post_event,
+    read_custom,
+    read_secret,
+    set_condition,
+    status_changes,
+)
 from tuneloom.operator.config import OperatorConfig
 from tuneloom.operator.metrics import OperatorMetrics
 from tuneloom.operator.observe import Observation, invalid_input, is_finished, observe, running_pod
 from tuneloom.registry import read_adapter, read_published, run_prefix
-from tuneloom.storage import ObjectStore, S3Connection, StorageError, open_store
+from tuneloom.storage import StorageError
 
 log = logging.getLogger("tuneloom.operator")
 
 TERMINAL = {Phase.succeeded, Phase.failed, Phase.cancelled}
 PLURAL = "finetunejobs"
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def set_condition(conditions: list[dict[str, Any]], kind: str, status: str, reason: str, message: str) -> None:
-    """Upserts a condition; lastTransitionTime moves only when its status changes. Empty reason and
-    message are left out: some API servers store "" as null, which the schema then rejects."""
-    fields = {"status": status, "reason": reason, "message": message}
-    for condition in conditions:
-        if condition["type"] == kind:
-            if condition["status"] != status:
-                condition["lastTransitionTime"] = now()
-            condition.pop("reason", None)
-            condition.pop("message", None)
-            condition.update({k: v for k, v in fields.items() if v})
-            return
-    conditions.append({"type": kind, **{k: v for k, v in fields.items() if v}, "lastTransitionTime": now()})
+SERVERS_PLURAL = "modelservers"
 
 
 class Reconciler:
-    def __init__(self, config: OperatorConfig, api: k8s.ApiClient, metrics: OperatorMetrics):
+    def __init__(
+        self, config: OperatorConfig, api: k8s.ApiClient, metrics: OperatorMetrics, adapters: AdapterReconciler
+    ):
         self.config = config
         self.core = k8s.CoreV1Api(api)
         self.batch = k8s.BatchV1Api(api)
         self.custom = k8s.CustomObjectsApi(api)
         self.metrics = metrics
+        self.adapters = adapters
         # One admission decision at a time: two jobs must not both take the last free slot.
         self.admission = threading.Lock()
         # One reconcile per object at a time: kopf's timer and event handlers may overlap.
@@ -95,7 +89,7 @@ class Reconciler:
         try:
             status = self._reconcile(body)
             old = body.get("status") or {}
-            changes = {key: value for key, value in status.items() if old.get(key) != value}
+            changes = status_changes(old, status)
             if changes:
                 self._patch_status(body, changes)
         except Exception:
@@ -211,6 +205,9 @@ class Reconciler:
         adapter = status["adapter"]
         # The manifest's count, not the last poll's: a short run can end between two polls.
         status["progress"] = {**(status.get("progress") or {}), "percent": 100, "etaSeconds": 0, "step": steps}
+        self._record_adapter(job)
+        if job.spec.serve.modelServer:
+            self._add_to_preload(job, status)
         return self._end(
             status,
             Observation(
@@ -218,6 +215,53 @@ class Reconciler:
                 "AdapterPublished",
                 f"adapter {adapter['name']}@{adapter['version']} written to {adapter['uri']}",
             ),
+        )
+
+    def _record_adapter(self, job: FineTuneJob) -> None:
+        """Creates or updates the Adapter named after the result, and checks it at once rather than
+        on its next timer pass. API errors propagate, so the job's success is retried with them."""
+        try:
+            body = self.adapters.upsert_for_job(job)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            # 404 on create: the Adapter CRD is not installed. The job's result is still good.
+            log.warning("%s: the Adapter CRD is not installed; no Adapter recorded", job.identity)
+            return
+        try:
+            self.adapters.reconcile(body)
+        except Exception:  # the Adapter's own handlers retry; its check must not hold up the job
+            log.exception("%s: checking Adapter %s failed; it is retried", job.identity, job.spec.output.adapterName)
+
+    def _add_to_preload(self, job: FineTuneJob, status: dict[str, Any]) -> None:
+        """Adds the adapter to spec.serve.modelServer's preload list (kept across pod restarts and
+        visible in its spec), guarded by resourceVersion against concurrent edits."""
+        namespace, server, name = job.metadata.namespace, job.spec.serve.modelServer, job.spec.output.adapterName
+        body = read_custom(self.custom, SERVERS_PLURAL, namespace, server or "")
+        if body is None:
+            set_condition(
+                status["conditions"],
+                "Served",
+                "False",
+                "ModelServerNotFound",
+                f"ModelServer {namespace}/{server} (spec.serve.modelServer) does not exist; Adapter {name} is "
+                "ready to be served once a ModelServer preloads it or a client asks for it",
+            )
+            return
+        preload = (body.get("spec") or {}).get("preload") or {}
+        names = list(preload.get("adapters") or [])
+        if name not in names:
+            patch = {
+                "metadata": {"resourceVersion": body["metadata"]["resourceVersion"]},
+                "spec": {"preload": {"adapters": [*names, name]}},
+            }
+            self.custom.patch_namespaced_custom_object(API_GROUP, API_VERSION, namespace, SERVERS_PLURAL, server, patch)
+        set_condition(
+            status["conditions"],
+            "Served",
+            "True",
+            "PreloadAdded",
+            f"{name} is in ModelServer {server}'s spec.preload.adapters; its ready replicas load it",
         )
 
     def _end(self, status: dict[str, Any], outcome: Observation) -> dict[str, Any]:
@@ -242,21 +286,12 @@ class Reconciler:
         if jobbuilder.needs_gpu(job) and spec.resources.gpus < 1:
             problems.append("spec.resources.gpus: method qlora needs a CUDA GPU; request at least 1")
         secret = spec.storage.credentialsSecret
-        if secret and self._secret_data(job.metadata.namespace, secret) is None:
+        if secret and read_secret(self.core, job.metadata.namespace, secret) is None:
             problems.append(
                 f"spec.storage.credentialsSecret: Secret {job.metadata.namespace}/{secret} does not exist; create it "
                 "with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
             )
         return problems
-
-    def _secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
-        try:
-            secret = self.core.read_namespaced_secret(name, namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return {key: base64.b64decode(value).decode() for key, value in (secret.data or {}).items()}
 
     # -- queueing --------------------------------------------------------------------------------
 
@@ -265,9 +300,7 @@ class Reconciler:
         cap, per_namespace = self.config.max_running_jobs, self.config.max_running_jobs_per_namespace
         if not cap and not per_namespace:
             return None
-        listed = self.batch.list_job_for_all_namespaces(
-            label_selector=f"{jobbuilder.LABEL_MANAGED}={jobbuilder.MANAGER}"
-        )
+        listed = self.batch.list_job_for_all_namespaces(label_selector=f"{LABEL_MANAGED}={MANAGER}")
         active = [self.batch.api_client.sanitize_for_serialization(j) for j in listed.items]
         running = [j for j in active if not is_finished(j)]
         started = {(j["metadata"]["namespace"], j["metadata"]["labels"].get(jobbuilder.LABEL_JOB)) for j in active}
@@ -355,7 +388,7 @@ class Reconciler:
     def _adapter_ref(self, job: FineTuneJob) -> tuple[dict[str, Any], int]:
         """What the job published and its optimizer steps, read from object storage: the
         manifest is the proof."""
-        store = self._store(job)
+        store = open_object_store(self.core, job.metadata.namespace, job.spec.output.uri, job.spec.storage)
         prefix = run_prefix(job.metadata.namespace, job.metadata.name, job.metadata.uid or "local")
         record = read_published(store, prefix)
         if record is None:
@@ -374,19 +407,6 @@ class Reconciler:
             "baseMetrics": {k: v for k, v in base.items() if k != "validationLoss" and isinstance(v, float | int)},
         }, int(metrics.get("steps", 0))
 
-    def _store(self, job: FineTuneJob) -> ObjectStore:
-        storage = job.spec.storage
-        if not job.spec.output.uri.startswith("s3://"):
-            return open_store(job.spec.output.uri)
-        keys = self._secret_data(job.metadata.namespace, storage.credentialsSecret) if storage.credentialsSecret else {}
-        connection = S3Connection(
-            endpoint=storage.endpoint,
-            region=storage.region,
-            access_key_id=(keys or {}).get("AWS_ACCESS_KEY_ID"),
-            secret_access_key=(keys or {}).get("AWS_SECRET_ACCESS_KEY"),
-        )
-        return open_store(job.spec.output.uri, connection=connection)
-
     # -- bookkeeping -----------------------------------------------------------------------------
 
     @staticmethod
@@ -398,28 +418,6 @@ class Reconciler:
         if old is new and body.get("status"):
             return
         self.metrics.transitions.labels(old.value, new.value).inc()
-        self._event(body, "Warning" if new is Phase.failed else "Normal", new.value, status.get("message", ""))
-
-    def _event(self, body: dict[str, Any], kind: str, reason: str, message: str) -> None:
-        meta = body["metadata"]
-        event = {
-            "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:12]}", "namespace": meta["namespace"]},
-            "involvedObject": {
-                "apiVersion": body["apiVersion"],
-                "kind": body["kind"],
-                "name": meta["name"],
-                "namespace": meta["namespace"],
-                "uid": meta["uid"],
-            },
-            "type": kind,
-            "reason": reason,
-            "message": message[:1024],
-            "source": {"component": jobbuilder.MANAGER},
-            "firstTimestamp": now(),
-            "lastTimestamp": now(),
-            "count": 1,
-        }
-        try:
-            self.core.create_namespaced_event(meta["namespace"], event)
-        except ApiException as exc:  # an event is news, not state: never fail a reconcile over one
-            log.warning("could not post event %s on %s: %s", reason, meta["name"], exc.reason)
+        post_event(
+            self.core, body, "Warning" if new is Phase.failed else "Normal", new.value, status.get("message", "")
+        )

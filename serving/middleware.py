@@ -29,7 +29,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
 LOAD_PATH = "/v1/load_lora_adapter"
 UNLOAD_PATH = "/v1/unload_lora_adapter"
 
@@ -161,7 +161,7 @@ class _ResponseRecorder:
         self._buffer = b""
         if not text.startswith("data:"):
             with contextlib.suppress(ValueError, AttributeError):
-                self.completion_tokens = json.loads(text).get("usage", {}).get("completion_tokens", 0)
+                self.completion_tokens = _generated(json.loads(text).get("usage") or {})
             return
         # A stream: usage arrives only when the client asked for it; otherwise each content
         # chunk vLLM sends carries one token.
@@ -175,10 +175,15 @@ class _ResponseRecorder:
             except ValueError:
                 continue
             if event.get("usage"):
-                self.completion_tokens = event["usage"].get("completion_tokens", 0)
+                self.completion_tokens = _generated(event["usage"])
                 return
             chunks += sum(1 for choice in event.get("choices", []) if (choice.get("delta") or {}).get("content"))
         self.completion_tokens = chunks
+
+
+def _generated(usage: dict[str, Any]) -> int:
+    """Completion tokens in a usage block (`output_tokens` in the Responses API)."""
+    return int(usage.get("completion_tokens") or usage.get("output_tokens") or 0)
 
 
 async def _read_body(receive: Receive) -> bytes:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
-from tuneloom.operator.crd import CRD_DIR, finetunejob_crd, rendered
+from tuneloom.operator.crd import CHART_CRD_DIR, CRD_DIR, adapter_crd, finetunejob_crd, modelserver_crd, rendered
+
+ALL_CRDS = [finetunejob_crd, adapter_crd, modelserver_crd]
 
 
 def test_committed_crds_match_the_models() -> None:
-    for name, text in rendered().items():
-        committed = (CRD_DIR / name).read_text()
-        assert committed == text, f"crds/{name} is stale: run `python -m tuneloom.operator.crd`"
+    assert sorted(rendered()) == ["adapters.yaml", "finetunejobs.yaml", "modelservers.yaml"]
+    for directory in (CRD_DIR, CHART_CRD_DIR):
+        for name, text in rendered().items():
+            committed = (directory / name).read_text()
+            assert committed == text, f"{directory}/{name} is stale: run `python -m tuneloom.operator.crd`"
 
 
 def _undocumented(node: dict, path: str) -> list[str]:
@@ -24,15 +29,20 @@ def _undocumented(node: dict, path: str) -> list[str]:
     return missing
 
 
-def test_every_field_has_a_description() -> None:
-    schema = finetunejob_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+@pytest.mark.parametrize("crd", ALL_CRDS)
+def test_every_field_has_a_description(crd) -> None:
+    schema = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     assert _undocumented(schema, "") == []
 
 
-def test_schema_is_structural() -> None:
+@pytest.mark.parametrize("crd", ALL_CRDS)
+def test_schema_is_structural(crd) -> None:
     """No $ref, anyOf or JSON-Schema-2020 numeric exclusive bounds: the API server refuses them."""
-    text = yaml.safe_dump(finetunejob_crd())
+    text = yaml.safe_dump(crd())
     assert "$ref" not in text and "anyOf" not in text
+
+
+def test_lora_rank_bound_is_openapi_v3() -> None:
     lora = finetunejob_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"][
         "lora"
     ]
@@ -44,3 +54,20 @@ def test_schema_is_structural() -> None:
         "minimum": 0,
         "type": "integer",
     }
+
+
+def test_adapter_source_is_one_of_registry_or_uri() -> None:
+    spec = adapter_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert spec["properties"]["source"]["oneOf"] == [{"required": ["registry"]}, {"required": ["uri"]}]
+
+
+def test_modelserver_scales_through_its_scale_subresource() -> None:
+    version = modelserver_crd()["spec"]["versions"][0]
+    assert version["subresources"]["scale"] == {
+        "specReplicasPath": ".spec.replicas",
+        "statusReplicasPath": ".status.replicas",
+        "labelSelectorPath": ".status.selector",
+    }
+    assert modelserver_crd()["spec"]["names"]["shortNames"] == ["msrv"]
+    rank = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["maxLoraRank"]
+    assert rank["enum"] == [1, 8, 16, 32, 64, 128, 256, 320, 512]

@@ -1,0 +1,19 @@
+# The operator: `tuneloom operator` (kopf) and nothing of the ML stack.
+# Build from the repository root: docker build -f docker/operator.Dockerfile -t tuneloom/operator .
+ARG PYTHON_VERSION=3.11
+FROM python:${PYTHON_VERSION}-slim
+
+WORKDIR /src
+# setuptools' package-dir maps all four folders, so all four are needed to build the wheel.
+COPY pyproject.toml README.md ./
+COPY tuneloom/ tuneloom/
+COPY operator/ operator/
+COPY trainer/ trainer/
+COPY serving/ serving/
+# -I: run in /src, `-m pip` would import the repository's operator/ as the stdlib's operator.
+RUN python3 -I -m pip install --no-cache-dir ".[operator]" && rm -rf /src
+
+WORKDIR /
+# The chart runs it as this user with a read-only root file system.
+USER 65532:65532
+ENTRYPOINT ["tuneloom", "operator"]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -128,3 +130,71 @@ class Prometheus:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+# -- the chart's pod discovery, on a Prometheus built without Kubernetes support -----------------
+# Debian builds Prometheus without kubernetes_sd. `PodTargets` lists the pods itself and writes
+# what kubernetes_sd would report (its __meta_kubernetes_pod_* labels) to a file_sd file, so the
+# chart's relabelling rules run unchanged.
+
+
+def _meta_name(key: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_]", "_", key)
+
+
+def pod_target(pod: Any) -> dict[str, Any]:
+    """kubernetes_sd's view of one pod (role: pod), from a kubernetes-client V1Pod."""
+    meta, status = pod.metadata, pod.status
+    labels = {
+        "__meta_kubernetes_namespace": meta.namespace,
+        "__meta_kubernetes_pod_name": meta.name,
+        "__meta_kubernetes_pod_phase": status.phase or "",
+        "__meta_kubernetes_pod_ip": status.pod_ip or "",
+        "__meta_kubernetes_pod_node_name": pod.spec.node_name or "",
+    }
+    for key, value in (meta.labels or {}).items():
+        labels[f"__meta_kubernetes_pod_label_{_meta_name(key)}"] = value
+    for key, value in (meta.annotations or {}).items():
+        labels[f"__meta_kubernetes_pod_annotation_{_meta_name(key)}"] = value
+    return {"targets": [f"{status.pod_ip or '0.0.0.0'}:80"], "labels": labels}
+
+
+def loopback_scrape_configs(chart_scrape_file: Path, targets_file: Path, interval: str = "1s") -> list[dict[str, Any]]:
+    """The chart's scrape jobs with kubernetes_sd swapped for the file PodTargets writes."""
+    jobs = yaml.safe_load(Path(chart_scrape_file).read_text())["scrape_configs"]
+    for job in jobs:
+        job.pop("kubernetes_sd_configs", None)
+        job["file_sd_configs"] = [{"files": [str(targets_file)], "refresh_interval": interval}]
+        job["scrape_interval"] = interval
+    return jobs
+
+
+class PodTargets:
+    """Rewrites `path` every `interval_s` with every pod of the cluster, as file_sd targets."""
+
+    def __init__(self, core_api: Any, path: Path, interval_s: float = 1.0):
+        self.core_api, self.path, self.interval_s = core_api, Path(path), interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pod-targets", daemon=True)
+
+    def write_once(self) -> None:
+        targets = [pod_target(pod) for pod in self.core_api.list_pod_for_all_namespaces().items]
+        temp = self.path.with_suffix(".tmp")
+        temp.write_text(json.dumps(targets))
+        temp.replace(self.path)  # Prometheus must never read half a file
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.write_once()
+            except Exception:  # the API server restarting must not end discovery for the whole test
+                time.sleep(self.interval_s)
+
+    def __enter__(self) -> PodTargets:
+        self.write_once()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()

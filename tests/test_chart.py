@@ -24,8 +24,8 @@ from prometheus_client import CollectorRegistry
 
 from tuneloom.api import ModelServer
 from tuneloom.dev.helm import ensure_helm
+from tuneloom.dev.net import free_ports
 from tuneloom.dev.podrunner import PodRunner
-from tuneloom.dev.seaweedfs import free_ports
 from tuneloom.jobfile import parse_job
 from tuneloom.operator.config import OperatorConfig
 from tuneloom.operator.jobbuilder import build_job

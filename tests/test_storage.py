@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tuneloom.dev.seaweedfs import SeaweedFS, free_ports
+from tuneloom.dev.net import free_ports
+from tuneloom.dev.seaweedfs import SeaweedFS
 from tuneloom.storage import (
     TEMP_MARKER,
     InvalidKeyError,

@@ -37,11 +37,10 @@ from typing import Any
 import yaml
 
 from tuneloom.dev.kubebuild import KubeBinaries, ensure_etcd, ensure_kube_binaries
-from tuneloom.dev.net import free_port
+from tuneloom.dev.net import LOCALHOST, free_port
 
 log = logging.getLogger("tuneloom.dev.cluster")
 
-LOCALHOST = "127.0.0.1"
 CLUSTER_NAME = "tuneloom-local"
 ADMIN_USER = "tuneloom-admin"
 SERVICE_CIDR = "10.96.0.0/24"

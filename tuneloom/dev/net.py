@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import socket
+from contextlib import ExitStack
 
 LOCALHOST = "127.0.0.1"
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports free right now on 127.0.0.1; the sockets are held open together so
+    none repeats (the caller binds them soon after)."""
+    with ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind((LOCALHOST, 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
+
+
 def free_port() -> int:
-    """A port free right now on 127.0.0.1 (the caller binds it soon after)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOCALHOST, 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]

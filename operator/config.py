@@ -21,6 +21,10 @@ class OperatorConfig:
     trainer_image: str = "ghcr.io/tuneloom/trainer:0.1.0"
     trainer_service_account: str = "tuneloom-trainer"
     server_image: str = "ghcr.io/tuneloom/server:0.1.0"
+    # Where server pods listen. Every interface, so Services, probes and `kubectl port-forward`
+    # (which connects to localhost inside the pod) all reach it. The local pod runner shares one
+    # network among pods and needs "$(TUNELOOM_POD_IP)", each pod's own loopback address.
+    server_bind_address: str = "0.0.0.0"
     max_running_jobs: int = 0  # 0: no cap
     max_running_jobs_per_namespace: int = 0
     reconcile_interval_s: float = 3.0
@@ -37,6 +41,7 @@ class OperatorConfig:
             trainer_image=os.environ.get("TUNELOOM_TRAINER_IMAGE", cls.trainer_image),
             trainer_service_account=os.environ.get("TUNELOOM_TRAINER_SERVICE_ACCOUNT", cls.trainer_service_account),
             server_image=os.environ.get("TUNELOOM_SERVER_IMAGE", cls.server_image),
+            server_bind_address=os.environ.get("TUNELOOM_SERVER_BIND_ADDRESS", cls.server_bind_address),
             max_running_jobs=_int("TUNELOOM_MAX_RUNNING_JOBS", 0),
             max_running_jobs_per_namespace=_int("TUNELOOM_MAX_RUNNING_JOBS_PER_NAMESPACE", 0),
             reconcile_interval_s=_float("TUNELOOM_RECONCILE_INTERVAL_SECONDS", cls.reconcile_interval_s),

@@ -17,8 +17,8 @@ from kubernetes import config as k8s_config
 
 from tuneloom.api import API_GROUP, API_VERSION
 from tuneloom.metrics import serve_metrics
-from tuneloom.operator import adapters, servers
 from tuneloom.operator.adapters import AdapterReconciler
+from tuneloom.operator.common import ADAPTERS, MODELSERVERS
 from tuneloom.operator.config import OperatorConfig
 from tuneloom.operator.metrics import OperatorMetrics
 from tuneloom.operator.reconciler import PLURAL, TERMINAL, Reconciler
@@ -79,18 +79,18 @@ def on_delete(memo: kopf.Memo, body: kopf.Body, **_: Any) -> None:
 # -- Adapters ------------------------------------------------------------------------------------
 
 
-@kopf.on.create(API_GROUP, API_VERSION, adapters.PLURAL)
-@kopf.on.update(API_GROUP, API_VERSION, adapters.PLURAL, field="spec")
+@kopf.on.create(API_GROUP, API_VERSION, ADAPTERS)
+@kopf.on.update(API_GROUP, API_VERSION, ADAPTERS, field="spec")
 def on_adapter_change(memo: kopf.Memo, body: kopf.Body, **_: Any) -> None:
     memo.adapters.reconcile(dict(body))
 
 
-@kopf.timer(API_GROUP, API_VERSION, adapters.PLURAL, interval=CONFIG.adapter_resync_interval_s)
+@kopf.timer(API_GROUP, API_VERSION, ADAPTERS, interval=CONFIG.adapter_resync_interval_s)
 def on_adapter_timer(memo: kopf.Memo, body: kopf.Body, **_: Any) -> None:
     memo.adapters.reconcile(dict(body))
 
 
-@kopf.on.delete(API_GROUP, API_VERSION, adapters.PLURAL, optional=True)
+@kopf.on.delete(API_GROUP, API_VERSION, ADAPTERS, optional=True)
 def on_adapter_delete(memo: kopf.Memo, body: kopf.Body, **_: Any) -> None:
     # The registry keeps its versions: an Adapter object is a view of them, not their owner.
     memo.adapters.forget(dict(body))
@@ -99,18 +99,18 @@ def on_adapter_delete(memo: kopf.Memo, body: kopf.Body, **_: Any) -> None:
 # -- ModelServers --------------------------------------------------------------------------------
 
 
-@kopf.on.create(API_GROUP, API_VERSION, servers.PLURAL)
-@kopf.on.update(API_GROUP, API_VERSION, servers.PLURAL, field="spec")
+@kopf.on.create(API_GROUP, API_VERSION, MODELSERVERS)
+@kopf.on.update(API_GROUP, API_VERSION, MODELSERVERS, field="spec")
 def on_server_change(memo: kopf.Memo, body: kopf.Body, **_: Any) -> None:
     memo.servers.reconcile(dict(body))
 
 
-@kopf.timer(API_GROUP, API_VERSION, servers.PLURAL, interval=CONFIG.server_sync_interval_s)
+@kopf.timer(API_GROUP, API_VERSION, MODELSERVERS, interval=CONFIG.server_sync_interval_s)
 def on_server_timer(memo: kopf.Memo, body: kopf.Body, **_: Any) -> None:
     memo.servers.reconcile(dict(body))
 
 
-@kopf.on.delete(API_GROUP, API_VERSION, servers.PLURAL, optional=True)
+@kopf.on.delete(API_GROUP, API_VERSION, MODELSERVERS, optional=True)
 def on_server_delete(memo: kopf.Memo, body: kopf.Body, **_: Any) -> None:
     # The Deployment and the Service go with the ModelServer through their owner references.
     memo.servers.forget(dict(body))

@@ -133,19 +133,12 @@ def storage_env(storage: StorageSpec) -> list[dict[str, Any]]:
     return env
 
 
-def bind_address_env() -> dict[str, Any]:
-    """Servers in the pod bind to the pod's IP: on a cluster that is where Services and probes
-    connect, and the local pod runner gives every pod its own loopback IP so that several pods can
-    use one port (a 0.0.0.0 bind would collide there)."""
-    return {"name": "TUNELOOM_BIND_ADDRESS", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
-
-
 def _env(job: FineTuneJob, config: OperatorConfig) -> list[dict[str, Any]]:
     return [
         {"name": "TUNELOOM_JOB_FILE", "value": f"{JOB_FILE_DIR}/job.yaml"},
         {"name": "TUNELOOM_PROGRESS_FILE", "value": f"{PROGRESS_DIR}/progress.jsonl"},
         {"name": "TUNELOOM_METRICS_PORT", "value": str(config.trainer_metrics_port)},
-        bind_address_env(),
+        {"name": "TUNELOOM_BIND_ADDRESS", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": "TUNELOOM_CACHE_DIR", "value": CACHE_DIR},
         {"name": "HOME", "value": "/tmp"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},

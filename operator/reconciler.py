@@ -23,6 +23,7 @@ from tuneloom.operator.adapters import AdapterReconciler
 from tuneloom.operator.common import (
     LABEL_MANAGED,
     MANAGER,
+    MODELSERVERS,
     now,
     open_object_store,
     post_event,
@@ -41,7 +42,6 @@ log = logging.getLogger("tuneloom.operator")
 
 TERMINAL = {Phase.succeeded, Phase.failed, Phase.cancelled}
 PLURAL = "finetunejobs"
-SERVERS_PLURAL = "modelservers"
 
 
 class Reconciler:
@@ -237,7 +237,7 @@ class Reconciler:
         """Adds the adapter to spec.serve.modelServer's preload list (kept across pod restarts and
         visible in its spec), guarded by resourceVersion against concurrent edits."""
         namespace, server, name = job.metadata.namespace, job.spec.serve.modelServer, job.spec.output.adapterName
-        body = read_custom(self.custom, SERVERS_PLURAL, namespace, server or "")
+        body = read_custom(self.custom, MODELSERVERS, namespace, server or "")
         if body is None:
             set_condition(
                 status["conditions"],
@@ -255,7 +255,7 @@ class Reconciler:
                 "metadata": {"resourceVersion": body["metadata"]["resourceVersion"]},
                 "spec": {"preload": {"adapters": [*names, name]}},
             }
-            self.custom.patch_namespaced_custom_object(API_GROUP, API_VERSION, namespace, SERVERS_PLURAL, server, patch)
+            self.custom.patch_namespaced_custom_object(API_GROUP, API_VERSION, namespace, MODELSERVERS, server, patch)
         set_condition(
             status["conditions"],
             "Served",

@@ -23,7 +23,7 @@ class ServeOptions:
     store: str
     namespace: str = "default"
     allowed_namespaces: tuple[str, ...] = ()
-    served_model_name: str | None = None  # default: the base model directory's name
+    served_model_name: str | None = None  # default: default_served_name(base_model)
     host: str = "127.0.0.1"
     port: int = 8000
     max_loras: int = 4
@@ -47,9 +47,17 @@ def vllm_installed() -> str | None:
     return "vllm"
 
 
+def default_served_name(base_model: str) -> str:
+    """What clients call the base model: a hub id as given (`HuggingFaceTB/SmolLM2-135M-Instruct`),
+    else the last part of the directory or URI (`s3://models/llama-3-8b` -> `llama-3-8b`)."""
+    if "://" not in base_model and not Path(base_model).is_dir():
+        return base_model
+    return base_model.rstrip("/").rsplit("/", 1)[-1]
+
+
 def build_launch(options: ServeOptions, base_model_dir: Path) -> tuple[list[str], dict[str, str]]:
     """The vLLM command line and the environment additions for it."""
-    served_name = options.served_model_name or base_model_dir.name
+    served_name = options.served_model_name or default_served_name(options.base_model)
     settings = ServingSettings(
         store_uri=options.store,
         base_model_dir=base_model_dir,

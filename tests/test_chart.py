@@ -305,7 +305,9 @@ def exported_series() -> set[str]:
     # The trainer builds its gauges' names in a helper, out of a scan's sight: ask its registry.
     registry = CollectorRegistry()
     TrainerMetrics(registry, "ns", "job")
-    trainer = {sample.name for family in registry.collect() for sample in family.samples}
+    families = list(registry.collect())
+    # Gauges that appear only once measured have no samples yet: their family names count too.
+    trainer = {family.name for family in families} | {sample.name for family in families for sample in family.samples}
     return scanned_series(files) | trainer
 
 

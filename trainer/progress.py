@@ -21,6 +21,17 @@ log = logging.getLogger("tuneloom.trainer")
 PROGRESS_FILE_ENV = "TUNELOOM_PROGRESS_FILE"
 
 
+class _MeasuredGauge:
+    """A labelled gauge that appears only once it holds a measurement: a loss exported as 0 before
+    the first one would put a false point at the start of every loss curve."""
+
+    def __init__(self, family: Gauge, values: tuple[str, ...]):
+        self._family, self._values = family, values
+
+    def set(self, value: float) -> None:
+        self._family.labels(*self._values).set(value)
+
+
 class TrainerMetrics:
     """tuneloom_trainer_* series, labelled with the job so dashboards can plot one curve per job."""
 
@@ -31,15 +42,18 @@ class TrainerMetrics:
         def gauge(metric: str, doc: str) -> Gauge:
             return Gauge(f"tuneloom_trainer_{metric}", doc, labels, registry=registry).labels(*values)
 
+        def measured(metric: str, doc: str) -> _MeasuredGauge:
+            return _MeasuredGauge(Gauge(f"tuneloom_trainer_{metric}", doc, labels, registry=registry), values)
+
         self.step = gauge("step", "Optimizer steps completed.")
         self.total_steps = gauge("total_steps", "Optimizer steps planned for the run.")
         self.epoch = gauge("epoch", "Fractional epoch reached.")
-        self.train_loss = gauge("train_loss", "Mean training loss over the last logging interval.")
-        self.validation_loss = gauge("validation_loss", "Validation loss at the last evaluation.")
-        self.validation_accuracy = gauge("validation_token_accuracy_ratio", "Next-token accuracy on held-out data.")
-        self.learning_rate = gauge("learning_rate", "Current learning rate.")
-        self.eta = gauge("eta_seconds", "Estimated seconds until training ends.")
-        self.peak_memory = gauge("peak_memory_bytes", "Peak accelerator memory (GPU) or resident memory (CPU).")
+        self.train_loss = measured("train_loss", "Mean training loss over the last logging interval.")
+        self.validation_loss = measured("validation_loss", "Validation loss at the last evaluation.")
+        self.validation_accuracy = measured("validation_token_accuracy_ratio", "Next-token accuracy on held-out data.")
+        self.learning_rate = measured("learning_rate", "Current learning rate.")
+        self.eta = measured("eta_seconds", "Estimated seconds until training ends.")
+        self.peak_memory = measured("peak_memory_bytes", "Peak accelerator memory (GPU) or resident memory (CPU).")
         self.tokens = Counter(
             "tuneloom_trainer_tokens", "Tokens processed, padding excluded.", labels, registry=registry
         ).labels(*values)

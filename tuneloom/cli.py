@@ -105,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--store", required=True, help="object store root holding adapters/ (directory or s3://)")
     serve.add_argument("--namespace", default="default", help="namespace whose adapters a bare NAME means")
     serve.add_argument("--allowed-namespaces", default="", help="comma-separated; default: --namespace only")
-    serve.add_argument("--served-model-name", help="the base model's name in the API (default: its directory name)")
+    serve.add_argument(
+        "--served-model-name", help="the base model's name in the API (default: a hub id as given, else its folder)"
+    )
     serve.add_argument("--host", default=os.environ.get("TUNELOOM_BIND_ADDRESS", "127.0.0.1"))
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-loras", type=int, default=4, help="adapters in one batch")

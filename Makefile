@@ -1,5 +1,5 @@
 # The two commands of the README, and what they are made of.
-.PHONY: quickstart test lint env env-dev bench
+.PHONY: quickstart test e2e lint env env-dev bench
 
 VENV := .venv/bin
 
@@ -13,6 +13,10 @@ test: env-dev
 	$(VENV)/ruff check .
 	$(VENV)/pytest
 
+# The whole loop (chart, operator, trainer, vLLM, Prometheus) on the local cluster with SmolLM2.
+e2e: env-dev
+	TUNELOOM_E2E_MODEL=smollm2 TUNELOOM_DASHBOARD_PNG_DIR=docs/dashboards $(VENV)/pytest tests/test_e2e.py -v
+
 lint: env-dev
 	$(VENV)/ruff check .
 	$(VENV)/ruff format --check .
@@ -23,5 +27,6 @@ env:
 env-dev:
 	scripts/bootstrap.sh train,models,operator,dev,serve-cpu
 
-bench: env
+bench: env-dev
 	$(VENV)/python bench/train_throughput.py --model smollm2
+	$(VENV)/python bench/serving.py --model smollm2

@@ -43,13 +43,12 @@ class ServingSettings:
     base_model_dir: Path
     served_model_name: str
     namespace: str = "default"
-    allowed_namespaces: frozenset[str] = frozenset()  # empty: the server's own namespace only
+    allowed_namespaces: frozenset[str] = frozenset()  # beyond its own namespace, which is always allowed
     adapter_cache_dir: Path = field(default_factory=lambda: cache_dir() / "adapters")
     latest_ttl_s: float = 2.0  # how long "latest" may lag a newly published version
 
     def __post_init__(self) -> None:
-        if not self.allowed_namespaces:
-            object.__setattr__(self, "allowed_namespaces", frozenset({self.namespace}))
+        object.__setattr__(self, "allowed_namespaces", frozenset(self.allowed_namespaces) | {self.namespace})
 
     def to_env(self) -> dict[str, str]:
         return {

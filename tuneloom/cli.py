@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--base-model", required=True, help="model directory, s3:// prefix or known model name")
     serve.add_argument("--store", required=True, help="object store root holding adapters/ (directory or s3://)")
     serve.add_argument("--namespace", default="default", help="namespace whose adapters a bare NAME means")
-    serve.add_argument("--allowed-namespaces", default="", help="comma-separated; default: --namespace only")
+    serve.add_argument("--allowed-namespaces", default="", help="other namespaces clients may name (comma-separated)")
     serve.add_argument(
         "--served-model-name", help="the base model's name in the API (default: a hub id as given, else its folder)"
     )

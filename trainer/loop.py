@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -79,8 +80,6 @@ def learning_rate(step: int, total: int, peak: float, warmup_ratio: float) -> fl
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
@@ -206,6 +205,9 @@ class TrainingLoop:
             learning_rate=rate,
             seconds=time.monotonic() - started,
         )
+        # Every step, not only at the end: the pod's metrics endpoint is gone soon after training,
+        # often before Prometheus's next scrape.
+        reporter.peak_memory(peak_memory_bytes(self.device))
 
     def _end_of_epoch(self, epoch: int, reporter: ProgressReporter) -> None:
         state = self.state

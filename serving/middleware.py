@@ -4,7 +4,8 @@ For each generation request it turns the client's `model` into a pinned, checked
 version before vLLM sees it, answers problems with a clear OpenAI-style error and the right HTTP
 status, and counts requests and tokens per adapter. Runtime load requests may name a registry
 version (`lora_path: tuneloom://<ns>/<name>@<version>`); it fetches that and passes the local
-path on. Everything else goes through untouched.
+path on. An unload waits for the adapter's requests in flight and holds back new ones until it is
+done (see `AdapterGates`). Everything else goes through untouched.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import hmac
 import json
 import os
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
 from tuneloom.serving import metrics
@@ -42,6 +43,7 @@ class AdapterRouting:
         self.source = source or adapter_source()
         key = os.environ.get("VLLM_API_KEY")
         self._key_digest = hashlib.sha256(key.encode()).digest() if key else None
+        self._gates = AdapterGates()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
@@ -81,6 +83,7 @@ class AdapterRouting:
     async def _generate(self, scope: Scope, request: dict, body: bytes, receive: Receive, send: Send) -> None:
         model = request.get("model")
         started = time.monotonic()
+        adapter: str | None = None  # the pinned name vLLM sees; None for the base model
         if model is None or (isinstance(model, str) and self.source.is_base_model(model)):
             label = self.source.settings.served_model_name
         else:
@@ -90,13 +93,14 @@ class AdapterRouting:
                 metrics.requests.labels(exc.metrics_label, str(int(exc.status))).inc()
                 await _send_error(send, exc)
                 return
-            label = ref.key
-            request["model"] = ref.internal_name
+            label, adapter = ref.key, ref.internal_name
+            request["model"] = adapter
             body = json.dumps(request).encode()
             scope = _with_content_length(scope, len(body))
         recorder = _ResponseRecorder(send)
         try:
-            await self.app(scope, _replay(body, receive), recorder.send)
+            async with self._gates.shared(adapter):
+                await self.app(scope, _replay(body, receive), recorder.send)
         finally:
             metrics.requests.labels(label, str(recorder.status)).inc()
             metrics.request_duration.labels(label).observe(time.monotonic() - started)
@@ -122,7 +126,8 @@ class AdapterRouting:
         from tuneloom.serving.plugin import resolver
 
         recorder = _ResponseRecorder(send)
-        await self.app(scope, _replay(body, receive), recorder.send)
+        async with self._gates.exclusive(str(request.get("lora_name"))):
+            await self.app(scope, _replay(body, receive), recorder.send)
         if recorder.status == 200 and resolver() is not None:
             resolver().forget(str(request.get("lora_name")))
 
@@ -135,6 +140,52 @@ class AdapterRouting:
         ref = await asyncio.to_thread(self.source.pin, ref)
         await asyncio.to_thread(self.source.local_dir, ref)
         return ref
+
+
+class AdapterGates:
+    """Per adapter name: generation requests share it, an unload takes it alone.
+
+    vLLM keys LoRA requests by name. If a name is unloaded while requests of it still run and is
+    then loaded again (by the preload sync or the resolver), one batch holds two engine ids under
+    one name; vLLM's set of LoRA requests keeps only one of them, and the engine dies with a
+    KeyError in `convert_mapping` (vllm 0.32). So an unload waits until the name's requests have
+    finished, and requests that arrive meanwhile wait until the unload is done.
+    """
+
+    def __init__(self) -> None:
+        self._running: dict[str, int] = {}
+        self._unloading: set[str] = set()
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def shared(self, name: str | None) -> AsyncIterator[None]:
+        if name is None:  # the base model
+            yield
+            return
+        async with self._changed:
+            await self._changed.wait_for(lambda: name not in self._unloading)
+            self._running[name] = self._running.get(name, 0) + 1
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._running[name] -= 1
+                if not self._running[name]:
+                    del self._running[name]
+                self._changed.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: name not in self._unloading)
+            self._unloading.add(name)  # from here on, new requests for `name` wait
+            await self._changed.wait_for(lambda: name not in self._running)
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._unloading.discard(name)
+                self._changed.notify_all()
 
 
 class _ResponseRecorder:

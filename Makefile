@@ -30,3 +30,4 @@ env-dev:
 bench: env-dev
 	$(VENV)/python bench/train_throughput.py --model smollm2
 	$(VENV)/python bench/serving.py --model smollm2
+	$(VENV)/python bench/operator_scale.py

@@ -33,6 +33,9 @@ class OperatorConfig:
     # How often each Adapter looks for a newer registry version, and retries a failed check.
     adapter_resync_interval_s: float = 30.0
     metrics_port: int = 8080
+    health_port: int = 8081
+    # Where the operator's own metrics and health endpoints listen; tests keep them on loopback.
+    bind_address: str = "0.0.0.0"
     trainer_metrics_port: int = 9400
 
     @classmethod
@@ -48,5 +51,7 @@ class OperatorConfig:
             server_sync_interval_s=_float("TUNELOOM_SERVER_SYNC_INTERVAL_SECONDS", cls.server_sync_interval_s),
             adapter_resync_interval_s=_float("TUNELOOM_ADAPTER_RESYNC_INTERVAL_SECONDS", cls.adapter_resync_interval_s),
             metrics_port=_int("TUNELOOM_OPERATOR_METRICS_PORT", 8080),
+            health_port=_int("TUNELOOM_OPERATOR_HEALTH_PORT", 8081),
+            bind_address=os.environ.get("TUNELOOM_BIND_ADDRESS") or cls.bind_address,
             trainer_metrics_port=_int("TUNELOOM_TRAINER_METRICS_PORT", 9400),
         )

@@ -46,7 +46,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.watching.server_timeout = 300
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
     metrics = OperatorMetrics()
-    serve_metrics(metrics.registry, CONFIG.metrics_port)
+    serve_metrics(metrics.registry, CONFIG.metrics_port, CONFIG.bind_address)
     api = _api_client()
     memo.adapters = AdapterReconciler(api)
     memo.reconciler = Reconciler(CONFIG, api, metrics, memo.adapters)

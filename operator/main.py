@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import os
-
 
 def run(*, verbose: bool = False) -> int:
     import kopf
 
-    from tuneloom.operator import handlers  # noqa: F401  (registers the handlers)
+    from tuneloom.operator import handlers  # registers the handlers
 
     kopf.configure(verbose=verbose)
-    health_port = int(os.environ.get("TUNELOOM_OPERATOR_HEALTH_PORT", "8081"))
+    config = handlers.CONFIG
+    health = f"http://{config.bind_address}:{config.health_port}/healthz"
     # standalone: one operator per cluster; the Helm chart runs a single replica with Recreate.
-    kopf.run(clusterwide=True, standalone=True, liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz")
+    kopf.run(clusterwide=True, standalone=True, liveness_endpoint=health)
     return 0

@@ -146,13 +146,11 @@ class Reconciler:
         problems = self._deeper_validation(job)
         if problems:
             return self._end(status, Observation(Phase.failed, "InvalidSpec", "; ".join(problems)))
-        with self.admission:
-            ahead = self._jobs_ahead(job)
-            if ahead is not None:
-                status.update(phase=Phase.queued.value, message=f"waiting for a free slot; {ahead} job(s) ahead")
-                set_condition(status["conditions"], "Queued", "True", "WaitingForSlot", status["message"])
-                return status
-            self._create(job)
+        ahead = self._admit(job)
+        if ahead is not None:
+            status.update(phase=Phase.queued.value, message=f"waiting for a free slot; {ahead} job(s) ahead")
+            set_condition(status["conditions"], "Queued", "True", "WaitingForSlot", status["message"])
+            return status
         set_condition(status["conditions"], "Queued", "False", "Admitted", "a training slot was free")
         set_condition(status["conditions"], "Accepted", "True", "JobCreated", "the training Job was created")
         status.update(
@@ -295,11 +293,21 @@ class Reconciler:
 
     # -- queueing --------------------------------------------------------------------------------
 
+    def _admit(self, job: FineTuneJob) -> int | None:
+        """Creates the job's objects when it may start (returns None); otherwise returns how many
+        waiting jobs come before it."""
+        if not self.config.max_running_jobs and not self.config.max_running_jobs_per_namespace:
+            self._create(job)  # no cap: nothing to decide, and creates of many jobs run side by side
+            return None
+        with self.admission:
+            ahead = self._jobs_ahead(job)
+            if ahead is None:
+                self._create(job)
+            return ahead
+
     def _jobs_ahead(self, job: FineTuneJob) -> int | None:
         """None when `job` may start now; otherwise how many waiting jobs come before it."""
         cap, per_namespace = self.config.max_running_jobs, self.config.max_running_jobs_per_namespace
-        if not cap and not per_namespace:
-            return None
         listed = self.batch.list_job_for_all_namespaces(label_selector=f"{LABEL_MANAGED}={MANAGER}")
         active = [self.batch.api_client.sanitize_for_serialization(j) for j in listed.items]
         running = [j for j in active if not is_finished(j)]

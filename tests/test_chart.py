@@ -432,7 +432,11 @@ def test_helm_install_runs_the_operator(
         "HELM_CONFIG_HOME": str(tmp_path / "config"),
         "HELM_DATA_HOME": str(tmp_path / "data"),
     }
-    ports = {"metrics.operatorPort": metrics_port, "operator.healthPort": health_port}
+    ports = {
+        "metrics.operatorPort": metrics_port,
+        "operator.healthPort": health_port,
+        "operator.bindAddress": "$(TUNELOOM_POD_IP)",  # the pod runner's per-pod loopback address
+    }
     apps, core = k8s.AppsV1Api(api), k8s.CoreV1Api(api)
     # The CRDs may already be installed by other tests; Helm then leaves them as they are.
     out = run_helm(

@@ -153,6 +153,9 @@ def stack(
     settings = {
         "metrics.operatorPort": metrics_port,
         "operator.healthPort": health_port,
+        # Every server on the pod runner's per-pod loopback addresses, none on every interface.
+        "operator.bindAddress": "$(TUNELOOM_POD_IP)",
+        "server.bindAddress": "$(TUNELOOM_POD_IP)",
         "operator.reconcileIntervalSeconds": 1,
         "operator.serverSyncIntervalSeconds": 2,
         "operator.adapterResyncIntervalSeconds": 2,

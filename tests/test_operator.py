@@ -107,6 +107,7 @@ class Operator:
             "KUBECONFIG": str(self.kubeconfig),
             "TUNELOOM_OPERATOR_METRICS_PORT": str(self.metrics_port),
             "TUNELOOM_OPERATOR_HEALTH_PORT": str(free_port()),
+            "TUNELOOM_BIND_ADDRESS": "127.0.0.1",
             "TUNELOOM_RECONCILE_INTERVAL_SECONDS": "1",
             "TUNELOOM_TRAINER_METRICS_PORT": "9400",
         }

@@ -211,6 +211,7 @@ def main() -> int:
         try:
             operator_watch = JobWatch(batch, "operator").start()
             idle_rss = peak_rss_bytes(operator.pid)
+            cpu_at_start = cpu_seconds(operator.pid)
             operator_applied = create_all(
                 names,
                 lambda name: custom.create_namespaced_custom_object(
@@ -219,6 +220,7 @@ def main() -> int:
             )
             operator_watch.wait_for(names, args.timeout)
             burst_s = max(operator_watch.seen.values()) - min(operator_applied.values())
+            burst_cpu = (cpu_seconds(operator.pid) - cpu_at_start) / burst_s
             operator_watch.stop()
             # Every unfinished job is reconciled on a timer: what N waiting jobs cost the operator.
             cpu_before = cpu_seconds(operator.pid)
@@ -243,6 +245,7 @@ def main() -> int:
         "ratio_p99": round(through_operator["p99_s"] / direct["p99_s"], 2),
         "operator_peak_rss_bytes": rss,
         "operator_rss_before_burst_bytes": idle_rss,
+        "operator_cpu_cores_during_burst": round(burst_cpu, 3),
         "operator_cpu_cores_with_all_jobs_waiting": round(steady_cpu, 3),
         "reconciles": int(reconciles.get("count", 0)),
         "reconcile_mean_s": round(reconciles["sum"] / reconciles["count"], 4) if reconciles.get("count") else None,

@@ -64,6 +64,8 @@ def on_change(memo: kopf.Memo, body: kopf.Body, **_: Any) -> None:
     API_VERSION,
     PLURAL,
     interval=CONFIG.reconcile_interval_s,
+    # kopf starts a timer at once by default; the create handler has just reconciled the job.
+    initial_delay=CONFIG.reconcile_interval_s,
     when=lambda status, **_: status.get("phase") not in _TERMINAL,
 )
 def on_timer(memo: kopf.Memo, body: kopf.Body, **_: Any) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 import urllib.request
@@ -42,6 +43,7 @@ log = logging.getLogger("tuneloom.operator")
 
 TERMINAL = {Phase.succeeded, Phase.failed, Phase.cancelled}
 PLURAL = "finetunejobs"
+SERVICE_ACCOUNT_RECHECK_S = 60.0  # how stale "the namespace has the trainer's ServiceAccount" may get
 
 
 class Reconciler:
@@ -59,6 +61,9 @@ class Reconciler:
         # One reconcile per object at a time: kopf's timer and event handlers may overlap.
         self._object_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        # Namespace -> when the trainer's ServiceAccount was last created or found there: a burst of
+        # jobs in one namespace needs it created once, not once per job.
+        self._service_account_seen: dict[str, float] = {}
 
     # -- entry point -----------------------------------------------------------------------------
 
@@ -127,22 +132,23 @@ class Reconciler:
             job = parse_job({k: v for k, v in body.items() if k != "status"}, source=f"finetunejob/{meta['name']}")
         except SpecError as exc:
             return self._end(status, Observation(Phase.failed, "InvalidSpec", "; ".join(exc.problems)))
-        existing = self._read_job(job)
         if job.spec.cancel:
-            if existing is not None:
-                self._delete_job(job)
+            self._delete_job(job)
             return self._end(
                 status, Observation(Phase.cancelled, "Cancelled", "spec.cancel is true; the Job was deleted")
             )
-        if existing is None:
+        if not status.get("jobName"):
+            # Not started yet, or the operator stopped between creating the Job and recording it:
+            # creating is idempotent, so a new job costs no read first.
             return self._start(job, status)
-        return self._track(job, existing, status)
-
-    def _start(self, job: FineTuneJob, status: dict[str, Any]) -> dict[str, Any]:
-        if status.get("jobName"):
+        existing = self._read_job(job)
+        if existing is None:
             return self._end(
                 status, Observation(Phase.failed, "JobDeleted", f"Job {status['jobName']} was deleted outside Tuneloom")
             )
+        return self._track(job, existing, status)
+
+    def _start(self, job: FineTuneJob, status: dict[str, Any]) -> dict[str, Any]:
         problems = self._deeper_validation(job)
         if problems:
             return self._end(status, Observation(Phase.failed, "InvalidSpec", "; ".join(problems)))
@@ -344,16 +350,20 @@ class Reconciler:
 
     def _create(self, job: FineTuneJob) -> None:
         namespace = job.metadata.namespace
-        for create, manifest in (
-            (self.core.create_namespaced_service_account, jobbuilder.build_service_account(job, self.config)),
+        creates = [
             (self.core.create_namespaced_config_map, jobbuilder.build_configmap(job)),
             (self.batch.create_namespaced_job, jobbuilder.build_job(job, self.config)),
-        ):
+        ]
+        if time.monotonic() - self._service_account_seen.get(namespace, -math.inf) > SERVICE_ACCOUNT_RECHECK_S:
+            account = jobbuilder.build_service_account(job, self.config)
+            creates.insert(0, (self.core.create_namespaced_service_account, account))
+        for create, manifest in creates:
             try:
                 create(namespace, manifest)
             except ApiException as exc:
                 if exc.status != 409:  # 409: created by an earlier pass (or job); names are deterministic
                     raise
+        self._service_account_seen[namespace] = time.monotonic()
         log.info("created Job %s/%s", namespace, jobbuilder.job_name(job.metadata.name))
 
     def _read_job(self, job: FineTuneJob) -> dict[str, Any] | None:

@@ -155,7 +155,8 @@ def stack(
         "operator.healthPort": health_port,
         # Every server on the pod runner's per-pod loopback addresses, none on every interface.
         "operator.bindAddress": "$(TUNELOOM_POD_IP)",
-        "server.bindAddress": "$(TUNELOOM_POD_IP)",
+        # $$: the operator pod passes the reference on, for each server pod to expand to its own address.
+        "server.bindAddress": "$$(TUNELOOM_POD_IP)",
         "operator.reconcileIntervalSeconds": 1,
         "operator.serverSyncIntervalSeconds": 2,
         "operator.adapterResyncIntervalSeconds": 2,

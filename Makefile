@@ -5,7 +5,7 @@ VENV := .venv/bin
 
 quickstart: env
 	$(VENV)/tuneloom models prepare smollm2-135m-instruct
-	$(VENV)/tuneloom validate-data examples/support-tickets/train.jsonl --model $$($(VENV)/tuneloom models prepare smollm2-135m-instruct) --max-seq-length 512 --batch-size 4 --epochs 3
+	$(VENV)/tuneloom validate-data examples/support-tickets/train.jsonl --model $$($(VENV)/tuneloom models prepare smollm2-135m-instruct) --max-seq-length 512 --batch-size 4 --epochs 2
 	$(VENV)/tuneloom train -f examples/quickstart.yaml --fresh
 	$(VENV)/python -I examples/support-tickets/ask_over_http.py --store out/store
 

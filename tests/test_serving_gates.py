@@ -20,12 +20,21 @@ async def _unload(gates: AdapterGates, name: str, log: list[str]) -> None:
         log.append("unload")
 
 
+async def _busy_then_unloading(
+    gates: AdapterGates, log: list[str], label: str, release: asyncio.Event
+) -> tuple[asyncio.Task[None], asyncio.Task[None]]:
+    """A request for ns/a@1 in flight until `release`, and an unload of ns/a@1 waiting behind it."""
+    request = asyncio.create_task(_hold(gates, "ns/a@1", log, label, release))
+    await asyncio.sleep(0)
+    unload = asyncio.create_task(_unload(gates, "ns/a@1", log))
+    await asyncio.sleep(0)
+    return request, unload
+
+
 def test_an_unload_waits_for_requests_in_flight() -> None:
     async def scenario() -> list[str]:
         gates, log, release = AdapterGates(), [], asyncio.Event()
-        request = asyncio.create_task(_hold(gates, "ns/a@1", log, "request", release))
-        await asyncio.sleep(0)
-        unload = asyncio.create_task(_unload(gates, "ns/a@1", log))
+        request, unload = await _busy_then_unloading(gates, log, "request", release)
         await asyncio.sleep(0.01)
         assert log == ["request started"], "the unload went ahead of a running request"
         release.set()
@@ -39,10 +48,7 @@ def test_requests_arriving_during_an_unload_wait_for_it() -> None:
     async def scenario() -> list[str]:
         gates, log = AdapterGates(), []
         first_release, late_release = asyncio.Event(), asyncio.Event()
-        first = asyncio.create_task(_hold(gates, "ns/a@1", log, "first", first_release))
-        await asyncio.sleep(0)
-        unload = asyncio.create_task(_unload(gates, "ns/a@1", log))
-        await asyncio.sleep(0)
+        first, unload = await _busy_then_unloading(gates, log, "first", first_release)
         late = asyncio.create_task(_hold(gates, "ns/a@1", log, "late", late_release))
         await asyncio.sleep(0.01)
         assert "late started" not in log, "a request slipped in while the unload waited"
@@ -58,10 +64,7 @@ def test_requests_arriving_during_an_unload_wait_for_it() -> None:
 def test_the_base_model_and_other_adapters_never_wait() -> None:
     async def scenario() -> list[str]:
         gates, log, release = AdapterGates(), [], asyncio.Event()
-        busy = asyncio.create_task(_hold(gates, "ns/a@1", log, "a", release))
-        await asyncio.sleep(0)
-        unload = asyncio.create_task(_unload(gates, "ns/a@1", log))
-        await asyncio.sleep(0)
+        busy, unload = await _busy_then_unloading(gates, log, "a", release)
         free = asyncio.Event()
         free.set()
         await asyncio.wait_for(_hold(gates, None, log, "base", free), timeout=1)

@@ -141,22 +141,23 @@ def cpu_seconds(pid: int) -> float:
 
 
 def start_operator(kubeconfig: Path, log_path: Path) -> tuple[subprocess.Popen[bytes], int]:
-    metrics_port = free_port()
+    metrics_port, health_port = free_port(), free_port()
     env = {
         **os.environ,
         "KUBECONFIG": str(kubeconfig),
         "TUNELOOM_BIND_ADDRESS": "127.0.0.1",
         "TUNELOOM_OPERATOR_METRICS_PORT": str(metrics_port),
-        "TUNELOOM_OPERATOR_HEALTH_PORT": str(free_port()),
+        "TUNELOOM_OPERATOR_HEALTH_PORT": str(health_port),
     }
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-I", "-m", "tuneloom.cli", "operator"], env=env, stdout=log, stderr=subprocess.STDOUT
         )
+    # Ready as the chart's readiness probe sees it: /healthz answers once start-up is done.
     deadline = time.monotonic() + 60
     while True:
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=1)
+            urllib.request.urlopen(f"http://127.0.0.1:{health_port}/healthz", timeout=1)
             return process, metrics_port
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:

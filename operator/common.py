@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
@@ -54,6 +56,12 @@ def status_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     changes = {key: value for key, value in new.items() if old.get(key) != value}
     changes.update({key: None for key in old if key not in new})
     return changes
+
+
+def call_json(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """A kubernetes-client call's reply as plain JSON. The client's model objects cost more CPU to
+    build (and to turn back into dicts) than the request itself, which adds up over many jobs."""
+    return json.loads(call(*args, _preload_content=False, **kwargs).data)
 
 
 def condition_of(status: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -140,6 +148,6 @@ def post_event(core: k8s.CoreV1Api, body: dict[str, Any], kind: str, reason: str
         "count": 1,
     }
     try:
-        core.create_namespaced_event(meta["namespace"], event)
+        call_json(core.create_namespaced_event, meta["namespace"], event)
     except ApiException as exc:
         log.warning("could not post event %s on %s: %s", reason, meta["name"], exc.reason)

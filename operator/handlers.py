@@ -1,9 +1,11 @@
 """kopf handlers: each one hands the object to its reconciler, which writes back its status.
 
-Create and spec changes react at once; timers reconcile every non-terminal FineTuneJob every few
-seconds, every ModelServer (its pods and their adapters) and every Adapter (a newer registry
-version, a failed check to retry) at their own pace. That is what makes the operator
-level-triggered and restart-safe: nothing depends on having seen an event.
+A FineTuneJob whose generation its status has not observed yet (a new job, a spec change, a
+cancel) is reconciled as soon as its watch event arrives; every unfinished one is reconciled
+again every few seconds by the resync loop. ModelServers (their pods and adapters) and Adapters (a
+newer registry version, a failed check to retry) react to creates and spec changes, and timers
+revisit them at their own pace. That is what makes the operator level-triggered and restart-safe:
+nothing depends on having seen a particular event.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from tuneloom.operator.common import ADAPTERS, MODELSERVERS
 from tuneloom.operator.config import OperatorConfig
 from tuneloom.operator.metrics import OperatorMetrics
 from tuneloom.operator.reconciler import PLURAL, TERMINAL, Reconciler
+from tuneloom.operator.resync import Resync
 from tuneloom.operator.servers import ServerReconciler
 
 CONFIG = OperatorConfig.from_env()
@@ -51,31 +54,39 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     memo.adapters = AdapterReconciler(api)
     memo.reconciler = Reconciler(CONFIG, api, metrics, memo.adapters)
     memo.servers = ServerReconciler(CONFIG, api, metrics)
+    memo.resync = Resync(memo.reconciler.reconcile, _is_finished, CONFIG.reconcile_interval_s)
+    memo.resync.start()
 
 
-@kopf.on.create(API_GROUP, API_VERSION, PLURAL)
-@kopf.on.update(API_GROUP, API_VERSION, PLURAL, field="spec")
-def on_change(memo: kopf.Memo, body: kopf.Body, **_: Any) -> None:
-    memo.reconciler.reconcile(dict(body))
+@kopf.on.cleanup()
+def stop_resync(memo: kopf.Memo, **_: Any) -> None:
+    memo.resync.stop()
 
 
-@kopf.timer(
-    API_GROUP,
-    API_VERSION,
-    PLURAL,
-    interval=CONFIG.reconcile_interval_s,
-    # kopf starts a timer at once by default; the create handler has just reconciled the job.
-    initial_delay=CONFIG.reconcile_interval_s,
-    when=lambda status, **_: status.get("phase") not in _TERMINAL,
-)
-def on_timer(memo: kopf.Memo, body: kopf.Body, **_: Any) -> None:
-    memo.reconciler.reconcile(dict(body))
+def _is_finished(body: dict[str, Any]) -> bool:
+    return (body.get("status") or {}).get("phase") in _TERMINAL
 
 
-@kopf.on.delete(API_GROUP, API_VERSION, PLURAL, optional=True)
-def on_delete(memo: kopf.Memo, body: kopf.Body, **_: Any) -> None:
-    # The Job, its Pods and the ConfigMap go with the FineTuneJob through their owner references.
-    memo.reconciler.forget(dict(body))
+def _unobserved(body: dict[str, Any]) -> bool:
+    """Created, or its spec changed (which bumps the generation), since its status was written."""
+    return (body.get("status") or {}).get("observedGeneration") != body["metadata"].get("generation")
+
+
+# A low-level event handler rather than on.create/on.update: those make kopf write its own state
+# into every object after each change, a second write per job that the status already covers.
+@kopf.on.event(API_GROUP, API_VERSION, PLURAL)
+def on_event(event: kopf.RawEvent, memo: kopf.Memo, body: kopf.Body, **_: Any) -> None:
+    job = dict(body)
+    uid = job["metadata"]["uid"]
+    if event["type"] == "DELETED":
+        # The Job and its Pods go with the FineTuneJob through their owner references.
+        memo.resync.forget(uid)
+        memo.reconciler.forget(job)
+        return
+    memo.resync.track(job)
+    if _unobserved(job):
+        memo.reconciler.reconcile(job)
+        memo.resync.reconciled(uid)
 
 
 # -- Adapters ------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The objects one FineTuneJob runs as: a ConfigMap with the job file and a batch/v1 Job.
+"""The objects one FineTuneJob runs as: a batch/v1 Job that carries its own job file.
 
 Pure functions of the FineTuneJob and the operator's settings, so they are unit-testable and the
 same inputs always give the same objects (names included: a restarted operator finds, rather than
@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 from typing import Any
-
-import yaml
 
 from tuneloom.api import (
     TRAINER_EXIT_INVALID_INPUT,
@@ -26,6 +24,8 @@ from tuneloom.operator.config import OperatorConfig
 
 LABEL_JOB = "tuneloom.dev/finetunejob"
 ANNOTATION_SPEC_HASH = "tuneloom.dev/spec-sha256"
+# The job file the trainer reads, on the pod template; a downward-API volume makes it a file.
+ANNOTATION_JOB_FILE = "tuneloom.dev/job-file"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 JOB_FILE_DIR = "/etc/tuneloom"
@@ -53,10 +53,6 @@ def _short(name: str, suffix: str, limit: int = 63) -> str:
 
 def job_name(ftj_name: str) -> str:
     return _short(ftj_name, "train")
-
-
-def configmap_name(ftj_name: str) -> str:
-    return _short(ftj_name, "spec")
 
 
 def spec_hash(job: FineTuneJob) -> str:
@@ -98,25 +94,16 @@ def build_service_account(job: FineTuneJob, config: OperatorConfig) -> dict[str,
     }
 
 
-def build_configmap(job: FineTuneJob) -> dict[str, Any]:
-    """The job file the trainer reads: the FineTuneJob itself, status left out."""
+def job_file(job: FineTuneJob) -> str:
+    """The job file the trainer reads: the FineTuneJob itself, status left out. JSON, which is
+    YAML too, because the operator writes one per job and a YAML dump costs ten times as much."""
     document = {
         "apiVersion": job.apiVersion,
         "kind": job.kind,
         "metadata": {"name": job.metadata.name, "namespace": job.metadata.namespace, "uid": job.metadata.uid},
         "spec": job.spec.model_dump(mode="json", exclude_none=True),
     }
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {
-            "name": configmap_name(job.metadata.name),
-            "namespace": job.metadata.namespace,
-            "labels": _labels(job),
-            "ownerReferences": [owner_reference(job)],
-        },
-        "data": {"job.yaml": yaml.safe_dump(document, sort_keys=False)},
-    }
+    return json.dumps(document, indent=2)
 
 
 def storage_env(storage: StorageSpec) -> list[dict[str, Any]]:
@@ -169,7 +156,16 @@ def pod_resources(resources: ResourcesSpec) -> dict[str, Any]:
 
 def _volumes(job: FineTuneJob) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     volumes = [
-        {"name": "job", "configMap": {"name": configmap_name(job.metadata.name)}},
+        # From the pod's own annotation rather than a ConfigMap: one object (and one API call) less
+        # per job, and the file can never be missing or newer than the Job.
+        {
+            "name": "job",
+            "downwardAPI": {
+                "items": [
+                    {"path": "job.yaml", "fieldRef": {"fieldPath": f"metadata.annotations['{ANNOTATION_JOB_FILE}']"}}
+                ]
+            },
+        },
         # PyTorch's data loader and NCCL use shared memory; the default 64 MiB /dev/shm is too small.
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},
         {"name": "progress", "emptyDir": {}},
@@ -238,6 +234,7 @@ def build_job(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any]:
             "metadata": {
                 "labels": labels,
                 "annotations": {
+                    ANNOTATION_JOB_FILE: job_file(job),
                     "prometheus.io/scrape": "true",
                     "prometheus.io/port": str(config.trainer_metrics_port),
                 },

@@ -25,6 +25,7 @@ from tuneloom.operator.common import (
     LABEL_MANAGED,
     MANAGER,
     MODELSERVERS,
+    call_json,
     now,
     open_object_store,
     post_event,
@@ -64,30 +65,29 @@ class Reconciler:
         # Namespace -> when the trainer's ServiceAccount was last created or found there: a burst of
         # jobs in one namespace needs it created once, not once per job.
         self._service_account_seen: dict[str, float] = {}
+        # uid -> the status as our last patch stored it: tells whether a body is older than that.
+        self._written: dict[str, dict[str, Any]] = {}
 
     # -- entry point -----------------------------------------------------------------------------
 
     def reconcile(self, body: dict[str, Any]) -> dict[str, Any]:
         """Brings the FineTuneJob's status up to date; returns the fields it changed."""
         with self._lock_for(body["metadata"]["uid"]):
-            fresh = self._read_fresh(body)
-            return self._reconcile_fresh(fresh) if fresh is not None else {}
+            current = self._current(body)
+            return self._reconcile_fresh(current) if current is not None else {}
 
     def _lock_for(self, uid: str) -> threading.Lock:
         with self._locks_guard:
             return self._object_locks.setdefault(uid, threading.Lock())
 
-    def _read_fresh(self, body: dict[str, Any]) -> dict[str, Any] | None:
-        """The object as stored now: the body an event carried may predate our last status patch."""
+    def _current(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The object as stored now (None once deleted). The body a watch event or the resync
+        carries is that, unless it predates our own last status patch: only then is it read again."""
         meta = body["metadata"]
-        try:
-            return self.custom.get_namespaced_custom_object(
-                API_GROUP, API_VERSION, meta["namespace"], PLURAL, meta["name"]
-            )
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        written = self._written.get(meta["uid"])
+        if written is None or (body.get("status") or {}) == written:
+            return body
+        return read_custom(self.custom, PLURAL, meta["namespace"], meta["name"])
 
     def _reconcile_fresh(self, body: dict[str, Any]) -> dict[str, Any]:
         started = time.monotonic()
@@ -109,14 +109,22 @@ class Reconciler:
         # Written here rather than through kopf's patch: a rejected patch must fail this reconcile
         # loudly (and be retried), not silently end the timer that drives it.
         meta = body["metadata"]
-        self.custom.patch_namespaced_custom_object_status(
-            API_GROUP, API_VERSION, meta["namespace"], PLURAL, meta["name"], {"status": changes}
+        stored = call_json(
+            self.custom.patch_namespaced_custom_object_status,
+            API_GROUP,
+            API_VERSION,
+            meta["namespace"],
+            PLURAL,
+            meta["name"],
+            {"status": changes},
         )
+        self._written[meta["uid"]] = stored.get("status") or {}
 
     def forget(self, body: dict[str, Any]) -> None:
         self.metrics.phases.set(self._key(body), None)
         with self._locks_guard:
             self._object_locks.pop(body["metadata"]["uid"], None)
+        self._written.pop(body["metadata"]["uid"], None)
 
     # -- the state machine -----------------------------------------------------------------------
 
@@ -314,8 +322,8 @@ class Reconciler:
     def _jobs_ahead(self, job: FineTuneJob) -> int | None:
         """None when `job` may start now; otherwise how many waiting jobs come before it."""
         cap, per_namespace = self.config.max_running_jobs, self.config.max_running_jobs_per_namespace
-        listed = self.batch.list_job_for_all_namespaces(label_selector=f"{LABEL_MANAGED}={MANAGER}")
-        active = [self.batch.api_client.sanitize_for_serialization(j) for j in listed.items]
+        selector = f"{LABEL_MANAGED}={MANAGER}"
+        active = call_json(self.batch.list_job_for_all_namespaces, label_selector=selector)["items"]
         running = [j for j in active if not is_finished(j)]
         started = {(j["metadata"]["namespace"], j["metadata"]["labels"].get(jobbuilder.LABEL_JOB)) for j in active}
         total, by_namespace = len(running), Counter(j["metadata"]["namespace"] for j in running)
@@ -350,16 +358,13 @@ class Reconciler:
 
     def _create(self, job: FineTuneJob) -> None:
         namespace = job.metadata.namespace
-        creates = [
-            (self.core.create_namespaced_config_map, jobbuilder.build_configmap(job)),
-            (self.batch.create_namespaced_job, jobbuilder.build_job(job, self.config)),
-        ]
+        creates = [(self.batch.create_namespaced_job, jobbuilder.build_job(job, self.config))]
         if time.monotonic() - self._service_account_seen.get(namespace, -math.inf) > SERVICE_ACCOUNT_RECHECK_S:
             account = jobbuilder.build_service_account(job, self.config)
             creates.insert(0, (self.core.create_namespaced_service_account, account))
         for create, manifest in creates:
             try:
-                create(namespace, manifest)
+                call_json(create, namespace, manifest)
             except ApiException as exc:
                 if exc.status != 409:  # 409: created by an earlier pass (or job); names are deterministic
                     raise
@@ -368,12 +373,13 @@ class Reconciler:
 
     def _read_job(self, job: FineTuneJob) -> dict[str, Any] | None:
         try:
-            found = self.batch.read_namespaced_job(jobbuilder.job_name(job.metadata.name), job.metadata.namespace)
+            return call_json(
+                self.batch.read_namespaced_job, jobbuilder.job_name(job.metadata.name), job.metadata.namespace
+            )
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
-        return self.batch.api_client.sanitize_for_serialization(found)
 
     def _delete_job(self, job: FineTuneJob) -> None:
         try:
@@ -386,8 +392,8 @@ class Reconciler:
 
     def _pods(self, existing: dict[str, Any]) -> list[dict[str, Any]]:
         meta = existing["metadata"]
-        pods = self.core.list_namespaced_pod(meta["namespace"], label_selector=f"job-name={meta['name']}").items
-        return [self.core.api_client.sanitize_for_serialization(pod) for pod in pods]
+        selector = f"job-name={meta['name']}"
+        return call_json(self.core.list_namespaced_pod, meta["namespace"], label_selector=selector)["items"]
 
     def _poll_progress(self, pod: dict[str, Any] | None) -> dict[str, Any] | None:
         """The trainer's latest progress, from its /progress endpoint (it has no API rights)."""

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tuneloom.api import Phase
-from tuneloom.jobfile import parse_job
+from tuneloom.jobfile import load_job, parse_job
 from tuneloom.operator.config import OperatorConfig
-from tuneloom.operator.jobbuilder import build_configmap, build_job, job_name, spec_hash
+from tuneloom.operator.jobbuilder import build_job, job_name, spec_hash
 from tuneloom.operator.observe import observe
 
 
@@ -84,10 +83,23 @@ def test_trainer_runs_as_its_own_tokenless_service_account() -> None:
     assert pod["automountServiceAccountToken"] is False and account["automountServiceAccountToken"] is False
 
 
-def test_configmap_holds_a_job_file_the_trainer_reads() -> None:
-    document = yaml.safe_load(build_configmap(_job())["data"]["job.yaml"])
-    assert parse_job(document).spec.output.adapterName == "tickets"
-    assert document["metadata"]["uid"] == "1234-abcd"
+def test_job_carries_the_job_file_the_trainer_reads(tmp_path: Path) -> None:
+    built = build_job(_job(), OperatorConfig())
+    template = built["spec"]["template"]
+    container = template["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    mount = next(m for m in container["volumeMounts"] if env["TUNELOOM_JOB_FILE"].startswith(m["mountPath"] + "/"))
+    volume = next(v for v in template["spec"]["volumes"] if v["name"] == mount["name"])
+    (item,) = volume["downwardAPI"]["items"]
+    assert env["TUNELOOM_JOB_FILE"] == f"{mount['mountPath']}/{item['path']}"
+    annotation = item["fieldRef"]["fieldPath"].removeprefix("metadata.annotations['").removesuffix("']")
+    # What the kubelet writes into the file, read by the trainer's own loader.
+    job_file = tmp_path / item["path"]
+    job_file.write_text(template["metadata"]["annotations"][annotation])
+    loaded = load_job(job_file)
+    assert loaded.spec.output.adapterName == "tickets"
+    assert loaded.metadata.uid == "1234-abcd"
+    assert loaded.spec == _job().spec
 
 
 def test_long_names_fit_and_stay_distinct() -> None:

@@ -1,8 +1,8 @@
 """kopf handlers: each one hands the object to its reconciler, which writes back its status.
 
 A FineTuneJob whose generation its status has not observed yet (a new job, a spec change, a
-cancel) is reconciled as soon as its watch event arrives; every unfinished one is reconciled
-again every few seconds by the resync loop. ModelServers (their pods and adapters) and Adapters (a
+cancel) is reconciled as soon as its watch event arrives; the resync loop reconciles every
+unfinished one again every few seconds. ModelServers (their pods and adapters) and Adapters (a
 newer registry version, a failed check to retry) react to creates and spec changes, and timers
 revisit them at their own pace. That is what makes the operator level-triggered and restart-safe:
 nothing depends on having seen a particular event.
@@ -54,7 +54,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     memo.adapters = AdapterReconciler(api)
     memo.reconciler = Reconciler(CONFIG, api, metrics, memo.adapters)
     memo.servers = ServerReconciler(CONFIG, api, metrics)
-    memo.resync = Resync(memo.reconciler.reconcile, _is_finished, CONFIG.reconcile_interval_s)
+    memo.resync = Resync(
+        memo.reconciler.reconcile, memo.reconciler.list_training_objects, _is_finished, CONFIG.reconcile_interval_s
+    )
     memo.resync.start()
 
 
@@ -86,7 +88,6 @@ def on_event(event: kopf.RawEvent, memo: kopf.Memo, body: kopf.Body, **_: Any) -
     memo.resync.track(job)
     if _unobserved(job):
         memo.reconciler.reconcile(job)
-        memo.resync.reconciled(uid)
 
 
 # -- Adapters ------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ import math
 import threading
 import time
 import urllib.request
-from collections import Counter
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes import client as k8s
@@ -22,8 +23,6 @@ from tuneloom.jobfile import SpecError, parse_job
 from tuneloom.operator import jobbuilder
 from tuneloom.operator.adapters import AdapterReconciler
 from tuneloom.operator.common import (
-    LABEL_MANAGED,
-    MANAGER,
     MODELSERVERS,
     call_json,
     now,
@@ -35,6 +34,7 @@ from tuneloom.operator.common import (
     status_changes,
 )
 from tuneloom.operator.config import OperatorConfig
+from tuneloom.operator.jobbuilder import LABEL_JOB
 from tuneloom.operator.metrics import OperatorMetrics
 from tuneloom.operator.observe import Observation, invalid_input, is_finished, observe, running_pod
 from tuneloom.registry import read_adapter, read_published, run_prefix
@@ -45,6 +45,16 @@ log = logging.getLogger("tuneloom.operator")
 TERMINAL = {Phase.succeeded, Phase.failed, Phase.cancelled}
 PLURAL = "finetunejobs"
 SERVICE_ACCOUNT_RECHECK_S = 60.0  # how stale "the namespace has the trainer's ServiceAccount" may get
+
+
+@dataclass(frozen=True)
+class TrainingObjects:
+    """Every training Job and its Pods, listed once for a whole resync pass instead of read job by
+    job: two requests a pass however many jobs there are, served from the API server's watch cache.
+    A Job created after the listing is simply not in it, and is then read directly."""
+
+    jobs: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # (namespace, Job name) ->
+    pods: dict[tuple[str, str], list[dict[str, Any]]] = field(default_factory=dict)  # same key -> its Pods
 
 
 class Reconciler:
@@ -70,11 +80,25 @@ class Reconciler:
 
     # -- entry point -----------------------------------------------------------------------------
 
-    def reconcile(self, body: dict[str, Any]) -> dict[str, Any]:
-        """Brings the FineTuneJob's status up to date; returns the fields it changed."""
+    def reconcile(self, body: dict[str, Any], listed: TrainingObjects | None = None) -> dict[str, Any]:
+        """Brings the FineTuneJob's status up to date; returns the fields it changed. `listed`: the
+        Jobs and Pods of a resync pass; without it, the job's own are read."""
         with self._lock_for(body["metadata"]["uid"]):
             current = self._current(body)
-            return self._reconcile_fresh(current) if current is not None else {}
+            return self._reconcile_fresh(current, listed) if current is not None else {}
+
+    def list_training_objects(self) -> TrainingObjects:
+        # resourceVersion 0: from the watch cache, not a quorum read of every Pod in etcd.
+        jobs = call_json(self.batch.list_job_for_all_namespaces, label_selector=LABEL_JOB, resource_version="0")
+        pods = call_json(self.core.list_pod_for_all_namespaces, label_selector=LABEL_JOB, resource_version="0")
+        by_job: defaultdict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+        for pod in pods["items"]:
+            owner = (pod["metadata"].get("labels") or {}).get("job-name")
+            if owner:
+                by_job[(pod["metadata"]["namespace"], owner)].append(pod)
+        return TrainingObjects(
+            jobs={(j["metadata"]["namespace"], j["metadata"]["name"]): j for j in jobs["items"]}, pods=dict(by_job)
+        )
 
     def _lock_for(self, uid: str) -> threading.Lock:
         with self._locks_guard:
@@ -89,10 +113,10 @@ class Reconciler:
             return body
         return read_custom(self.custom, PLURAL, meta["namespace"], meta["name"])
 
-    def _reconcile_fresh(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _reconcile_fresh(self, body: dict[str, Any], listed: TrainingObjects | None) -> dict[str, Any]:
         started = time.monotonic()
         try:
-            status = self._reconcile(body)
+            status = self._reconcile(body, listed)
             old = body.get("status") or {}
             changes = status_changes(old, status)
             if changes:
@@ -128,7 +152,7 @@ class Reconciler:
 
     # -- the state machine -----------------------------------------------------------------------
 
-    def _reconcile(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _reconcile(self, body: dict[str, Any], listed: TrainingObjects | None) -> dict[str, Any]:
         meta = body["metadata"]
         status = json.loads(json.dumps(body.get("status") or {}))  # a deep copy to edit
         status.setdefault("phase", Phase.pending.value)
@@ -149,12 +173,18 @@ class Reconciler:
             # Not started yet, or the operator stopped between creating the Job and recording it:
             # creating is idempotent, so a new job costs no read first.
             return self._start(job, status)
-        existing = self._read_job(job)
+        key = (job.metadata.namespace, jobbuilder.job_name(job.metadata.name))
+        existing = listed.jobs.get(key) if listed else None
+        if existing is not None:
+            pods = (listed.pods if listed else {}).get(key, [])
+        else:
+            existing = self._read_job(job)
+            pods = self._pods(existing) if existing else []
         if existing is None:
             return self._end(
                 status, Observation(Phase.failed, "JobDeleted", f"Job {status['jobName']} was deleted outside Tuneloom")
             )
-        return self._track(job, existing, status)
+        return self._track(job, existing, pods, status)
 
     def _start(self, job: FineTuneJob, status: dict[str, Any]) -> dict[str, Any]:
         problems = self._deeper_validation(job)
@@ -174,7 +204,9 @@ class Reconciler:
         )
         return status
 
-    def _track(self, job: FineTuneJob, existing: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+    def _track(
+        self, job: FineTuneJob, existing: dict[str, Any], pods: list[dict[str, Any]], status: dict[str, Any]
+    ) -> dict[str, Any]:
         status["jobName"] = existing["metadata"]["name"]
         built_from = (existing["metadata"].get("annotations") or {}).get(jobbuilder.ANNOTATION_SPEC_HASH)
         if built_from and built_from != jobbuilder.spec_hash(job):
@@ -186,7 +218,6 @@ class Reconciler:
                 "the spec changed after the Job started; the running Job keeps the spec it started with. "
                 "Only spec.cancel may change now: cancel and create a new FineTuneJob to apply changes",
             )
-        pods = self._pods(existing)
         seen = observe(existing, pods)
         if seen.phase is Phase.succeeded:
             return self._succeed(job, status)
@@ -322,10 +353,9 @@ class Reconciler:
     def _jobs_ahead(self, job: FineTuneJob) -> int | None:
         """None when `job` may start now; otherwise how many waiting jobs come before it."""
         cap, per_namespace = self.config.max_running_jobs, self.config.max_running_jobs_per_namespace
-        selector = f"{LABEL_MANAGED}={MANAGER}"
-        active = call_json(self.batch.list_job_for_all_namespaces, label_selector=selector)["items"]
+        active = call_json(self.batch.list_job_for_all_namespaces, label_selector=LABEL_JOB)["items"]
         running = [j for j in active if not is_finished(j)]
-        started = {(j["metadata"]["namespace"], j["metadata"]["labels"].get(jobbuilder.LABEL_JOB)) for j in active}
+        started = {(j["metadata"]["namespace"], j["metadata"]["labels"].get(LABEL_JOB)) for j in active}
         total, by_namespace = len(running), Counter(j["metadata"]["namespace"] for j in running)
         waiting = [
             item

@@ -223,7 +223,7 @@ def main() -> int:
             burst_s = max(operator_watch.seen.values()) - min(operator_applied.values())
             burst_cpu = (cpu_seconds(operator.pid) - cpu_at_start) / burst_s
             operator_watch.stop()
-            # Every unfinished job is reconciled on a timer: what N waiting jobs cost the operator.
+            # Every unfinished job is reconciled again each resync pass: what N waiting jobs cost.
             cpu_before = cpu_seconds(operator.pid)
             time.sleep(args.steady_seconds)
             steady_cpu = (cpu_seconds(operator.pid) - cpu_before) / args.steady_seconds

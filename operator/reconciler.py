@@ -69,7 +69,7 @@ class Reconciler:
         self.adapters = adapters
         # One admission decision at a time: two jobs must not both take the last free slot.
         self.admission = threading.Lock()
-        # One reconcile per object at a time: kopf's timer and event handlers may overlap.
+        # One reconcile per object at a time: the event handler and a resync pass may overlap.
         self._object_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         # Namespace -> when the trainer's ServiceAccount was last created or found there: a burst of
@@ -131,7 +131,7 @@ class Reconciler:
 
     def _patch_status(self, body: dict[str, Any], changes: dict[str, Any]) -> None:
         # Written here rather than through kopf's patch: a rejected patch must fail this reconcile
-        # loudly (and be retried), not silently end the timer that drives it.
+        # loudly (and be retried on the next pass), and its reply tells what is stored now.
         meta = body["metadata"]
         stored = call_json(
             self.custom.patch_namespaced_custom_object_status,

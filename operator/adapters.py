@@ -198,7 +198,7 @@ class AdapterReconciler:
     def __init__(self, api: k8s.ApiClient):
         self.core = k8s.CoreV1Api(api)
         self.custom = k8s.CustomObjectsApi(api)
-        # One reconcile per Adapter at a time: kopf's timer, its event handlers and a FineTuneJob's
+        # One reconcile per Adapter at a time: the resync loop, its event handler and a FineTuneJob's
         # success may all reach the same Adapter at once.
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()

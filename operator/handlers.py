@@ -1,17 +1,23 @@
 """kopf handlers: each one hands the object to its reconciler, which writes back its status.
 
-A FineTuneJob whose generation its status has not observed yet (a new job, a spec change, a
-cancel) is reconciled as soon as its watch event arrives; the resync loop reconciles every
-unfinished one again every few seconds. ModelServers (their pods and adapters) and Adapters (a
-newer registry version, a failed check to retry) react to creates and spec changes, and timers
-revisit them at their own pace. That is what makes the operator level-triggered and restart-safe:
-nothing depends on having seen a particular event.
+An object whose generation its status has not observed yet (new, its spec changed, a job
+cancelled) is reconciled as soon as its watch event arrives. A resync loop per kind reconciles
+every object again at that kind's pace: unfinished FineTuneJobs every few seconds (pods, progress,
+a free slot), ModelServers (their pods and adapters) and Adapters (a newer registry version, a
+failed check to retry) less often. That is what makes the operator level-triggered and
+restart-safe: nothing depends on having seen a particular event.
+
+Low-level event handlers rather than kopf's on.create/on.update and timers: those make kopf write
+its own state into every object (an annotation after each change, a finalizer for the timers),
+one more write per change, and a delete that hangs whenever the operator is down. The operator
+writes only `status`.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import kopf
 from kubernetes import client as k8s
@@ -41,10 +47,7 @@ def _api_client() -> k8s.ApiClient:
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    # Progress and diff-base in annotations: the CRD's status schema is ours alone.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="tuneloom.dev")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="tuneloom.dev")
-    # The reconciler posts one event per phase change; kopf's per-handler events would drown them.
+    # The reconcilers post one event per phase change; kopf's per-handler events would drown them.
     settings.posting.enabled = False
     settings.watching.server_timeout = 300
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
@@ -54,15 +57,35 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     memo.adapters = AdapterReconciler(api)
     memo.reconciler = Reconciler(CONFIG, api, metrics, memo.adapters)
     memo.servers = ServerReconciler(CONFIG, api, metrics)
-    memo.resync = Resync(
-        memo.reconciler.reconcile, memo.reconciler.list_training_objects, _is_finished, CONFIG.reconcile_interval_s
-    )
-    memo.resync.start()
+    memo.resyncs = {
+        PLURAL: Resync(
+            memo.reconciler.reconcile,
+            memo.reconciler.list_training_objects,
+            _is_finished,
+            CONFIG.reconcile_interval_s,
+        ),
+        ADAPTERS: _resync_each(memo.adapters.reconcile, CONFIG.adapter_resync_interval_s),
+        MODELSERVERS: _resync_each(memo.servers.reconcile, CONFIG.server_sync_interval_s),
+    }
+    for resync in memo.resyncs.values():
+        resync.start()
 
 
 @kopf.on.cleanup()
-def stop_resync(memo: kopf.Memo, **_: Any) -> None:
-    memo.resync.stop()
+def stop_resyncs(memo: kopf.Memo, **_: Any) -> None:
+    for resync in memo.resyncs.values():
+        resync.stop()
+
+
+class _Reconciles(Protocol):
+    def reconcile(self, body: dict[str, Any]) -> Any: ...
+
+    def forget(self, body: dict[str, Any]) -> None: ...
+
+
+def _resync_each(reconcile: Callable[[dict[str, Any]], Any], interval_s: float) -> Resync[None]:
+    """A resync loop for objects that never finish and whose reconciles need no shared listing."""
+    return Resync(lambda body, _: reconcile(body), lambda: None, lambda _: False, interval_s)
 
 
 def _is_finished(body: dict[str, Any]) -> bool:
@@ -74,57 +97,30 @@ def _unobserved(body: dict[str, Any]) -> bool:
     return (body.get("status") or {}).get("observedGeneration") != body["metadata"].get("generation")
 
 
-# A low-level event handler rather than on.create/on.update: those make kopf write its own state
-# into every object after each change, a second write per job that the status already covers.
-@kopf.on.event(API_GROUP, API_VERSION, PLURAL)
-def on_event(event: kopf.RawEvent, memo: kopf.Memo, body: kopf.Body, **_: Any) -> None:
-    job = dict(body)
-    uid = job["metadata"]["uid"]
+def _on_event(event: kopf.RawEvent, body: kopf.Body, reconciler: _Reconciles, resync: Resync[Any]) -> None:
+    obj = dict(body)
     if event["type"] == "DELETED":
-        # The Job and its Pods go with the FineTuneJob through their owner references.
-        memo.resync.forget(uid)
-        memo.reconciler.forget(job)
+        resync.forget(obj["metadata"]["uid"])
+        reconciler.forget(obj)
         return
-    memo.resync.track(job)
-    if _unobserved(job):
-        memo.reconciler.reconcile(job)
+    resync.track(obj)
+    if _unobserved(obj):
+        reconciler.reconcile(obj)
 
 
-# -- Adapters ------------------------------------------------------------------------------------
+@kopf.on.event(API_GROUP, API_VERSION, PLURAL)
+def on_job_event(event: kopf.RawEvent, memo: kopf.Memo, body: kopf.Body, **_: Any) -> None:
+    # Once deleted, its Job and Pods go with it through their owner references.
+    _on_event(event, body, memo.reconciler, memo.resyncs[PLURAL])
 
 
-@kopf.on.create(API_GROUP, API_VERSION, ADAPTERS)
-@kopf.on.update(API_GROUP, API_VERSION, ADAPTERS, field="spec")
-def on_adapter_change(memo: kopf.Memo, body: kopf.Body, **_: Any) -> None:
-    memo.adapters.reconcile(dict(body))
+@kopf.on.event(API_GROUP, API_VERSION, ADAPTERS)
+def on_adapter_event(event: kopf.RawEvent, memo: kopf.Memo, body: kopf.Body, **_: Any) -> None:
+    # Once deleted, the registry keeps its versions: an Adapter object is a view of them, not their owner.
+    _on_event(event, body, memo.adapters, memo.resyncs[ADAPTERS])
 
 
-@kopf.timer(API_GROUP, API_VERSION, ADAPTERS, interval=CONFIG.adapter_resync_interval_s)
-def on_adapter_timer(memo: kopf.Memo, body: kopf.Body, **_: Any) -> None:
-    memo.adapters.reconcile(dict(body))
-
-
-@kopf.on.delete(API_GROUP, API_VERSION, ADAPTERS, optional=True)
-def on_adapter_delete(memo: kopf.Memo, body: kopf.Body, **_: Any) -> None:
-    # The registry keeps its versions: an Adapter object is a view of them, not their owner.
-    memo.adapters.forget(dict(body))
-
-
-# -- ModelServers --------------------------------------------------------------------------------
-
-
-@kopf.on.create(API_GROUP, API_VERSION, MODELSERVERS)
-@kopf.on.update(API_GROUP, API_VERSION, MODELSERVERS, field="spec")
-def on_server_change(memo: kopf.Memo, body: kopf.Body, **_: Any) -> None:
-    memo.servers.reconcile(dict(body))
-
-
-@kopf.timer(API_GROUP, API_VERSION, MODELSERVERS, interval=CONFIG.server_sync_interval_s)
-def on_server_timer(memo: kopf.Memo, body: kopf.Body, **_: Any) -> None:
-    memo.servers.reconcile(dict(body))
-
-
-@kopf.on.delete(API_GROUP, API_VERSION, MODELSERVERS, optional=True)
-def on_server_delete(memo: kopf.Memo, body: kopf.Body, **_: Any) -> None:
-    # The Deployment and the Service go with the ModelServer through their owner references.
-    memo.servers.forget(dict(body))
+@kopf.on.event(API_GROUP, API_VERSION, MODELSERVERS)
+def on_server_event(event: kopf.RawEvent, memo: kopf.Memo, body: kopf.Body, **_: Any) -> None:
+    # Once deleted, its Deployment and Service go with it through their owner references.
+    _on_event(event, body, memo.servers, memo.resyncs[MODELSERVERS])

@@ -14,7 +14,7 @@ def run(*, verbose: bool = False) -> int:
     logging.getLogger().handlers.clear()
     kopf.configure(verbose=verbose)
     if not verbose:
-        # kopf reports every handler and timer run at INFO: one line per job every few seconds.
+        # kopf reports every handler run at INFO: one line per watch event of every object.
         # Failures still come through as warnings and errors, and the reconcilers log what they do.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     config = handlers.CONFIG

@@ -262,7 +262,7 @@ class Reconciler:
 
     def _record_adapter(self, job: FineTuneJob) -> None:
         """Creates or updates the Adapter named after the result, and checks it at once rather than
-        on its next timer pass. API errors propagate, so the job's success is retried with them."""
+        on its next resync pass. API errors propagate, so the job's success is retried with them."""
         try:
             body = self.adapters.upsert_for_job(job)
         except ApiException as exc:

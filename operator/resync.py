@@ -1,11 +1,11 @@
-"""Reconciling every unfinished FineTuneJob again and again: the operator's level-triggered half.
+"""Reconciling every unfinished object of a kind again and again: the level-triggered half.
 
-A watch event starts a job at once. What no event brings (the trainer's progress, its pod's
-state, a retry after an error, a free slot for a queued job) comes from a resync pass over every
-unfinished job every `interval_s`. A pass lists what its reconciles read once, up front (`prepare`),
-so that its cost in API requests does not grow with the number of jobs. One loop serves every
-job, where a kopf timer per object would put kopf's finalizer on each FineTuneJob: one more write
-per job, and a `kubectl delete` that hangs whenever the operator is down.
+A watch event reconciles a new or changed object at once. What no event brings (a job's progress
+and pod state, a server's pods, a retry after an error, a free slot for a queued job) comes from a
+resync pass over every unfinished object every `interval_s`. A pass lists what its reconciles read
+once, up front (`prepare`), so that its cost in API requests does not grow with the number of
+objects. One loop serves a whole kind, where a kopf timer per object would put kopf's finalizer on
+each one: one more write per object, and a `kubectl delete` that hangs whenever the operator is down.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class Resync(Generic[Listed]):
         self._is_finished = is_finished
         self._interval_s = interval_s
         self._lock = threading.Lock()
-        self._bodies: dict[str, Body] = {}  # uid -> the latest body seen, for every unfinished job
+        self._bodies: dict[str, Body] = {}  # uid -> the latest body seen, for every unfinished object
         self._stopped = threading.Event()
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="resync")
         self._thread = threading.Thread(target=self._run, name="resync", daemon=True)
@@ -50,7 +50,7 @@ class Resync(Generic[Listed]):
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def track(self, body: Body) -> None:
-        """Records the latest body of a job: the next passes reconcile it until it is finished."""
+        """Records the latest body of an object: the next passes reconcile it until it is finished."""
         uid = body["metadata"]["uid"]
         with self._lock:
             if self._is_finished(body):

@@ -29,7 +29,7 @@ from tuneloom.storage import ObjectStore, open_store
 
 from . import test_operator
 from .kube import KubeCluster, kubectl, wait_for
-from .test_operator import ROOT, Bench, Operator, _dataset, _operator_kubeconfig
+from .test_operator import ROOT, Bench, Operator, _dataset, _operator_kubeconfig, assert_no_operator_state
 
 GROUP, VERSION = "tuneloom.dev", "v1alpha1"
 bench = test_operator.bench  # the fixture: a namespace, a bucket, an S3 Secret and the tiny model
@@ -325,6 +325,7 @@ def test_missing_version_and_bad_source_say_what_is_wrong(serving_operator: Oper
     )
     ghost = ready_condition(wait_adapter(bench, "ghost", "Ready", "Failed"))
     assert ghost["reason"] == "NotFound" and "version 7" in ghost["message"], ghost
+    assert_no_operator_state(get_object(bench, "adapters", "ghost"))
     empty = f"{bench.bucket_uri}/nothing-{uuid.uuid4().hex[:6]}"
     bench.custom.create_namespaced_custom_object(
         GROUP, VERSION, bench.namespace, "adapters", adapter_manifest("empty", str(bench.model), bench, uri=empty)

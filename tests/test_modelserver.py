@@ -29,7 +29,7 @@ from tuneloom.storage import open_store
 from . import test_adapters, test_operator
 from .kube import KubeCluster, kubectl, wait_for
 from .test_adapters import GROUP, VERSION, adapter_manifest, get_object, upload_peft
-from .test_operator import Bench, Operator
+from .test_operator import Bench, Operator, assert_no_operator_state
 
 # Fixtures shared with the adapter tests, under the names tests and fixtures ask for.
 bench = test_operator.bench
@@ -411,6 +411,7 @@ def test_missing_api_key_secret_is_reported_and_nothing_is_created(serving_opera
     assert (ready["status"], ready["reason"]) == ("False", "SecretNotFound")
     assert "absent" in ready["message"] and "apiKeySecret" in ready["message"]
     assert _deployment(bench, "keyless") is None
+    assert_no_operator_state(get_object(bench, "modelservers", "keyless"))
 
 
 # -- a live server pod -----------------------------------------------------------------------------

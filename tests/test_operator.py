@@ -395,12 +395,16 @@ def test_deleting_a_running_job_removes_its_job_and_pods(operator: Operator, ben
     wait_for(lambda: not bench.core.list_namespaced_pod(bench.namespace).items, "its pod to be deleted")
 
 
+def assert_no_operator_state(body: dict[str, Any]) -> None:
+    """Status is the only thing the operator writes on its objects: no finalizer, no annotations."""
+    meta = body["metadata"]
+    assert not meta.get("finalizers") and not meta.get("annotations"), meta
+
+
 def test_a_job_carries_no_operator_state_and_deletes_without_the_operator(operator: Operator, bench: Bench) -> None:
     bench.apply(bench.manifest("plain", "s3://absent/train.jsonl", storage={"credentialsSecret": "absent"}))
     bench.wait_phase("plain", "Failed")
-    meta = bench.get("plain")["metadata"]
-    # Status is the only thing the operator writes on a FineTuneJob: no finalizer, no annotations.
-    assert not meta.get("finalizers") and not meta.get("annotations"), meta
+    assert_no_operator_state(bench.get("plain"))
     operator.stop()
     try:
         bench.custom.delete_namespaced_custom_object(GROUP, VERSION, bench.namespace, PLURAL, "plain")

@@ -417,6 +417,14 @@ def test_a_job_carries_no_operator_state_and_deletes_without_the_operator(operat
         operator.start()
 
 
+def test_kopf_finalizer_left_by_an_older_operator_is_removed(operator: Operator, bench: Bench) -> None:
+    manifest = bench.manifest("upgraded", "s3://absent/train.jsonl", storage={"credentialsSecret": "absent"})
+    manifest["metadata"]["finalizers"] = ["kopf.zalando.org/KopfFinalizerMarker"]  # kopf's default marker
+    bench.apply(manifest)
+    bench.wait_phase("upgraded", "Failed")
+    wait_for(lambda: not bench.get("upgraded")["metadata"].get("finalizers"), "kopf's finalizer to be removed")
+
+
 def test_operator_restart_mid_job_keeps_one_job(operator: Operator, bench: Bench) -> None:
     data = bench.upload_data("train.jsonl", _dataset())
     bench.apply(bench.manifest("restart", data, hyperparameters={"epochs": 60}))

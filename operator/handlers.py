@@ -50,6 +50,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # The reconcilers post one event per phase change; kopf's per-handler events would drown them.
     settings.posting.enabled = False
     settings.watching.server_timeout = 300
+    settings.execution.max_workers = CONFIG.handler_threads
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
     metrics = OperatorMetrics()
     serve_metrics(metrics.registry, CONFIG.metrics_port, CONFIG.bind_address)

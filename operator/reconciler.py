@@ -12,7 +12,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from kubernetes import client as k8s
@@ -45,6 +45,7 @@ log = logging.getLogger("tuneloom.operator")
 TERMINAL = {Phase.succeeded, Phase.failed, Phase.cancelled}
 PLURAL = "finetunejobs"
 SERVICE_ACCOUNT_RECHECK_S = 60.0  # how stale "the namespace has the trainer's ServiceAccount" may get
+POD_JOB_LABEL = "job-name"  # set by the Job controller on each Pod it creates
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,8 @@ class TrainingObjects:
     job: two requests a pass however many jobs there are, served from the API server's watch cache.
     A Job created after the listing is simply not in it, and is then read directly."""
 
-    jobs: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # (namespace, Job name) ->
-    pods: dict[tuple[str, str], list[dict[str, Any]]] = field(default_factory=dict)  # same key -> its Pods
+    jobs: dict[tuple[str, str], dict[str, Any]]  # (namespace, Job name) -> the Job
+    pods: dict[tuple[str, str], list[dict[str, Any]]]  # same key -> its Pods
 
 
 class Reconciler:
@@ -93,7 +94,7 @@ class Reconciler:
         pods = call_json(self.core.list_pod_for_all_namespaces, label_selector=LABEL_JOB, resource_version="0")
         by_job: defaultdict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
         for pod in pods["items"]:
-            owner = (pod["metadata"].get("labels") or {}).get("job-name")
+            owner = (pod["metadata"].get("labels") or {}).get(POD_JOB_LABEL)
             if owner:
                 by_job[(pod["metadata"]["namespace"], owner)].append(pod)
         return TrainingObjects(
@@ -173,13 +174,7 @@ class Reconciler:
             # Not started yet, or the operator stopped between creating the Job and recording it:
             # creating is idempotent, so a new job costs no read first.
             return self._start(job, status)
-        key = (job.metadata.namespace, jobbuilder.job_name(job.metadata.name))
-        existing = listed.jobs.get(key) if listed else None
-        if existing is not None:
-            pods = (listed.pods if listed else {}).get(key, [])
-        else:
-            existing = self._read_job(job)
-            pods = self._pods(existing) if existing else []
+        existing, pods = self._job_and_pods(job, listed)
         if existing is None:
             return self._end(
                 status, Observation(Phase.failed, "JobDeleted", f"Job {status['jobName']} was deleted outside Tuneloom")
@@ -401,6 +396,17 @@ class Reconciler:
         self._service_account_seen[namespace] = time.monotonic()
         log.info("created Job %s/%s", namespace, jobbuilder.job_name(job.metadata.name))
 
+    def _job_and_pods(
+        self, job: FineTuneJob, listed: TrainingObjects | None
+    ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+        """The job's Job (None when it is gone) and its Pods: from the pass's listing, or read when
+        there is none or it predates the Job."""
+        key = (job.metadata.namespace, jobbuilder.job_name(job.metadata.name))
+        if listed and key in listed.jobs:
+            return listed.jobs[key], listed.pods.get(key, [])
+        existing = self._read_job(job)
+        return existing, self._pods(existing) if existing else []
+
     def _read_job(self, job: FineTuneJob) -> dict[str, Any] | None:
         try:
             return call_json(
@@ -422,7 +428,7 @@ class Reconciler:
 
     def _pods(self, existing: dict[str, Any]) -> list[dict[str, Any]]:
         meta = existing["metadata"]
-        selector = f"job-name={meta['name']}"
+        selector = f"{POD_JOB_LABEL}={meta['name']}"
         return call_json(self.core.list_namespaced_pod, meta["namespace"], label_selector=selector)["items"]
 
     def _poll_progress(self, pod: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -208,6 +208,10 @@ class Bench:
             body[key] = {**body.get(key, {}), **value} if isinstance(value, dict) else value
         return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": body}
 
+    def manifest_without_secret(self, name: str) -> dict[str, Any]:
+        """A job the operator fails before creating anything: its credentials Secret does not exist."""
+        return self.manifest(name, "s3://absent/train.jsonl", storage={"credentialsSecret": "absent"})
+
     def apply(self, manifest: dict[str, Any]) -> None:
         self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, manifest)
 
@@ -349,8 +353,7 @@ def test_failing_trainer_fails_with_a_reason(operator: Operator, bench: Bench) -
 
 
 def test_missing_secret_is_refused_before_any_job(operator: Operator, bench: Bench) -> None:
-    manifest = bench.manifest("nosecret", "s3://b/d.jsonl", storage={"credentialsSecret": "absent"})
-    bench.apply(manifest)
+    bench.apply(bench.manifest_without_secret("nosecret"))
     status = bench.wait_phase("nosecret", "Failed")
     assert "Secret" in status["message"] and "absent" in status["message"]
     assert bench.jobs() == []
@@ -402,7 +405,7 @@ def assert_no_operator_state(body: dict[str, Any]) -> None:
 
 
 def test_a_job_carries_no_operator_state_and_deletes_without_the_operator(operator: Operator, bench: Bench) -> None:
-    bench.apply(bench.manifest("plain", "s3://absent/train.jsonl", storage={"credentialsSecret": "absent"}))
+    bench.apply(bench.manifest_without_secret("plain"))
     bench.wait_phase("plain", "Failed")
     assert_no_operator_state(bench.get("plain"))
     operator.stop()
@@ -418,7 +421,7 @@ def test_a_job_carries_no_operator_state_and_deletes_without_the_operator(operat
 
 
 def test_kopf_finalizer_left_by_an_older_operator_is_removed(operator: Operator, bench: Bench) -> None:
-    manifest = bench.manifest("upgraded", "s3://absent/train.jsonl", storage={"credentialsSecret": "absent"})
+    manifest = bench.manifest_without_secret("upgraded")
     manifest["metadata"]["finalizers"] = ["kopf.zalando.org/KopfFinalizerMarker"]  # kopf's default marker
     bench.apply(manifest)
     bench.wait_phase("upgraded", "Failed")

@@ -23,6 +23,11 @@ load_duration = Histogram(
 load_failures = Counter(
     "tuneloom_serving_adapter_load_failures", "Adapter versions that could not be served.", ["adapter", "reason"]
 )
+skipped_versions = Counter(
+    "tuneloom_serving_adapter_skipped_versions",
+    'Versions that "latest" passed over because they fail verification.',
+    ["adapter"],
+)
 loaded_adapters = Gauge(
     "tuneloom_serving_loaded_adapters",
     "Adapter versions registered with the engine; it keeps up to --max-cpu-loras in memory and "

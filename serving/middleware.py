@@ -1,11 +1,15 @@
-"""ASGI middleware in front of vLLM's OpenAI server (`--middleware`).
+"""ASGI middleware in front of vLLM's OpenAI server (`--middleware`): the server's one policy.
 
-For each generation request it turns the client's `model` into a pinned, checked adapter
-version before vLLM sees it, answers problems with a clear OpenAI-style error and the right HTTP
-status, and counts requests and tokens per adapter. Runtime load requests may name a registry
-version (`lora_path: tuneloom://<ns>/<name>@<version>`); it fetches that and passes the local
-path on. An unload waits for the adapter's requests in flight and holds back new ones until it is
-done (see `AdapterGates`). Everything else goes through untouched.
+Every request passes here first (vLLM adds `--middleware` classes outermost). It:
+- checks the API key on every route but the open ones (`policy.OPEN_PATHS`), whatever routes
+  vLLM has, and answers 401 OpenAI-style;
+- applies each route's policy (see `policy.py`): for a pinned route, turns the client's `model`
+  into a committed, verified adapter version before vLLM sees it, gates the request against
+  unloads, and counts it per adapter; runtime loads accept registry versions only; refused
+  routes get 403;
+- writes the access log itself, without query strings (they may carry credentials), in place of
+  uvicorn's, which `tuneloom serve` turns off.
+Problems are answered with a clear OpenAI-style error and the right HTTP status.
 """
 
 from __future__ import annotations
@@ -15,14 +19,17 @@ import contextlib
 import hashlib
 import hmac
 import json
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from http import HTTPStatus
 from typing import Any
 
 from tuneloom.serving import metrics
-from tuneloom.serving.adapters import REGISTRY_SCHEME, AdapterSource
-from tuneloom.serving.names import AdapterError, AdapterRef, InvalidAdapterName
+from tuneloom.serving.adapters import REGISTRY_SCHEME, AdapterSource, ResolvedAdapter
+from tuneloom.serving.names import AdapterError
+from tuneloom.serving.policy import Policy, RouteRule, route_rules
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -30,57 +37,126 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
-LOAD_PATH = "/v1/load_lora_adapter"
-UNLOAD_PATH = "/v1/unload_lora_adapter"
+access_log = logging.getLogger("tuneloom.serving.access")
+log = logging.getLogger("tuneloom.serving")
+
+_UNMATCHED = RouteRule("", Policy.PLAIN)  # vLLM answers 404 (after the key check)
+
+
+class ClientError(Exception):
+    """A request refused before it reaches vLLM, answered as OpenAI does."""
+
+    def __init__(self, status: HTTPStatus, message: str, *, param: str | None = None, error_type: str = ""):
+        super().__init__(message)
+        self.status, self.param = status, param
+        self.error_type = error_type or _ERROR_TYPES.get(status, "APIError")
+
+    @classmethod
+    def of(cls, error: AdapterError, param: str = "model") -> ClientError:
+        return cls(error.status, str(error), param=param, error_type=error.error_type)
+
+
+_ERROR_TYPES = {
+    HTTPStatus.BAD_REQUEST: "BadRequestError",
+    HTTPStatus.UNAUTHORIZED: "AuthenticationError",
+    HTTPStatus.FORBIDDEN: "PermissionDeniedError",
+    HTTPStatus.REQUEST_ENTITY_TOO_LARGE: "RequestTooLargeError",
+}
 
 
 class AdapterRouting:
     def __init__(self, app: ASGIApp, source: AdapterSource | None = None):
-        from tuneloom.serving.plugin import adapter_source
+        from tuneloom.serving.plugin import adapter_source, log_through_vllm
 
+        log_through_vllm()  # the API server process may have configured vLLM's logging after the plugin ran
         self.app = app
         self.source = source or adapter_source()
         key = os.environ.get("VLLM_API_KEY")
         self._key_digest = hashlib.sha256(key.encode()).digest() if key else None
         self._gates = AdapterGates()
+        self._rules: list[tuple[Any, RouteRule]] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if (
-            self.source is None
-            or scope["type"] != "http"
-            or scope.get("method") != "POST"
-            or path not in GENERATION_PATHS | {LOAD_PATH, UNLOAD_PATH}
-            or not self._authorized(scope)  # vLLM's own check answers 401; nothing is revealed here
-        ):
-            await self.app(scope, receive, send)
+        if self.source is None or scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)  # not started by `tuneloom serve`, or lifespan
             return
-        body = await _read_body(receive)
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+            return
+        started = time.monotonic()
+        recorder = _StatusRecorder(send)
         try:
-            request = json.loads(body)
-        except ValueError:
-            await self.app(scope, _replay(body, receive), send)  # vLLM reports malformed JSON itself
-            return
-        if not isinstance(request, dict):
-            await self.app(scope, _replay(body, receive), send)
-            return
-        if path == LOAD_PATH:
-            await self._load(scope, request, body, receive, send)
-        elif path == UNLOAD_PATH:
-            await self._unload(scope, request, body, receive, send)
-        else:
-            await self._generate(scope, request, body, receive, send)
+            await self._http(scope, receive, recorder)
+        finally:
+            client = scope.get("client") or ("-", 0)
+            access_log.info(
+                '%s:%s "%s %s" %d %.3fs',
+                client[0],
+                client[1],
+                scope.get("method"),
+                scope.get("path"),
+                recorder.status,
+                time.monotonic() - started,
+            )
 
-    def _authorized(self, scope: Scope) -> bool:
+    async def _http(self, scope: Scope, receive: Receive, recorder: _StatusRecorder) -> None:
+        rule = self._rule(scope)
+        try:
+            if rule.policy is not Policy.OPEN and scope.get("method") != "OPTIONS":
+                self._require_key(scope)
+            if rule.policy is Policy.REFUSED:
+                raise ClientError(HTTPStatus.FORBIDDEN, f"{scope.get('method')} {rule.path} is disabled: {rule.reason}")
+            if rule.policy not in (Policy.PINNED, Policy.LOAD, Policy.UNLOAD) or scope.get("method") != "POST":
+                await self.app(scope, receive, recorder.send)
+                return
+            body = await _read_body(receive, self.source.settings.max_request_bytes)
+            request = _json_object(body)
+        except ClientError as error:
+            await _send_error(recorder.send, error)
+            return
+        handle = {Policy.PINNED: self._pinned, Policy.LOAD: self._load, Policy.UNLOAD: self._unload}[rule.policy]
+        await handle(scope, request, body, receive, recorder)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            self._require_key(scope)
+        except ClientError:
+            await send({"type": "websocket.close", "code": 1008, "reason": "a valid API key is required"})
+            return
+        await self.app(scope, receive, send)
+
+    def _rule(self, scope: Scope) -> RouteRule:
+        """The rule of the route vLLM's router will pick for this request (its own matching)."""
+        from starlette.routing import Match
+
+        if self._rules is None:
+            self._rules = route_rules(scope["app"]) if "app" in scope else []
+            _log_policy(self._rules)
+        partial = None
+        for route, rule in self._rules:
+            match, _ = route.matches(scope)
+            if match is Match.FULL:
+                return rule
+            if match is Match.PARTIAL and partial is None:
+                partial = rule
+        return partial or _UNMATCHED
+
+    def _require_key(self, scope: Scope) -> None:
         if self._key_digest is None:
-            return True
+            return
         headers = dict(scope.get("headers") or [])
         scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-        digest = hashlib.sha256(token.encode()).digest()
-        return scheme.lower() == "bearer" and hmac.compare_digest(digest, self._key_digest)
+        # Both sides hashed to one length first, so the comparison takes the same time for any key.
+        digest = hashlib.sha256(token.encode("latin-1")).digest()
+        if not (hmac.compare_digest(digest, self._key_digest) and scheme.lower() == "bearer"):
+            raise ClientError(
+                HTTPStatus.UNAUTHORIZED,
+                "a valid API key is required: send the header 'Authorization: Bearer KEY' (OpenAI SDK: api_key=KEY)",
+            )
 
-    async def _generate(self, scope: Scope, request: dict, body: bytes, receive: Receive, send: Send) -> None:
+    async def _pinned(
+        self, scope: Scope, request: dict, body: bytes, receive: Receive, recorder: _StatusRecorder
+    ) -> None:
         model = request.get("model")
         started = time.monotonic()
         adapter: str | None = None  # the pinned name vLLM sees; None for the base model
@@ -88,58 +164,85 @@ class AdapterRouting:
             label = self.source.settings.served_model_name
         else:
             try:
-                ref = await self._pinned_and_fetched(model)
+                resolved = await self._resolve(model)
             except AdapterError as exc:
                 metrics.requests.labels(exc.metrics_label, str(int(exc.status))).inc()
-                await _send_error(send, exc)
+                await _send_error(recorder.send, ClientError.of(exc))
                 return
-            label, adapter = ref.key, ref.internal_name
+            label, adapter = resolved.ref.key, resolved.ref.internal_name
             request["model"] = adapter
             body = json.dumps(request).encode()
             scope = _with_content_length(scope, len(body))
-        recorder = _ResponseRecorder(send)
+        counted = _ResponseRecorder(recorder.send)
         try:
             async with self._gates.shared(adapter):
-                await self.app(scope, _replay(body, receive), recorder.send)
+                await self.app(scope, _replay(body, receive), counted.send)
         finally:
-            metrics.requests.labels(label, str(recorder.status)).inc()
+            metrics.requests.labels(label, str(counted.status)).inc()
             metrics.request_duration.labels(label).observe(time.monotonic() - started)
-            if recorder.completion_tokens:
-                metrics.generated_tokens.labels(label).inc(recorder.completion_tokens)
+            if counted.completion_tokens:
+                metrics.generated_tokens.labels(label).inc(counted.completion_tokens)
 
-    async def _load(self, scope: Scope, request: dict, body: bytes, receive: Receive, send: Send) -> None:
+    async def _load(
+        self, scope: Scope, request: dict, body: bytes, receive: Receive, recorder: _StatusRecorder
+    ) -> None:
+        """A runtime load names a committed registry version; vLLM gets its verified local copy."""
         lora_path = request.get("lora_path")
-        if isinstance(lora_path, str) and lora_path.startswith(REGISTRY_SCHEME):
+        try:
+            if request.get("load_inplace"):
+                raise ClientError(
+                    HTTPStatus.BAD_REQUEST,
+                    "load_inplace is refused: a committed version never changes; publish a new version instead",
+                    param="load_inplace",
+                )
+            if not isinstance(lora_path, str) or not lora_path.startswith(REGISTRY_SCHEME):
+                raise ClientError(
+                    HTTPStatus.BAD_REQUEST,
+                    f"lora_path must name a registry version as {REGISTRY_SCHEME}NAMESPACE/NAME@VERSION; "
+                    "adapters come only from the registry, raw paths are refused",
+                    param="lora_path",
+                )
             try:
-                ref = await self._pinned_and_fetched(lora_path[len(REGISTRY_SCHEME) :], require_version=True)
-                if request.get("lora_name") != ref.internal_name:
-                    raise InvalidAdapterName(f"lora_name must be {ref.internal_name!r} for {lora_path!r}")
+                resolved = await self._resolve(lora_path[len(REGISTRY_SCHEME) :], require_version=True)
             except AdapterError as exc:
-                await _send_error(send, exc)
-                return
-            request["lora_path"] = str(self.source.settings.adapter_cache_dir / ref.namespace / ref.name / ref.version)
-            body = json.dumps(request).encode()
-            scope = _with_content_length(scope, len(body))
-        await self.app(scope, _replay(body, receive), send)
+                raise ClientError.of(exc, param="lora_path") from None
+            if request.get("lora_name") != resolved.ref.internal_name:
+                raise ClientError(
+                    HTTPStatus.BAD_REQUEST,
+                    f"lora_name must be {resolved.ref.internal_name!r} for {lora_path!r}",
+                    param="lora_name",
+                )
+        except ClientError as error:
+            await _send_error(recorder.send, error)
+            return
+        request["lora_path"] = str(resolved.path)
+        body = json.dumps(request).encode()
+        await self.app(_with_content_length(scope, len(body)), _replay(body, receive), recorder.send)
 
-    async def _unload(self, scope: Scope, request: dict, body: bytes, receive: Receive, send: Send) -> None:
+    async def _unload(
+        self, scope: Scope, request: dict, body: bytes, receive: Receive, recorder: _StatusRecorder
+    ) -> None:
         from tuneloom.serving.plugin import resolver
 
-        recorder = _ResponseRecorder(send)
-        async with self._gates.exclusive(str(request.get("lora_name"))):
+        name = request.get("lora_name")
+        if not isinstance(name, str):
+            await _send_error(recorder.send, ClientError(HTTPStatus.BAD_REQUEST, "lora_name must be a string"))
+            return
+        async with self._gates.exclusive(name):
             await self.app(scope, _replay(body, receive), recorder.send)
         if recorder.status == 200 and resolver() is not None:
-            resolver().forget(str(request.get("lora_name")))
+            resolver().forget(name)
 
-    async def _pinned_and_fetched(self, model: Any, *, require_version: bool = False) -> AdapterRef:
-        if not isinstance(model, str):
-            raise InvalidAdapterName("'model' must be a string")
-        ref = self.source.parse(model)
-        if require_version and ref.version is None:
-            raise InvalidAdapterName(f"{model!r}: a runtime load names one version, as NAMESPACE/NAME@VERSION")
-        ref = await asyncio.to_thread(self.source.pin, ref)
-        await asyncio.to_thread(self.source.local_dir, ref)
-        return ref
+    async def _resolve(self, model: Any, *, require_version: bool = False) -> ResolvedAdapter:
+        return await asyncio.to_thread(self.source.resolve, model, require_version=require_version)
+
+
+def _log_policy(rules: list[tuple[Any, RouteRule]]) -> None:
+    by_policy: dict[Policy, list[str]] = {}
+    for _, rule in rules:
+        by_policy.setdefault(rule.policy, []).append(rule.path)
+    for policy in (Policy.PINNED, Policy.REFUSED):
+        log.info("routes %s: %s", policy.value, " ".join(sorted(by_policy.get(policy, []))))
 
 
 class AdapterGates:
@@ -188,12 +291,24 @@ class AdapterGates:
                 self._changed.notify_all()
 
 
-class _ResponseRecorder:
-    """Passes the response through while noting its status and the completion tokens it reports."""
+class _StatusRecorder:
+    """Passes the response through while noting its status (500 until one is sent)."""
 
     def __init__(self, send: Send):
         self._send = send
         self.status = 500
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        await self._send(message)
+
+
+class _ResponseRecorder(_StatusRecorder):
+    """Also counts the completion tokens that a generation response reports."""
+
+    def __init__(self, send: Send):
+        super().__init__(send)
         self.completion_tokens = 0
         self._streamed_chunks = 0
         self._buffer = b""
@@ -237,15 +352,33 @@ def _generated(usage: dict[str, Any]) -> int:
     return int(usage.get("completion_tokens") or usage.get("output_tokens") or 0)
 
 
-async def _read_body(receive: Receive) -> bytes:
-    body = b""
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    """The whole request body, refused past `limit` bytes before more of it is held."""
+    chunks, size = [], 0
     while True:
         message = await receive()
         if message["type"] != "http.request":
-            return body
-        body += message.get("body", b"")
+            break
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > limit:
+            raise ClientError(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"the request body is over {limit} bytes, the limit of this server (TUNELOOM_MAX_REQUEST_BYTES)",
+            )
         if not message.get("more_body", False):
-            return body
+            break
+    return b"".join(chunks)
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        request = json.loads(body)
+    except (ValueError, RecursionError):  # RecursionError: hostile nesting depth
+        raise ClientError(HTTPStatus.BAD_REQUEST, "the request body is not valid JSON") from None
+    if not isinstance(request, dict):
+        raise ClientError(HTTPStatus.BAD_REQUEST, "the request body must be a JSON object")
+    return request
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -269,9 +402,9 @@ def _with_content_length(scope: Scope, length: int) -> Scope:
     return {**scope, "headers": headers}
 
 
-async def _send_error(send: Send, error: AdapterError) -> None:
+async def _send_error(send: Send, error: ClientError) -> None:
     status = int(error.status)
-    payload = {"error": {"message": str(error), "type": error.error_type, "param": "model", "code": status}}
+    payload = {"error": {"message": str(error), "type": error.error_type, "param": error.param, "code": status}}
     body = json.dumps(payload).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})

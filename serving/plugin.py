@@ -30,7 +30,7 @@ def resolver() -> RegistryResolver | None:
 
 def register() -> None:
     global _resolver
-    _log_through_vllm()
+    log_through_vllm()
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
@@ -47,7 +47,7 @@ def register() -> None:
         LoRAResolverRegistry.register_resolver("tuneloom", _resolver)
 
 
-def _log_through_vllm() -> None:
+def log_through_vllm() -> None:
     """vLLM configures only its own logger; ours share its handlers so they reach the same output."""
     import logging
 

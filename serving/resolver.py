@@ -22,18 +22,25 @@ class RegistryResolver(LoRAResolver):
         self.resolved: set[str] = set()
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
-        # The middleware has already pinned the name; a bare name arrives only when a client
-        # reaches vLLM without it, and is pinned here the same way.
+        # Only a pinned name exactly as the middleware writes it (`ns/name@version`): vLLM keeps an
+        # adapter under the name it was resolved by, so a floating or short name would stay
+        # bound to one version's weights after a new one is published.
         try:
-            ref = await asyncio.to_thread(self.source.pin, self.source.parse(lora_name))
-            path = await asyncio.to_thread(self.source.local_dir, ref)
+            resolved = await asyncio.to_thread(self.source.resolve, lora_name, require_version=True)
         except AdapterError as exc:
             log.warning("cannot resolve adapter %r: %s", lora_name, exc)
+            return None
+        if resolved.ref.internal_name != lora_name:
+            log.warning(
+                "refusing adapter name %r: only pinned names such as %r are resolved",
+                lora_name,
+                resolved.ref.internal_name,
+            )
             return None
         self.resolved.add(lora_name)
         metrics.loaded_adapters.set(len(self.resolved))
         # vLLM replaces lora_int_id with its own counter.
-        return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(path))
+        return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(resolved.path))
 
     def forget(self, lora_name: str) -> None:
         self.resolved.discard(lora_name)

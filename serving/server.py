@@ -72,6 +72,8 @@ def build_launch(options: ServeOptions, base_model_dir: Path) -> tuple[list[str]
     command += ["--host", options.host, "--port", str(options.port)]
     command += ["--enable-lora", "--max-loras", str(options.max_loras), "--max-lora-rank", str(options.max_lora_rank)]
     command += ["--max-cpu-loras", str(options.max_cpu_loras), "--middleware", MIDDLEWARE]
+    # The middleware writes the access log, without query strings (a key sent as ?api_key=).
+    command += ["--disable-uvicorn-access-log"]
     if options.max_model_len:
         command += ["--max-model-len", str(options.max_model_len)]
     command += list(options.vllm_args)

@@ -13,6 +13,7 @@ from tuneloom.dev.seaweedfs import SeaweedFS
 from tuneloom.storage import LocalStore, ObjectStore, open_store
 
 from .kube import api, kube_cluster, namespace, pod_runner  # noqa: F401  (fixtures shared by every test module)
+from .served import served  # noqa: F401
 
 
 def _cuda_available() -> bool:

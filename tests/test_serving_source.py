@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,3 +94,13 @@ def test_the_resolver_binds_only_pinned_names(source: AdapterSource) -> None:
     assert Path(request.lora_path).is_dir()
     with pytest.raises(InvalidAdapterName):
         source.resolve("pirate", require_version=True)
+
+
+@pytest.mark.parametrize("base_model", ["/no/such/model-dir", "no-such-org/unprepared-model"])
+def test_serve_refuses_a_missing_base_model_before_starting_vllm(tmp_path: Path, base_model: str) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TUNELOOM_CACHE_DIR": str(tmp_path / "cache")}
+    command = [sys.executable, "-I", "-m", "tuneloom.cli", "serve", "--base-model", base_model]
+    command += ["--store", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "--base-model" in result.stderr and "Traceback" not in result.stderr

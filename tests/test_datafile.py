@@ -6,6 +6,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 
 from tuneloom.cli import main
 from tuneloom.trainer.datafile import (
+    DEFAULT_MAX_LINE_BYTES,
     DataValidationError,
     Example,
     Message,
@@ -22,6 +24,8 @@ from tuneloom.trainer.datafile import (
     load_examples,
     summarize,
 )
+
+from .measure import MB, line_length, run_cli, write_huge_line
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_DIR = REPO / "examples" / "support-tickets"
@@ -408,3 +412,96 @@ def test_example_dataset_is_short(tiny_model_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     summary = summarize(load_examples(EXAMPLE_DIR / "train.jsonl"), tokenizer=tokenizer)
     assert summary.tokens_max is not None and summary.tokens_max <= 120
+
+
+# --- over-long lines ------------------------------------------------------------------------------------
+
+
+def _too_long(path: Path, line: int, size: int, limit: int) -> str:
+    return (
+        f"{path}:{line}: line: too long ({size} bytes); the limit is {limit} bytes "
+        "(--max-line-bytes / dataset.maxLineBytes)"
+    )
+
+
+def test_line_cap_counts_the_bytes_of_the_line_without_its_ending(tmp_path: Path) -> None:
+    text = json.dumps(GOOD)
+    limit = len(text.encode())
+    path = tmp_path / "data.jsonl"
+    longer = json.dumps({**GOOD, "id": "x"})
+    path.write_bytes(f"{text}\r\n{longer}\r\n{text}\n{longer}".encode())  # the last line has no ending
+    examples, problems = check_file(path, max_line_bytes=limit)
+    assert [example.line for example in examples] == [1, 3]
+    size = len(longer.encode())
+    assert [str(p) for p in problems] == [_too_long(path, 2, size, limit), _too_long(path, 4, size, limit)]
+
+
+def test_over_long_first_line_with_byte_order_mark(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\n" + json.dumps(GOOD).encode() + b"\n")
+    size = len(json.dumps(GOOD).encode())
+    assert problem_lines(path) == []
+    assert [str(p) for p in check_file(path, max_line_bytes=size - 1)[1]] == [
+        _too_long(path, 1, size, size - 1),
+        _too_long(path, 2, size, size - 1),
+    ]
+
+
+def test_deeply_nested_json_is_a_problem_not_a_crash(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "data.jsonl", [GOOD, "[" * 100_000 + "]" * 100_000])
+    assert problem_lines(path) == [f"{path}:2: line: JSON nested too deeply; an example is an object of messages"]
+
+
+def test_max_line_bytes_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_jsonl(tmp_path / "data.jsonl", [GOOD])
+    size = line_length(path)
+    assert main(["validate-data", str(path), "--max-line-bytes", str(size)]) == 0
+    assert main(["validate-data", str(path), "--max-line-bytes", str(size - 1)]) == 1
+    assert capsys.readouterr().err.splitlines()[0] == _too_long(path, 1, size, size - 1)
+    with pytest.raises(SystemExit) as caught:
+        main(["validate-data", str(path), "--max-line-bytes", "0"])
+    assert caught.value.code == 2
+    assert "--max-line-bytes: must be > 0, got 0" in capsys.readouterr().err
+
+
+@pytest.fixture
+def huge_line(tmp_path: Path) -> Iterator[Path]:
+    """One valid 200 MB chat example on one line; deleted afterwards, the disk is shared."""
+    path = write_huge_line(tmp_path / "huge.jsonl", 200 * MB)
+    yield path
+    path.unlink()
+
+
+@pytest.mark.parametrize("with_model", [False, True], ids=["no-model", "model"])
+def test_a_200_mb_line_is_refused_in_bounded_memory(
+    huge_line: Path, tiny_model_dir: Path, tmp_path: Path, with_model: bool
+) -> None:
+    args = ["validate-data", str(huge_line)] + (["--model", str(tiny_model_dir)] if with_model else [])
+    measured = run_cli(args, tmp_path, timeout=120)
+    assert measured.returncode == 1
+    assert measured.stderr.splitlines() == [
+        _too_long(huge_line, 1, line_length(huge_line), DEFAULT_MAX_LINE_BYTES),
+        f"1 problem on 1 line; {huge_line} cannot be used for training",
+    ]
+    # Before: the whole 24 GB of the machine (and "OK" without --model).
+    assert measured.peak_rss_bytes < 1024 * MB
+
+
+def test_a_line_near_the_cap_is_tokenized_only_as_far_as_needed(tiny_model_dir: Path, tmp_path: Path) -> None:
+    path = write_huge_line(tmp_path / "near.jsonl", DEFAULT_MAX_LINE_BYTES - 200)
+    assert line_length(path) <= DEFAULT_MAX_LINE_BYTES
+    args = ["validate-data", str(path), "--model", str(tiny_model_dir), "--max-seq-length", "512"]
+    measured = run_cli(args, tmp_path, timeout=120)
+    assert measured.returncode == 0, measured.stderr
+    out = measured.stdout.splitlines()
+    assert out[0] == f"{path}: OK, 1 example (chat format)"
+    assert "  1 example with more than 2048 tokens counted only that far: these figures are lower bounds" in out
+    assert any(line.startswith("warning: 1 example longer than max_seq_length 512, on lines 1;") for line in out)
+    # Tokenizing all 800,000 tokens took 2.9 s and about 540 MB more; the process is mostly its imports.
+    assert measured.peak_rss_bytes < 1024 * MB
+
+
+def test_line_cap_default_is_the_job_specs_default() -> None:
+    from tuneloom.api import DatasetSpec
+
+    assert DatasetSpec(train="t.jsonl").maxLineBytes == DEFAULT_MAX_LINE_BYTES == 4 * 1024 * 1024

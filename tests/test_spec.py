@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 from tuneloom.api import FineTuneJob, Method
-from tuneloom.jobfile import SpecError, load_job, parse_job
+from tuneloom.jobfile import MAX_JOB_FILE_BYTES, SpecError, load_job, parse_job
+
+from .measure import MB, assert_no_traceback, run_cli
 
 VALID = """\
 apiVersion: tuneloom.dev/v1alpha1
@@ -117,3 +119,67 @@ def _minimal() -> dict:
             "output": {"adapterName": "x", "uri": "/o"},
         },
     }
+
+
+# --- hostile job files ------------------------------------------------------------------------------
+
+
+def _alias_bomb() -> str:
+    """Ten nested levels of aliases under spec.lora.targetModules: 10**9 strings once expanded."""
+    levels = ['    - &lol0 "lol"'] + [f"    - &lol{n} [{', '.join([f'*lol{n - 1}'] * 10)}]" for n in range(1, 10)]
+    return VALID + "  lora:\n    targetModules:\n" + "\n".join(levels) + "\n"
+
+
+def test_alias_bomb_is_refused_by_the_cli_at_once(tmp_path: Path) -> None:
+    job = _write(tmp_path, _alias_bomb())
+    measured = run_cli(["train", "-f", str(job)], tmp_path, timeout=60)
+    assert measured.returncode == 2, measured.stderr
+    assert (
+        f"{job}:15: YAML aliases (*lol0) are not allowed in a FineTuneJob file; write the values out" in measured.stderr
+    )
+    assert_no_traceback(measured)
+    # Before: 90 s and 7.8 GB. Now the process is mostly its imports (torch).
+    assert measured.peak_rss_bytes < 1024 * MB
+
+
+def test_any_alias_is_refused_with_its_line(tmp_path: Path) -> None:
+    text = VALID.replace("  output:", "  lora: &settings {r: 8}\n  evaluation: {<<: *settings}\n  output:")
+    assert _problems(tmp_path, text) == [
+        f"{tmp_path / 'job.yaml'}:10: YAML aliases (*settings) are not allowed in a FineTuneJob file; "
+        "write the values out"
+    ]
+
+
+def test_an_anchor_without_alias_is_harmless(tmp_path: Path) -> None:
+    job = load_job(_write(tmp_path, VALID.replace("  output:", "  lora: &settings {r: 8}\n  output:")))
+    assert job.spec.lora.r == 8
+
+
+def test_job_file_over_one_mib_is_refused_through_the_cli(tmp_path: Path) -> None:
+    job = _write(tmp_path, VALID + "# padding\n" * (MAX_JOB_FILE_BYTES // 10))
+    size = job.stat().st_size
+    assert size > MAX_JOB_FILE_BYTES
+    measured = run_cli(["train", "-f", str(job)], tmp_path, timeout=60)
+    assert measured.returncode == 2
+    assert f"{job}: {size} bytes; a FineTuneJob file may have at most 1048576 bytes (1 MiB)" in measured.stderr
+    assert_no_traceback(measured)
+
+
+def test_endless_job_file_is_read_only_to_the_cap() -> None:
+    with pytest.raises(SpecError) as caught:
+        load_job("/dev/zero")  # no size to check: the read itself stops at the cap
+    assert caught.value.problems == [
+        f"/dev/zero: more than {MAX_JOB_FILE_BYTES} bytes; a FineTuneJob file may have at most 1048576 bytes (1 MiB)"
+    ]
+
+
+def test_deep_nesting_and_bad_encoding_are_spec_errors(tmp_path: Path) -> None:
+    # Block nesting, which libyaml does not limit: PyYAML's composer would recurse for each level.
+    deep = "".join(f"{'  ' * level}k{level}:\n" for level in range(1, 200))
+    [problem] = _problems(tmp_path, VALID + deep)
+    assert problem == f"{tmp_path / 'job.yaml'}:43: nested more than 32 levels deep; a FineTuneJob needs about 5"
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(VALID.encode() + b"# caf\xe9\n")
+    with pytest.raises(SpecError) as caught:
+        load_job(path)
+    assert caught.value.problems == [f"{path}: not valid UTF-8 (byte {len(VALID) + 6}); save the file as UTF-8"]

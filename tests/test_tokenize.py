@@ -73,6 +73,40 @@ def test_truncation(tokenizer) -> None:
     assert len(encode_example(tokenizer, example, max_length=16).input_ids) == 16
 
 
+LONG_EXAMPLES = {
+    # Far more text than max_length * CHARS_PER_TOKEN: only a prefix is tokenized.
+    "words": Example(line=1, messages=(Message("user", "Summarise."), Message("assistant", "word " * 20_000))),
+    # "-" * 64 is one token: 32 characters a token, so the first cut holds too few and doubles.
+    "dashes": Example(line=2, messages=(Message("user", "Draw."), Message("assistant", ("-" * 64 + " ") * 2_000))),
+    "completion": Example(line=3, prompt="Count: ", completion="one two three " * 5_000),
+    "short": Example(line=4, messages=(Message("user", "Hi"), Message("assistant", "Hello there."))),
+}
+
+
+@pytest.mark.parametrize("name", LONG_EXAMPLES)
+def test_bounded_encoding_keeps_exactly_the_whole_encodings_first_tokens(tokenizer, name: str) -> None:
+    example = LONG_EXAMPLES[name]
+    whole = encode_example(tokenizer, example)
+    assert not whole.truncated
+    for max_length in (8, 100, 1000, len(whole.input_ids) - 1, len(whole.input_ids), len(whole.input_ids) + 1):
+        if max_length <= 0:
+            continue
+        cut = encode_example(tokenizer, example, max_length)
+        assert cut.input_ids == whole.input_ids[:max_length], (name, max_length)
+        assert cut.labels == whole.labels[:max_length], (name, max_length)
+        assert cut.truncated == (len(whole.input_ids) > max_length), (name, max_length)
+
+
+@pytest.mark.timeout(60)
+def test_thousands_of_replies_cost_what_max_length_needs(tokenizer) -> None:
+    """Each reply's span renders a prefix of the conversation: over 5,000 replies that would be
+    quadratic. Replies past the cut are never rendered on their own."""
+    turns = [Message(role, f"{role} turn {i}") for i in range(5_000) for role in ("user", "assistant")]
+    encoded = encode_example(tokenizer, Example(line=1, messages=tuple(turns)), 64)
+    assert len(encoded.input_ids) == 64 and encoded.truncated
+    assert _labelled_runs(tokenizer, encoded)[0] == "assistant turn 0<|im_end|>\n"
+
+
 def _encoded(lengths: list[int]) -> list[EncodedExample]:
     return [EncodedExample(input_ids=list(range(3, 3 + n)), labels=list(range(3, 3 + n))) for n in lengths]
 

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 FORMATS = ("chat", "completion")
 ROLES = ("system", "user", "assistant")
@@ -27,6 +27,15 @@ MESSAGE_KEYS = ("role", "content", "weight")
 MAX_LISTED_PROBLEMS = 50
 # How many line numbers a summary keeps for duplicates and too-long examples.
 MAX_LISTED_LINES = 20
+# The most bytes one line (one example) may have, without its line ending. Real examples are far
+# smaller; the cap is what keeps one hostile line from taking the machine's memory, since nothing
+# of a longer line is ever held (--max-line-bytes, dataset.maxLineBytes).
+DEFAULT_MAX_LINE_BYTES = 4 * 1024 * 1024
+# How much of an over-long line is read at a time while skipping to its end.
+_SKIP_CHUNK = 1024 * 1024
+# validate-data counts tokens exactly up to this multiple of max_seq_length; a longer example's
+# count is a lower bound, which is all "longer than max_seq_length" needs.
+TOKEN_COUNT_FACTOR = 4
 # The most common mistake is the wrong format for the file; say so instead of just "missing".
 _FORMAT_HINT = "; this line looks like {found}: use --format {fmt} (dataset.format: {fmt} in a FineTuneJob)"
 
@@ -84,13 +93,38 @@ def _json_type(value: Any) -> str:
     return "object"
 
 
-def _read_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw bytes without the line ending); streams, so big files are fine."""
+def _read_lines(path: Path, max_line_bytes: int) -> Iterator[tuple[int, bytes | None, int]]:
+    """(1-based line number, raw bytes without the line ending, their count) for every line.
+
+    Streams, and never holds more than `max_line_bytes` of a line: a longer one comes as
+    (number, None, its real length), the rest of it read in chunks and dropped.
+    """
     with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]  # a UTF-8 byte order mark, as Windows tools write; harmless
-            yield number, raw.rstrip(b"\r\n")
+        if handle.peek(3)[:3] == b"\xef\xbb\xbf":
+            handle.read(3)  # a UTF-8 byte order mark, as Windows tools write; harmless
+        # Two bytes more than the cap, so a line of exactly the cap fits with its "\r\n".
+        read_limit = max_line_bytes + 2
+        number = 0
+        while raw := handle.readline(read_limit):
+            number += 1
+            line = raw.rstrip(b"\r\n")
+            whole = raw.endswith(b"\n") or len(raw) < read_limit  # else readline stopped at the limit
+            if whole and len(line) <= max_line_bytes:
+                yield number, line, len(line)
+            else:
+                yield number, None, _long_line_length(handle, raw)
+
+
+def _long_line_length(handle: IO[bytes], head: bytes) -> int:
+    """The length, without its line ending, of the line whose first bytes `head` were just read;
+    reads the rest of it in chunks and keeps none."""
+    length, previous, chunk = len(head), b"", head
+    while not chunk.endswith(b"\n"):
+        previous, chunk = chunk, handle.readline(_SKIP_CHUNK)
+        if not chunk:
+            return length  # the last line, without a line ending
+        length += len(chunk)
+    return length - (2 if (previous[-1:] + chunk)[-2:] == b"\r\n" else 1)
 
 
 def _decode(source: str, number: int, raw: bytes) -> tuple[Any, Problem | None]:
@@ -109,6 +143,9 @@ def _decode(source: str, number: int, raw: bytes) -> tuple[Any, Problem | None]:
         return json.loads(text), None
     except json.JSONDecodeError as error:
         return None, Problem(source, number, "line", f"invalid JSON at column {error.colno}: {error.msg}")
+    except RecursionError:
+        # [[[[... a few thousand deep exhausts the decoder's stack; no example nests like that.
+        return None, Problem(source, number, "line", "JSON nested too deeply; an example is an object of messages")
 
 
 def _text_problem(value: Any, *, present: bool) -> str | None:
@@ -216,11 +253,16 @@ def _check_completion(record: dict[str, Any], line: int) -> tuple[Example | None
 
 
 def check_file(
-    path: Path | str, fmt: str = "chat", *, source: str | None = None
+    path: Path | str,
+    fmt: str = "chat",
+    *,
+    source: str | None = None,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
 ) -> tuple[list[Example], list[Problem]]:
     """Every valid example and every problem in a JSONL file; raises OSError if it can't be read.
 
-    `source` is the name used in problems, such as the s3:// URI a local copy came from.
+    `source` is the name used in problems, such as the s3:// URI a local copy came from. A line
+    longer than `max_line_bytes` is a problem, and is never held in memory.
     """
     fmt = str(getattr(fmt, "value", fmt))  # accepts api.DatasetFormat as well as a plain string
     if fmt not in FORMATS:
@@ -233,8 +275,8 @@ def check_file(
     # Blank lines are only wrong when something follows them, so hold them until it does.
     pending_blanks: list[int] = []
     seen_content = False
-    for number, raw in _read_lines(path):
-        if not raw.strip():
+    for number, raw, size in _read_lines(path, max_line_bytes):
+        if raw is not None and not raw.strip():
             pending_blanks.append(number)
             continue
         problems.extend(
@@ -243,6 +285,9 @@ def check_file(
         )
         pending_blanks.clear()
         seen_content = True
+        if raw is None:
+            problems.append(Problem(source, number, "line", _too_long(size, max_line_bytes)))
+            continue
         record, problem = _decode(source, number, raw)
         if problem:
             problems.append(problem)
@@ -259,9 +304,19 @@ def check_file(
     return examples, problems
 
 
-def load_examples(path: Path | str, fmt: str = "chat", *, source: str | None = None) -> list[Example]:
+def _too_long(size: int, limit: int) -> str:
+    return f"too long ({size} bytes); the limit is {limit} bytes (--max-line-bytes / dataset.maxLineBytes)"
+
+
+def load_examples(
+    path: Path | str,
+    fmt: str = "chat",
+    *,
+    source: str | None = None,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+) -> list[Example]:
     """All examples of a JSONL file; raises DataValidationError naming every problem."""
-    examples, problems = check_file(path, fmt, source=source)
+    examples, problems = check_file(path, fmt, source=source, max_line_bytes=max_line_bytes)
     if problems:
         raise DataValidationError(problems)
     return examples
@@ -285,6 +340,9 @@ class DataSummary:
     trained_tokens_per_epoch: int | None = None  # tokens that carry loss (labels != -100)
     too_long: int = 0  # examples longer than max_seq_length
     too_long_lines: list[int] = field(default_factory=list)  # the first few
+    # Examples with more than count_limit tokens, counted only that far: the figures are lower bounds.
+    count_limit: int | None = None
+    counted_in_part: int = 0
     steps_per_epoch_packed: int | None = None  # sequences packed to max_seq_length
 
     @property
@@ -349,8 +407,12 @@ def summarize(
     lengths: list[int] = []
     trained = 0
     too_long: list[int] = []
+    # Exact counts up to a generous limit; past it only "too long" matters, and tokenizing a whole
+    # multi-MB example would cost hundreds of MB.
+    summary.count_limit = max_seq_length * TOKEN_COUNT_FACTOR
     for example in examples:
-        encoded = encode_example(tokenizer, example)
+        encoded = encode_example(tokenizer, example, summary.count_limit)
+        summary.counted_in_part += encoded.truncated
         lengths.append(len(encoded.input_ids))
         trained += sum(1 for label in encoded.labels if label != IGNORE_INDEX)
         if lengths[-1] > max_seq_length:
@@ -399,6 +461,11 @@ def _token_lines(summary: DataSummary, model: str | None) -> list[str]:
         f"min {summary.tokens_min}, mean {summary.tokens_mean:.1f}, max {summary.tokens_max}",
         f"tokens per epoch: {summary.tokens_per_epoch:,} ({summary.trained_tokens_per_epoch:,} of them learned from)",
     ]
+    if summary.counted_in_part:
+        out.append(
+            f"  {_plural(summary.counted_in_part, 'example')} with more than {summary.count_limit} tokens "
+            "counted only that far: these figures are lower bounds"
+        )
     if summary.too_long:
         out.append(
             f"warning: {_plural(summary.too_long, 'example')} longer than max_seq_length {limit}, on lines "
@@ -449,10 +516,11 @@ def validate_data_command(
     max_seq_length: int,
     batch_size: int,
     epochs: int,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
 ) -> int:
     """`tuneloom validate-data`: 1 and every problem on stderr, or 0 and a summary on stdout."""
     try:
-        examples, problems = check_file(Path(file), fmt)
+        examples, problems = check_file(Path(file), fmt, max_line_bytes=max_line_bytes)
     except OSError as error:
         print(f"error: {file}: {error.strerror or error}", file=sys.stderr)
         return 1

@@ -77,11 +77,17 @@ def generate_answers(
     max_new_tokens: int,
     device: torch.device,
     batch_size: int = 16,
+    max_prompt_tokens: int | None = None,
 ) -> list[str]:
-    """Greedy answers to the held-out prompts, batched with left padding."""
+    """Greedy answers to the held-out prompts, batched with left padding.
+
+    With `max_prompt_tokens`, longer prompts keep only their last tokens (where the question and
+    the generation prompt are): a prompt of a million tokens would not fit in attention memory.
+    """
     was_training = model.training
     model.eval()
     tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "left"
     answers: list[str] = []
     prompts = [prompt_text(tokenizer, example) for example in examples]
     # Shortest prompts together: less padding per batch.
@@ -90,7 +96,12 @@ def generate_answers(
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
         inputs = tokenizer(
-            [prompts[i] for i in indices], return_tensors="pt", padding=True, add_special_tokens=False
+            [prompts[i] for i in indices],
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=False,
+            truncation=max_prompt_tokens is not None,
+            max_length=max_prompt_tokens,
         ).to(device)
         output = model.generate(
             **inputs,

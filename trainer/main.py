@@ -32,7 +32,7 @@ from tuneloom.trainer.batching import collate, pack_rows, single_rows
 from tuneloom.trainer.checkpoint import CheckpointStore
 from tuneloom.trainer.datafile import DataValidationError, Example, load_examples
 from tuneloom.trainer.evaluate import GenerationResult, LossResult, generate_answers, references, score
-from tuneloom.trainer.inputs import fetch_file, resolve_base_model
+from tuneloom.trainer.inputs import BaseModelUnavailableError, fetch_file, resolve_base_model
 from tuneloom.trainer.loop import Plan, TrainingLoop, peak_memory_bytes
 from tuneloom.trainer.modeling import (
     MethodNotSupportedError,
@@ -40,6 +40,7 @@ from tuneloom.trainer.modeling import (
     load_model,
     load_tokenizer,
 )
+from tuneloom.trainer.preflight import PreflightError, check_before_running
 from tuneloom.trainer.progress import ProgressReporter, TrainerMetrics
 from tuneloom.trainer.report import print_report
 from tuneloom.trainer.tokenize import EncodedExample, encode_example
@@ -84,11 +85,11 @@ def load_datasets(job: FineTuneJob) -> Datasets:
     dataset = job.spec.dataset
     fmt = dataset.format.value
     train_path = fetch_file(dataset.train)
-    examples = load_examples(train_path, fmt, source=dataset.train)
+    examples = load_examples(train_path, fmt, source=dataset.train, max_line_bytes=dataset.maxLineBytes)
     info: dict[str, Any] = {"train": {"uri": dataset.train, "sha256": sha256_file(train_path)}}
     if dataset.validation:
         validation_path = fetch_file(dataset.validation)
-        validation = load_examples(validation_path, fmt, source=dataset.validation)
+        validation = load_examples(validation_path, fmt, source=dataset.validation, max_line_bytes=dataset.maxLineBytes)
         train = examples
         info["validation"] = {"uri": dataset.validation, "sha256": sha256_file(validation_path)}
     else:
@@ -104,7 +105,7 @@ def encode_all(tokenizer: Any, examples: list[Example], max_length: int, what: s
     encoded, truncated, dropped = [], [], []
     for example in examples:
         item = encode_example(tokenizer, example, max_length)
-        if len(item.input_ids) == max_length:
+        if item.truncated:
             truncated.append(example.line)
         if item.num_trained_tokens == 0:
             dropped.append(example.line)
@@ -132,9 +133,10 @@ def encode_all(tokenizer: Any, examples: list[Example], max_length: int, what: s
 
 def spec_sha256(job: FineTuneJob) -> str:
     """What a checkpoint must match to be resumed: the parts of the spec that shape training."""
-    relevant = job.spec.model_dump(
-        mode="json", exclude={"resources", "evaluation", "checkpointing", "storage", "scheduling", "image", "cancel"}
-    )
+    ignored = ("resources", "evaluation", "checkpointing", "storage", "scheduling", "image", "cancel")
+    # maxLineBytes only decides which files are accepted: a checkpoint made before it existed still fits.
+    exclude: dict[str, Any] = {name: True for name in ignored} | {"dataset": {"maxLineBytes": True}}
+    relevant = job.spec.model_dump(mode="json", exclude=exclude)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
@@ -148,8 +150,7 @@ class FineTuneRun:
         if not self.ranks.is_main:
             logging.getLogger("tuneloom").setLevel(logging.WARNING)  # one rank tells the story
         self.store = open_store(self.spec.output.uri)
-        prefix = run_prefix(job.metadata.namespace, job.metadata.name, job.metadata.uid or "local")
-        self.checkpoints = CheckpointStore(self.store, prefix)
+        self.checkpoints = CheckpointStore(self.store, _run_prefix(job))
         self.latest_progress: dict[str, Any] = {"event": "starting"}
         self.metrics = self._start_metrics(metrics_port)
         self.reporter = self._reporter(0, 0, 1)
@@ -303,6 +304,7 @@ class FineTuneRun:
                 held_out,
                 max_new_tokens=self.spec.evaluation.maxNewTokens,
                 device=self.device,
+                max_prompt_tokens=self.spec.hyperparameters.maxSeqLength,
             )
             scored: GenerationResult = score(answers, references(held_out), metrics)
             result.update(scored.metrics)
@@ -357,7 +359,14 @@ def _config_hash(model_path: str) -> str | None:
     return model_config_hash(path) if path.is_dir() else None
 
 
+def _run_prefix(job: FineTuneJob) -> str:
+    return run_prefix(job.metadata.namespace, job.metadata.name, job.metadata.uid or "local")
+
+
 def run(job: FineTuneJob, *, metrics_port: int | None = None, fresh: bool = False) -> AdapterVersion | None:
+    # Seconds now, before any process group, data or model, instead of a failure after the data
+    # is tokenized or hours into training.
+    check_before_running(job.spec, _run_prefix(job))
     fine_tune = FineTuneRun(job, metrics_port=metrics_port, fresh=fresh)
     try:
         return fine_tune.run()
@@ -382,7 +391,7 @@ def run_from_file(path: str | Path, *, metrics_port: int | None = None, fresh: b
     try:
         job = load_job(path)
         run(job, metrics_port=metrics_port, fresh=fresh)
-    except (SpecError, DataValidationError, UnusableDataError) as exc:
+    except (SpecError, DataValidationError, UnusableDataError, PreflightError, BaseModelUnavailableError) as exc:
         return _fail(progress_file, "InvalidInput", str(exc), EXIT_INVALID_INPUT)
     except MethodNotSupportedError as exc:
         return _fail(progress_file, "MethodNotSupported", str(exc), EXIT_INVALID_INPUT)

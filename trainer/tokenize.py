@@ -19,11 +19,21 @@ class TemplateError(ValueError):
     """The tokenizer's chat template cannot be used to mask assistant tokens."""
 
 
+# With a max_length, only this many characters per wanted token are tokenized at first: no real
+# vocabulary averages more over a long text (English is about 4), and tokenizing a whole 4 MiB
+# line would take hundreds of MB. When a cut holds too few tokens, it doubles.
+CHARS_PER_TOKEN = 8
+# A cut can split its last words differently from the whole text; tokens ending this close to it
+# are not trusted to be the whole text's tokens.
+CUT_MARGIN_CHARS = 256
+
+
 @dataclass(frozen=True)
 class EncodedExample:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX where no loss is computed
     line: int = 0  # source line, for messages
+    truncated: bool = False  # the example has more tokens than input_ids kept
 
     @property
     def num_trained_tokens(self) -> int:
@@ -34,8 +44,12 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], *, generation_prompt
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def _assistant_spans(tokenizer: Any, example: Example) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of the assistant replies to learn."""
+def _assistant_spans(tokenizer: Any, example: Example, upto: int | None) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of the assistant replies to learn.
+
+    With `upto`, spans starting at or past that character are left out: each span renders a prefix
+    of the conversation, so a line of thousands of replies would cost quadratic time otherwise.
+    """
     messages = [{"role": m.role, "content": m.content} for m in example.messages]
     text = _render(tokenizer, messages, generation_prompt=False)
     spans = []
@@ -43,6 +57,8 @@ def _assistant_spans(tokenizer: Any, example: Example) -> tuple[str, list[tuple[
         if message.role != "assistant" or message.weight == 0:
             continue
         before = _render(tokenizer, messages[:index], generation_prompt=True) if index else ""
+        if upto is not None and len(before) >= upto:
+            break  # prefixes only grow: every later reply starts past the cut too
         through = _render(tokenizer, messages[: index + 1], generation_prompt=False)
         if not (text.startswith(through) and through.startswith(before)):
             raise TemplateError(
@@ -53,35 +69,58 @@ def _assistant_spans(tokenizer: Any, example: Example) -> tuple[str, list[tuple[
     return text, spans
 
 
-def _label_spans(
-    tokenizer: Any, text: str, spans: list[tuple[int, int]], *, append_eos: bool = False
-) -> tuple[list[int], list[int]]:
+def _text_and_spans(tokenizer: Any, example: Example, upto: int | None) -> tuple[str, list[tuple[int, int]], bool]:
+    """The text to tokenize, the spans that carry loss, and whether an EOS token ends it."""
+    if example.messages:
+        text, spans = _assistant_spans(tokenizer, example, upto)
+        return text, spans, False
+    text = example.prompt + example.completion
+    return text, [(len(example.prompt), len(text))], True
+
+
+def _label_spans(tokenizer: Any, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int], list[int]]:
+    """Token ids, their labels, and the character each token ends at."""
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids: list[int] = list(encoded["input_ids"])
     labels = [IGNORE_INDEX] * len(input_ids)
+    ends = []
     span_index = 0
-    for position, (start, _end) in enumerate(encoded["offset_mapping"]):
+    for position, (start, end) in enumerate(encoded["offset_mapping"]):
+        ends.append(end)
         while span_index < len(spans) and start >= spans[span_index][1]:
             span_index += 1
         if span_index < len(spans) and spans[span_index][0] <= start:
             labels[position] = input_ids[position]
-    if append_eos:
-        input_ids.append(tokenizer.eos_token_id)
-        labels.append(tokenizer.eos_token_id)
-    return input_ids, labels
+    return input_ids, labels, ends
 
 
 def encode_example(tokenizer: Any, example: Example, max_length: int | None = None) -> EncodedExample:
-    """Token ids and labels of one example; truncated to max_length tokens when given."""
-    if example.messages:
-        text, spans = _assistant_spans(tokenizer, example)
-        input_ids, labels = _label_spans(tokenizer, text, spans)
-    else:
-        text = example.prompt + example.completion
-        input_ids, labels = _label_spans(tokenizer, text, [(len(example.prompt), len(text))], append_eos=True)
-    if max_length is not None:
-        input_ids, labels = input_ids[:max_length], labels[:max_length]
-    return EncodedExample(input_ids=input_ids, labels=labels, line=example.line)
+    """Token ids and labels of one example; at most max_length tokens when given.
+
+    With max_length, time and memory follow max_length rather than the example's size: only a
+    prefix of the text is tokenized, long enough to hold more than max_length trusted tokens, so
+    `truncated` is still exact.
+    """
+    budget = None if max_length is None else max_length * CHARS_PER_TOKEN
+    while True:
+        text, spans, eos = _text_and_spans(tokenizer, example, budget)
+        if budget is None or len(text) <= budget:
+            input_ids, labels, _ = _label_spans(tokenizer, text, spans)
+            if eos:
+                input_ids.append(tokenizer.eos_token_id)
+                labels.append(tokenizer.eos_token_id)
+            return _kept(input_ids, labels, example.line, max_length)
+        input_ids, labels, ends = _label_spans(tokenizer, text[:budget], spans)
+        trusted = sum(1 for end in ends if end <= budget - CUT_MARGIN_CHARS)
+        if max_length is not None and trusted > max_length:
+            return _kept(input_ids, labels, example.line, max_length)
+        budget *= 2
+
+
+def _kept(input_ids: list[int], labels: list[int], line: int, max_length: int | None) -> EncodedExample:
+    if max_length is None or len(input_ids) <= max_length:
+        return EncodedExample(input_ids=input_ids, labels=labels, line=line)
+    return EncodedExample(input_ids=input_ids[:max_length], labels=labels[:max_length], line=line, truncated=True)
 
 
 def prompt_text(tokenizer: Any, example: Example) -> str:

@@ -14,6 +14,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# The data reader enforces it and `validate-data --max-line-bytes` defaults to it; it imports
+# only the standard library.
+from tuneloom.trainer.datafile import DEFAULT_MAX_LINE_BYTES
+
 API_GROUP = "tuneloom.dev"
 API_VERSION = "v1alpha1"
 FULL_API_VERSION = f"{API_GROUP}/{API_VERSION}"
@@ -88,6 +92,13 @@ class DatasetSpec(_Model):
     format: DatasetFormat = Field(
         default=DatasetFormat.chat,
         description="chat: {'messages': [{'role','content'}]} per line; completion: {'prompt','completion'} per line.",
+    )
+    maxLineBytes: int = Field(
+        default=DEFAULT_MAX_LINE_BYTES,
+        gt=0,
+        le=1024 * 1024 * 1024,
+        description="Longest line (one example) accepted in the data files, in bytes, without its line ending. "
+        "A longer line is reported with its line number and length, and is never held in memory.",
     )
 
     @field_validator("train", "validation")

@@ -10,6 +10,13 @@ import sys
 from collections.abc import Sequence
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
 def _train(args: argparse.Namespace) -> int:
     from tuneloom.trainer.main import run_from_file
 
@@ -26,6 +33,7 @@ def _validate_data(args: argparse.Namespace) -> int:
         max_seq_length=args.max_seq_length,
         batch_size=args.batch_size,
         epochs=args.epochs,
+        max_line_bytes=args.max_line_bytes,
     )
 
 
@@ -69,6 +77,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tuneloom.trainer.datafile import DEFAULT_MAX_LINE_BYTES  # standard library only: cheap
+
     parser = argparse.ArgumentParser(prog="tuneloom", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -86,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--max-seq-length", type=int, default=1024)
     validate.add_argument("--batch-size", type=int, default=8, help="for the estimated step count")
     validate.add_argument("--epochs", type=int, default=3, help="for the estimated step count")
+    validate.add_argument(
+        "--max-line-bytes",
+        type=_positive_int,
+        default=DEFAULT_MAX_LINE_BYTES,
+        help="longest line (one example) accepted, in bytes; a FineTuneJob's dataset.maxLineBytes",
+    )
     validate.set_defaults(handler=_validate_data)
 
     models = commands.add_parser("models", help="base model assets").add_subparsers(

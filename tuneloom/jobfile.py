@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,13 @@ import yaml
 from pydantic import ValidationError
 
 from tuneloom.api import FineTuneJob
+
+# A job file is a page of settings. The cap bounds what parsing it can cost, whatever it holds.
+MAX_JOB_FILE_BYTES = 1024 * 1024
+# A FineTuneJob nests about 5 levels deep; PyYAML's pure-Python composer recurses per level.
+MAX_NESTING = 32
+# libyaml when PyYAML was built with it: 10 to 20 times faster on a file near the size cap.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class SpecError(ValueError):
@@ -93,16 +101,64 @@ def parse_job(data: Any, *, source: str = "<spec>", lines: dict[tuple[Any, ...],
         raise SpecError(problems) from None
 
 
-def load_job(path: str | Path) -> FineTuneJob:
-    """Reads one FineTuneJob from a YAML file."""
-    path = Path(path)
+def _read_text(path: Path) -> str:
+    """The file's text, never reading more than the cap (a pipe or /dev/zero has no size to check)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        info = path.stat()
+        if stat.S_ISREG(info.st_mode) and info.st_size > MAX_JOB_FILE_BYTES:
+            raise SpecError([_too_big(path, f"{info.st_size} bytes")])
+        with path.open("rb") as handle:
+            data = handle.read(MAX_JOB_FILE_BYTES + 1)
     except OSError as exc:
-        raise SpecError([f"{path}: cannot read: {exc.strerror}"]) from None
+        raise SpecError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    if len(data) > MAX_JOB_FILE_BYTES:
+        raise SpecError([_too_big(path, f"more than {MAX_JOB_FILE_BYTES} bytes")])
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError([f"{path}: not valid UTF-8 (byte {exc.start + 1}); save the file as UTF-8"]) from None
+
+
+def _too_big(path: Path, size: str) -> str:
+    return f"{path}: {size}; a FineTuneJob file may have at most {MAX_JOB_FILE_BYTES} bytes (1 MiB)"
+
+
+def _refuse_expansion(text: str, source: str) -> None:
+    """Refuses aliases and deep nesting, reading only the event stream, before anything is built.
+
+    An alias repeats its anchor's whole value, so ten nested levels of them ("billion laughs")
+    turn a 1 KB file into 10**9 values for whatever walks the document. A job file has no need
+    for them.
+    """
+    depth = 0
+    for event in yaml.parse(text, Loader=_LOADER):
+        if isinstance(event, yaml.AliasEvent):
+            line = event.start_mark.line + 1
+            raise SpecError(
+                [
+                    f"{source}:{line}: YAML aliases (*{event.anchor}) are not allowed in a FineTuneJob file; "
+                    "write the values out"
+                ]
+            )
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_NESTING:
+                line = event.start_mark.line + 1
+                raise SpecError(
+                    [f"{source}:{line}: nested more than {MAX_NESTING} levels deep; a FineTuneJob needs about 5"]
+                )
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
+def load_job(path: str | Path) -> FineTuneJob:
+    """Reads one FineTuneJob from a YAML file of at most MAX_JOB_FILE_BYTES, without aliases."""
+    path = Path(path)
+    text = _read_text(path)
+    try:
+        _refuse_expansion(text, str(path))
+        node = yaml.compose(text, Loader=_LOADER)
+        data = yaml.load(text, Loader=_LOADER)  # a safe loader either way: SafeLoader or CSafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)

@@ -58,6 +58,10 @@ class ChecksumMismatchError(CorruptObjectError):
     """Downloaded content differs from what the manifest recorded."""
 
 
+class StorageUnreachableError(StorageError):
+    """The store's endpoint did not answer, after retries: maybe a passing outage, maybe a wrong endpoint."""
+
+
 class InvalidKeyError(StorageError, ValueError):
     """A key or prefix that could escape the store's root or is otherwise malformed."""
 
@@ -678,7 +682,7 @@ class S3Store(ObjectStore):
             )
         if isinstance(exc, (ConnectionError, HTTPClientError)):
             endpoint = getattr(self.client.meta, "endpoint_url", "?")
-            return StorageError(
+            return StorageUnreachableError(
                 f"{where}: cannot reach the S3 endpoint {endpoint} ({type(exc).__name__}) after retries; "
                 f"check that it is correct and reachable (it is set by {self._endpoint_source})"
             )

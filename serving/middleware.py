@@ -310,7 +310,6 @@ class _ResponseRecorder(_StatusRecorder):
     def __init__(self, send: Send):
         super().__init__(send)
         self.completion_tokens = 0
-        self._streamed_chunks = 0
         self._buffer = b""
 
     async def send(self, message: Message) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
 
 from tuneloom.api import API_GROUP, API_VERSION, FULL_API_VERSION, Adapter, AdapterPhase, FineTuneJob
 from tuneloom.jobfile import SpecError
@@ -44,7 +45,9 @@ from tuneloom.registry import (
     ADAPTER_FILES,
     ADAPTER_WEIGHTS,
     MANIFEST,
+    AdapterManifest,
     AdapterVersion,
+    BaseModelRecord,
     download_adapter,
     fetch_committed,
     list_versions,
@@ -75,11 +78,6 @@ class AdapterProblem(Exception):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
-
-
-def model_id(namespace: str, name: str, version: str) -> str:
-    """How vLLM lists a loaded adapter, and the name a ModelServer loads it under."""
-    return f"{namespace}/{name}@{version}"
 
 
 def registry_name(adapter: Adapter) -> str:
@@ -309,31 +307,30 @@ class AdapterReconciler:
             if missing:
                 raise AdapterProblem("InvalidAdapter", f"version {found.version} has no {', '.join(missing)}")
             config = check_peft_files(local)
-        how = self._check_base_model(adapter, found.manifest.get("baseModel"), config)
-        metrics = found.manifest.get("metrics") or {}
-        tuned, base = metrics.get("adapter") or {}, metrics.get("base") or {}
+        how = self._check_base_model(adapter, found.manifest.baseModel, config)
+        tuned, base = found.manifest.metrics.adapter, found.manifest.metrics.base
         fields = {
             "rank": config["r"],
-            "validationLoss": tuned.get("validationLoss"),
-            "baseValidationLoss": base.get("validationLoss"),
-            "tokenAccuracy": tuned.get("tokenAccuracy"),
+            "validationLoss": tuned.validationLoss,
+            "baseValidationLoss": base.validationLoss,
+            "tokenAccuracy": tuned.tokenAccuracy,
         }
         for key, value in fields.items():
             if value is None:
                 status.pop(key, None)
             else:
                 status[key] = value
-        status["model"] = model_id(found.namespace, found.name, found.version)
+        status["model"] = found.id.served_name
         message = f"version {found.version} verified: every file matches its sha256; {how}"
         status.update(phase=AdapterPhase.ready.value, message=message)
         set_condition(status["conditions"], "Ready", "True", "Verified", message)
         return status
 
-    def _check_base_model(self, adapter: Adapter, recorded: Any, peft_config: dict[str, Any]) -> str:
+    def _check_base_model(self, adapter: Adapter, recorded: BaseModelRecord | None, peft_config: dict[str, Any]) -> str:
         """How the base model matched; AdapterProblem(BaseModelMismatch) when it does not."""
         wanted = adapter.spec.baseModel
-        if isinstance(recorded, dict):
-            recorded_hash, recorded_name = recorded.get("configSha256"), recorded.get("name")
+        if recorded is not None and (recorded.name or recorded.configSha256):
+            recorded_hash, recorded_name = recorded.configSha256, recorded.name
             if recorded_hash:
                 actual = self._base_model_hash(adapter)
                 if actual is not None:
@@ -393,18 +390,19 @@ class AdapterReconciler:
             folder = Path(tmp) / "source"
             manifest = self._fetch_source(source, folder)
             config = check_peft_files(folder)
-            self._check_base_model(adapter, manifest.get("baseModel"), config)
+            self._check_base_model(adapter, manifest.baseModel if manifest else None, config)
             files = {path.name: path for path in sorted(folder.iterdir()) if path.is_file() and path.name != MANIFEST}
             hashes = {file: sha256_file(path) for file, path in files.items()}
             imported_from = {"uri": source_uri, "files": hashes}
             for version in reversed(list_versions(store, namespace, name)):
                 earlier = read_adapter(store, namespace, name, version)
-                if earlier.manifest.get("importedFrom") == imported_from:
+                if earlier.manifest.importedFrom == imported_from:
                     return earlier
+            base_model = manifest.baseModel if manifest else BaseModelRecord(name=adapter.spec.baseModel)
             record = {
                 "kind": "lora",
-                "baseModel": manifest.get("baseModel") or {"name": adapter.spec.baseModel, "configSha256": None},
-                "metrics": manifest.get("metrics") or {},
+                "baseModel": base_model.model_dump(),
+                "metrics": manifest.metrics.model_dump() if manifest else {},
                 "importedFrom": imported_from,
             }
             published = publish_adapter(store, namespace, name, files, record)
@@ -412,10 +410,17 @@ class AdapterReconciler:
         return published
 
     @staticmethod
-    def _fetch_source(source: ObjectStore, folder: Path) -> dict[str, Any]:
-        """Downloads a PEFT folder; one that carries a manifest is verified against it."""
+    def _fetch_source(source: ObjectStore, folder: Path) -> AdapterManifest | None:
+        """Downloads a PEFT folder; one that carries a manifest (a version copied out of a registry)
+        is verified against it."""
         if source.exists(MANIFEST):
-            return fetch_committed(source, "", folder)
+            manifest = fetch_committed(source, "", folder)
+            try:
+                return AdapterManifest.model_validate(manifest)
+            except ValidationError as exc:
+                raise AdapterProblem(
+                    "InvalidAdapter", f"{source.describe(MANIFEST)}: not an adapter manifest: {exc}"
+                ) from None
         folder.mkdir()
         for name in ADAPTER_FILES:
             try:
@@ -425,7 +430,7 @@ class AdapterReconciler:
                 raise AdapterProblem(
                     "NotFound", f"{source.describe(name)} does not exist: a PEFT adapter folder holds {needed}"
                 ) from None
-        return {}
+        return None
 
     # -- loadedOn --------------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from tuneloom.operator.adapters import AdapterReconciler
 from tuneloom.operator.common import ADAPTERS, MODELSERVERS
 from tuneloom.operator.config import OperatorConfig
 from tuneloom.operator.metrics import OperatorMetrics
-from tuneloom.operator.reconciler import PLURAL, TERMINAL, Reconciler
+from tuneloom.operator.reconciler import PLURAL, TERMINAL, FineTuneJobReconciler
 from tuneloom.operator.resync import Resync
 from tuneloom.operator.servers import ServerReconciler
 
@@ -56,7 +56,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     serve_metrics(metrics.registry, CONFIG.metrics_port, CONFIG.bind_address)
     api = _api_client()
     memo.adapters = AdapterReconciler(api)
-    memo.reconciler = Reconciler(CONFIG, api, metrics, memo.adapters)
+    memo.reconciler = FineTuneJobReconciler(CONFIG, api, metrics, memo.adapters)
     memo.servers = ServerReconciler(CONFIG, api, metrics)
     memo.resyncs = {
         PLURAL: Resync(

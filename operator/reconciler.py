@@ -58,7 +58,7 @@ class TrainingObjects:
     pods: dict[tuple[str, str], list[dict[str, Any]]]  # same key -> its Pods
 
 
-class Reconciler:
+class FineTuneJobReconciler:
     def __init__(
         self, config: OperatorConfig, api: k8s.ApiClient, metrics: OperatorMetrics, adapters: AdapterReconciler
     ):
@@ -454,18 +454,17 @@ class Reconciler:
         if record is None:
             raise StorageError(f"{store.describe(prefix)}/published.json is missing")
         adapter = read_adapter(store, job.metadata.namespace, job.spec.output.adapterName, record["version"])
-        metrics = adapter.manifest.get("metrics", {})
-        tuned, base = metrics.get("adapter", {}), metrics.get("base", {})
+        metrics = adapter.manifest.metrics
         return {
             "name": adapter.name,
             "version": adapter.version,
             "uri": adapter.uri,
             "sha256": adapter.manifest_sha256,
-            "validationLoss": tuned.get("validationLoss"),
-            "baseValidationLoss": base.get("validationLoss"),
-            "metrics": {k: v for k, v in tuned.items() if k != "validationLoss" and isinstance(v, float | int)},
-            "baseMetrics": {k: v for k, v in base.items() if k != "validationLoss" and isinstance(v, float | int)},
-        }, int(metrics.get("steps", 0))
+            "validationLoss": metrics.adapter.validationLoss,
+            "baseValidationLoss": metrics.base.validationLoss,
+            "metrics": metrics.adapter.scores(),
+            "baseMetrics": metrics.base.scores(),
+        }, metrics.steps
 
     # -- bookkeeping -----------------------------------------------------------------------------
 

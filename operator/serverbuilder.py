@@ -42,7 +42,8 @@ def selector_labels(name: str) -> dict[str, str]:
     return {LABEL_NAME: APP_NAME, LABEL_INSTANCE: name}
 
 
-def selector_string(name: str) -> str:
+def pod_selector(name: str) -> str:
+    """The label selector of a ModelServer's pods, as the API's labelSelector parameter takes it."""
     return ",".join(f"{key}={value}" for key, value in selector_labels(name).items())
 
 

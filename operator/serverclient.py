@@ -7,7 +7,6 @@ so they are unit-testable without a server.
 from __future__ import annotations
 
 import json
-import re
 import urllib.error
 import urllib.request
 from collections.abc import Iterable
@@ -15,9 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tuneloom.api import LabelSelector
-
-# How a loaded adapter is listed by /v1/models: <namespace>/<name>@<version>.
-_ADAPTER_ID = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-a-z0-9]*[a-z0-9])?@[1-9][0-9]*$")
+from tuneloom.names import AdapterId
 
 
 class ServerError(Exception):
@@ -42,18 +39,7 @@ def plan_preload(desired: Iterable[str], loaded: Iterable[str], preloaded: Itera
     return PreloadPlan(load=sorted(wanted - present), unload=sorted((ours - wanted) & present))
 
 
-def is_adapter_id(model: str) -> bool:
-    return bool(_ADAPTER_ID.match(model))
-
-
-def adapter_key(model: str) -> tuple[str, str]:
-    """(namespace, name) of an adapter id, whatever its version."""
-    qualified = model.rsplit("@", 1)[0]
-    namespace, name = qualified.split("/", 1)
-    return namespace, name
-
-
-def selector_string(selector: LabelSelector) -> str:
+def format_label_selector(selector: LabelSelector) -> str:
     """A LabelSelector in the string form the API's labelSelector parameter takes."""
     terms = [f"{key}={value}" for key, value in sorted(selector.matchLabels.items())]
     for requirement in selector.matchExpressions:
@@ -84,7 +70,8 @@ class ServerClient:
     def loaded(self) -> set[str]:
         """The adapters the pod has loaded (the base model is listed too, and left out)."""
         payload = json.loads(self._request("GET", "/v1/models", None, self.timeout_s))
-        return {entry["id"] for entry in payload.get("data") or [] if is_adapter_id(str(entry.get("id")))}
+        listed = (str(entry.get("id")) for entry in payload.get("data") or [])
+        return {model for model in listed if AdapterId.parse_served(model) is not None}
 
     def load(self, model: str) -> None:
         body = {"lora_name": model, "lora_path": f"tuneloom://{model}"}

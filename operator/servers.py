@@ -21,6 +21,7 @@ from kubernetes.client.exceptions import ApiException
 
 from tuneloom.api import API_GROUP, API_VERSION, AdapterPhase, ModelServer, ModelServerSpec
 from tuneloom.jobfile import SpecError
+from tuneloom.names import AdapterId
 from tuneloom.operator import adapters
 from tuneloom.operator.common import (
     ADAPTERS,
@@ -39,10 +40,9 @@ from tuneloom.operator.serverbuilder import (
     SERVER_PORT,
     build_deployment,
     build_service,
-    selector_string,
+    pod_selector,
 )
-from tuneloom.operator.serverclient import ServerClient, ServerError, adapter_key, plan_preload
-from tuneloom.operator.serverclient import selector_string as label_selector_string
+from tuneloom.operator.serverclient import ServerClient, ServerError, format_label_selector, plan_preload
 
 log = logging.getLogger("tuneloom.operator.servers")
 
@@ -110,7 +110,7 @@ class ServerReconciler:
         status = copy.deepcopy(previous)
         status.setdefault("conditions", [])
         status["observedGeneration"] = meta.get("generation")
-        status["selector"] = selector_string(meta["name"])
+        status["selector"] = pod_selector(meta["name"])
         try:
             server = parse_object(ModelServer, body)
         except SpecError as exc:
@@ -266,7 +266,7 @@ class ServerReconciler:
                 continue
             found[(adapter_namespace, name)] = body
         if spec.preload.selector is not None:
-            selector = label_selector_string(spec.preload.selector)
+            selector = format_label_selector(spec.preload.selector)
             for adapter_namespace in allowed:
                 listed = self.custom.list_namespaced_custom_object(
                     API_GROUP, API_VERSION, adapter_namespace, ADAPTERS, label_selector=selector
@@ -300,7 +300,7 @@ class ServerReconciler:
         """Loads the desired adapters on every ready pod and unloads those the operator preloaded
         that are no longer desired; records each pod's adapters in `status`; returns failures."""
         meta = server.metadata
-        listed = self.core.list_namespaced_pod(meta.namespace, label_selector=selector_string(meta.name)).items
+        listed = self.core.list_namespaced_pod(meta.namespace, label_selector=pod_selector(meta.name)).items
         before = {pod["name"]: pod for pod in previous.get("pods") or []}
         failures: list[str] = []
         pods = []
@@ -356,7 +356,9 @@ class ServerReconciler:
             pods: dict[tuple[str, str], list[str]] = {}
             for pod in status.get("pods") or []:
                 for model in pod.get("adapters") or []:
-                    pods.setdefault(adapter_key(model), []).append(pod["name"])
+                    adapter = AdapterId.parse_served(model)
+                    if adapter is not None:
+                        pods.setdefault((adapter.namespace, adapter.name), []).append(pod["name"])
             return pods
 
         meta = body["metadata"]

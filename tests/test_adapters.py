@@ -16,11 +16,11 @@ from kubernetes import client as k8s
 from tuneloom.dev.seaweedfs import SeaweedFS
 from tuneloom.jobfile import parse_job
 from tuneloom.models import model_config_hash
+from tuneloom.names import AdapterId
 from tuneloom.operator.adapters import AdapterProblem, adapter_for_job, check_peft_files, same_base_model
 from tuneloom.registry import (
     ADAPTER_FILES,
     ADAPTER_WEIGHTS,
-    adapter_prefix,
     list_versions,
     publish_adapter,
     read_adapter,
@@ -273,7 +273,7 @@ def test_corrupt_adapter_fails_with_checksum_mismatch(
     publish_adapter(store, bench.namespace, "corrupt", files, {"kind": "lora", "baseModel": base, "metrics": {}})
     weights = bytearray((peft_dir / ADAPTER_WEIGHTS).read_bytes())
     weights[-1] ^= 0xFF  # same size, one bit pattern off: only the checksum can tell
-    store.put_bytes(f"{adapter_prefix(bench.namespace, 'corrupt', '1')}/{ADAPTER_WEIGHTS}", bytes(weights))
+    store.put_bytes(f"{AdapterId(bench.namespace, 'corrupt', '1').store_prefix}/{ADAPTER_WEIGHTS}", bytes(weights))
     bench.custom.create_namespaced_custom_object(
         GROUP, VERSION, bench.namespace, "adapters", adapter_manifest("corrupt", str(bench.model), bench, registry={})
     )

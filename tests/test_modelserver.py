@@ -23,7 +23,7 @@ from tuneloom.dev.podrunner import PodRunner
 from tuneloom.operator.config import OperatorConfig
 from tuneloom.operator.metrics import OperatorMetrics
 from tuneloom.operator.serverbuilder import ANNOTATION_TEMPLATE_HASH, build_deployment, build_service
-from tuneloom.operator.serverclient import ServerClient, ServerError, plan_preload, selector_string
+from tuneloom.operator.serverclient import ServerClient, ServerError, format_label_selector, plan_preload
 from tuneloom.storage import open_store
 
 from . import test_adapters, test_operator
@@ -163,7 +163,7 @@ def test_preload_plan(
     assert (plan.load, plan.unload) == (load, unload)
 
 
-def test_label_selector_string() -> None:
+def test_format_label_selector() -> None:
     selector = LabelSelector.model_validate(
         {
             "matchLabels": {"team": "a", "serve": "yes"},
@@ -173,7 +173,7 @@ def test_label_selector_string() -> None:
             ],
         }
     )
-    assert selector_string(selector) == "serve=yes,team=a,tier in (gold,silver),!beta"
+    assert format_label_selector(selector) == "serve=yes,team=a,tier in (gold,silver),!beta"
 
 
 class _FakeVllm(BaseHTTPRequestHandler):

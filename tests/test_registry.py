@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from tuneloom import __version__
+from tuneloom.names import AdapterId
 from tuneloom.registry import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     MANIFEST,
-    adapter_prefix,
     commit_files,
     download_adapter,
     fetch_committed,
@@ -51,12 +51,12 @@ def _adapter_files(folder: Path, seed: str = "a") -> dict[str, Path]:
 
 def _publish(store: ObjectStore, tmp_path: Path, version: str | None = None, seed: str = "a") -> None:
     files = _adapter_files(tmp_path / f"src-{seed}-{version}", seed)
-    publish_adapter(store, NS, NAME, files, {"baseModel": "smollm2"}, version=version)
+    publish_adapter(store, NS, NAME, files, {"baseModel": {"name": "smollm2"}}, version=version)
 
 
 def _abandon(store: ObjectStore, version: str) -> None:
     """Files of an upload that died before its manifest was written."""
-    prefix = adapter_prefix(NS, NAME, version)
+    prefix = AdapterId(NS, NAME, version).store_prefix
     store.put_bytes(f"{prefix}/{ADAPTER_CONFIG}", b"{}")
     store.put_bytes(f"{prefix}/{ADAPTER_WEIGHTS}", b"partial")
 
@@ -74,16 +74,18 @@ def _leftovers(folder: Path) -> list[str]:
 
 def test_publish_read_download_round_trip(store: ObjectStore, tmp_path: Path) -> None:
     files = _adapter_files(tmp_path / "src")
-    published = publish_adapter(store, NS, NAME, files, {"baseModel": "smollm2", "job": "j1"})
+    published = publish_adapter(store, NS, NAME, files, {"baseModel": {"name": "smollm2"}, "job": "j1"})
     assert published.version == "1"
     assert published.uri == store.describe(f"adapters/{NS}/{NAME}/1")
     manifest = published.manifest
-    assert (manifest["name"], manifest["namespace"], manifest["version"]) == (NAME, NS, "1")
-    assert manifest["baseModel"] == "smollm2"
-    assert manifest["tuneloomVersion"] == __version__
-    assert datetime.fromisoformat(manifest["createdAt"].replace("Z", "+00:00")).tzinfo is not None
+    assert (manifest.name, manifest.namespace, manifest.version) == (NAME, NS, "1")
+    assert published.id == AdapterId(NS, NAME, "1")
+    assert manifest.baseModel.name == "smollm2"
+    assert manifest.model_extra["job"] == "j1"
+    assert manifest.model_extra["tuneloomVersion"] == __version__
+    assert datetime.fromisoformat(manifest.model_extra["createdAt"].replace("Z", "+00:00")).tzinfo is not None
     weights = files[ADAPTER_WEIGHTS]
-    assert manifest["files"][ADAPTER_WEIGHTS] == {"sha256": sha256_file(weights), "size": 4096}
+    assert manifest.files[ADAPTER_WEIGHTS].model_dump() == {"sha256": sha256_file(weights), "size": 4096}
 
     read = read_adapter(store, NS, NAME)
     assert read == published
@@ -92,7 +94,7 @@ def test_publish_read_download_round_trip(store: ObjectStore, tmp_path: Path) ->
     downloaded = download_adapter(store, NS, NAME, "1", dest)
     assert downloaded == published
     assert (dest / ADAPTER_WEIGHTS).read_bytes() == weights.read_bytes()
-    assert json.loads((dest / MANIFEST).read_text()) == manifest
+    assert json.loads((dest / MANIFEST).read_text()) == manifest.model_dump(exclude_defaults=True)
     assert sorted(p.name for p in dest.iterdir()) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST])
     assert not _leftovers(dest.parent)
 
@@ -187,13 +189,13 @@ def test_commit_and_fetch_nested_files(store: ObjectStore, tmp_path: Path) -> No
 
 def test_tampered_file_is_detected_and_nothing_is_left(store: ObjectStore, tmp_path: Path) -> None:
     published = publish_adapter(store, NS, NAME, _adapter_files(tmp_path / "src"), {})
-    store.put_bytes(f"{adapter_prefix(NS, NAME, '1')}/{ADAPTER_WEIGHTS}", b"tampered weights")
+    store.put_bytes(f"{AdapterId(NS, NAME, '1').store_prefix}/{ADAPTER_WEIGHTS}", b"tampered weights")
     dest = tmp_path / "cache" / "adapter"
     with pytest.raises(ChecksumMismatchError) as caught:
         download_adapter(store, NS, NAME, "1", dest)
     message = str(caught.value)
     assert ADAPTER_WEIGHTS in message
-    assert published.manifest["files"][ADAPTER_WEIGHTS]["sha256"] in message
+    assert published.manifest.files[ADAPTER_WEIGHTS].sha256 in message
     assert _sha256(b"tampered weights") in message
     assert not dest.exists()
     assert os.listdir(dest.parent) == []
@@ -225,15 +227,15 @@ def test_manifest_with_traversal_names_is_refused(store: ObjectStore, tmp_path: 
 @pytest.mark.parametrize("name", ["..", "a/b", "Upper", "-lead", "trail-", "", "x" * 64, "a_b"])
 def test_invalid_names_are_rejected(name: str) -> None:
     with pytest.raises(ValueError, match="DNS-1123"):
-        adapter_prefix(NS, name)
+        AdapterId(NS, name)
     with pytest.raises(ValueError, match="DNS-1123"):
-        adapter_prefix(name, NAME)
+        AdapterId(name, NAME)
 
 
 @pytest.mark.parametrize("version", ["0", "01", "-1", "1.0", "latest", "../1"])
 def test_invalid_versions_are_rejected(version: str) -> None:
     with pytest.raises(ValueError, match="positive integer"):
-        adapter_prefix(NS, NAME, version)
+        AdapterId(NS, NAME, version)
 
 
 def test_publish_needs_the_adapter_files(tmp_path: Path) -> None:

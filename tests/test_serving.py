@@ -15,7 +15,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from tuneloom.registry import adapter_prefix, publish_adapter, read_adapter
+from tuneloom.names import AdapterId
+from tuneloom.registry import publish_adapter, read_adapter
 from tuneloom.storage import open_store
 
 from .served import ANSWERS, PROMPTS, Served, train_adapter
@@ -116,7 +117,7 @@ def _republish(served: Served, source: str, name: str, edit) -> None:
 def test_a_corrupt_adapter_is_refused_and_never_served(served: Served) -> None:
     _republish(served, "pirate", "broken", lambda manifest, files: None)
     store = open_store(served.store)
-    key = f"{adapter_prefix('default', 'broken', '1')}/adapter_model.safetensors"
+    key = f"{AdapterId('default', 'broken', '1').store_prefix}/adapter_model.safetensors"
     data = bytearray(store.get_bytes(key))
     data[-100:] = bytes(100)
     store.put_bytes(key, bytes(data))

@@ -12,7 +12,8 @@ import urllib.parse
 
 import pytest
 
-from tuneloom.registry import MANIFEST, adapter_prefix, publish_adapter, read_adapter
+from tuneloom.names import AdapterId
+from tuneloom.registry import MANIFEST, publish_adapter, read_adapter
 from tuneloom.storage import open_store
 
 from .served import ANSWERS, API_KEY, PROMPTS, Served, train_adapter
@@ -135,7 +136,7 @@ def test_a_new_version_reaches_messages_too(served: Served) -> None:
 def _publish_raw(served: Served, name: str, version: str, manifest: dict, files: dict[str, bytes]) -> None:
     """Writes a version straight into the store, as a damaged or hand-edited store would hold it."""
     store = open_store(served.store)
-    prefix = adapter_prefix("default", name, version)
+    prefix = AdapterId("default", name, version).store_prefix
     for file_name, data in files.items():
         store.put_bytes(f"{prefix}/{file_name}", data)
     store.put_bytes(f"{prefix}/{MANIFEST}", json.dumps(manifest).encode())
@@ -169,7 +170,7 @@ def test_a_removed_version_stops_answering_even_when_loaded(served: Served) -> N
     train_adapter(served.model_dir, "ember", "Crackle. Ember speaks.", served.store, served.work / "ember")
     assert served.ask("ember@1", PROMPTS[0]) == "Crackle. Ember speaks."
     store = open_store(served.store)
-    store.delete(f"{adapter_prefix('default', 'ember', '1')}/{MANIFEST}")
+    store.delete(f"{AdapterId('default', 'ember', '1').store_prefix}/{MANIFEST}")
     time.sleep(2.5)
     for model in ("ember@1", "ember"):
         status, reply = served.call("POST", "/v1/chat/completions", _chat(model))

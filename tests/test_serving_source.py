@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tuneloom.registry import ADAPTER_FILES, MANIFEST, adapter_prefix, publish_adapter
+from tuneloom.names import AdapterId
+from tuneloom.registry import ADAPTER_FILES, MANIFEST, publish_adapter
 from tuneloom.serving.adapters import AdapterSource, ServingSettings
 from tuneloom.serving.names import AdapterNotFound, CorruptAdapter, InvalidAdapterName
 from tuneloom.storage import LocalStore
@@ -44,7 +45,7 @@ def _publish(source: AdapterSource, name: str, content: bytes) -> None:
 def test_latest_skips_a_damaged_version_and_a_pinned_one_is_refused(source: AdapterSource) -> None:
     _publish(source, "pirate", b"v1")
     _publish(source, "pirate", b"v2")
-    source.store.put_bytes(f"{adapter_prefix('default', 'pirate', '2')}/{ADAPTER_FILES[1]}", b"tampered")
+    source.store.put_bytes(f"{AdapterId('default', 'pirate', '2').store_prefix}/{ADAPTER_FILES[1]}", b"tampered")
     assert source.resolve("pirate").ref.internal_name == "default/pirate@1"
     with pytest.raises(CorruptAdapter) as caught:
         source.resolve("pirate@2")
@@ -54,7 +55,7 @@ def test_latest_skips_a_damaged_version_and_a_pinned_one_is_refused(source: Adap
 
 def test_a_manifest_without_the_weights_is_damaged_not_a_bad_request(source: AdapterSource) -> None:
     _publish(source, "lamp", b"v1")
-    prefix = adapter_prefix("default", "lamp", "1")
+    prefix = AdapterId("default", "lamp", "1").store_prefix
     manifest = json.loads(source.store.get_bytes(f"{prefix}/{MANIFEST}"))
     del manifest["files"][ADAPTER_FILES[1]]
     source.store.put_bytes(f"{prefix}/{MANIFEST}", json.dumps(manifest).encode())
@@ -65,7 +66,7 @@ def test_a_manifest_without_the_weights_is_damaged_not_a_bad_request(source: Ada
 def test_a_removed_version_is_not_found_even_when_cached(source: AdapterSource) -> None:
     _publish(source, "ember", b"v1")
     assert source.resolve("ember@1").path.is_dir()
-    source.store.delete(f"{adapter_prefix('default', 'ember', '1')}/{MANIFEST}")
+    source.store.delete(f"{AdapterId('default', 'ember', '1').store_prefix}/{MANIFEST}")
     for model in ("ember@1", "ember"):
         with pytest.raises(AdapterNotFound) as caught:
             source.resolve(model)
@@ -75,7 +76,7 @@ def test_a_removed_version_is_not_found_even_when_cached(source: AdapterSource) 
 def test_a_cached_copy_of_another_manifest_is_fetched_again(source: AdapterSource) -> None:
     _publish(source, "robot", b"old weights")
     first = source.resolve("robot@1").path
-    source.store.delete_prefix(adapter_prefix("default", "robot", "1"))
+    source.store.delete_prefix(AdapterId("default", "robot", "1").store_prefix)
     _publish(source, "robot", b"new weights, same version number")
     fresh = AdapterSource(source.settings, source.store)  # a restarted server with the same cache
     assert (fresh.resolve("robot@1").path / ADAPTER_FILES[1]).read_bytes() == b"new weights, same version number"

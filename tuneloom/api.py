@@ -7,15 +7,15 @@ bounds here, once. Field names are the camelCase names users write in YAML.
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from enum import Enum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # The data reader enforces it and `validate-data --max-line-bytes` defaults to it; it imports
 # only the standard library.
+from tuneloom.names import DNS_LABEL_RULE, VERSION_PATTERN, is_dns_label
 from tuneloom.trainer.datafile import DEFAULT_MAX_LINE_BYTES
 
 API_GROUP = "tuneloom.dev"
@@ -26,8 +26,6 @@ FULL_API_VERSION = f"{API_GROUP}/{API_VERSION}"
 # instead of letting the Job controller retry.
 TRAINER_EXIT_INVALID_INPUT = 2
 
-# DNS-1123 label: adapter names become path segments, vLLM model names and Kubernetes names.
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _STORE_SCHEMES = ("s3://", "file://")
 
 
@@ -72,9 +70,19 @@ def _check_store_uri(value: str, field: str) -> str:
 
 
 def _check_dns_label(value: str) -> str:
-    if len(value) > 63 or not _DNS_LABEL.match(value):
-        raise ValueError(f"must be a DNS-1123 label (lowercase letters, digits and '-', at most 63), got '{value}'")
+    if not is_dns_label(value):
+        raise ValueError(f"must be a DNS-1123 label ({DNS_LABEL_RULE}), got {value!r}")
     return value
+
+
+def _check_base_model(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return _check_store_uri(value, "baseModel")
+
+
+# A base model as every kind names it: a local directory, a file:// or s3:// prefix, or a hub id.
+BaseModelName = Annotated[str, AfterValidator(_check_base_model)]
 
 
 class DatasetSpec(_Model):
@@ -243,7 +251,7 @@ class ServeSpec(_Model):
 
 
 class FineTuneJobSpec(_Model):
-    baseModel: str = Field(
+    baseModel: BaseModelName = Field(
         description="Base model: a local directory, an s3:// prefix holding a Hugging Face model directory, "
         "or a Hugging Face hub id.",
     )
@@ -260,13 +268,6 @@ class FineTuneJobSpec(_Model):
     image: str | None = Field(default=None, description="Trainer image; unset: the operator's default.")
     cancel: bool = Field(default=False, description="Set to true to stop the run; the phase becomes Cancelled.")
     serve: ServeSpec = Field(default_factory=ServeSpec, description="Where the result is served (operator only).")
-
-    @field_validator("baseModel")
-    @classmethod
-    def _base_model(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be empty")
-        return _check_store_uri(value, "baseModel")
 
     @model_validator(mode="after")
     def _lora_fits_method(self) -> FineTuneJobSpec:
@@ -306,7 +307,7 @@ class Progress(_Model):
     etaSeconds: float | None = Field(default=None, description="Estimated seconds until training ends.")
 
 
-class AdapterRef(_Model):
+class PublishedAdapter(_Model):
     name: str = Field(description="Adapter name in the registry.")
     version: str = Field(description="Version written by this job.")
     uri: str = Field(description="Object-store URI of the version's folder.")
@@ -330,7 +331,7 @@ class FineTuneJobStatus(_Model):
     completionTime: datetime | None = Field(default=None, description="When the job ended.")
     jobName: str | None = Field(default=None, description="The batch/v1 Job running the trainer.")
     progress: Progress | None = Field(default=None, description="Training progress, refreshed about every 5 s.")
-    adapter: AdapterRef | None = Field(default=None, description="The adapter written, read from its manifest.")
+    adapter: PublishedAdapter | None = Field(default=None, description="The adapter written, read from its manifest.")
 
 
 class FineTuneJob(_Model):
@@ -376,7 +377,7 @@ class RegistryRef(_Model):
     )
     version: str | None = Field(
         default=None,
-        pattern=r"^[1-9][0-9]{0,17}$",
+        pattern=VERSION_PATTERN,
         description="Version to serve, e.g. '3'; unset: the latest committed version, followed as new ones appear.",
     )
 
@@ -411,20 +412,13 @@ class AdapterSource(_Model):
 
 
 class AdapterSpec(_Model):
-    baseModel: str = Field(
+    baseModel: BaseModelName = Field(
         description="The base model the adapter belongs to, as in FineTuneJob.spec.baseModel. It is checked "
         "against the adapter's manifest (config hash when the operator can read the base model, else the name) "
         "or its PEFT config (base_model_name_or_path).",
     )
     source: AdapterSource = Field(description="Where the adapter's files are: a registry version or a PEFT folder.")
     storage: StoreSpec = Field(description="The object store holding the adapter registry, and how to reach it.")
-
-    @field_validator("baseModel")
-    @classmethod
-    def _base_model(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be empty")
-        return _check_store_uri(value, "baseModel")
 
 
 class LoadedOn(_Model):
@@ -495,7 +489,7 @@ class SecretKeyRef(_Model):
 
 
 class ModelServerSpec(_Model):
-    baseModel: str = Field(
+    baseModel: BaseModelName = Field(
         description="The base model to serve, as in FineTuneJob.spec.baseModel; only adapters for it are preloaded.",
     )
     replicas: int = Field(default=1, ge=0, le=1000, description="Server pods. Changing it restarts no pod.")
@@ -522,13 +516,6 @@ class ModelServerSpec(_Model):
         default_factory=list,
         description="Namespaces whose adapters this server may load; empty: its own namespace only.",
     )
-
-    @field_validator("baseModel")
-    @classmethod
-    def _base_model(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be empty")
-        return _check_store_uri(value, "baseModel")
 
     @field_validator("allowedNamespaces")
     @classmethod

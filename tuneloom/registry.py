@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -21,7 +20,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from tuneloom import __version__
+from tuneloom.names import AdapterId, is_version, validate_label
 from tuneloom.storage import (
     ChecksumMismatchError,
     CorruptObjectError,
@@ -35,13 +37,9 @@ from tuneloom.storage import (
 )
 
 MANIFEST = "manifest.json"
-ADAPTERS_ROOT = "adapters"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
-
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_VERSION = re.compile(r"^[1-9][0-9]{0,17}$")
 
 
 # --- committed object sets ----------------------------------------------------------------------
@@ -182,49 +180,102 @@ def _sha256_bytes(data: bytes) -> str:
 # --- adapter registry ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class AdapterVersion:
-    """One committed adapter version, as recorded by its manifest."""
+class _Record(BaseModel):
+    # Manifests outlive the code that wrote them: fields this version does not know are kept.
+    model_config = ConfigDict(extra="allow")
+
+
+class EvaluatedMetrics(_Record):
+    """Held-out figures of one model (the base or the adapter); generation metrics are extra fields."""
+
+    validationLoss: float | None = None
+    tokenAccuracy: float | None = None
+
+    def scores(self) -> dict[str, float]:
+        """The generation metrics (exact_match, json_valid, ...): every number but the loss."""
+        extra = self.model_extra or {}
+        figures = {"tokenAccuracy": self.tokenAccuracy, **extra}
+        return {k: float(v) for k, v in figures.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+class TrainingMetrics(_Record):
+    base: EvaluatedMetrics = Field(default_factory=EvaluatedMetrics)
+    adapter: EvaluatedMetrics = Field(default_factory=EvaluatedMetrics)
+    steps: int = 0
+
+
+class BaseModelRecord(_Record):
+    name: str | None = None
+    configSha256: str | None = None
+
+
+class FileRecord(_Record):
+    sha256: str
+    size: int
+
+
+class AdapterManifest(_Record):
+    """`manifest.json` of an adapter version: what it is, what it was trained on, how it scored."""
 
     namespace: str
     name: str
     version: str
+    kind: str = "lora"
+    baseModel: BaseModelRecord = Field(default_factory=BaseModelRecord)
+    metrics: TrainingMetrics = Field(default_factory=TrainingMetrics)
+    files: dict[str, FileRecord] = Field(default_factory=dict)
+    importedFrom: dict[str, Any] | None = None
+
+    @property
+    def id(self) -> AdapterId:
+        return AdapterId(self.namespace, self.name, self.version)
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    """One committed adapter version, as recorded by its manifest."""
+
+    id: AdapterId
     uri: str
-    manifest: dict[str, Any]
+    manifest: AdapterManifest
     manifest_sha256: str
 
+    @property
+    def namespace(self) -> str:
+        return self.id.namespace
 
-def validate_label(value: str, what: str) -> str:
-    """DNS-1123 label check: names become path segments, Kubernetes names and vLLM model names."""
-    if not isinstance(value, str) or not _DNS_LABEL.match(value):
-        raise ValueError(
-            f"{what} {value!r} is not a DNS-1123 label (lowercase letters, digits and '-', "
-            "1-63 characters, starting and ending with a letter or digit)"
-        )
-    return value
+    @property
+    def name(self) -> str:
+        return self.id.name
 
-
-def validate_version(version: str) -> str:
-    if not isinstance(version, str) or not _VERSION.match(version):
-        raise ValueError(f"adapter version {version!r} must be a positive integer string such as '1'")
-    return version
+    @property
+    def version(self) -> str:
+        return str(self.id.version)
 
 
-def adapter_prefix(namespace: str, name: str, version: str | None = None) -> str:
-    """`adapters/<namespace>/<name>[/<version>]`, after validating every part."""
-    parts = [ADAPTERS_ROOT, validate_label(namespace, "namespace"), validate_label(name, "adapter name")]
-    if version is not None:
-        parts.append(validate_version(version))
-    return "/".join(parts)
+def _adapter_version(store: ObjectStore, adapter: AdapterId, manifest: Mapping[str, Any], sha: str) -> AdapterVersion:
+    where = store.describe(f"{adapter.store_prefix}/{MANIFEST}")
+    try:
+        parsed = AdapterManifest.model_validate(manifest)
+    except ValidationError as exc:
+        raise CorruptObjectError(f"{where}: not an adapter manifest: {_problems(exc)}") from None
+    recorded = (parsed.namespace, parsed.name, parsed.version)
+    if recorded != (adapter.namespace, adapter.name, adapter.version):
+        raise CorruptObjectError(f"{where}: records {'/'.join(recorded)}, not {adapter}: it was copied or altered")
+    return AdapterVersion(adapter, store.describe(adapter.store_prefix), parsed, sha)
+
+
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'manifest'}: {e['msg']}" for e in exc.errors())
 
 
 def _version_dirs(store: ObjectStore, namespace: str, name: str) -> dict[int, set[str]]:
     """Every numeric version folder under the adapter, committed or not, with its file names."""
-    base = adapter_prefix(namespace, name) + "/"
+    base = AdapterId(namespace, name).store_prefix + "/"
     found: dict[int, set[str]] = {}
     for key in store.list(base):
         version, _, rest = key[len(base) :].partition("/")
-        if rest and _VERSION.match(version):
+        if rest and is_version(version):
             found.setdefault(int(version), set()).add(rest)
     return found
 
@@ -255,55 +306,65 @@ def publish_adapter(
     may overwrite each other's files first; the operator publishes one version per job, and
     fetch_committed's checksums would catch such damage.
     """
+    adapter = AdapterId(namespace, name, version or None)
     missing = [f for f in ADAPTER_FILES if f not in files]
     if missing:
-        raise ValueError(f"adapter {namespace}/{name}: missing {', '.join(missing)}")
-    version = validate_version(version) if version is not None else next_version(store, namespace, name)
-    prefix = adapter_prefix(namespace, name, version)
+        raise ValueError(f"adapter {adapter.key}: missing {', '.join(missing)}")
+    if adapter.version is None:
+        adapter = adapter.pinned(next_version(store, namespace, name))
     record = {
         **manifest,
         "name": name,
         "namespace": namespace,
-        "version": version,
+        "version": adapter.version,
         "createdAt": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
         "tuneloomVersion": __version__,
     }
-    written, sha = commit_files(store, prefix, files, record)
-    return AdapterVersion(namespace, name, version, store.describe(prefix), written, sha)
+    # Checked before anything is uploaded: a manifest readers could not parse would be a committed
+    # version nobody can serve.
+    try:
+        AdapterManifest.model_validate({**record, "files": {}})
+    except ValidationError as exc:
+        raise ValueError(f"adapter {adapter}: not a valid manifest: {_problems(exc)}") from None
+    written, sha = commit_files(store, adapter.store_prefix, files, record)
+    return _adapter_version(store, adapter, written, sha)
 
 
-def _resolve_version(store: ObjectStore, namespace: str, name: str, version: str | None) -> str:
-    if version is not None:
-        return validate_version(version)
+def _pinned(store: ObjectStore, namespace: str, name: str, version: str | None) -> AdapterId:
+    adapter = AdapterId(namespace, name, version)
+    if adapter.version is not None:
+        return adapter
     versions = list_versions(store, namespace, name)
     if not versions:
         raise ObjectNotFoundError(
-            f"adapter {namespace}/{name}: no committed version under "
-            f"{store.describe(adapter_prefix(namespace, name))}; publish one first"
+            f"adapter {adapter.key}: no committed version under {store.describe(adapter.store_prefix)}; "
+            "publish one first"
         )
-    return versions[-1]
+    return adapter.pinned(versions[-1])
 
 
 def read_adapter(store: ObjectStore, namespace: str, name: str, version: str | None = None) -> AdapterVersion:
     """The manifest of a committed version (None: the latest); ObjectNotFoundError if there is none."""
-    version = _resolve_version(store, namespace, name, version)
-    prefix = adapter_prefix(namespace, name, version)
+    adapter = _pinned(store, namespace, name, version)
     try:
-        data, manifest = _read_manifest(store, prefix)
+        data, manifest = _read_manifest(store, adapter.store_prefix)
     except ObjectNotFoundError as exc:
-        raise ObjectNotFoundError(f"adapter {namespace}/{name} version {version}: {exc}") from exc
-    return AdapterVersion(namespace, name, version, store.describe(prefix), manifest, _sha256_bytes(data))
+        raise ObjectNotFoundError(f"adapter {adapter.key} version {adapter.version}: {exc}") from exc
+    return _adapter_version(store, adapter, manifest, _sha256_bytes(data))
 
 
 def download_adapter(store: ObjectStore, namespace: str, name: str, version: str | None, dest: Path) -> AdapterVersion:
     """Downloads and verifies a committed version into the new directory `dest` (None: the latest)."""
-    version = _resolve_version(store, namespace, name, version)
-    prefix = adapter_prefix(namespace, name, version)
+    adapter = _pinned(store, namespace, name, version)
     try:
-        manifest, sha = _fetch_committed(store, prefix, Path(dest))
+        manifest, sha = _fetch_committed(store, adapter.store_prefix, Path(dest))
     except ObjectNotFoundError as exc:
-        raise ObjectNotFoundError(f"adapter {namespace}/{name} version {version}: {exc}") from exc
-    return AdapterVersion(namespace, name, version, store.describe(prefix), manifest, sha)
+        raise ObjectNotFoundError(f"adapter {adapter.key} version {adapter.version}: {exc}") from exc
+    try:
+        return _adapter_version(store, adapter, manifest, sha)
+    except CorruptObjectError:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
 
 
 # -- training runs -------------------------------------------------------------------------------

@@ -23,8 +23,9 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from tuneloom.api import API_GROUP, API_VERSION, FULL_API_VERSION, Adapter, AdapterPhase, FineTuneJob
+from tuneloom.inputs import base_model_config_hash
 from tuneloom.jobfile import SpecError
-from tuneloom.models import find_prepared, known_model, model_config_hash
+from tuneloom.models import known_model
 from tuneloom.operator.common import (
     ADAPTERS,
     LABEL_MANAGED,
@@ -363,20 +364,11 @@ class AdapterReconciler:
         """The base model's config hash when the operator can read its config.json: from object
         storage (with the Adapter's connection), a local directory, or a prepared known model."""
         base = adapter.spec.baseModel
-        with tempfile.TemporaryDirectory(prefix="tuneloom-base-") as tmp:
-            config = Path(tmp) / "config.json"
-            try:
-                store = open_object_store(self.core, adapter.metadata.namespace, base, adapter.spec.storage)
-                config.write_bytes(store.get_bytes("config.json"))
-            except (StorageError, ValueError):
-                prepared = find_prepared(base)
-                if prepared is None:
-                    return None
-                config.write_bytes((prepared / "config.json").read_bytes())
-            try:
-                return model_config_hash(config.parent)
-            except (OSError, ValueError):
-                return None
+        try:
+            store = open_object_store(self.core, adapter.metadata.namespace, base, adapter.spec.storage)
+        except (StorageError, ValueError):
+            store = None
+        return base_model_config_hash(base, store)
 
     # -- importing a PEFT folder -----------------------------------------------------------------
 

@@ -70,9 +70,9 @@ def serve_command(server: ModelServer, config: OperatorConfig) -> list[str]:
         str(spec.maxLoras),
         "--max-lora-rank",
         str(spec.maxLoraRank),
-        "--max-cpu-loras",
-        str(spec.maxCpuLoras or spec.maxLoras),
     ]
+    if spec.maxCpuLoras is not None:
+        command += ["--max-cpu-loras", str(spec.maxCpuLoras)]
     if spec.allowedNamespaces:
         command += ["--allowed-namespaces", ",".join(spec.allowedNamespaces)]
     if spec.apiKeySecret:

@@ -1,9 +1,9 @@
 """The adapters a server may serve: names to versions, versions to verified local directories.
 
-One `AdapterSource` per API-server process, shared by the HTTP middleware (which turns a
-client's name into a pinned version and reports problems with the right status) and the vLLM
-resolver (which hands vLLM the local directory). Everything here is synchronous, blocking I/O;
-async callers run it in a worker thread.
+One `AdapterCatalog` per API-server process. The HTTP middleware resolves each request's name
+once (to a pinned version and its verified local copy) and reports problems with the right
+status; the vLLM resolver then takes the local copy the middleware resolved. Everything here is
+synchronous, blocking I/O; async callers run it in a worker thread.
 """
 
 from __future__ import annotations
@@ -12,19 +12,20 @@ import hashlib
 import logging
 import os
 import shutil
-import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from tuneloom.locks import KeyedLocks
 from tuneloom.models import cache_dir, model_config_hash
-from tuneloom.registry import ADAPTER_FILES, MANIFEST, download_adapter, list_versions, read_adapter
+from tuneloom.names import AdapterId
+from tuneloom.registry import ADAPTER_FILES, MANIFEST, AdapterVersion, download_adapter, list_versions, read_adapter
 from tuneloom.serving import metrics
 from tuneloom.serving.names import (
     AdapterError,
     AdapterNotFound,
-    AdapterRef,
     CorruptAdapter,
     InvalidAdapterName,
     StorageUnavailable,
@@ -89,20 +90,23 @@ class ServingSettings:
 
 @dataclass(frozen=True)
 class ResolvedAdapter:
-    ref: AdapterRef  # pinned to a committed version
+    adapter: AdapterId  # pinned to a committed version
     path: Path  # its verified local copy
 
 
-class AdapterSource:
+_T = TypeVar("_T")
+
+
+class AdapterCatalog:
     def __init__(self, settings: ServingSettings, store: ObjectStore | None = None):
         self.settings = settings
         self._store = store
         self._base_config = model_config_hash(settings.base_model_dir)
         self._versions: dict[str, tuple[float, list[str]]] = {}
-        self._manifests: dict[str, tuple[dict[str, Any], str]] = {}  # versions are immutable: cached for good
+        self._manifests: dict[str, AdapterVersion] = {}  # versions are immutable: cached for good
         self._damaged: dict[str, tuple[float, CorruptAdapter]] = {}
-        self._locks: dict[str, threading.Lock] = {}
-        self._locks_guard = threading.Lock()
+        self._resolved: dict[str, Path] = {}  # served name -> local copy, for the vLLM resolver
+        self._locks = KeyedLocks()
 
     @property
     def store(self) -> ObjectStore:
@@ -113,7 +117,7 @@ class AdapterSource:
     def is_base_model(self, model: str) -> bool:
         return model == self.settings.served_model_name
 
-    def parse(self, model: str) -> AdapterRef:
+    def parse(self, model: str) -> AdapterId:
         return parse_model(model, self.settings.namespace, self.settings.allowed_namespaces)
 
     def resolve(self, model: Any, *, require_version: bool = False) -> ResolvedAdapter:
@@ -124,140 +128,132 @@ class AdapterSource:
         """
         if not isinstance(model, str):
             raise InvalidAdapterName("'model' must be a string")
-        ref = self.parse(model)
-        if require_version and ref.version is None:
+        adapter = self.parse(model)
+        if require_version and adapter.version is None:
             raise InvalidAdapterName(f"{model!r}: a runtime load names one version, as NAMESPACE/NAME@VERSION")
-        versions = self._committed_versions(ref)
-        if ref.version is not None:
-            if ref.version not in versions:
-                raise self._failed(AdapterNotFound(f"adapter {ref.internal_name!r} does not exist in the registry"))
-            return ResolvedAdapter(ref, self.local_dir(ref))
+        versions = self._committed_versions(adapter)
+        if adapter.version is not None:
+            if adapter.version not in versions:
+                raise self._failed(AdapterNotFound(f"adapter {str(adapter)!r} does not exist in the registry"))
+            return self._resolved_copy(adapter)
         if not versions:
             raise self._failed(
-                AdapterNotFound(f"adapter {ref.key!r} does not exist: no committed version in the store")
+                AdapterNotFound(f"adapter {adapter.key!r} does not exist: no committed version in the store")
             )
         damaged: CorruptAdapter | None = None
         for version in reversed(versions):
-            pinned = ref.pinned(version)
             try:
-                return ResolvedAdapter(pinned, self.local_dir(pinned))
+                return self._resolved_copy(adapter.pinned(version))
             except CorruptAdapter as exc:
                 damaged = damaged or exc
-                metrics.skipped_versions.labels(ref.key).inc()
-                log.warning("latest of %s skips version %s, which fails verification", ref.key, version)
+                metrics.skipped_versions.labels(adapter.key).inc()
+                log.warning("latest of %s skips version %s, which fails verification", adapter.key, version)
         assert damaged is not None
         raise damaged
 
-    def _committed_versions(self, ref: AdapterRef) -> list[str]:
+    def resolved_path(self, served_name: str) -> Path | None:
+        """The local copy of a version `resolve` returned, by its served name (None: never resolved)."""
+        return self._resolved.get(served_name)
+
+    def _resolved_copy(self, adapter: AdapterId) -> ResolvedAdapter:
+        path = self.local_dir(adapter)
+        self._resolved[adapter.served_name] = path
+        return ResolvedAdapter(adapter, path)
+
+    def _committed_versions(self, adapter: AdapterId) -> list[str]:
         """Committed versions of an adapter, listed at most every `latest_ttl_s`."""
-        cached = self._versions.get(ref.key)
+        cached = self._versions.get(adapter.key)
         if cached and time.monotonic() - cached[0] < self.settings.latest_ttl_s:
             return cached[1]
-        versions = self._storage_call(ref, lambda: list_versions(self.store, ref.namespace, ref.name))
-        self._versions[ref.key] = (time.monotonic(), versions)
+        versions = self._storage_call(adapter, lambda: list_versions(self.store, adapter.namespace, adapter.name))
+        self._versions[adapter.key] = (time.monotonic(), versions)
         return versions
 
-    def check(self, ref: AdapterRef) -> dict[str, Any]:
-        """The manifest of a pinned version, refused when it is inconsistent or for another base model."""
-        manifest, _ = self._manifest(ref)
-        base = manifest.get("baseModel") or {}
-        if base.get("configSha256") and base["configSha256"] != self._base_config:
-            trained_on = _without_path(str(base.get("name", "?")))
-            raise WrongBaseModel(
-                f"adapter {ref.internal_name!r} was trained on base model {trained_on!r}, "
-                f"which is not the one this server runs ({self.settings.served_model_name!r}); serve it from a "
-                "ModelServer with that base model",
-                ref,
-            )
-        return manifest
-
-    def _manifest(self, ref: AdapterRef) -> tuple[dict[str, Any], str]:
-        """(manifest, its sha256), checked against the reference and the files an adapter needs."""
-        cached = self._manifests.get(ref.internal_name)
-        if cached is not None:
-            return cached
-        version = self._storage_call(ref, lambda: read_adapter(self.store, ref.namespace, ref.name, ref.version))
-        manifest = version.manifest
-        files = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
-        problems = [f"it lists no {name}" for name in ADAPTER_FILES if name not in files]
-        recorded = (manifest.get("namespace"), manifest.get("name"), manifest.get("version"))
-        if recorded != (ref.namespace, ref.name, ref.version):
-            problems.append("it names another adapter version")
-        if problems:
-            log.warning("adapter %s: manifest %s: %s", ref.internal_name, version.uri, "; ".join(problems))
+    def _verified_manifest(self, adapter: AdapterId) -> AdapterVersion:
+        """A pinned version's manifest, refused when it lacks an adapter's files or is for another base model."""
+        found = self._manifests.get(adapter.served_name)
+        if found is not None:
+            return found
+        found = self._storage_call(
+            adapter, lambda: read_adapter(self.store, adapter.namespace, adapter.name, adapter.version)
+        )
+        missing = [name for name in ADAPTER_FILES if name not in found.manifest.files]
+        if missing:
+            log.warning("adapter %s: manifest %s lists no %s", adapter, found.uri, ", ".join(missing))
             raise self._failed(
                 CorruptAdapter(
-                    f"adapter {ref.internal_name!r} is damaged in the store and is not served: its manifest is "
-                    f"inconsistent ({'; '.join(problems)}); publish a new version",
-                    ref,
+                    f"adapter {str(adapter)!r} is damaged in the store and is not served: its manifest lists no "
+                    f"{', '.join(missing)}; publish a new version",
+                    adapter,
                 )
             )
-        self._manifests[ref.internal_name] = (manifest, version.manifest_sha256)
-        return manifest, version.manifest_sha256
+        base = found.manifest.baseModel
+        if base.configSha256 and base.configSha256 != self._base_config:
+            raise WrongBaseModel(
+                f"adapter {str(adapter)!r} was trained on base model {_without_path(str(base.name or '?'))!r}, "
+                f"which is not the one this server runs ({self.settings.served_model_name!r}); serve it from a "
+                "ModelServer with that base model",
+                adapter,
+            )
+        self._manifests[adapter.served_name] = found
+        return found
 
-    def local_dir(self, ref: AdapterRef) -> Path:
+    def local_dir(self, adapter: AdapterId) -> Path:
         """A verified local copy of a pinned version, downloaded on first use."""
-        damaged = self._damaged.get(ref.internal_name)
+        damaged = self._damaged.get(adapter.served_name)
         if damaged and time.monotonic() - damaged[0] < DAMAGED_RETRY_S:
             raise self._failed(damaged[1])
-        self.check(ref)
-        _, manifest_sha = self._manifest(ref)
-        dest = self.settings.adapter_cache_dir / ref.namespace / ref.name / str(ref.version)
-        with self._lock(ref.internal_name):
+        manifest_sha = self._verified_manifest(adapter).manifest_sha256
+        dest = self.settings.adapter_cache_dir / adapter.namespace / adapter.name / str(adapter.version)
+        with self._locks.lock(adapter.served_name):
             if dest.is_dir() and _sha256_of(dest / MANIFEST) == manifest_sha:
-                metrics.cache_hits.labels(ref.key).inc()
+                metrics.cache_hits.labels(adapter.key).inc()
                 return dest
             # A copy of another manifest (the version was removed and published again) is not trusted.
             shutil.rmtree(dest, ignore_errors=True)
-            metrics.cache_misses.labels(ref.key).inc()
+            metrics.cache_misses.labels(adapter.key).inc()
             started = time.monotonic()
             dest.parent.mkdir(parents=True, exist_ok=True)
             # download_adapter verifies every checksum in a staging folder and moves it into
             # place only when all match: a partial or corrupt download never appears at `dest`.
             try:
                 self._storage_call(
-                    ref, lambda: download_adapter(self.store, ref.namespace, ref.name, ref.version, dest)
+                    adapter,
+                    lambda: download_adapter(self.store, adapter.namespace, adapter.name, adapter.version, dest),
                 )
             except CorruptAdapter as exc:
-                self._damaged[ref.internal_name] = (time.monotonic(), exc)
+                self._damaged[adapter.served_name] = (time.monotonic(), exc)
                 raise
-            metrics.load_duration.labels(ref.key).observe(time.monotonic() - started)
-            log.info("fetched adapter %s in %.2f s", ref.internal_name, time.monotonic() - started)
+            metrics.load_duration.labels(adapter.key).observe(time.monotonic() - started)
+            log.info("fetched adapter %s in %.2f s", adapter, time.monotonic() - started)
             return dest
 
-    def _lock(self, name: str) -> threading.Lock:
-        with self._locks_guard:
-            return self._locks.setdefault(name, threading.Lock())
-
-    def _storage_call(self, ref: AdapterRef, call):
+    def _storage_call(self, adapter: AdapterId, call: Callable[[], _T]) -> _T:
         """Runs a registry read; a failure becomes an AdapterError whose message names no server path
         (the log line has the details)."""
+        shown = str(adapter)
         try:
             return call()
         except ObjectNotFoundError as exc:
-            detail, error = exc, AdapterNotFound(f"adapter {_shown(ref)!r} does not exist in the registry")
+            detail, error = exc, AdapterNotFound(f"adapter {shown!r} does not exist in the registry")
         except CorruptObjectError as exc:
             detail, error = (
                 exc,
                 CorruptAdapter(
-                    f"adapter {_shown(ref)!r} is damaged in the store and is not served: a file does not match its "
-                    "manifest; publish a new version"
+                    f"adapter {shown!r} is damaged in the store and is not served: its manifest or a file does "
+                    "not check out; publish a new version"
                 ),
             )
         except (StorageError, OSError) as exc:
-            detail, error = exc, StorageUnavailable(f"adapter {_shown(ref)!r}: the object store could not be read")
-        log.warning("adapter %s: %s", _shown(ref), detail)
-        error.ref = ref
+            detail, error = exc, StorageUnavailable(f"adapter {shown!r}: the object store could not be read")
+        log.warning("adapter %s: %s", shown, detail)
+        error.adapter = adapter
         raise self._failed(error)
 
     @staticmethod
     def _failed(error: AdapterError) -> AdapterError:
         metrics.load_failures.labels(error.metrics_label, error.reason).inc()
         return error
-
-
-def _shown(ref: AdapterRef) -> str:
-    return ref.internal_name if ref.version else ref.key
 
 
 def _without_path(name: str) -> str:

@@ -27,7 +27,7 @@ from http import HTTPStatus
 from typing import Any
 
 from tuneloom.serving import metrics
-from tuneloom.serving.adapters import REGISTRY_SCHEME, AdapterSource, ResolvedAdapter
+from tuneloom.serving.adapters import REGISTRY_SCHEME, AdapterCatalog, ResolvedAdapter
 from tuneloom.serving.names import AdapterError
 from tuneloom.serving.policy import Policy, RouteRule, route_rules
 
@@ -65,19 +65,19 @@ _ERROR_TYPES = {
 
 
 class AdapterRouting:
-    def __init__(self, app: ASGIApp, source: AdapterSource | None = None):
-        from tuneloom.serving.plugin import adapter_source, log_through_vllm
+    def __init__(self, app: ASGIApp, catalog: AdapterCatalog | None = None):
+        from tuneloom.serving.plugin import adapter_catalog, log_through_vllm
 
         log_through_vllm()  # the API server process may have configured vLLM's logging after the plugin ran
         self.app = app
-        self.source = source or adapter_source()
+        self.catalog = catalog or adapter_catalog()
         key = os.environ.get("VLLM_API_KEY")
         self._key_digest = hashlib.sha256(key.encode()).digest() if key else None
         self._gates = AdapterGates()
         self._rules: list[tuple[Any, RouteRule]] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.source is None or scope["type"] not in ("http", "websocket"):
+        if self.catalog is None or scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)  # not started by `tuneloom serve`, or lifespan
             return
         if scope["type"] == "websocket":
@@ -109,7 +109,7 @@ class AdapterRouting:
             if rule.policy not in (Policy.PINNED, Policy.LOAD, Policy.UNLOAD) or scope.get("method") != "POST":
                 await self.app(scope, receive, recorder.send)
                 return
-            body = await _read_body(receive, self.source.settings.max_request_bytes)
+            body = await _read_body(receive, self.catalog.settings.max_request_bytes)
             request = _json_object(body)
         except ClientError as error:
             await _send_error(recorder.send, error)
@@ -160,8 +160,8 @@ class AdapterRouting:
         model = request.get("model")
         started = time.monotonic()
         adapter: str | None = None  # the pinned name vLLM sees; None for the base model
-        if model is None or (isinstance(model, str) and self.source.is_base_model(model)):
-            label = self.source.settings.served_model_name
+        if model is None or (isinstance(model, str) and self.catalog.is_base_model(model)):
+            label = self.catalog.settings.served_model_name
         else:
             try:
                 resolved = await self._resolve(model)
@@ -169,7 +169,7 @@ class AdapterRouting:
                 metrics.requests.labels(exc.metrics_label, str(int(exc.status))).inc()
                 await _send_error(recorder.send, ClientError.of(exc))
                 return
-            label, adapter = resolved.ref.key, resolved.ref.internal_name
+            label, adapter = resolved.adapter.key, resolved.adapter.served_name
             request["model"] = adapter
             body = json.dumps(request).encode()
             scope = _with_content_length(scope, len(body))
@@ -178,6 +178,8 @@ class AdapterRouting:
             async with self._gates.shared(adapter):
                 await self.app(scope, _replay(body, receive), counted.send)
         finally:
+            if adapter is not None:
+                _count_loaded(scope)  # a first use loads it
             metrics.requests.labels(label, str(counted.status)).inc()
             metrics.request_duration.labels(label).observe(time.monotonic() - started)
             if counted.completion_tokens:
@@ -206,10 +208,10 @@ class AdapterRouting:
                 resolved = await self._resolve(lora_path[len(REGISTRY_SCHEME) :], require_version=True)
             except AdapterError as exc:
                 raise ClientError.of(exc, param="lora_path") from None
-            if request.get("lora_name") != resolved.ref.internal_name:
+            if request.get("lora_name") != resolved.adapter.served_name:
                 raise ClientError(
                     HTTPStatus.BAD_REQUEST,
-                    f"lora_name must be {resolved.ref.internal_name!r} for {lora_path!r}",
+                    f"lora_name must be {resolved.adapter.served_name!r} for {lora_path!r}",
                     param="lora_name",
                 )
         except ClientError as error:
@@ -218,23 +220,31 @@ class AdapterRouting:
         request["lora_path"] = str(resolved.path)
         body = json.dumps(request).encode()
         await self.app(_with_content_length(scope, len(body)), _replay(body, receive), recorder.send)
+        _count_loaded(scope)
 
     async def _unload(
         self, scope: Scope, request: dict, body: bytes, receive: Receive, recorder: _StatusRecorder
     ) -> None:
-        from tuneloom.serving.plugin import resolver
-
         name = request.get("lora_name")
         if not isinstance(name, str):
             await _send_error(recorder.send, ClientError(HTTPStatus.BAD_REQUEST, "lora_name must be a string"))
             return
         async with self._gates.exclusive(name):
             await self.app(scope, _replay(body, receive), recorder.send)
-        if recorder.status == 200 and resolver() is not None:
-            resolver().forget(name)
+        _count_loaded(scope)
 
     async def _resolve(self, model: Any, *, require_version: bool = False) -> ResolvedAdapter:
-        return await asyncio.to_thread(self.source.resolve, model, require_version=require_version)
+        return await asyncio.to_thread(self.catalog.resolve, model, require_version=require_version)
+
+
+def _count_loaded(scope: Scope) -> None:
+    """Sets the loaded-adapters gauge from vLLM's own table of registered adapters, after the
+    requests that change it (a runtime load, an unload, a first use). The engine keeps up to
+    --max-cpu-loras of them in memory; one evicted from there stays registered and is reloaded
+    from its local copy on its next request, so it still counts."""
+    models = getattr(getattr(scope.get("app"), "state", None), "openai_serving_models", None)
+    if models is not None:
+        metrics.loaded_adapters.set(len(models.lora_requests))
 
 
 def _log_policy(rules: list[tuple[Any, RouteRule]]) -> None:

@@ -2,34 +2,22 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from tuneloom.serving.adapters import AdapterCatalog, ServingSettings
 
-from tuneloom.serving.adapters import AdapterSource, ServingSettings
-
-if TYPE_CHECKING:
-    from tuneloom.serving.resolver import RegistryResolver
-
-_source: AdapterSource | None = None
-_resolver: RegistryResolver | None = None
+_catalog: AdapterCatalog | None = None
 
 
-def adapter_source() -> AdapterSource | None:
-    """This process's AdapterSource, or None when vLLM was not started by `tuneloom serve`."""
-    global _source
-    if _source is None:
+def adapter_catalog() -> AdapterCatalog | None:
+    """This process's AdapterCatalog, or None when vLLM was not started by `tuneloom serve`."""
+    global _catalog
+    if _catalog is None:
         settings = ServingSettings.from_env()
         if settings is not None:
-            _source = AdapterSource(settings)
-    return _source
-
-
-def resolver() -> RegistryResolver | None:
-    """The resolver registered in this process, if any (the middleware tells it about unloads)."""
-    return _resolver
+            _catalog = AdapterCatalog(settings)
+    return _catalog
 
 
 def register() -> None:
-    global _resolver
     log_through_vllm()
     from vllm.platforms import current_platform
 
@@ -37,14 +25,13 @@ def register() -> None:
         from tuneloom.serving import cpu_lora_fix
 
         cpu_lora_fix.install()
-    source = adapter_source()
-    if source is not None:
+    catalog = adapter_catalog()
+    if catalog is not None:
         from vllm.lora.resolver import LoRAResolverRegistry
 
         from tuneloom.serving.resolver import RegistryResolver
 
-        _resolver = RegistryResolver(source)
-        LoRAResolverRegistry.register_resolver("tuneloom", _resolver)
+        LoRAResolverRegistry.register_resolver("tuneloom", RegistryResolver(catalog))
 
 
 def log_through_vllm() -> None:

@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tuneloom.api import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS
 from tuneloom.serving.adapters import ServingSettings
 
 log = logging.getLogger("tuneloom.serving")
@@ -26,9 +27,9 @@ class ServeOptions:
     served_model_name: str | None = None  # default: default_served_name(base_model)
     host: str = "127.0.0.1"
     port: int = 8000
-    max_loras: int = 4
-    max_lora_rank: int = 16
-    max_cpu_loras: int = 16
+    max_loras: int = DEFAULT_MAX_LORAS
+    max_lora_rank: int = DEFAULT_MAX_LORA_RANK
+    max_cpu_loras: int | None = None  # None: vLLM's default, max_loras
     max_model_len: int | None = None
     api_key_env: str | None = None  # name of the variable holding the key, never the key
     vllm_args: tuple[str, ...] = field(default_factory=tuple)
@@ -71,7 +72,9 @@ def build_launch(options: ServeOptions, base_model_dir: Path) -> tuple[list[str]
     command += ["--model", str(base_model_dir), "--served-model-name", served_name]
     command += ["--host", options.host, "--port", str(options.port)]
     command += ["--enable-lora", "--max-loras", str(options.max_loras), "--max-lora-rank", str(options.max_lora_rank)]
-    command += ["--max-cpu-loras", str(options.max_cpu_loras), "--middleware", MIDDLEWARE]
+    if options.max_cpu_loras is not None:
+        command += ["--max-cpu-loras", str(options.max_cpu_loras)]
+    command += ["--middleware", MIDDLEWARE]
     # The middleware writes the access log, without query strings (a key sent as ?api_key=).
     command += ["--disable-uvicorn-access-log"]
     if options.max_model_len:
@@ -111,7 +114,7 @@ def serve(options: ServeOptions) -> int:
 
 
 def _prepare(options: ServeOptions) -> tuple[list[str], dict[str, str]]:
-    from tuneloom.trainer.inputs import BaseModelUnavailableError, resolve_base_model
+    from tuneloom.inputs import BaseModelUnavailableError, resolve_base_model
 
     if vllm_installed() is None:
         raise ServeError(

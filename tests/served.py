@@ -109,7 +109,8 @@ def served(seaweedfs: SeaweedFS, tiny_model_dir: Path, tmp_path_factory: pytest.
         for name, answer in ANSWERS.items():
             train_adapter(tiny_model_dir, name, answer, store, work / name)
         env = {**seaweedfs.client_env(), "TUNELOOM_TEST_API_KEY": API_KEY, "TUNELOOM_CACHE_DIR": str(work / "cache")}
-        args = ["--api-key-env", "TUNELOOM_TEST_API_KEY", "--max-loras", "2", "--max-cpu-loras", "8"]
+        # Three adapters and room for two in memory: the tests exercise LRU eviction too.
+        args = ["--api-key-env", "TUNELOOM_TEST_API_KEY", "--max-loras", "2", "--max-cpu-loras", "2"]
         args += ["--max-model-len", "512", "--served-model-name", "tiny-base"]
         with ServingProcess(tiny_model_dir, store, work / "serve.log", args=args, env=env) as server:
             yield Served(server, store, "tiny-base", tiny_model_dir, work)

@@ -253,8 +253,8 @@ def test_hand_made_peft_folder_is_imported_once_and_ready(
     assert "validationLoss" not in status  # nothing measured it
     store = open_store(f"{bench.bucket_uri}/out")
     manifest = read_adapter(store, bench.namespace, "imported", "1").manifest
-    assert manifest["importedFrom"]["uri"] == f"{bench.bucket_uri}/elsewhere/pirate"
-    assert manifest["baseModel"]["name"] == str(bench.model)
+    assert manifest.importedFrom is not None and manifest.importedFrom["uri"] == f"{bench.bucket_uri}/elsewhere/pirate"
+    assert manifest.baseModel.name == str(bench.model)
 
     # A pass that lost its status (an operator stopped mid-import) finds the version, imports nothing.
     bench.custom.patch_namespaced_custom_object_status(

@@ -19,6 +19,6 @@ pytestmark = pytest.mark.gpu
 def test_training_on_cuda(method: str, tiny_model_dir: Path, tmp_path: Path) -> None:
     spec = _job(tiny_model_dir, _dataset(tmp_path / "train.jsonl"), str(tmp_path / "s"), method=method)
     adapter = run(parse_job(spec))
-    metrics = adapter.manifest["metrics"]
-    assert metrics["adapter"]["validationLoss"] < metrics["base"]["validationLoss"]
-    assert metrics["peakMemoryBytes"] > 0
+    metrics = adapter.manifest.metrics
+    assert metrics.adapter.validationLoss < metrics.base.validationLoss
+    assert metrics.model_extra["peakMemoryBytes"] > 0

@@ -127,7 +127,7 @@ def test_a_model_in_the_hugging_face_cache_resolves_offline(tiny_model_dir: Path
     (tmp_path / "hf" / "models--acme--tiny" / "refs").mkdir()
     (tmp_path / "hf" / "models--acme--tiny" / "refs" / "main").write_text("0123abcd")
     code = (
-        "from tuneloom.trainer.inputs import BaseModelUnavailableError, resolve_base_model\n"
+        "from tuneloom.inputs import BaseModelUnavailableError, resolve_base_model\n"
         "assert issubclass(BaseModelUnavailableError, FileNotFoundError)\n"
         "print(resolve_base_model('acme/tiny'))\n"
         "try:\n"

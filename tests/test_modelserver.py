@@ -91,7 +91,7 @@ def test_deployment_runs_tuneloom_serve_as_the_contract_says() -> None:
     assert container["command"] == [
         *("tuneloom", "serve", "--base-model", "s3://models/smollm2", "--store", "s3://adapters"),
         *("--namespace", "team-a", "--host", "0.0.0.0", "--port", "8000"),
-        *("--max-loras", "2", "--max-lora-rank", "32", "--max-cpu-loras", "2"),
+        *("--max-loras", "2", "--max-lora-rank", "32"),  # no --max-cpu-loras: vLLM's default, maxLoras
         *("--allowed-namespaces", "team-a,shared", "--api-key-env", "VLLM_API_KEY", "--", "--max-model-len=4096"),
     ]
     assert container["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
@@ -131,6 +131,12 @@ def test_service_exposes_http_on_8000_for_the_server_pods() -> None:
         "selector": {"app.kubernetes.io/name": "tuneloom-server", "app.kubernetes.io/instance": "chat"},
         "ports": [{"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"}],
     }
+
+
+def test_max_cpu_loras_is_passed_on_only_when_set() -> None:
+    [container] = build_deployment(_server(maxLoras=2, maxCpuLoras=6), CONFIG)["spec"]["template"]["spec"]["containers"]
+    command = container["command"]
+    assert command[command.index("--max-cpu-loras") + 1] == "6"
 
 
 def test_max_cpu_loras_cannot_be_below_max_loras() -> None:

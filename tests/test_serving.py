@@ -108,8 +108,8 @@ def _republish(served: Served, source: str, name: str, edit) -> None:
     from tuneloom.registry import download_adapter
 
     adapter = download_adapter(store, "default", source, "1", local)
-    manifest = {k: v for k, v in adapter.manifest.items() if k not in {"files", "name", "version", "namespace"}}
-    files = {f: local / f for f in adapter.manifest["files"]}
+    manifest = adapter.manifest.model_dump(mode="json", exclude={"files", "name", "version", "namespace"})
+    files = {f: local / f for f in adapter.manifest.files}
     edit(manifest, files)
     publish_adapter(store, "default", name, files, manifest)
 
@@ -156,6 +156,41 @@ def test_bad_names_get_a_clear_error(served: Served, model: str, status: int, fr
     with pytest.raises(openai.APIStatusError) as caught:
         served.ask(model, PROMPTS[0])
     assert caught.value.status_code == status and fragment in caught.value.message
+
+
+def test_the_loaded_adapters_gauge_follows_preload_first_use_unload_and_eviction(served: Served) -> None:
+    def adapters_listed() -> set[str]:
+        return served.model_ids() - {served.base_name}
+
+    def gauge() -> float:
+        return served.metric("tuneloom_serving_loaded_adapters")
+
+    for name in adapters_listed():  # start from an engine with nothing registered
+        assert served.post("/v1/unload_lora_adapter", {"lora_name": name})[0] == 200
+    assert gauge() == 0
+
+    pirate = "default/pirate@1"
+    status, body = served.post("/v1/load_lora_adapter", {"lora_name": pirate, "lora_path": f"tuneloom://{pirate}"})
+    assert status == 200, body
+    assert adapters_listed() == {pirate} and gauge() == 1, "a preload counts"
+
+    assert served.ask("shout@1", PROMPTS[0]) == ANSWERS["shout"]
+    assert adapters_listed() == {pirate, "default/shout@1"} and gauge() == 2, "a first use counts"
+
+    # Room for two in memory (--max-cpu-loras 2): robot's first use evicts the least recently used.
+    # An evicted adapter stays registered and is reloaded from its local copy on its next request.
+    misses = served.metric("tuneloom_serving_adapter_cache_misses_total", adapter="default/pirate")
+    assert served.ask("robot@1", PROMPTS[0]) == ANSWERS["robot"]
+    assert gauge() == 3 == len(adapters_listed())
+    assert served.ask("pirate@1", PROMPTS[0]) == ANSWERS["pirate"], "an evicted adapter answers as itself"
+    assert served.ask("shout@1", PROMPTS[1]) == ANSWERS["shout"]
+    assert gauge() == 3
+    assert served.metric("tuneloom_serving_adapter_cache_misses_total", adapter="default/pirate") == misses
+
+    assert served.post("/v1/unload_lora_adapter", {"lora_name": "default/shout@1"})[0] == 200
+    assert adapters_listed() == {pirate, "default/robot@1"} and gauge() == 2, "an unload counts"
+    assert served.post("/v1/unload_lora_adapter", {"lora_name": "default/shout@1"})[0] == 404
+    assert gauge() == 2, "a failed unload changes nothing"
 
 
 def test_serving_metrics_pass_promtool(served: Served, tmp_path: Path) -> None:

@@ -147,11 +147,11 @@ def test_a_damaged_version_is_502_and_latest_skips_it(served: Served) -> None:
     good = read_adapter(store, "default", "robot", "1")
     local = served.work / "cache" / "adapters" / "default" / "robot" / "1"
     served.ask("robot@1", PROMPTS[0])
-    files = {name: (local / name).read_bytes() for name in good.manifest["files"]}
+    files = {name: (local / name).read_bytes() for name in good.manifest.files}
     publish_adapter(
-        store, "default", "lantern", {n: local / n for n in files}, {"baseModel": good.manifest["baseModel"]}
+        store, "default", "lantern", {n: local / n for n in files}, {"baseModel": good.manifest.baseModel.model_dump()}
     )
-    too_few = {**read_adapter(store, "default", "lantern", "1").manifest, "version": "2"}
+    too_few = {**read_adapter(store, "default", "lantern", "1").manifest.model_dump(mode="json"), "version": "2"}
     too_few["files"] = {"adapter_config.json": too_few["files"]["adapter_config.json"]}
     _publish_raw(served, "lantern", "2", too_few, {"adapter_config.json": files["adapter_config.json"]})
     skipped = served.metric("tuneloom_serving_adapter_skipped_versions_total", adapter="default/lantern")

@@ -1,4 +1,4 @@
-"""AdapterSource and the resolver on a local store (no vLLM server): what a name resolves to,
+"""AdapterCatalog and the resolver on a local store (no vLLM server): what a name resolves to,
 and what is refused."""
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import pytest
 
 from tuneloom.names import AdapterId
 from tuneloom.registry import ADAPTER_FILES, MANIFEST, publish_adapter
-from tuneloom.serving.adapters import AdapterSource, ServingSettings
+from tuneloom.serving.adapters import AdapterCatalog, ServingSettings
 from tuneloom.serving.names import AdapterNotFound, CorruptAdapter, InvalidAdapterName
 from tuneloom.storage import LocalStore
 
 
 @pytest.fixture
-def source(tmp_path: Path) -> AdapterSource:
+def source(tmp_path: Path) -> AdapterCatalog:
     base = tmp_path / "base"
     base.mkdir()
     (base / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
@@ -31,10 +31,10 @@ def source(tmp_path: Path) -> AdapterSource:
         adapter_cache_dir=tmp_path / "cache",
         latest_ttl_s=0.0,
     )
-    return AdapterSource(settings, LocalStore(tmp_path / "store"))
+    return AdapterCatalog(settings, LocalStore(tmp_path / "store"))
 
 
-def _publish(source: AdapterSource, name: str, content: bytes) -> None:
+def _publish(source: AdapterCatalog, name: str, content: bytes) -> None:
     folder = source.settings.adapter_cache_dir.parent / f"src-{name}-{len(content)}"
     folder.mkdir(exist_ok=True)
     for file_name in ADAPTER_FILES:
@@ -42,18 +42,18 @@ def _publish(source: AdapterSource, name: str, content: bytes) -> None:
     publish_adapter(source.store, "default", name, {f: folder / f for f in ADAPTER_FILES}, {})
 
 
-def test_latest_skips_a_damaged_version_and_a_pinned_one_is_refused(source: AdapterSource) -> None:
+def test_latest_skips_a_damaged_version_and_a_pinned_one_is_refused(source: AdapterCatalog) -> None:
     _publish(source, "pirate", b"v1")
     _publish(source, "pirate", b"v2")
     source.store.put_bytes(f"{AdapterId('default', 'pirate', '2').store_prefix}/{ADAPTER_FILES[1]}", b"tampered")
-    assert source.resolve("pirate").ref.internal_name == "default/pirate@1"
+    assert source.resolve("pirate").adapter.served_name == "default/pirate@1"
     with pytest.raises(CorruptAdapter) as caught:
         source.resolve("pirate@2")
     assert str(source.store.uri) not in str(caught.value)
     assert not (source.settings.adapter_cache_dir / "default" / "pirate" / "2").exists()
 
 
-def test_a_manifest_without_the_weights_is_damaged_not_a_bad_request(source: AdapterSource) -> None:
+def test_a_manifest_without_the_weights_is_damaged_not_a_bad_request(source: AdapterCatalog) -> None:
     _publish(source, "lamp", b"v1")
     prefix = AdapterId("default", "lamp", "1").store_prefix
     manifest = json.loads(source.store.get_bytes(f"{prefix}/{MANIFEST}"))
@@ -63,7 +63,7 @@ def test_a_manifest_without_the_weights_is_damaged_not_a_bad_request(source: Ada
         source.resolve("lamp")
 
 
-def test_a_removed_version_is_not_found_even_when_cached(source: AdapterSource) -> None:
+def test_a_removed_version_is_not_found_even_when_cached(source: AdapterCatalog) -> None:
     _publish(source, "ember", b"v1")
     assert source.resolve("ember@1").path.is_dir()
     source.store.delete(f"{AdapterId('default', 'ember', '1').store_prefix}/{MANIFEST}")
@@ -73,26 +73,29 @@ def test_a_removed_version_is_not_found_even_when_cached(source: AdapterSource) 
         assert str(source.store.uri) not in str(caught.value)
 
 
-def test_a_cached_copy_of_another_manifest_is_fetched_again(source: AdapterSource) -> None:
+def test_a_cached_copy_of_another_manifest_is_fetched_again(source: AdapterCatalog) -> None:
     _publish(source, "robot", b"old weights")
     first = source.resolve("robot@1").path
     source.store.delete_prefix(AdapterId("default", "robot", "1").store_prefix)
     _publish(source, "robot", b"new weights, same version number")
-    fresh = AdapterSource(source.settings, source.store)  # a restarted server with the same cache
+    fresh = AdapterCatalog(source.settings, source.store)  # a restarted server with the same cache
     assert (fresh.resolve("robot@1").path / ADAPTER_FILES[1]).read_bytes() == b"new weights, same version number"
     assert first == fresh.resolve("robot@1").path
 
 
-def test_the_resolver_binds_only_pinned_names(source: AdapterSource) -> None:
+def test_the_resolver_takes_only_what_the_catalog_resolved(source: AdapterCatalog) -> None:
     from tuneloom.serving.resolver import RegistryResolver
 
     _publish(source, "pirate", b"v1")
     resolver = RegistryResolver(source)
+    # Not resolved yet: the resolver looks nothing up itself.
+    assert asyncio.run(resolver.resolve_lora("base", "default/pirate@1")) is None
+    resolved = source.resolve("pirate")  # what the middleware does with a client's name
     for floating in ("pirate", "pirate@1", "default/pirate"):
         assert asyncio.run(resolver.resolve_lora("base", floating)) is None, floating
     request = asyncio.run(resolver.resolve_lora("base", "default/pirate@1"))
     assert request is not None and request.lora_name == "default/pirate@1"
-    assert Path(request.lora_path).is_dir()
+    assert Path(request.lora_path) == resolved.path and resolved.path.is_dir()
     with pytest.raises(InvalidAdapterName):
         source.resolve("pirate", require_version=True)
 

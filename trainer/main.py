@@ -23,6 +23,7 @@ import torch
 
 from tuneloom import __version__
 from tuneloom.api import TRAINER_EXIT_INVALID_INPUT, FineTuneJob, Method
+from tuneloom.inputs import BaseModelUnavailableError, fetch_file, resolve_base_model
 from tuneloom.jobfile import SpecError, load_job
 from tuneloom.models import model_config_hash
 from tuneloom.registry import AdapterVersion, publish_adapter, read_adapter, run_prefix
@@ -32,7 +33,6 @@ from tuneloom.trainer.batching import collate, pack_rows, single_rows
 from tuneloom.trainer.checkpoint import CheckpointStore
 from tuneloom.trainer.datafile import DataValidationError, Example, load_examples
 from tuneloom.trainer.evaluate import GenerationResult, LossResult, generate_answers, references, score
-from tuneloom.trainer.inputs import BaseModelUnavailableError, fetch_file, resolve_base_model
 from tuneloom.trainer.loop import Plan, TrainingLoop, peak_memory_bytes
 from tuneloom.trainer.modeling import (
     MethodNotSupportedError,

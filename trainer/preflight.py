@@ -9,8 +9,8 @@ import uuid
 from collections.abc import Callable, Iterator
 
 from tuneloom.api import FineTuneJobSpec
+from tuneloom.inputs import BaseModelUnavailableError, check_base_model, local_path, split_s3
 from tuneloom.storage import ObjectStore, StorageError, StorageUnreachableError, open_store
-from tuneloom.trainer.inputs import BaseModelUnavailableError, check_base_model, local_path, split_s3
 
 # On a cluster the Secret's keys become these variables in the training pod.
 _CREDENTIALS_HINT = (

@@ -26,6 +26,9 @@ FULL_API_VERSION = f"{API_GROUP}/{API_VERSION}"
 # instead of letting the Job controller retry.
 TRAINER_EXIT_INVALID_INPUT = 2
 
+# What a server holds at once when nothing says otherwise (ModelServer and `tuneloom serve`).
+DEFAULT_MAX_LORAS = 4
+DEFAULT_MAX_LORA_RANK = 16
 _STORE_SCHEMES = ("s3://", "file://")
 
 
@@ -496,12 +499,15 @@ class ModelServerSpec(_Model):
     image: str | None = Field(default=None, description="Server image; unset: the operator's default.")
     extraArgs: list[str] = Field(default_factory=list, description="Further vLLM arguments, e.g. --max-model-len=4096.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Each server pod's resources.")
-    maxLoras: int = Field(default=4, ge=1, le=256, description="Adapters vLLM holds on the GPU at once (--max-loras).")
+    maxLoras: int = Field(
+        default=DEFAULT_MAX_LORAS, ge=1, le=256, description="Adapters vLLM holds on the GPU at once (--max-loras)."
+    )
     maxLoraRank: MaxLoraRank = Field(
-        default=16, description="Largest LoRA rank served (--max-lora-rank); adapters of higher rank are not preloaded."
+        default=DEFAULT_MAX_LORA_RANK,
+        description="Largest LoRA rank served (--max-lora-rank); adapters of higher rank are not preloaded.",
     )
     maxCpuLoras: int | None = Field(
-        default=None, ge=1, description="Adapters kept in CPU memory (--max-cpu-loras); unset: maxLoras."
+        default=None, ge=1, description="Adapters kept in CPU memory (--max-cpu-loras); unset: maxLoras, as vLLM does."
     )
     preload: PreloadSpec = Field(
         default_factory=PreloadSpec,

@@ -77,6 +77,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tuneloom.api import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS
     from tuneloom.trainer.datafile import DEFAULT_MAX_LINE_BYTES  # standard library only: cheap
 
     parser = argparse.ArgumentParser(prog="tuneloom", description=__doc__)
@@ -126,9 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", default=os.environ.get("TUNELOOM_BIND_ADDRESS", "127.0.0.1"))
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-loras", type=int, default=4, help="adapters in one batch")
-    serve.add_argument("--max-lora-rank", type=int, default=16)
-    serve.add_argument("--max-cpu-loras", type=int, default=16, help="adapters kept in memory (LRU)")
+    serve.add_argument("--max-loras", type=int, default=DEFAULT_MAX_LORAS, help="adapters in one batch")
+    serve.add_argument("--max-lora-rank", type=int, default=DEFAULT_MAX_LORA_RANK)
+    serve.add_argument(
+        "--max-cpu-loras", type=int, help="adapters kept in CPU memory (LRU; default: --max-loras, as vLLM does)"
+    )
     serve.add_argument("--max-model-len", type=int)
     serve.add_argument("--api-key-env", help="environment variable holding the API key (the key never goes on argv)")
     serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help="-- then extra vLLM arguments")

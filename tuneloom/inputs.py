@@ -1,4 +1,5 @@
-"""Bringing a job's inputs (datasets, base model) from object storage onto local disk."""
+"""Bringing inputs (base models, datasets) from object storage onto local disk, for the trainer
+and the server alike, and telling early, with the setting named, when they are not there."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ import functools
 import hashlib
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 
-from tuneloom.models import cache_dir, find_prepared, known_model
-from tuneloom.storage import ObjectStore, open_store
+from tuneloom.models import cache_dir, find_prepared, known_model, model_config_hash
+from tuneloom.storage import ObjectStore, StorageError, open_store
 
-log = logging.getLogger("tuneloom.trainer")
+log = logging.getLogger("tuneloom.inputs")
 
 
 def _is_remote(uri: str) -> bool:
@@ -92,6 +94,27 @@ def check_base_model(base_model: str, *, field: str = "spec.baseModel") -> None:
         _local_or_hub(base_model, field)
     elif not _download_cache("base-models", base_model).exists():
         _require_s3_model(open_store(base_model), field)
+
+
+def base_model_config_hash(base_model: str, store: ObjectStore | None) -> str | None:
+    """The base model's config hash without fetching its weights: from the config.json in `store`
+    (the base model's prefix, opened with the caller's credentials), else from a prepared known
+    model; None when neither can be read."""
+    with tempfile.TemporaryDirectory(prefix="tuneloom-base-") as tmp:
+        config = Path(tmp) / "config.json"
+        try:
+            if store is None:
+                raise StorageError("no store")
+            config.write_bytes(store.get_bytes("config.json"))
+        except (StorageError, ValueError):
+            prepared = find_prepared(base_model)
+            if prepared is None:
+                return None
+            config.write_bytes((prepared / "config.json").read_bytes())
+        try:
+            return model_config_hash(config.parent)
+        except (OSError, ValueError):
+            return None
 
 
 def _require_s3_model(store: ObjectStore, field: str) -> None:

@@ -1,10 +1,11 @@
-"""Pure logic of the serving side: model names, and the CPU LoRA kernel fix."""
+"""Pure logic: adapter identities, the names a client may send, and the CPU LoRA kernel fix."""
 
 from __future__ import annotations
 
 import pytest
 
-from tuneloom.serving.names import AdapterRef, ForbiddenNamespace, InvalidAdapterName, parse_model
+from tuneloom.names import AdapterId
+from tuneloom.serving.names import ForbiddenNamespace, InvalidAdapterName, parse_model
 
 OWN = frozenset({"team-a"})
 
@@ -12,12 +13,12 @@ OWN = frozenset({"team-a"})
 @pytest.mark.parametrize(
     ("model", "expected"),
     [
-        ("pirate", AdapterRef("team-a", "pirate")),
-        ("pirate@3", AdapterRef("team-a", "pirate", "3")),
-        ("team-a/pirate@12", AdapterRef("team-a", "pirate", "12")),
+        ("pirate", AdapterId("team-a", "pirate")),
+        ("pirate@3", AdapterId("team-a", "pirate", "3")),
+        ("team-a/pirate@12", AdapterId("team-a", "pirate", "12")),
     ],
 )
-def test_names_parse(model: str, expected: AdapterRef) -> None:
+def test_names_parse(model: str, expected: AdapterId) -> None:
     assert parse_model(model, "team-a", OWN) == expected
 
 
@@ -30,13 +31,37 @@ def test_malformed_names_are_refused_with_the_accepted_forms(model: str) -> None
 def test_another_namespace_needs_permission() -> None:
     with pytest.raises(ForbiddenNamespace, match="team-a"):
         parse_model("team-b/pirate", "team-a", OWN)
-    assert parse_model("team-b/pirate", "team-a", OWN | {"team-b"}) == AdapterRef("team-b", "pirate")
+    assert parse_model("team-b/pirate", "team-a", OWN | {"team-b"}) == AdapterId("team-b", "pirate")
 
 
-def test_internal_names_are_versioned() -> None:
-    assert AdapterRef("ns", "a", "2").internal_name == "ns/a@2"
+def test_one_identity_formats_every_name() -> None:
+    pinned = AdapterId("ns", "a", "2")
+    assert (pinned.served_name, pinned.key, pinned.store_prefix, str(pinned)) == (
+        "ns/a@2",
+        "ns/a",
+        "adapters/ns/a/2",
+        "ns/a@2",
+    )
+    assert AdapterId("ns", "a").store_prefix == "adapters/ns/a"
+    assert pinned.unpinned().pinned("3") == AdapterId("ns", "a", "3")
     with pytest.raises(ValueError, match="unpinned"):
-        _ = AdapterRef("ns", "a").internal_name
+        _ = AdapterId("ns", "a").served_name
+
+
+@pytest.mark.parametrize(
+    ("listed", "expected"),
+    [
+        ("ns/a@2", AdapterId("ns", "a", "2")),
+        ("ns/a", None),  # not pinned
+        ("a@2", None),  # no namespace
+        ("tiny-base", None),  # a base model
+        ("HuggingFaceTB/SmolLM2-135M-Instruct", None),
+        ("ns/a@0", None),
+        ("ns/a/b@1", None),
+    ],
+)
+def test_served_names_are_recognised_exactly(listed: str, expected: AdapterId | None) -> None:
+    assert AdapterId.parse_served(listed) == expected
 
 
 def test_cpu_fix_leaves_tokens_without_an_adapter_untouched() -> None:

@@ -15,8 +15,8 @@ import pytest
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
-from tuneloom.dev.cluster import COMPONENTS, LocalCluster
-from tuneloom.dev.podrunner import PodRunner
+from tuneloom_dev.cluster import COMPONENTS, LocalCluster
+from tuneloom_dev.podrunner import PodRunner
 
 from .kube import KubeCluster, kubectl, wait_for
 

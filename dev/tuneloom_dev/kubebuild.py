@@ -9,7 +9,7 @@ One patch is required: the vendored `modern-go/reflect2` (v1.0.1) and `json-iter
 when compiled with Go >= 1.18 (bookworm has 1.19), so both vendor directories are replaced with
 the newer sources Debian ships as -dev packages.
 
-Run `python -m tuneloom.dev.kubebuild` to build ahead of time (it logs progress).
+Run `python -m tuneloom_dev.kubebuild` to build ahead of time (it logs progress).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 
 from tuneloom.models import cache_dir
 
-log = logging.getLogger("tuneloom.dev.kubebuild")
+log = logging.getLogger("tuneloom_dev.kubebuild")
 
 SOURCE_PACKAGE = "kubernetes"
 # Debian's version of the source package; "really1.20.2" means the tree is upstream v1.20.2.

@@ -1,6 +1,6 @@
 """Test infrastructure: a stand-in for the scheduler and the kubelet of the local cluster.
 
-The local control plane (`tuneloom.dev.cluster`) has no scheduler and no kubelet, so Pods would
+The local control plane (`tuneloom_dev.cluster`) has no scheduler and no kubelet, so Pods would
 stay Pending forever. `PodRunner` registers one Node, binds every unscheduled Pod to it and runs
 each container's `command` + `args` as a local process, reporting status the way a kubelet does,
 so the real controllers (Job, ReplicaSet, garbage collector) and tuneloom's operator see Pods
@@ -69,7 +69,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.utils import parse_quantity
 from kubernetes.watch.watch import iter_resp_lines
 
-log = logging.getLogger("tuneloom.dev.podrunner")
+log = logging.getLogger("tuneloom_dev.podrunner")
 
 DEFAULT_NODE_NAME = "tuneloom-local"
 HOST_IP = "127.0.0.1"

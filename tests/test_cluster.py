@@ -219,6 +219,18 @@ def test_pods_get_distinct_ips(api: k8s.ApiClient, pod_runner: PodRunner | None,
     assert len(ips) == 2
 
 
+def test_pods_are_told_to_bind_to_their_own_address(
+    api: k8s.ApiClient, pod_runner: PodRunner | None, namespace: str
+) -> None:
+    if pod_runner is None:
+        pytest.skip("the pod runner's stand-in for a Pod's own network; real Pods have one")
+    core = k8s.CoreV1Api(api)
+    code = "import os, time; print(os.environ['TUNELOOM_BIND_ADDRESS'], flush=True); time.sleep(60)"
+    create_pod(core, namespace, "binder", {"containers": [pod_container("main", ["python", "-c", code])]})
+    ip = wait_running(core, namespace, "binder").status.pod_ip
+    wait_for(lambda: pod_log(core, pod_runner, namespace, "binder", "main").strip() == ip, "the bind address")
+
+
 def test_readiness_probe_gates_ready(api: k8s.ApiClient, pod_runner: PodRunner | None, namespace: str) -> None:
     core = k8s.CoreV1Api(api)
     # Waits 3 s before serving, so the Pod is first Running but not Ready.

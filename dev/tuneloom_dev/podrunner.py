@@ -24,7 +24,9 @@ It is not a container runtime. What differs, and the rules that bridge it:
   (created if missing); without one the process runs in the pod root.
 - Networking: each Pod gets its own loopback address (127.0.0.2, .3, ..., reused after the Pod
   ends), reported as status.podIP and exported as TUNELOOM_POD_IP. Servers must bind to that
-  address (not 0.0.0.0) for two Pods to use the same port.
+  address (not 0.0.0.0) for two Pods to use the same port: the runner also exports it as
+  TUNELOOM_BIND_ADDRESS, where tuneloom's servers listen unless told otherwise (a Pod's own env
+  or `--host` wins, so tests point the operator and ModelServer pods at "$(TUNELOOM_POD_IP)").
 - The environment is the Pod's own (envFrom, then env, with `$(VAR)` expansion) over a small
   base: PATH, HOME, LANG, TMPDIR, TUNELOOM_CACHE_DIR from the runner, KUBECONFIG pointing at the
   runner's kubeconfig (there are no ServiceAccount tokens; Pods talk to the API as the runner
@@ -676,6 +678,7 @@ class _PodWorker:
         env["HOSTNAME"] = self.name
         env["TUNELOOM_POD_ROOT"] = str(self.root)
         env["TUNELOOM_POD_IP"] = self.ip or ""
+        env["TUNELOOM_BIND_ADDRESS"] = self.ip or ""
         env["TUNELOOM_POD_NAME"] = self.name
         env["TUNELOOM_POD_NAMESPACE"] = self.namespace
         env.update(self.runner.extra_env)

@@ -32,12 +32,12 @@ from kubernetes import config as k8s_config
 from kubernetes import watch
 
 from tuneloom.api import API_GROUP, API_VERSION
-from tuneloom.dev.cluster import LocalCluster
-from tuneloom.dev.kubebuild import ensure_kube_binaries
-from tuneloom.dev.net import free_port
 from tuneloom.jobfile import parse_job
+from tuneloom.net import free_port
 from tuneloom.operator import jobbuilder
 from tuneloom.operator.config import OperatorConfig
+from tuneloom_dev.cluster import LocalCluster
+from tuneloom_dev.kubebuild import ensure_kube_binaries
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_P99_S = 2.0

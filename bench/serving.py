@@ -30,11 +30,12 @@ from typing import Any
 
 import openai
 
-from tuneloom.dev.seaweedfs import SeaweedFS
-from tuneloom.dev.serving import ServingProcess
-from tuneloom.models import derive_tiny_model, model_config_hash, prepare_model
+from tuneloom.models import model_config_hash, prepare_model
 from tuneloom.registry import ADAPTER_FILES, publish_adapter
+from tuneloom.serving.process import ServingProcess
 from tuneloom.storage import open_store
+from tuneloom_dev.seaweedfs import SeaweedFS
+from tuneloom_dev.tinymodel import derive_tiny_model
 
 PROMPTS = [
     "Write two sentences about the sea.",

@@ -175,7 +175,8 @@ def load_examples(path: Path) -> list[EncodedExample]:
 
 def resolve_model(name: str, workdir: Path) -> Path:
     """`smollm2`, `tiny` (derived from it into `workdir`) or a Hugging Face model directory."""
-    from tuneloom.models import derive_tiny_model, prepare_model
+    from tuneloom.models import prepare_model
+    from tuneloom_dev.tinymodel import derive_tiny_model
 
     if name == "smollm2":
         return prepare_model("smollm2-135m-instruct")

@@ -21,9 +21,9 @@ class OperatorConfig:
     trainer_image: str = "ghcr.io/tuneloom/trainer:0.1.0"
     trainer_service_account: str = "tuneloom-trainer"
     server_image: str = "ghcr.io/tuneloom/server:0.1.0"
-    # Where server pods listen. Every interface, so Services, probes and `kubectl port-forward`
-    # (which connects to localhost inside the pod) all reach it. The local pod runner shares one
-    # network among pods and needs "$(TUNELOOM_POD_IP)", each pod's own loopback address.
+    # Where server pods listen (`tuneloom serve --host`, so "$(VAR)" of the pod's env works). Every
+    # interface, so Services, probes and `kubectl port-forward` (which connects to localhost inside
+    # the pod) all reach it.
     server_bind_address: str = "0.0.0.0"
     max_running_jobs: int = 0  # 0: no cap
     max_running_jobs_per_namespace: int = 0
@@ -38,7 +38,7 @@ class OperatorConfig:
     adapter_resync_interval_s: float = 30.0
     metrics_port: int = 8080
     health_port: int = 8081
-    # Where the operator's own metrics and health endpoints listen; tests keep them on loopback.
+    # Where the operator's own metrics and health endpoints listen.
     bind_address: str = "0.0.0.0"
     trainer_metrics_port: int = 9400
 

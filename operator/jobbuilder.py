@@ -125,7 +125,6 @@ def _env(job: FineTuneJob, config: OperatorConfig) -> list[dict[str, Any]]:
         {"name": "TUNELOOM_JOB_FILE", "value": f"{JOB_FILE_DIR}/job.yaml"},
         {"name": "TUNELOOM_PROGRESS_FILE", "value": f"{PROGRESS_DIR}/progress.jsonl"},
         {"name": "TUNELOOM_METRICS_PORT", "value": str(config.trainer_metrics_port)},
-        {"name": "TUNELOOM_BIND_ADDRESS", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": "TUNELOOM_CACHE_DIR", "value": CACHE_DIR},
         {"name": "HOME", "value": "/tmp"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},

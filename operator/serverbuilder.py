@@ -32,9 +32,7 @@ LABEL_INSTANCE = "app.kubernetes.io/instance"
 ANNOTATION_TEMPLATE_HASH = "tuneloom.dev/template-sha256"
 API_KEY_ENV = "VLLM_API_KEY"
 # Unlike the trainer's, the server's root file system stays writable: vLLM's engine puts its ZMQ
-# sockets and compile caches in the temp dir, and a /tmp volume does not work everywhere (the
-# local pod runner maps every argument under a mount path, such as a test model under /tmp, into
-# the pod's folder, and a remapped TMPDIR makes socket paths longer than the 107 bytes allowed).
+# sockets and compile caches in the temp dir.
 _CONTAINER_SECURITY_CONTEXT = {**CONTAINER_SECURITY_CONTEXT, "readOnlyRootFilesystem": False}
 
 

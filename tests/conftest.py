@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tuneloom.dev.seaweedfs import SeaweedFS
 from tuneloom.storage import LocalStore, ObjectStore, open_store
+from tuneloom_dev.seaweedfs import SeaweedFS
 
 from .kube import api, kube_cluster, namespace, pod_runner  # noqa: F401  (fixtures shared by every test module)
 from .served import served  # noqa: F401
@@ -82,6 +82,6 @@ def smollm2_dir(model_cache: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random model with SmolLM2's tokenizer and chat template: trains in seconds."""
-    from tuneloom.models import derive_tiny_model
+    from tuneloom_dev.tinymodel import derive_tiny_model
 
     return derive_tiny_model(smollm2_dir, tmp_path_factory.mktemp("tiny") / "model")

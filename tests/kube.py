@@ -16,9 +16,9 @@ import pytest
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
-from tuneloom.dev.cluster import LocalCluster
-from tuneloom.dev.kubebuild import ensure_kube_binaries
-from tuneloom.dev.podrunner import PodRunner
+from tuneloom_dev.cluster import LocalCluster
+from tuneloom_dev.kubebuild import ensure_kube_binaries
+from tuneloom_dev.podrunner import PodRunner
 
 TIMEOUT_S = 120.0
 T = TypeVar("T")

@@ -14,10 +14,10 @@ from pathlib import Path
 import openai
 import pytest
 
-from tuneloom.dev.seaweedfs import SeaweedFS
-from tuneloom.dev.serving import ServingProcess
 from tuneloom.jobfile import parse_job
+from tuneloom.serving.process import ServingProcess
 from tuneloom.trainer.main import run
+from tuneloom_dev.seaweedfs import SeaweedFS
 
 from .test_train import QUESTIONS, _job
 

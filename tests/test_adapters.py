@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 from kubernetes import client as k8s
 
-from tuneloom.dev.seaweedfs import SeaweedFS
 from tuneloom.jobfile import parse_job
 from tuneloom.models import model_config_hash
 from tuneloom.names import AdapterId
@@ -26,6 +25,7 @@ from tuneloom.registry import (
     read_adapter,
 )
 from tuneloom.storage import ObjectStore, open_store
+from tuneloom_dev.seaweedfs import SeaweedFS
 
 from . import test_operator
 from .kube import KubeCluster, kubectl, wait_for

@@ -23,14 +23,14 @@ from kubernetes.client.exceptions import ApiException
 from prometheus_client import CollectorRegistry
 
 from tuneloom.api import ModelServer
-from tuneloom.dev.helm import ensure_helm
-from tuneloom.dev.net import free_ports
-from tuneloom.dev.podrunner import PodRunner
 from tuneloom.jobfile import parse_job
+from tuneloom.net import free_ports
 from tuneloom.operator.config import OperatorConfig
 from tuneloom.operator.jobbuilder import build_job
 from tuneloom.operator.serverbuilder import build_pod_template
 from tuneloom.trainer.progress import TrainerMetrics
+from tuneloom_dev.helm import ensure_helm
+from tuneloom_dev.podrunner import PodRunner
 
 from .kube import KubeCluster, wait_for
 

@@ -15,8 +15,8 @@ import pytest
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
-from tuneloom.dev.cluster import COMPONENTS, LocalCluster
-from tuneloom.dev.podrunner import PodRunner
+from tuneloom_dev.cluster import COMPONENTS, LocalCluster
+from tuneloom_dev.podrunner import PodRunner
 
 from .kube import KubeCluster, kubectl, wait_for
 
@@ -217,6 +217,18 @@ def test_pods_get_distinct_ips(api: k8s.ApiClient, pod_runner: PodRunner | None,
         create_pod(core, namespace, name, {"containers": [pod_container("main", sleeper(60))]})
     ips = {wait_running(core, namespace, name).status.pod_ip for name in ("a", "b")}
     assert len(ips) == 2
+
+
+def test_pods_are_told_to_bind_to_their_own_address(
+    api: k8s.ApiClient, pod_runner: PodRunner | None, namespace: str
+) -> None:
+    if pod_runner is None:
+        pytest.skip("the pod runner's stand-in for a Pod's own network; real Pods have one")
+    core = k8s.CoreV1Api(api)
+    code = "import os, time; print(os.environ['TUNELOOM_BIND_ADDRESS'], flush=True); time.sleep(60)"
+    create_pod(core, namespace, "binder", {"containers": [pod_container("main", ["python", "-c", code])]})
+    ip = wait_running(core, namespace, "binder").status.pod_ip
+    wait_for(lambda: pod_log(core, pod_runner, namespace, "binder", "main").strip() == ip, "the bind address")
 
 
 def test_readiness_probe_gates_ready(api: k8s.ApiClient, pod_runner: PodRunner | None, namespace: str) -> None:

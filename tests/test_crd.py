@@ -2,20 +2,36 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
-from tuneloom.operator.crd import CHART_CRD_DIR, CRD_DIR, adapter_crd, finetunejob_crd, modelserver_crd, rendered
+from tuneloom.operator.crd import adapter_crd, finetunejob_crd, modelserver_crd
+from tuneloom_dev.crds import crd_dirs, rendered, write_crds
 
+ROOT = Path(__file__).resolve().parent.parent
 ALL_CRDS = [finetunejob_crd, adapter_crd, modelserver_crd]
 
 
 def test_committed_crds_match_the_models() -> None:
     assert sorted(rendered()) == ["adapters.yaml", "finetunejobs.yaml", "modelservers.yaml"]
-    for directory in (CRD_DIR, CHART_CRD_DIR):
+    for directory in crd_dirs(ROOT):
         for name, text in rendered().items():
             committed = (directory / name).read_text()
-            assert committed == text, f"{directory}/{name} is stale: run `python -m tuneloom.operator.crd`"
+            assert committed == text, f"{directory}/{name} is stale: run `tuneloom dev crds`"
+
+
+def test_writer_fills_both_folders_of_a_checkout(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="not a tuneloom checkout"):
+        write_crds(tmp_path)
+    (tmp_path / "charts" / "tuneloom").mkdir(parents=True)
+    (tmp_path / "charts" / "tuneloom" / "Chart.yaml").write_text("name: tuneloom\n")
+    written = write_crds(tmp_path)
+    assert {path.relative_to(tmp_path).as_posix() for path in written} == {
+        f"{folder}/{name}" for folder in ("crds", "charts/tuneloom/crds") for name in rendered()
+    }
+    assert all(path.read_text() == rendered()[path.name] for path in written)
 
 
 def _undocumented(node: dict, path: str) -> list[str]:

@@ -27,14 +27,14 @@ import pytest
 import yaml
 from kubernetes import client as k8s
 
-from tuneloom.dev.dashboards import load_dashboards, panel_queries, render
-from tuneloom.dev.helm import ensure_helm
-from tuneloom.dev.net import free_ports
-from tuneloom.dev.podrunner import PodRunner
-from tuneloom.dev.prometheus import PodTargets, Prometheus, loopback_scrape_configs
-from tuneloom.dev.seaweedfs import SeaweedFS
+from tuneloom.net import free_ports
 from tuneloom.registry import read_adapter
 from tuneloom.storage import open_store
+from tuneloom_dev.dashboards import load_dashboards, panel_queries, render
+from tuneloom_dev.helm import ensure_helm
+from tuneloom_dev.podrunner import PodRunner
+from tuneloom_dev.prometheus import PodTargets, Prometheus, loopback_scrape_configs
+from tuneloom_dev.seaweedfs import SeaweedFS
 
 from .kube import KubeCluster, kubectl, wait_for
 from .test_train import PIRATE, QUESTIONS

@@ -14,9 +14,9 @@ from typing import Any
 
 import yaml
 
-from tuneloom.dev.seaweedfs import SeaweedFS
 from tuneloom.storage import open_store
 from tuneloom.trainer.datafile import DEFAULT_MAX_LINE_BYTES
+from tuneloom_dev.seaweedfs import SeaweedFS
 
 from .measure import MB, Measured, assert_no_traceback, line_length, run_cli, write_huge_line
 

@@ -1,12 +1,15 @@
 """The Dockerfiles under docker/. Nothing here can build them (no container engine), so the tests read
 them: each entry point exists in this project, each extra it installs is one pyproject.toml defines,
-the versions it pins are pyproject.toml's, and it copies every folder the package build needs."""
+the versions it pins are pyproject.toml's, it copies every folder the package build needs and no
+test infrastructure, and what setuptools builds from those folders is the product alone."""
 
 from __future__ import annotations
 
 import importlib
 import json
 import re
+import shutil
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from importlib.util import find_spec
@@ -130,6 +133,48 @@ def test_copies_what_the_package_build_needs(image: str) -> None:
     needed = {"pyproject.toml", PROJECT["readme"], *SETUPTOOLS["package-dir"].values()}
     assert needed <= copied, f"{image}.Dockerfile does not copy {sorted(needed - copied)}"
     assert all((ROOT / source).exists() for source in copied)
+
+
+# Folders of the checkout that are development or test infrastructure, never part of an image.
+NOT_PRODUCT = ("dev", "tests", "bench", "examples", ".ci")
+
+
+@pytest.mark.parametrize("image", sorted(IMAGES))
+def test_copies_no_test_infrastructure(image: str) -> None:
+    for source in dockerfile(image).copied:
+        top = source.removeprefix("./").split("/", 1)[0]
+        assert top not in ("", ".", *NOT_PRODUCT), f"{image}.Dockerfile copies {source}"
+
+
+def _built_files(sources: list[str], work: Path) -> dict[str, bytes]:
+    """What the wheel of a build from these sources of the checkout holds (without its metadata):
+    setuptools' build_py output, which bdist_wheel packs. Runs offline with the installed
+    setuptools, in a copy, so the checkout gets no build/ or egg-info."""
+    src = work / "src"
+    for source in sources:
+        if (ROOT / source).is_dir():
+            shutil.copytree(ROOT / source, src / source, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (src / source).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / source, src / source)
+    lib = work / "lib"
+    subprocess.run(
+        [sys.executable, "-I", "-c", "import setuptools; setuptools.setup()", "-q", "build_py", "--build-lib", lib],
+        cwd=src,
+        check=True,
+        capture_output=True,
+    )
+    return {path.relative_to(lib).as_posix(): path.read_bytes() for path in lib.rglob("*") if path.is_file()}
+
+
+@pytest.mark.parametrize("image", sorted(IMAGES))
+def test_the_images_package_is_the_product_alone(image: str, tmp_path: Path) -> None:
+    files = _built_files(dockerfile(image).copied, tmp_path)
+    assert "tuneloom/cli.py" in files and "tuneloom/serving/process.py" in files
+    assert {name.split("/", 1)[0] for name in files} == {"tuneloom"}
+    assert not [name for name in files if name.startswith(("tuneloom/dev/", "tuneloom_dev/"))]
+    for marker in (b"tuneloom_dev", b"derive_tiny_model", b"PodRunner"):
+        assert not [name for name, content in files.items() if marker in content], marker
 
 
 def test_operator_python_satisfies_requires_python() -> None:

@@ -55,6 +55,12 @@ def test_credentials_are_referenced_never_inlined() -> None:
     assert env["TUNELOOM_S3_ENDPOINT"]["value"] == "http://minio:9000"
 
 
+def test_trainer_endpoints_listen_on_every_interface() -> None:
+    # The operator and Prometheus reach /progress and /metrics on the pod IP; port-forward on localhost.
+    env = {item["name"] for item in _container(_job())["env"]}
+    assert "TUNELOOM_BIND_ADDRESS" not in env
+
+
 def test_scheduling_fields_reach_the_job() -> None:
     job = build_job(
         _job(

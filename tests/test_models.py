@@ -19,12 +19,12 @@ from tuneloom.models import (
     MANIFEST_NAME,
     ModelSourceMissing,
     cache_dir,
-    derive_tiny_model,
     find_prepared,
     model_config_hash,
     prepare_model,
 )
 from tuneloom.storage import sha256_file
+from tuneloom_dev.tinymodel import derive_tiny_model
 
 NAME = "smollm2-135m-instruct"
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -19,12 +19,12 @@ from kubernetes import client as k8s
 from prometheus_client import generate_latest
 
 from tuneloom.api import LabelSelector, ModelServer
-from tuneloom.dev.podrunner import PodRunner
 from tuneloom.operator.config import OperatorConfig
 from tuneloom.operator.metrics import OperatorMetrics
 from tuneloom.operator.serverbuilder import ANNOTATION_TEMPLATE_HASH, build_deployment, build_service
 from tuneloom.operator.serverclient import ServerClient, ServerError, format_label_selector, plan_preload
 from tuneloom.storage import open_store
+from tuneloom_dev.podrunner import PodRunner
 
 from . import test_adapters, test_operator
 from .kube import KubeCluster, kubectl, wait_for

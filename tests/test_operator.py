@@ -23,10 +23,10 @@ import yaml
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
-from tuneloom.dev.net import free_port
-from tuneloom.dev.seaweedfs import SeaweedFS
+from tuneloom.net import free_port
 from tuneloom.registry import read_adapter
 from tuneloom.storage import open_store
+from tuneloom_dev.seaweedfs import SeaweedFS
 
 from .kube import KubeCluster, kubectl, wait_for
 

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tuneloom.dev.net import free_ports
-from tuneloom.dev.seaweedfs import SeaweedFS
+from tuneloom.net import free_ports
 from tuneloom.storage import (
     TEMP_MARKER,
     InvalidKeyError,
@@ -24,6 +23,7 @@ from tuneloom.storage import (
     open_store,
     sha256_file,
 )
+from tuneloom_dev.seaweedfs import SeaweedFS
 
 MIB = 1024 * 1024
 

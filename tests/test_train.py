@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-from tuneloom.dev.net import free_port
 from tuneloom.jobfile import parse_job
+from tuneloom.net import free_port
 from tuneloom.registry import download_adapter, list_versions
 from tuneloom.storage import open_store
 from tuneloom.trainer.main import run

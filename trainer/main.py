@@ -48,7 +48,8 @@ from tuneloom.trainer.tokenize import EncodedExample, encode_example
 log = logging.getLogger("tuneloom.trainer")
 
 METRICS_PORT_ENV = "TUNELOOM_METRICS_PORT"
-# The operator's pod sets this to the pod IP: on the local pod runner every pod shares one host.
+# Where /metrics and /progress listen: every interface unless set, so the operator, Prometheus and
+# `kubectl port-forward` (which connects to localhost inside the pod) all reach them.
 BIND_ADDRESS_ENV = "TUNELOOM_BIND_ADDRESS"
 EVALUATION_FILE = "evaluation.json"
 

@@ -8,6 +8,12 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
+from typing import Any
+
+# The entry-point group through which other distributions add subcommands (tuneloom-dev adds `dev`).
+COMMANDS_GROUP = "tuneloom.cli_commands"
+DEV_TOOLS_HINT = "From a checkout, install them with `pip install -e ./dev` (or `make env-dev`)."
 
 
 def _positive_int(text: str) -> int:
@@ -140,10 +146,32 @@ def build_parser() -> argparse.ArgumentParser:
     operator = commands.add_parser("operator", help="run the Kubernetes operator (kopf) for the whole cluster")
     operator.set_defaults(handler=_operator)
 
-    from tuneloom.dev.cli import add_dev_commands
-
-    add_dev_commands(commands)
+    _add_contributed_commands(commands)
     return parser
+
+
+def _add_contributed_commands(commands: argparse._SubParsersAction[Any]) -> None:
+    """Subcommands other installed distributions contribute, as vLLM loads its plugins: each entry
+    point of the group is a function `add_commands(subparsers)`. One that fails to load costs its
+    own commands, not the CLI."""
+    for entry in entry_points(group=COMMANDS_GROUP):
+        try:
+            entry.load()(commands)
+        except Exception as err:  # a broken add-on must not take `tuneloom train` down with it
+            print(f"tuneloom: commands from {entry.value} not loaded: {err}", file=sys.stderr)
+    if "dev" not in commands.choices:
+        # `tuneloom dev` from the README without the dev tools: say how to get them. No option
+        # prefix, so every word after `dev`, `--help` included, goes to that message.
+        missing = commands.add_parser(
+            "dev", add_help=False, prefix_chars="\0", help="development tools (not installed)"
+        )
+        missing.add_argument("words", nargs=argparse.REMAINDER)
+        missing.set_defaults(handler=_dev_tools_missing)
+
+
+def _dev_tools_missing(args: argparse.Namespace) -> int:
+    print(f"tuneloom: `tuneloom dev` needs the development tools. {DEV_TOOLS_HINT}", file=sys.stderr)
+    return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -34,19 +34,6 @@ log = logging.getLogger("tuneloom.models")
 
 MANIFEST_NAME = "tuneloom-model.json"
 MANIFEST_FORMAT = 1
-
-# The files a causal LM's tokenizer may be saved as; the tiny model copies whichever exist so it
-# tokenizes and renders chat templates exactly like its source.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "chat_template.jinja",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-)
 
 # Config keys that say how a model was saved or is run, not what its weights mean: an adapter
 # trained on a bf16 copy fits an fp32 copy of the same weights, and a re-save with a newer
@@ -243,6 +230,35 @@ def _temp_build_dir(dest: Path) -> Iterator[Path]:
         shutil.rmtree(temp, ignore_errors=True)
 
 
+@contextmanager
+def build_lock(dest: Path) -> Iterator[None]:
+    """Held while `dest` is checked or (re)built, by `build_verified` and whatever reads the
+    source first."""
+    with _exclusive_lock(dest.parent / f".{dest.name}.lock"):
+        yield
+
+
+def build_verified(
+    dest: Path, source: dict[str, Any], build: Callable[[Path], None], *, what: str, hub_id: str | None = None
+) -> Path:
+    """`dest` as it is when every file matches its manifest and the manifest's source is `source`;
+    else `build(directory)` writes a fresh copy beside it, which gets a manifest and replaces
+    `dest` in one rename. The caller holds `build_lock(dest)`; `what` names the build in the log."""
+    reason = verify_directory(dest, expected_source=source)
+    if reason is None:
+        log.debug("%s is up to date at %s", what, dest)
+        return dest
+    log.info("building %s into %s (%s)", what, dest, reason)
+    _remove_stale_temps(dest)
+    started = time.monotonic()
+    with _temp_build_dir(dest) as temp:
+        build(temp)
+        _write_manifest(temp, source=source, hub_id=hub_id)
+        _install(temp, dest)
+    log.info("built %s in %.1f s", what, time.monotonic() - started)
+    return dest
+
+
 # --- known models from GGUF ------------------------------------------------------------------
 
 
@@ -313,7 +329,7 @@ def prepare_model(name: str, cache_dir: Path | None = None) -> Path:
     """
     model = _require_known(name)
     dest = _models_root(cache_dir) / model.name
-    with _exclusive_lock(dest.parent / f".{model.name}.lock"):
+    with build_lock(dest):
         try:
             gguf = _gguf_path(model)
         except ModelSourceMissing:
@@ -323,20 +339,9 @@ def prepare_model(name: str, cache_dir: Path | None = None) -> Path:
                 log.warning("%s: source package missing; using the verified build at %s", name, dest)
                 return dest
             raise
-        source = _gguf_source(gguf)
-        reason = verify_directory(dest, expected_source=source)
-        if reason is None:
-            log.debug("%s is up to date at %s", name, dest)
-            return dest
-        log.info("building %s into %s (%s)", name, dest, reason)
-        _remove_stale_temps(dest)
-        started = time.monotonic()
-        with _temp_build_dir(dest) as temp:
-            _convert_gguf(gguf, temp)
-            _write_manifest(temp, source=source, hub_id=model.hub_id)
-            _install(temp, dest)
-        log.info("built %s in %.1f s", name, time.monotonic() - started)
-        return dest
+        return build_verified(
+            dest, _gguf_source(gguf), lambda out: _convert_gguf(gguf, out), what=name, hub_id=model.hub_id
+        )
 
 
 def find_prepared(base_model: str, cache_dir: Path | None = None) -> Path | None:
@@ -364,96 +369,3 @@ def model_config_hash(model_dir: Path) -> str:
     }
     canonical = json.dumps(relevant, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-# --- tiny derived model ----------------------------------------------------------------------
-
-
-# Bump when _build_tiny changes what it writes, so older tiny builds are rebuilt.
-TINY_RECIPE = 2
-
-
-def _tiny_source(source_dir: Path, **shape: float) -> dict[str, Any]:
-    """What a tiny build depends on; a change to any of it means a rebuild."""
-    return {"derived_from_config": model_config_hash(source_dir), "recipe": TINY_RECIPE, **shape}
-
-
-def _build_tiny(source_dir: Path, out_dir: Path, shape: dict[str, Any]) -> None:
-    import torch
-    from transformers import AutoConfig, GenerationConfig, LlamaForCausalLM
-
-    config = AutoConfig.from_pretrained(source_dir)
-    # Same vocab, special token ids, rope and norm settings as the source; only the size shrinks.
-    config.num_hidden_layers = shape["num_layers"]
-    config.hidden_size = shape["hidden_size"]
-    config.intermediate_size = shape["intermediate_size"]
-    config.num_attention_heads = shape["num_heads"]
-    config.num_key_value_heads = shape["num_kv_heads"]
-    config.head_dim = shape["hidden_size"] // shape["num_heads"]
-    config.dtype = torch.float32
-    config.initializer_range = shape["init_std"]
-    # fork_rng keeps the caller's global RNG untouched while the seed makes the weights repeatable.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(shape["seed"])
-        model = LlamaForCausalLM(config).to(torch.float32)
-        # The embedding's padding row starts at zero, and SmolLM2 pads with its end-of-turn token:
-        # with tied embeddings that token's logit would stay 0 forever, so no adapter could ever
-        # learn to stop. A random row like every other token's keeps the end of turn learnable.
-        if config.pad_token_id is not None:
-            with torch.no_grad():
-                model.get_input_embeddings().weight[config.pad_token_id].normal_(0.0, config.initializer_range)
-    generation = source_dir / "generation_config.json"
-    if generation.is_file():
-        model.generation_config = GenerationConfig.from_pretrained(source_dir)
-    model.save_pretrained(out_dir)
-    for filename in TOKENIZER_FILES:
-        if (source_dir / filename).is_file():
-            shutil.copyfile(source_dir / filename, out_dir / filename)
-
-
-def derive_tiny_model(
-    source_dir: Path,
-    dest: Path,
-    *,
-    num_layers: int = 2,
-    hidden_size: int = 64,
-    intermediate_size: int = 128,
-    num_heads: int = 2,
-    num_kv_heads: int = 1,
-    seed: int = 0,
-    init_std: float = 0.3,
-) -> Path:
-    """A tiny random float32 LlamaForCausalLM with `source_dir`'s tokenizer, chat template and
-    vocab, saved at `dest`: trains in seconds on CPU. Returns at once when `dest` is already a
-    complete build with the same shape and source.
-
-    Two heads of 32 dimensions: vLLM's CPU attention supports head sizes from 32 up, so the same
-    model serves in tests. `init_std` is far above the usual 0.02 on purpose: at hidden size 64 that would leave the
-    logits nearly flat, so an adapter could move the loss only a little and tests would hang on luck."""
-    if hidden_size % num_heads or num_heads % num_kv_heads:
-        raise ValueError("hidden_size must divide by num_heads, and num_heads by num_kv_heads")
-    source_dir, dest = Path(source_dir), Path(dest)
-    shape = _tiny_source(
-        source_dir,
-        num_layers=num_layers,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        seed=seed,
-        init_std=init_std,
-    )
-    with _exclusive_lock(dest.parent / f".{dest.name}.lock"):
-        # Hashing ~13 MB is cheap, so the tiny model gets the same full check as a prepared one.
-        reason = verify_directory(dest, expected_source=shape)
-        if reason is None:
-            return dest
-        log.info("deriving tiny model at %s (%s)", dest, reason)
-        _remove_stale_temps(dest)
-        started = time.monotonic()
-        with _temp_build_dir(dest) as temp:
-            _build_tiny(source_dir, temp, shape)
-            _write_manifest(temp, source=shape, hub_id=None)
-            _install(temp, dest)
-        log.info("derived tiny model at %s in %.1f s", dest, time.monotonic() - started)
-        return dest

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import openai
 
-from tuneloom.dev.serving import ServingProcess
+from tuneloom.serving.process import ServingProcess
 
 SYSTEM = (
     'Classify the Acme support ticket. Reply with JSON only: {"category": billing|technical|account|shipping|'

@@ -1,7 +1,7 @@
 """The chart's Grafana dashboards without Grafana: their PromQL, evaluated against a Prometheus,
 and PNG renderings (matplotlib) of what a user would see.
 
-    python -m tuneloom.dev.dashboards --prometheus http://127.0.0.1:9090 --since 900 --out docs/dashboards
+    python -m tuneloom_dev.dashboards --prometheus http://127.0.0.1:9090 --since 900 --out docs/dashboards
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuneloom.dev.prometheus import Prometheus
+from tuneloom_dev.prometheus import Prometheus
 
 DASHBOARDS_DIR = Path(__file__).resolve().parents[2] / "charts" / "tuneloom" / "dashboards"
 # What Grafana puts in for its built-in interval variables; one minute covers a few 1 s scrapes

@@ -1,4 +1,5 @@
-"""`tuneloom serve` as a child process on loopback, for tests, benchmarks and the quick start."""
+"""`tuneloom serve` as a child process on loopback, for a client that needs a server of its own for a while
+(the quick start's `ask_over_http.py`, benchmarks, tests)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from tuneloom.dev.net import free_port
+from tuneloom.net import free_port
 
 
 class ServingProcess:

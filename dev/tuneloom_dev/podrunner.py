@@ -1,6 +1,6 @@
 """Test infrastructure: a stand-in for the scheduler and the kubelet of the local cluster.
 
-The local control plane (`tuneloom.dev.cluster`) has no scheduler and no kubelet, so Pods would
+The local control plane (`tuneloom_dev.cluster`) has no scheduler and no kubelet, so Pods would
 stay Pending forever. `PodRunner` registers one Node, binds every unscheduled Pod to it and runs
 each container's `command` + `args` as a local process, reporting status the way a kubelet does,
 so the real controllers (Job, ReplicaSet, garbage collector) and tuneloom's operator see Pods
@@ -24,7 +24,9 @@ It is not a container runtime. What differs, and the rules that bridge it:
   (created if missing); without one the process runs in the pod root.
 - Networking: each Pod gets its own loopback address (127.0.0.2, .3, ..., reused after the Pod
   ends), reported as status.podIP and exported as TUNELOOM_POD_IP. Servers must bind to that
-  address (not 0.0.0.0) for two Pods to use the same port.
+  address (not 0.0.0.0) for two Pods to use the same port: the runner also exports it as
+  TUNELOOM_BIND_ADDRESS, where tuneloom's servers listen unless told otherwise (a Pod's own env
+  or `--host` wins, so tests point the operator and ModelServer pods at "$(TUNELOOM_POD_IP)").
 - The environment is the Pod's own (envFrom, then env, with `$(VAR)` expansion) over a small
   base: PATH, HOME, LANG, TMPDIR, TUNELOOM_CACHE_DIR from the runner, KUBECONFIG pointing at the
   runner's kubeconfig (there are no ServiceAccount tokens; Pods talk to the API as the runner
@@ -69,7 +71,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.utils import parse_quantity
 from kubernetes.watch.watch import iter_resp_lines
 
-log = logging.getLogger("tuneloom.dev.podrunner")
+log = logging.getLogger("tuneloom_dev.podrunner")
 
 DEFAULT_NODE_NAME = "tuneloom-local"
 HOST_IP = "127.0.0.1"
@@ -676,6 +678,7 @@ class _PodWorker:
         env["HOSTNAME"] = self.name
         env["TUNELOOM_POD_ROOT"] = str(self.root)
         env["TUNELOOM_POD_IP"] = self.ip or ""
+        env["TUNELOOM_BIND_ADDRESS"] = self.ip or ""
         env["TUNELOOM_POD_NAME"] = self.name
         env["TUNELOOM_POD_NAMESPACE"] = self.namespace
         env.update(self.runner.extra_env)

@@ -1,9 +1,9 @@
 """A real, local Kubernetes control plane for tests and development: etcd + kube-apiserver +
 kube-controller-manager on 127.0.0.1.
 
-The binaries come from `tuneloom.dev.kubebuild` (Kubernetes v1.20.2 built from Debian's source
+The binaries come from `tuneloom_dev.kubebuild` (Kubernetes v1.20.2 built from Debian's source
 package). There is no kubelet and no scheduler: Pods stay Pending unless something binds and runs
-them (see `tuneloom.dev.podrunner`). Everything else is the real thing: RBAC, CRDs, watches,
+them (see `tuneloom_dev.podrunner`). Everything else is the real thing: RBAC, CRDs, watches,
 admission, the Job controller and garbage collection.
 
 Every port is picked free at start-up and every component binds to 127.0.0.1 only. Processes are
@@ -36,10 +36,10 @@ from typing import Any
 
 import yaml
 
-from tuneloom.dev.kubebuild import KubeBinaries, ensure_etcd, ensure_kube_binaries
-from tuneloom.dev.net import LOCALHOST, free_port
+from tuneloom.net import LOCALHOST, free_port
+from tuneloom_dev.kubebuild import KubeBinaries, ensure_etcd, ensure_kube_binaries
 
-log = logging.getLogger("tuneloom.dev.cluster")
+log = logging.getLogger("tuneloom_dev.cluster")
 
 CLUSTER_NAME = "tuneloom-local"
 ADMIN_USER = "tuneloom-admin"

@@ -1,4 +1,4 @@
-"""Loopback ports for the servers the tests and tools start."""
+"""Free loopback ports, for servers started on this machine (`tuneloom serve` as a child process)."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from tuneloom.dev.net import LOCALHOST, free_ports
+from tuneloom.net import LOCALHOST, free_ports
 
 DEFAULT_ACCESS_KEY = "tuneloom-test"
 

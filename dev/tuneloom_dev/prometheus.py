@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from tuneloom.dev.net import LOCALHOST, free_port
+from tuneloom.net import LOCALHOST, free_port
 
 
 class PrometheusError(RuntimeError):

@@ -1,8 +1,8 @@
-"""`tuneloom dev ...`: commands for the local development cluster.
+"""`tuneloom dev ...`: commands for the local development cluster and the generated files.
 
-`tuneloom.cli` owns the top-level parser and calls `add_dev_commands(subparsers)`; each leaf
-command sets `handler` (a function of the parsed args returning an exit code), as the other
-commands do.
+`tuneloom.cli` owns the top-level parser and calls `add_commands(subparsers)` through the
+`tuneloom.cli_commands` entry point (dev/pyproject.toml); each leaf command sets `handler` (a
+function of the parsed args returning an exit code), as the other commands do.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def default_state_dir() -> Path:
     return cache_dir() / "cluster"
 
 
-def add_dev_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
+def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
     """Add the `dev` command group to the top-level parser's subcommands."""
     dev = subparsers.add_parser("dev", help="local development infrastructure")
     groups = dev.add_subparsers(dest="dev_command", required=True, metavar="GROUP")
@@ -49,10 +49,14 @@ def add_dev_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
     env.set_defaults(handler=_cluster_env)
     run_pods.set_defaults(handler=_cluster_run_pods)
 
+    crds = groups.add_parser("crds", help="rewrite crds/ and charts/tuneloom/crds/ from the API models")
+    crds.add_argument("--root", type=Path, default=None, help="the checkout (default: the one these tools are in)")
+    crds.set_defaults(handler=_crds)
+
 
 def _cluster(args: argparse.Namespace) -> Any:
     # Imported here so `tuneloom --help` and the other commands do not load the cluster code.
-    from tuneloom.dev.cluster import LocalCluster
+    from tuneloom_dev.cluster import LocalCluster
 
     return LocalCluster(args.state_dir or default_state_dir())
 
@@ -62,8 +66,8 @@ def _exports(env: dict[str, str]) -> str:
 
 
 def _cluster_up(args: argparse.Namespace) -> int:
-    from tuneloom.dev.cluster import ClusterError
-    from tuneloom.dev.kubebuild import KubeBuildError
+    from tuneloom_dev.cluster import ClusterError
+    from tuneloom_dev.kubebuild import KubeBuildError
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
@@ -100,7 +104,7 @@ def _cluster_env(args: argparse.Namespace) -> int:
 
 
 def _cluster_run_pods(args: argparse.Namespace) -> int:
-    from tuneloom.dev.podrunner import PodRunner
+    from tuneloom_dev.podrunner import PodRunner
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
@@ -116,6 +120,18 @@ def _cluster_run_pods(args: argparse.Namespace) -> int:
     with runner:
         while not stop.wait(1.0):
             pass
+    return 0
+
+
+def _crds(args: argparse.Namespace) -> int:
+    from tuneloom_dev.crds import CHECKOUT, write_crds
+
+    try:
+        written = write_crds(args.root or CHECKOUT)
+    except FileNotFoundError as err:
+        print(f"error: {err}; pass --root", file=sys.stderr)
+        return 1
+    print("\n".join(str(path) for path in written))
     return 0
 
 

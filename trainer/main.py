@@ -178,7 +178,6 @@ class FineTuneRun:
             metrics=self.metrics,
             start_step=start_step,
             on_record=self._remember,
-            progress_file=None if self.ranks.is_main else "",
         )
 
     def _remember(self, record: dict[str, Any]) -> None:
@@ -374,27 +373,25 @@ def run(job: FineTuneJob, *, metrics_port: int | None = None, fresh: bool = Fals
         distributed.teardown(fine_tune.ranks)
 
 
-def _fail(reporter_path: str | None, reason: str, message: str, code: int) -> int:
+def _fail(message: str, code: int) -> int:
     print(f"error: {message}", file=sys.stderr)
-    if reporter_path:
-        ProgressReporter(total_steps=0, steps_per_epoch=1, logging_steps=1, progress_file=reporter_path).event(
-            "failed", reason=reason, message=message[-2000:]
-        )
     return code
 
 
 def run_from_file(path: str | Path, *, metrics_port: int | None = None, fresh: bool = False) -> int:
     """The command-line entry: an exit status, and every error said in one place."""
-    from tuneloom.trainer.progress import PROGRESS_FILE_ENV
-
-    progress_file = os.environ.get(PROGRESS_FILE_ENV)
     try:
         job = load_job(path)
         run(job, metrics_port=metrics_port, fresh=fresh)
-    except (SpecError, DataValidationError, UnusableDataError, PreflightError, BaseModelUnavailableError) as exc:
-        return _fail(progress_file, "InvalidInput", str(exc), EXIT_INVALID_INPUT)
-    except MethodNotSupportedError as exc:
-        return _fail(progress_file, "MethodNotSupported", str(exc), EXIT_INVALID_INPUT)
+    except (
+        SpecError,
+        DataValidationError,
+        UnusableDataError,
+        PreflightError,
+        BaseModelUnavailableError,
+        MethodNotSupportedError,
+    ) as exc:
+        return _fail(str(exc), EXIT_INVALID_INPUT)
     except StorageError as exc:
-        return _fail(progress_file, "StorageError", str(exc), EXIT_FAILED)
+        return _fail(str(exc), EXIT_FAILED)
     return 0

@@ -29,7 +29,6 @@ ANNOTATION_JOB_FILE = "tuneloom.dev/job-file"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 JOB_FILE_DIR = "/etc/tuneloom"
-PROGRESS_DIR = "/var/run/tuneloom"
 CACHE_DIR = "/var/cache/tuneloom"
 RUN_AS_USER = 1000
 # Every pod the operator makes runs as non-root with a read-only root file system; what it
@@ -123,7 +122,7 @@ def storage_env(storage: StorageSpec) -> list[dict[str, Any]]:
 def _env(job: FineTuneJob, config: OperatorConfig) -> list[dict[str, Any]]:
     return [
         {"name": "TUNELOOM_JOB_FILE", "value": f"{JOB_FILE_DIR}/job.yaml"},
-        {"name": "TUNELOOM_PROGRESS_FILE", "value": f"{PROGRESS_DIR}/progress.jsonl"},
+        # Where the trainer serves /metrics and /progress: the operator reads progress there and only there.
         {"name": "TUNELOOM_METRICS_PORT", "value": str(config.trainer_metrics_port)},
         {"name": "TUNELOOM_CACHE_DIR", "value": CACHE_DIR},
         {"name": "HOME", "value": "/tmp"},
@@ -167,14 +166,12 @@ def _volumes(job: FineTuneJob) -> tuple[list[dict[str, Any]], list[dict[str, Any
         },
         # PyTorch's data loader and NCCL use shared memory; the default 64 MiB /dev/shm is too small.
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},
-        {"name": "progress", "emptyDir": {}},
         {"name": "cache", "emptyDir": {}},
         {"name": "tmp", "emptyDir": {}},
     ]
     mounts = [
         {"name": "job", "mountPath": JOB_FILE_DIR, "readOnly": True},
         {"name": "dshm", "mountPath": "/dev/shm"},
-        {"name": "progress", "mountPath": PROGRESS_DIR},
         {"name": "cache", "mountPath": CACHE_DIR},
         {"name": "tmp", "mountPath": "/tmp"},
     ]

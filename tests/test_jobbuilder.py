@@ -108,6 +108,19 @@ def test_job_carries_the_job_file_the_trainer_reads(tmp_path: Path) -> None:
     assert loaded.spec == _job().spec
 
 
+def test_trainer_serves_progress_where_the_operator_polls_and_writes_no_progress_file() -> None:
+    """The operator reads progress over HTTP only (the pod IP, the trainer metrics port, /progress)."""
+    pod = build_job(_job(), OperatorConfig(trainer_metrics_port=9511))["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["TUNELOOM_METRICS_PORT"]["value"] == "9511"
+    assert env["TUNELOOM_BIND_ADDRESS"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert container["ports"] == [{"name": "metrics", "containerPort": 9511}]
+    assert "TUNELOOM_PROGRESS_FILE" not in env
+    assert {v["name"] for v in pod["volumes"]} == {m["name"] for m in container["volumeMounts"]}
+    assert {v["name"] for v in pod["volumes"]} == {"job", "dshm", "cache", "tmp"}
+
+
 def test_long_names_fit_and_stay_distinct() -> None:
     a, b = job_name("x" * 80), job_name("x" * 79 + "y")
     assert len(a) <= 63 and len(b) <= 63 and a != b

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from tuneloom.api import Progress
 from tuneloom.jobfile import parse_job
 from tuneloom.net import free_port
 from tuneloom.registry import download_adapter, list_versions
@@ -171,20 +174,16 @@ def test_bad_data_fails_before_the_model_loads_with_file_and_line(tiny_model_dir
         stream.write('{"messages": [{"role": "robot", "content": "hi"}]}\n')
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(_job(tiny_model_dir, data, str(tmp_path / "s"))))
-    progress = tmp_path / "progress.jsonl"
-    result = _trainer(job, tmp_path, progress=progress)
+    result = _trainer(job, tmp_path)
     assert result.returncode == 2
     assert f"{data}:6: messages[0].role" in result.stderr
-    events = [json.loads(line)["event"] for line in progress.read_text().splitlines()]
-    assert events[-1] == "failed" and "loading-model" not in events
+    assert _events(_messages(result.stderr)) == ["validating-data"]
 
 
-def _trainer(job: Path, cwd: Path, progress: Path | None = None, **popen) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TUNELOOM_PROGRESS_FILE": str(progress or cwd / "progress.jsonl")}
+def _trainer(job: Path, cwd: Path, **popen) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "tuneloom.trainer", "-f", str(job)],
         cwd=cwd,
-        env=env,
         capture_output=True,
         text=True,
         timeout=600,
@@ -192,10 +191,23 @@ def _trainer(job: Path, cwd: Path, progress: Path | None = None, **popen) -> sub
     )
 
 
-def _events(progress: Path) -> list[dict]:
-    if not progress.exists():
-        return []
-    return [json.loads(line) for line in progress.read_text().splitlines() if line.endswith("}")]
+# The trainer's log lines a person reads: one per phase event, one per logged step.
+_EVENT = re.compile(r"event (\S+)")
+_STEP = re.compile(r"step (\d+)/(\d+) \((\d+)%\) epoch ([\d.]+) loss \S+ lr \S+ (\d+) tok/s eta (\S+)$")
+
+
+def _messages(stderr: str) -> list[str]:
+    """The trainer's own log messages in a child's stderr (rank 0's alone: other ranks log only warnings)."""
+    marker = " tuneloom.trainer: "
+    return [line.partition(marker)[2] for line in stderr.splitlines() if marker in line]
+
+
+def _events(messages: list[str]) -> list[str]:
+    return [match[1] for message in messages if (match := _EVENT.match(message))]
+
+
+def _steps(messages: list[str]) -> list[int]:
+    return [int(match[1]) for message in messages if (match := _STEP.match(message))]
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(
@@ -207,50 +219,42 @@ def test_killed_run_resumes_from_its_last_checkpoint(
     spec["spec"]["checkpointing"] = {"everySteps": 3, "keep": 2}
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(spec))
-    progress = tmp_path / "progress.jsonl"
-    env = {**os.environ, "TUNELOOM_PROGRESS_FILE": str(progress)}
-    process = subprocess.Popen([sys.executable, "-m", "tuneloom.trainer", "-f", str(job)], env=env, cwd=tmp_path)
-    deadline = time.monotonic() + 300
-    # 8 steps an epoch: kill after the step-9 checkpoint (an in-epoch one) and before the run ends.
-    while not any(e.get("event") == "progress" and e["step"] >= 10 for e in _events(progress)):
-        assert process.poll() is None, "the trainer ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    first_run = _events(progress)
-    killed_at = max(e["step"] for e in first_run if e.get("event") == "progress")
+    first_log = tmp_path / "first-run.log"
+    with first_log.open("w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tuneloom.trainer", "-f", str(job)], cwd=tmp_path, stderr=stderr
+        )
+        deadline = time.monotonic() + 300
+        # 8 steps an epoch: kill after the step-9 checkpoint (an in-epoch one) and before the run ends.
+        while max(_steps(_messages(first_log.read_text())), default=0) < 10:
+            assert process.poll() is None, "the trainer ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    killed_at = max(_steps(_messages(first_log.read_text())))
     assert killed_at < 32
 
-    progress.unlink()
-    result = subprocess.run(
-        [sys.executable, "-m", "tuneloom.trainer", "-f", str(job)],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
+    result = _trainer(job, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    second_run = _events(progress)
-    resumed_from = next(e["step"] for e in second_run if e["event"] == "training")
-    steps = [e["step"] for e in second_run if e["event"] == "progress"]
+    second_run = _messages(result.stderr)
+    resumed_from = next(int(match[1]) for m in second_run if (match := re.match(r"event training step=(\d+) ", m)))
     # Resumed from the last checkpoint at or before the kill: a multiple of 3 or an epoch end (8, 16, 24).
     assert resumed_from >= 9 and (resumed_from % 3 == 0 or resumed_from % 8 == 0) and resumed_from <= killed_at
-    assert steps == list(range(resumed_from + 1, 33)), "steps before the checkpoint were repeated or skipped"
-    assert not any(e["event"] == "evaluating-base" for e in second_run), "the base was evaluated again"
+    assert _steps(second_run) == list(range(resumed_from + 1, 33)), "steps before the checkpoint were redone or lost"
+    assert "evaluating-base" not in _events(second_run), "the base was evaluated again"
     assert list_versions(open_store(s3_root), "default", "pirate") == ["1"]
     checkpoints = [k for k in open_store(s3_root).list("checkpoints/") if k.endswith("manifest.json")]
     assert len(checkpoints) == 2, checkpoints  # keep: 2
 
 
-def test_progress_lines_and_prometheus_metrics(
-    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_progress_lines_progress_endpoint_and_prometheus_metrics(
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     import shutil
     import urllib.request
 
-    progress = tmp_path / "progress.jsonl"
-    monkeypatch.setenv("TUNELOOM_PROGRESS_FILE", str(progress))
+    caplog.set_level(logging.INFO, logger="tuneloom.trainer")
     port = free_port()
     spec = _job(
         tiny_model_dir,
@@ -260,15 +264,22 @@ def test_progress_lines_and_prometheus_metrics(
     )
     run(parse_job(spec), metrics_port=port)
 
-    events = _events(progress)
-    names = [e["event"] for e in events]
-    assert names[:4] == ["validating-data", "loading-model", "evaluating-base", "training"]
-    assert names[-2:] == ["uploading", "succeeded"]
-    steps = [e for e in events if e["event"] == "progress"]
-    assert [e["step"] for e in steps] == list(range(1, 9))  # 16 examples, batch 4, 2 epochs, logged every step
-    assert all(e["totalSteps"] == 8 and e["tokensPerSecond"] > 0 and "etaSeconds" in e for e in steps)
-    assert steps[-1]["epoch"] == 2.0 and steps[-1]["etaSeconds"] == 0
-    assert len([e for e in events if e["event"] == "evaluation"]) == 2
+    messages = [record.getMessage() for record in caplog.records if record.name == "tuneloom.trainer"]
+    phases = ["validating-data", "loading-model", "evaluating-base", "training", "evaluating", "uploading", "succeeded"]
+    assert _events(messages) == phases
+    steps = [match.groups() for message in messages if (match := _STEP.match(message))]
+    # 16 examples, batch 4, 2 epochs, logged every step: "step N/8 (P%) epoch E ... T tok/s eta ETA".
+    assert [int(step) for step, *_ in steps] == list(range(1, 9))
+    assert all(total == "8" and float(rate) > 0 for _, total, _, _, rate, _ in steps)
+    assert steps[-1][2:4] == ("100", "2.00") and steps[-1][5] == "0m00s"
+    assert len([m for m in messages if m.startswith("validation at step ")]) == 2
+
+    # What the operator reads: the last event and the latest figures, which make a Progress.
+    record = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/progress", timeout=10).read())
+    assert record["event"] == "succeeded" and record["adapter"]["version"] == "1"
+    progress = Progress(**{key: record[key] for key in Progress.model_fields})
+    assert (progress.step, progress.totalSteps, progress.percent, progress.epoch) == (8, 8, 100, 2.0)
+    assert progress.etaSeconds == 0 and progress.tokensPerSecond > 0 and progress.validationLoss is not None
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     labels = '{finetunejob="pirate",job_namespace="default"}'
@@ -308,8 +319,7 @@ def test_torchrun_trains_one_adapter_across_two_processes(tiny_model_dir: Path, 
     spec = _job(tiny_model_dir, _dataset(tmp_path / "train.jsonl"), str(store), hyperparameters={"epochs": 6})
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(spec))
-    progress = tmp_path / "progress.jsonl"
-    env = {**os.environ, "TUNELOOM_PROGRESS_FILE": str(progress), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     result = subprocess.run(
         [*command, "-m", "tuneloom.trainer", "-f", str(job)],
@@ -321,7 +331,7 @@ def test_torchrun_trains_one_adapter_across_two_processes(tiny_model_dir: Path, 
     )
     assert result.returncode == 0, result.stderr[-3000:]
     # 32 examples, 4 a micro-batch: 8 micro-batches an epoch, 2 per step over 2 ranks.
-    steps = [e["step"] for e in _events(progress) if e["event"] == "progress"]
+    steps = _steps(_messages(result.stderr))
     assert steps == list(range(1, 25)), "only rank 0 reports, and each step covers both ranks' batches"
     assert list_versions(open_store(str(store)), "default", "pirate") == ["1"]
     metrics = json.loads((store / "adapters/default/pirate/1/manifest.json").read_text())["metrics"]

@@ -12,7 +12,7 @@ import json
 import logging
 import re
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from torch import nn
 
 from tuneloom.registry import commit_files, fetch_committed, read_published, write_published
 from tuneloom.storage import ObjectStore
+from tuneloom.trainer.evaluate import EvaluationResult
 
 log = logging.getLogger("tuneloom.trainer")
 
@@ -39,8 +40,19 @@ class LoopState:
     evaluations_without_improvement: int = 0
     stopped_early: bool = False
     tokens_seen: int = 0
-    base_evaluation: dict[str, Any] | None = None
+    base_evaluation: EvaluationResult | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        base = self.base_evaluation
+        record = asdict(replace(self, base_evaluation=None))
+        return json.dumps({**record, "base_evaluation": None if base is None else base.to_record()})
+
+    @classmethod
+    def from_json(cls, text: str) -> LoopState:
+        record = json.loads(text)
+        base = record.pop("base_evaluation", None)
+        return cls(**record, base_evaluation=None if base is None else EvaluationResult.from_record(base))
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -91,7 +103,7 @@ class CheckpointStore:
                 files["best.safetensors"] = Path(tmp) / "best.safetensors"
                 save_file(best, files["best.safetensors"])
             files["state.json"] = Path(tmp) / "state.json"
-            files["state.json"].write_text(json.dumps(asdict(state)))
+            files["state.json"].write_text(state.to_json())
             commit_files(self.store, f"{self.prefix}/step-{state.step:08d}", files, {"step": state.step})
         log.info("checkpoint at step %d saved to %s", state.step, self.store.describe(self.prefix))
         for old in self.committed_steps()[:-keep]:
@@ -106,7 +118,7 @@ class CheckpointStore:
         with tempfile.TemporaryDirectory(prefix="tuneloom-ckpt-") as tmp:
             dest = Path(tmp) / "checkpoint"
             fetch_committed(self.store, f"{self.prefix}/step-{steps[-1]:08d}", dest)
-            state = LoopState(**json.loads((dest / "state.json").read_text()))
+            state = LoopState.from_json((dest / "state.json").read_text())
             load_trainable_state(model, load_file(dest / "trainable.safetensors"))
             optimizer.load_state_dict(torch.load(dest / "optimizer.pt", map_location=device, weights_only=True))
             best_file = dest / "best.safetensors"

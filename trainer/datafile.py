@@ -491,7 +491,7 @@ def _step_lines(summary: DataSummary) -> list[str]:
     return out
 
 
-def format_summary(summary: DataSummary, *, source: str, fmt: str, model: str | None = None) -> str:
+def format_data_summary(summary: DataSummary, *, source: str, fmt: str, model: str | None = None) -> str:
     """The human-readable report `tuneloom validate-data` prints on success."""
     head = f"{source}: OK, {_plural(summary.examples, 'example')} ({fmt} format)"
     return "\n".join([head, *_duplicate_lines(summary), *_token_lines(summary, model), *_step_lines(summary)])
@@ -542,5 +542,5 @@ def validate_data_command(
         # A directory that is not a model, or a chat template that cannot mask assistant turns.
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(format_summary(summary, source=file, fmt=fmt, model=model))
+    print(format_data_summary(summary, source=file, fmt=fmt, model=model))
     return 0

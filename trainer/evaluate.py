@@ -1,7 +1,11 @@
-"""Held-out evaluation: loss and token accuracy, and generation metrics on held-out prompts."""
+"""Held-out evaluation. Each check measures the model as it is when called and returns an
+`EvaluationResult`; a run calls the same checks before training (the base model) and after it (the
+adapter), merging each side's results into one. A new check (general ability, preference accuracy)
+is one more callable in the list `FineTuneRun.setup_evaluation` builds."""
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -14,6 +18,9 @@ from tuneloom.trainer.batching import Batch
 from tuneloom.trainer.datafile import Example
 from tuneloom.trainer.tokenize import prompt_text, reference_answer
 
+# The checkpoint keys of a result's per-prompt part; the other keys are its metrics.
+_ANSWERS, _SCORES = "answers", "perExample"
+
 
 @dataclass
 class LossResult:
@@ -22,11 +29,83 @@ class LossResult:
     tokens: int
 
 
-@dataclass
-class GenerationResult:
-    answers: list[str]
+@dataclass(frozen=True)
+class ScoredAnswer:
+    """A greedy answer to one held-out prompt, and whether it passed each metric."""
+
+    text: str
+    scores: dict[str, bool]
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """One model's results: the overall figures (the manifest's `metrics.base` or
+    `metrics.adapter`, in the order the checks ran) and, when a check generated them, its answers
+    to the held-out prompts in their order."""
+
     metrics: dict[str, float] = field(default_factory=dict)
-    per_example: list[dict[str, bool]] = field(default_factory=list)
+    answers: tuple[ScoredAnswer, ...] = ()
+
+    def merge(self, other: EvaluationResult) -> EvaluationResult:
+        """Both results' figures; the answers of the one that generated (one check does)."""
+        return EvaluationResult({**self.metrics, **other.metrics}, self.answers or other.answers)
+
+    def to_record(self) -> dict[str, Any]:
+        """The form checkpoints hold (`LoopState.base_evaluation`), kept as it was when results were
+        plain dicts, so a run resumes from a checkpoint an earlier trainer wrote."""
+        record: dict[str, Any] = dict(self.metrics)
+        if self.answers:
+            record[_ANSWERS] = [answer.text for answer in self.answers]
+            record[_SCORES] = [answer.scores for answer in self.answers]
+        return record
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> EvaluationResult:
+        metrics = {key: value for key, value in record.items() if key not in (_ANSWERS, _SCORES)}
+        pairs = zip(record.get(_ANSWERS, []), record.get(_SCORES, []), strict=True)
+        return cls(metrics, tuple(ScoredAnswer(text, scores) for text, scores in pairs))
+
+
+Check = Callable[[], EvaluationResult]
+
+
+def run_checks(checks: Sequence[Check]) -> EvaluationResult:
+    return functools.reduce(EvaluationResult.merge, (check() for check in checks), EvaluationResult())
+
+
+@dataclass(frozen=True)
+class HeldOutLoss:
+    """Loss and next-token accuracy on the held-out batches; every rank computes them."""
+
+    measure: Callable[[], LossResult]
+
+    def __call__(self) -> EvaluationResult:
+        loss = self.measure()
+        return EvaluationResult({"validationLoss": round(loss.loss, 4), "tokenAccuracy": round(loss.token_accuracy, 4)})
+
+
+@dataclass(frozen=True)
+class HeldOutAnswers:
+    """Greedy answers to the held-out prompts, scored against their reference answers."""
+
+    model: Any
+    tokenizer: Any
+    examples: Sequence[Example]
+    metrics: Sequence[GenerationMetric]
+    max_new_tokens: int
+    max_prompt_tokens: int
+    device: torch.device
+
+    def __call__(self) -> EvaluationResult:
+        answers = generate_answers(
+            self.model,
+            self.tokenizer,
+            self.examples,
+            max_new_tokens=self.max_new_tokens,
+            device=self.device,
+            max_prompt_tokens=self.max_prompt_tokens,
+        )
+        return score(answers, references(self.examples), self.metrics)
 
 
 @torch.no_grad()
@@ -57,15 +136,15 @@ SCORERS: dict[GenerationMetric, Callable[[str, str], bool]] = {
 }
 
 
-def score(answers: Sequence[str], references: Sequence[str], metrics: Sequence[GenerationMetric]) -> GenerationResult:
-    per_example = [
-        {metric.value: SCORERS[metric](answer, reference) for metric in metrics}
+def score(answers: Sequence[str], references: Sequence[str], metrics: Sequence[GenerationMetric]) -> EvaluationResult:
+    scored = tuple(
+        ScoredAnswer(answer, {metric.value: SCORERS[metric](answer, reference) for metric in metrics})
         for answer, reference in zip(answers, references, strict=True)
-    ]
+    )
     means = {
-        metric.value: sum(row[metric.value] for row in per_example) / max(len(per_example), 1) for metric in metrics
+        metric.value: sum(answer.scores[metric.value] for answer in scored) / max(len(scored), 1) for metric in metrics
     }
-    return GenerationResult(answers=list(answers), metrics=means, per_example=per_example)
+    return EvaluationResult(means, scored)
 
 
 @torch.no_grad()

@@ -1,12 +1,66 @@
-"""The report a person reads after a run: base model vs adapter on held-out prompts."""
+"""What a finished run found, base model vs adapter on held-out prompts: the manifest's `metrics`,
+evaluation.json, and the report a person reads."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from tuneloom.registry import AdapterVersion
+from tuneloom.trainer.checkpoint import LoopState
+from tuneloom.trainer.datafile import Example
+from tuneloom.trainer.evaluate import EvaluationResult, references
 
 ANSWER_WIDTH = 72
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    """The loop's state at its end, and the seconds this process spent in it."""
+
+    state: LoopState
+    seconds: float
+
+
+@dataclass(frozen=True)
+class RunReport:
+    held_out: Sequence[Example]
+    base: EvaluationResult
+    adapter: EvaluationResult
+    training: TrainingResult
+    peak_memory_bytes: int
+
+    def metrics(self) -> dict[str, Any]:
+        """The manifest's `metrics`; the operator copies `base` and `adapter` into the job's status."""
+        state = self.training.state
+        return {
+            "base": dict(self.base.metrics),
+            "adapter": dict(self.adapter.metrics),
+            "steps": state.step,
+            "bestStep": state.best_step,
+            "stoppedEarly": state.stopped_early,
+            "tokensSeen": state.tokens_seen,
+            "trainSeconds": round(self.training.seconds, 1),
+            "peakMemoryBytes": self.peak_memory_bytes,
+            "history": state.history,
+        }
+
+    def samples(self) -> list[dict[str, Any]]:
+        """evaluation.json: each held-out prompt both models answered (a resumed run's base may have
+        answered fewer, or none), with its reference answer and both models' answers and scores."""
+        pairs = zip(self.held_out, references(self.held_out), self.base.answers, self.adapter.answers, strict=False)
+        return [
+            {
+                "line": example.line,
+                "reference": reference,
+                "base": base.text,
+                "adapter": adapter.text,
+                "baseScores": base.scores,
+                "adapterScores": adapter.scores,
+            }
+            for example, reference, base, adapter in pairs
+        ]
 
 
 def _cell(text: str, width: int = ANSWER_WIDTH) -> str:
@@ -33,18 +87,20 @@ def format_samples(samples: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def format_summary(summary: dict[str, Any]) -> str:
+def format_metrics_table(summary: dict[str, Any]) -> str:
     base, tuned = summary["base"], summary["adapter"]
     lines = [f"{'held-out metric':<18}{'base':>10}{'adapter':>10}"]
     lines += [f"{key:<18}{_value(base, key):>10}{_value(tuned, key):>10}" for key in tuned]
     return "\n".join(lines)
 
 
-def print_report(summary: dict[str, Any], samples: list[dict[str, Any]], adapter: AdapterVersion) -> None:
+def print_report(report: RunReport, adapter: AdapterVersion) -> None:
+    """What was published, printed: the same samples and metrics the registry holds."""
+    summary, samples = report.metrics(), report.samples()
     if samples:
         print("\n" + format_samples(samples))
-    print("\n" + format_summary(summary))
+    print("\n" + format_metrics_table(summary))
     print(
-        f"\nadapter {adapter.name}@{adapter.version}: {adapter.uri}\n"
+        f"\nadapter {adapter.id}: {adapter.uri}\n"
         f"{summary['steps']} steps, {summary['tokensSeen']} tokens in {summary['trainSeconds']} s"
     )

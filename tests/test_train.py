@@ -336,3 +336,74 @@ def test_torchrun_trains_one_adapter_across_two_processes(tiny_model_dir: Path, 
     assert list_versions(open_store(str(store)), "default", "pirate") == ["1"]
     metrics = json.loads((store / "adapters/default/pirate/1/manifest.json").read_text())["metrics"]
     assert metrics["adapter"]["validationLoss"] < metrics["base"]["validationLoss"] / 4
+
+
+_LOSS = re.compile(r"step (\d+)/\d+ \(\d+%\) epoch [\d.]+ loss (\S+) ")
+
+
+def _losses(messages: list[str]) -> dict[int, float]:
+    """Each logged step's training loss (loggingSteps: 1 logs every step)."""
+    return {int(match[1]): float(match[2]) for message in messages if (match := _LOSS.match(message))}
+
+
+def _one_thread() -> dict[str, str]:
+    """The environment for a trainer whose runs compute the same losses bit for bit."""
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _start_trainer(job: Path, cwd: Path, log: Path) -> subprocess.Popen:
+    with log.open("w") as stderr:
+        command = [sys.executable, "-m", "tuneloom.trainer", "-f", str(job)]
+        return subprocess.Popen(command, cwd=cwd, stderr=stderr, env=_one_thread())
+
+
+def _wait_for_step(process: subprocess.Popen, log: Path, step: int) -> None:
+    deadline = time.monotonic() + 300
+    while max(_steps(_messages(log.read_text())), default=0) < step:
+        assert process.poll() is None, "the trainer ended before it could be preempted:\n" + log.read_text()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+_PREEMPTED = re.compile(r"preempted at step (\d+): checkpoint saved$")
+
+
+def test_sigterm_saves_the_step_in_progress_and_the_rerun_continues_there(
+    tiny_model_dir: Path, s3_env, s3_root: str, tmp_path: Path
+) -> None:
+    """Checkpointing off: SIGTERM mid-run still leaves a checkpoint, at the step that was in progress."""
+    spec = _job(tiny_model_dir, _dataset(tmp_path / "train.jsonl"), s3_root, hyperparameters={"epochs": 4})
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(spec))
+    first_log = tmp_path / "first-run.log"
+    process = _start_trainer(job, tmp_path, first_log)
+    _wait_for_step(process, first_log, 5)  # 8 steps an epoch: step 6 (or the epoch's evaluation) is under way
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=300) == 3, first_log.read_text()[-3000:]
+    first_run = _messages(first_log.read_text())
+    preempted_at = next(int(match[1]) for m in first_run if (match := _PREEMPTED.match(m)))
+    assert preempted_at >= 6 and preempted_at == max(_steps(first_run)), "the step in progress was not finished"
+    store = open_store(s3_root)
+    committed = [k for k in store.list("checkpoints/") if k.endswith("/manifest.json")]
+    assert [re.search(r"step-(\d+)/", k)[1] for k in committed] == [f"{preempted_at:08d}"]
+    assert list_versions(store, "default", "pirate") == []
+
+    result = _trainer(job, tmp_path, env=_one_thread())
+    assert result.returncode == 0, result.stderr[-3000:]
+    second_run = _messages(result.stderr)
+    assert f"event training step={preempted_at} totalSteps=32" in second_run
+    assert _steps(second_run) == list(range(preempted_at + 1, 33)), "a finished step was redone or lost"
+    assert "evaluating-base" not in _events(second_run)
+    manifest = json.loads(store.get_bytes("adapters/default/pirate/1/manifest.json"))
+    assert manifest["metrics"]["preemptedAtSteps"] == [preempted_at] and manifest["metrics"]["steps"] == 32
+
+    # The loss curve continues where it stopped: step for step what an uninterrupted run logs.
+    spec["spec"]["output"]["uri"] = str(tmp_path / "uninterrupted")
+    job.write_text(yaml.safe_dump(spec))
+    reference = _trainer(job, tmp_path, env=_one_thread())
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    uninterrupted = _losses(_messages(reference.stderr))
+    interrupted = {**_losses(first_run), **_losses(second_run)}
+    assert sorted(interrupted) == sorted(uninterrupted) == list(range(1, 33))
+    for step, loss in uninterrupted.items():
+        assert interrupted[step] == pytest.approx(loss, rel=1e-3, abs=1e-4), (step, interrupted, uninterrupted)

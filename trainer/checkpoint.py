@@ -4,6 +4,9 @@ Layout: `<run prefix>/step-<N>/` (see `tuneloom.registry.run_prefix`) holding th
 state and the loop's state, committed with a manifest written last (a checkpoint without one
 was interrupted and is ignored). `published.json` beside them records the adapter version a
 finished run wrote, so a rerun of a finished job does not publish a second version.
+`preemptions.json` lists the steps at which runs of the job were preempted (see
+`tuneloom.trainer.preemption`): kept apart from the checkpoints, because a preemption that comes
+while a checkpoint of the same step is being written adds no checkpoint of its own.
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tuneloom.registry import commit_files, fetch_committed, read_published, write_published
-from tuneloom.storage import ObjectStore
+from tuneloom.storage import ObjectNotFoundError, ObjectStore
 from tuneloom.trainer.evaluate import EvaluationResult
 
 log = logging.getLogger("tuneloom.trainer")
 
 _STEP_DIR = re.compile(r"^step-(\d+)/")
+PREEMPTIONS = "preemptions.json"
 
 
 @dataclass
@@ -124,6 +128,19 @@ class CheckpointStore:
             best_file = dest / "best.safetensors"
             best = load_file(best_file) if best_file.exists() else None
         return state, best
+
+    def preempted_steps(self) -> list[int]:
+        """The steps at which earlier runs of this job were preempted, oldest first."""
+        try:
+            return json.loads(self.store.get_bytes(f"{self.prefix}/{PREEMPTIONS}"))["steps"]
+        except ObjectNotFoundError:
+            return []
+
+    def record_preemption(self, step: int) -> list[int]:
+        """Adds `step` to the record (one writer: the job's one running trainer); returns the record."""
+        steps = [*self.preempted_steps(), step]
+        self.store.put_bytes(f"{self.prefix}/{PREEMPTIONS}", json.dumps({"steps": steps}).encode())
+        return steps
 
     def published(self) -> dict[str, Any] | None:
         return read_published(self.store, self.prefix)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from tuneloom import __version__
-from tuneloom.api import TRAINER_EXIT_INVALID_INPUT, FineTuneJob, Method
+from tuneloom.api import TRAINER_EXIT_INVALID_INPUT, TRAINER_EXIT_PREEMPTED, FineTuneJob, Method
 from tuneloom.inputs import BaseModelUnavailableError, fetch_file, resolve_base_model
 from tuneloom.jobfile import SpecError, load_job
 from tuneloom.models import model_config_hash
@@ -40,6 +40,7 @@ from tuneloom.trainer.modeling import (
     load_model,
     load_tokenizer,
 )
+from tuneloom.trainer.preemption import Preempted, PreemptionWatch
 from tuneloom.trainer.preflight import PreflightError, check_before_running
 from tuneloom.trainer.progress import ProgressReporter, TrainerMetrics
 from tuneloom.trainer.report import RunReport, TrainingResult, print_report
@@ -53,8 +54,10 @@ METRICS_PORT_ENV = "TUNELOOM_METRICS_PORT"
 BIND_ADDRESS_ENV = "TUNELOOM_BIND_ADDRESS"
 EVALUATION_FILE = "evaluation.json"
 
-# Exit codes the operator tells apart: a user's mistake is not retried, an infrastructure error is.
+# Exit codes the operator tells apart: a user's mistake is not retried, an infrastructure error is,
+# and a preempted run is retried without counting as a failure (see tuneloom.api).
 EXIT_INVALID_INPUT = TRAINER_EXIT_INVALID_INPUT
+EXIT_PREEMPTED = TRAINER_EXIT_PREEMPTED
 EXIT_FAILED = 1
 
 
@@ -165,10 +168,18 @@ class Model:
 class FineTuneRun:
     """One run as a recipe: `run` calls the phases in order, each taking what earlier ones made."""
 
-    def __init__(self, job: FineTuneJob, *, metrics_port: int | None = None, fresh: bool = False):
+    def __init__(
+        self,
+        job: FineTuneJob,
+        preemption: PreemptionWatch,
+        *,
+        metrics_port: int | None = None,
+        fresh: bool = False,
+    ):
         self.job = job
         self.spec = job.spec
         self.fresh = fresh
+        self.preemption = preemption
         self.ranks = distributed.setup()
         self.device = distributed.device_for(self.ranks)
         if not self.ranks.is_main:
@@ -219,11 +230,17 @@ class FineTuneRun:
         checks = self.setup_evaluation(model, loop, data)
         base = self.evaluate_base(loop, checks)
         training = self.train(loop)
-        tuned = self.evaluate(checks)
+        try:
+            tuned = self.evaluate(checks)
+        except Preempted:
+            # Training is done: keep it, so the retry goes straight to evaluating.
+            loop.save_preempted()
+            raise Preempted(loop.state.step) from None
         adapter = None
         if self.ranks.is_main:
             report = RunReport(data.held_out, base, tuned, training, peak_memory_bytes(self.device))
-            adapter = self.publish(model, data, report)
+            with self.preemption.deferred():  # short, and a half-published version would only be redone
+                adapter = self.publish(model, data, report)
             print_report(report, adapter)
         distributed.barrier(self.ranks)  # the other ranks wait until rank 0 has published
         return adapter
@@ -285,11 +302,15 @@ class FineTuneRun:
             validation_batches,
             plan,
             self.device,
-            self.checkpoints if self.spec.checkpointing.everySteps else None,
+            # Also with checkpointing off: a preempted run saves one, and its retry resumes there.
+            self.checkpoints,
             lambda start: self._reporter(start, plan.total_steps, plan.steps_per_epoch),
             self.ranks,
+            self.preemption,
         )
         loop.resume(spec_sha256(self.job))
+        if self.ranks.is_main:
+            self._remember({"preemptedAtSteps": self.checkpoints.preempted_steps()})
         return loop
 
     def _rows(self, examples: list[EncodedExample]) -> list[list[int]]:
@@ -325,7 +346,8 @@ class FineTuneRun:
     def train(self, loop: TrainingLoop) -> TrainingResult:
         started = time.monotonic()
         state = loop.run()
-        return TrainingResult(state, time.monotonic() - started)
+        preempted_at = self.checkpoints.preempted_steps() if self.ranks.is_main else []
+        return TrainingResult(state, time.monotonic() - started, preempted_at)
 
     def evaluate(self, checks: list[Check]) -> EvaluationResult:
         self.reporter.event("evaluating")
@@ -379,14 +401,16 @@ def _run_prefix(job: FineTuneJob) -> str:
 
 
 def run(job: FineTuneJob, *, metrics_port: int | None = None, fresh: bool = False) -> AdapterVersion | None:
-    # Seconds now, before any process group, data or model, instead of a failure after the data
-    # is tokenized or hours into training.
-    check_before_running(job.spec, _run_prefix(job))
-    fine_tune = FineTuneRun(job, metrics_port=metrics_port, fresh=fresh)
-    try:
-        return fine_tune.run()
-    finally:
-        distributed.teardown(fine_tune.ranks)
+    """The adapter published; raises Preempted after a SIGTERM (see tuneloom.trainer.preemption)."""
+    with PreemptionWatch().installed() as preemption:
+        # Seconds now, before any process group, data or model, instead of a failure after the data
+        # is tokenized or hours into training.
+        check_before_running(job.spec, _run_prefix(job))
+        fine_tune = FineTuneRun(job, preemption, metrics_port=metrics_port, fresh=fresh)
+        try:
+            return fine_tune.run()
+        finally:
+            distributed.teardown(fine_tune.ranks)
 
 
 def _fail(message: str, code: int) -> int:
@@ -410,4 +434,7 @@ def run_from_file(path: str | Path, *, metrics_port: int | None = None, fresh: b
         return _fail(str(exc), EXIT_INVALID_INPUT)
     except StorageError as exc:
         return _fail(str(exc), EXIT_FAILED)
+    except Preempted as exc:
+        log.info("%s", exc)  # "preempted at step N: checkpoint saved"
+        return EXIT_PREEMPTED
     return 0

@@ -17,10 +17,12 @@ ANSWER_WIDTH = 72
 
 @dataclass(frozen=True)
 class TrainingResult:
-    """The loop's state at its end, and the seconds this process spent in it."""
+    """The loop's state at its end, the seconds this process spent in it, and the steps at which
+    earlier runs of the job were preempted."""
 
     state: LoopState
     seconds: float
+    preempted_at: Sequence[int] = ()
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class RunReport:
             "trainSeconds": round(self.training.seconds, 1),
             "peakMemoryBytes": self.peak_memory_bytes,
             "history": state.history,
+            "preemptedAtSteps": list(self.training.preempted_at),
         }
 
     def samples(self) -> list[dict[str, Any]]:

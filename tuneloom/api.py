@@ -22,9 +22,14 @@ API_GROUP = "tuneloom.dev"
 API_VERSION = "v1alpha1"
 FULL_API_VERSION = f"{API_GROUP}/{API_VERSION}"
 
-# The trainer's exit status for a wrong spec or wrong data: the operator fails the job at once
-# instead of letting the Job controller retry.
+# The trainer's exit statuses, besides 0 (done) and 1 (a failure; the Job controller retries it
+# up to spec.scheduling.backoffLimit times). Invalid input (a wrong spec or wrong data): the
+# operator fails the job at once instead of letting the Job controller retry.
 TRAINER_EXIT_INVALID_INPUT = 2
+# Preempted (SIGTERM: eviction, preemption, a deleted pod): the step in progress was finished and a
+# checkpoint saved, so the retry resumes there. Not a failure of the job: it is not counted
+# against backoffLimit where the cluster can tell (podFailurePolicy, Kubernetes 1.26+).
+TRAINER_EXIT_PREEMPTED = 3
 
 # What a server holds at once when nothing says otherwise (ModelServer and `tuneloom serve`).
 DEFAULT_MAX_LORAS = 4
@@ -206,6 +211,14 @@ class OutputSpec(_Model):
 class CheckpointingSpec(_Model):
     everySteps: int = Field(default=50, ge=0, description="Optimizer steps between checkpoints; 0 turns them off.")
     keep: int = Field(default=2, ge=1, description="Checkpoints kept in object storage; older ones are deleted.")
+    gracePeriodSeconds: int = Field(
+        default=120,
+        ge=1,
+        le=86400,
+        description="Seconds a preempted or deleted training pod gets, after SIGTERM, to finish its optimizer "
+        "step and save a checkpoint before SIGKILL (the pod's terminationGracePeriodSeconds; operator only). "
+        "Allow one step and one checkpoint write.",
+    )
 
 
 class Toleration(_Model):

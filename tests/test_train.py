@@ -407,3 +407,47 @@ def test_sigterm_saves_the_step_in_progress_and_the_rerun_continues_there(
     assert sorted(interrupted) == sorted(uninterrupted) == list(range(1, 33))
     for step, loss in uninterrupted.items():
         assert interrupted[step] == pytest.approx(loss, rel=1e-3, abs=1e-4), (step, interrupted, uninterrupted)
+
+
+def _committed_steps(store_root: str) -> list[int]:
+    keys = open_store(store_root).list("checkpoints/")
+    return sorted(int(match[1]) for k in keys if (match := re.search(r"step-(\d+)/manifest\.json$", k)))
+
+
+def test_signals_during_a_checkpoint_write_leave_a_checkpoint_to_resume_from(
+    tiny_model_dir: Path, s3_env, s3_root: str, tmp_path: Path
+) -> None:
+    """A checkpoint every 2 steps, only the newest kept: a second SIGTERM while the trainer saves
+    changes nothing, and a SIGKILL in the middle of the save leaves the checkpoint before it."""
+    spec = _job(tiny_model_dir, _dataset(tmp_path / "train.jsonl"), s3_root, hyperparameters={"epochs": 4})
+    spec["spec"]["checkpointing"] = {"everySteps": 2, "keep": 1}
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(spec))
+
+    first_log = tmp_path / "first.log"
+    process = _start_trainer(job, tmp_path, first_log)
+    _wait_for_step(process, first_log, 3)
+    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=300) == 3, first_log.read_text()[-3000:]
+    preempted_at = next(int(m[1]) for line in _messages(first_log.read_text()) if (m := _PREEMPTED.match(line)))
+    assert _committed_steps(s3_root) == [preempted_at]
+
+    second_log = tmp_path / "second.log"
+    process = _start_trainer(job, tmp_path, second_log)
+    _wait_for_step(process, second_log, preempted_at + 3)
+    process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while "SIGTERM: stopping after the step in progress" not in second_log.read_text():
+        assert time.monotonic() < deadline and process.poll() is None, second_log.read_text()[-3000:]
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)  # the grace period is over, the save may be half done
+    process.wait()
+    reached = max(_steps(_messages(second_log.read_text())))
+    resumable = _committed_steps(s3_root)
+    assert len(resumable) == 1 and preempted_at < resumable[0] <= reached, (resumable, reached)
+
+    result = _trainer(job, tmp_path, env=_one_thread())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _steps(_messages(result.stderr)) == list(range(resumable[0] + 1, 33))
+    assert list_versions(open_store(s3_root), "default", "pirate") == ["1"]

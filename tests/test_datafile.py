@@ -295,7 +295,8 @@ def test_validate_data_prints_a_summary(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["validate-data", str(path), "--batch-size", "2", "--epochs", "5"]) == 0
     out, err = capsys.readouterr()
     assert err == ""
-    assert out.splitlines() == [
+    lines = out.splitlines()
+    assert lines[:6] == [
         f"{path}: OK, 3 examples (chat format)",
         "warning: 1 exact duplicate example; every copy is trained on, so repeated examples weigh more",
         "  line 2 repeats line 1",
@@ -304,6 +305,9 @@ def test_validate_data_prints_a_summary(tmp_path: Path, capsys: pytest.CaptureFi
         "(estimates; the trainer's count may differ):",
         "  one example per row: 2 per epoch, 10 in total",
     ]
+    # Then the data-quality warnings (tests/test_dataquality.py): one prompt, two answers; 3 examples.
+    warnings = [line.split(":")[1].strip() for line in lines[6:] if line.startswith("warning: ")]
+    assert warnings == ["conflicting answers", "too few examples", "small held-out set"]
 
 
 def test_validate_data_completion_format(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -360,7 +360,8 @@ class DataSummary:
         return self.steps_per_epoch_packed * self.epochs
 
 
-def _content_key(example: Example) -> tuple[Any, ...]:
+def content_key(example: Example) -> tuple[Any, ...]:
+    """What makes two examples the same example, whatever line they are on."""
     return (example.messages, example.prompt, example.completion)
 
 
@@ -369,7 +370,7 @@ def find_duplicates(examples: Sequence[Example]) -> list[tuple[int, int]]:
     first_line: dict[tuple[Any, ...], int] = {}
     duplicates: list[tuple[int, int]] = []
     for example in examples:
-        key = _content_key(example)
+        key = content_key(example)
         if key in first_line:
             duplicates.append((example.line, first_line[key]))
         else:
@@ -516,13 +517,23 @@ def validate_data_command(
     max_seq_length: int,
     batch_size: int,
     epochs: int,
+    validation_split: float,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    validation: str | None = None,
+    strict: bool = False,
 ) -> int:
-    """`tuneloom validate-data`: 1 and every problem on stderr, or 0 and a summary on stdout."""
+    """`tuneloom validate-data`: 1 and every problem on stderr, or 0 and a summary on stdout, with
+    the data-quality warnings (errors under `strict`)."""
+    from tuneloom.trainer.dataquality import find_problems
+
+    held_out: list[Example] = []
     try:
         examples, problems = check_file(Path(file), fmt, max_line_bytes=max_line_bytes)
+        if validation:
+            held_out, more = check_file(Path(validation), fmt, max_line_bytes=max_line_bytes)
+            problems += more
     except OSError as error:
-        print(f"error: {file}: {error.strerror or error}", file=sys.stderr)
+        print(f"error: {error.filename or file}: {error.strerror or error}", file=sys.stderr)
         return 1
     if problems:
         for problem in problems:
@@ -542,5 +553,16 @@ def validate_data_command(
         # A directory that is not a model, or a chat template that cannot mask assistant turns.
         print(f"error: {error}", file=sys.stderr)
         return 1
+    findings = find_problems(
+        examples, held_out, held_out_size=None if validation else math.ceil(len(examples) * validation_split)
+    )
+    warnings = [finding for finding in findings if not finding.note]
+    if strict and warnings:
+        for finding in warnings:
+            print(f"error: {finding.message}", file=sys.stderr)
+        print(f"{_plural(len(warnings), 'data-quality problem')} (--strict); {file} is refused", file=sys.stderr)
+        return 1
     print(format_data_summary(summary, source=file, fmt=fmt, model=model))
+    for finding in findings:
+        print(f"{'note' if finding.note else 'warning'}: {finding.message}")
     return 0

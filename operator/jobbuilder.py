@@ -13,6 +13,7 @@ from typing import Any
 
 from tuneloom.api import (
     TRAINER_EXIT_INVALID_INPUT,
+    TRAINER_EXIT_PREEMPTED,
     FineTuneJob,
     Method,
     ModelServer,
@@ -186,6 +187,8 @@ def build_job(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any]:
         labels[KUEUE_QUEUE_LABEL] = spec.scheduling.queueName
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
+        # SIGTERM to SIGKILL: the trainer's time to finish its step and save a checkpoint.
+        "terminationGracePeriodSeconds": spec.checkpointing.gracePeriodSeconds,
         "serviceAccountName": config.trainer_service_account,
         "automountServiceAccountToken": False,  # the trainer talks to object storage, not the API server
         "securityContext": POD_SECURITY_CONTEXT,
@@ -212,8 +215,10 @@ def build_job(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any]:
         pod_spec["priorityClassName"] = spec.scheduling.priorityClassName
     job_spec: dict[str, Any] = {
         "backoffLimit": spec.scheduling.backoffLimit,
-        # Exit code 2 is invalid input: fail at once instead of retrying (Kubernetes 1.26+; older
-        # API servers drop the field and the operator stops the retries itself).
+        # Kubernetes 1.26+; older API servers drop the field, and the operator stops the retries of
+        # invalid input itself. Exit code 2 is invalid input: fail at once instead of retrying. A
+        # preempted trainer (exit code 3, or a pod the cluster marked as disrupted) is retried
+        # without counting against backoffLimit.
         "podFailurePolicy": {
             "rules": [
                 {
@@ -223,7 +228,16 @@ def build_job(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any]:
                         "operator": "In",
                         "values": [TRAINER_EXIT_INVALID_INPUT],
                     },
-                }
+                },
+                {
+                    "action": "Ignore",
+                    "onExitCodes": {
+                        "containerName": "trainer",
+                        "operator": "In",
+                        "values": [TRAINER_EXIT_PREEMPTED],
+                    },
+                },
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
             ]
         },
         "template": {

@@ -48,7 +48,7 @@ from tuneloom.operator.config import OperatorConfig
 from tuneloom.operator.jobbuilder import LABEL_JOB
 from tuneloom.operator.metrics import OperatorMetrics
 from tuneloom.operator.observe import Observation, invalid_input, is_finished, observe, running_pod
-from tuneloom.registry import read_adapter, read_published, run_prefix
+from tuneloom.registry import TrainingMetrics, read_adapter, read_published, run_prefix
 from tuneloom.storage import StorageError
 
 log = logging.getLogger("tuneloom.operator")
@@ -183,7 +183,7 @@ class FineTuneJobReconciler:
             return self._end(
                 status, Observation(Phase.failed, "JobDeleted", f"Job {status.jobName} was deleted outside Tuneloom")
             )
-        return self._track(job, existing, pods, status)
+        return self._track(body, job, existing, pods, status)
 
     def _start(self, job: FineTuneJob, status: FineTuneJobStatus) -> FineTuneJobStatus:
         problems = self._deeper_validation(job)
@@ -201,7 +201,12 @@ class FineTuneJobReconciler:
         return status
 
     def _track(
-        self, job: FineTuneJob, existing: dict[str, Any], pods: list[dict[str, Any]], status: FineTuneJobStatus
+        self,
+        body: dict[str, Any],
+        job: FineTuneJob,
+        existing: dict[str, Any],
+        pods: list[dict[str, Any]],
+        status: FineTuneJobStatus,
     ) -> FineTuneJobStatus:
         status.jobName = existing["metadata"]["name"]
         built_from = (existing["metadata"].get("annotations") or {}).get(jobbuilder.ANNOTATION_SPEC_HASH)
@@ -216,7 +221,7 @@ class FineTuneJobReconciler:
             )
         seen = observe(existing, pods)
         if seen.phase is Phase.succeeded:
-            return self._succeed(job, status)
+            return self._succeed(body, job, status)
         if seen.phase is Phase.failed:
             if invalid_input(pods) and not is_finished(existing):
                 # The Job would retry up to backoffLimit times (clusters without podFailurePolicy).
@@ -227,14 +232,28 @@ class FineTuneJobReconciler:
         if seen.phase is Phase.running:
             if status.startTime is None:
                 status.startTime = now()
-            progress = self._poll_progress(running_pod(pods))
-            if progress is not None:
-                status.progress = progress
+            record = self._poll_trainer(running_pod(pods))
+            if record is not None:
+                status.progress = progress_of(record) or status.progress
+                self._count_preemptions(body, status, record.get("preemptedAtSteps") or [])
         return status
 
-    def _succeed(self, job: FineTuneJob, status: FineTuneJobStatus) -> FineTuneJobStatus:
+    def _count_preemptions(self, body: dict[str, Any], status: FineTuneJobStatus, steps: list[int]) -> None:
+        """The trainer's own record of its preemptions (a deleted pod leaves no exit code behind to
+        read): one Event for each one not counted yet."""
+        for step in steps[status.preempted :]:
+            post_event(
+                self.core,
+                body,
+                "Normal",
+                "Preempted",
+                f"the trainer was preempted at step {step} and saved a checkpoint there; the retry resumed from it",
+            )
+        status.preempted = max(status.preempted, len(steps))
+
+    def _succeed(self, body: dict[str, Any], job: FineTuneJob, status: FineTuneJobStatus) -> FineTuneJobStatus:
         try:
-            adapter, steps = self._published(job)
+            adapter, training = self._published(job)
         except (StorageError, ApiException) as exc:
             return self._end(
                 status,
@@ -243,8 +262,9 @@ class FineTuneJobReconciler:
                 ),
             )
         status.adapter = adapter
-        # The manifest's count, not the last poll's: a short run can end between two polls.
-        done = {"percent": 100, "etaSeconds": 0, "step": steps}
+        # The manifest's counts, not the last poll's: a short run can end between two polls.
+        self._count_preemptions(body, status, training.preemptedAtSteps)
+        done = {"percent": 100, "etaSeconds": 0, "step": training.steps}
         status.progress = (status.progress or Progress()).model_copy(update=done)
         self._record_adapter(job)
         if job.spec.serve.modelServer:
@@ -433,8 +453,8 @@ class FineTuneJobReconciler:
         selector = f"{POD_JOB_LABEL}={meta['name']}"
         return call_json(self.core.list_namespaced_pod, meta["namespace"], label_selector=selector)["items"]
 
-    def _poll_progress(self, pod: dict[str, Any] | None) -> Progress | None:
-        """The trainer's latest progress, from its /progress endpoint (it has no API rights)."""
+    def _poll_trainer(self, pod: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The trainer's latest record, from its /progress endpoint (it has no API rights)."""
         ip = ((pod or {}).get("status") or {}).get("podIP")
         if not ip:
             return None
@@ -444,11 +464,10 @@ class FineTuneJobReconciler:
                 record = json.loads(response.read())
         except (OSError, ValueError):
             return None  # not serving yet; the next pass tries again
-        fields = {key: record[key] for key in Progress.model_fields if record.get(key) is not None}
-        return Progress(**fields) if fields else None
+        return record if isinstance(record, dict) else None
 
-    def _published(self, job: FineTuneJob) -> tuple[PublishedAdapter, int]:
-        """What the job published and its optimizer steps, read from object storage: the
+    def _published(self, job: FineTuneJob) -> tuple[PublishedAdapter, TrainingMetrics]:
+        """What the job published and its training figures, read from object storage: the
         manifest is the proof."""
         store = open_object_store(self.core, job.metadata.namespace, job.spec.output.uri, job.spec.storage)
         prefix = run_prefix(job.metadata.namespace, job.metadata.name, job.metadata.uid or "local")
@@ -467,7 +486,7 @@ class FineTuneJobReconciler:
             metrics=metrics.adapter.scores(),
             baseMetrics=metrics.base.scores(),
         )
-        return published, metrics.steps
+        return published, metrics
 
     # -- bookkeeping -----------------------------------------------------------------------------
 
@@ -482,3 +501,9 @@ class FineTuneJobReconciler:
             return
         self.metrics.transitions.labels(old.value, new.value).inc()
         post_event(self.core, body, "Warning" if new is Phase.failed else "Normal", new.value, status.message)
+
+
+def progress_of(record: dict[str, Any]) -> Progress | None:
+    """The Progress fields of a trainer's /progress record (None when it has none yet)."""
+    fields = {key: record[key] for key in Progress.model_fields if record.get(key) is not None}
+    return Progress(**fields) if fields else None

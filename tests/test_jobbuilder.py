@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tuneloom.api import Phase
+from tuneloom.api import TRAINER_EXIT_INVALID_INPUT, TRAINER_EXIT_PREEMPTED, Phase
 from tuneloom.jobfile import load_job, parse_job
 from tuneloom.operator.config import OperatorConfig
 from tuneloom.operator.jobbuilder import build_job, job_name, spec_hash
@@ -161,3 +161,26 @@ def test_pod_states_before_the_end() -> None:
     assert observe({"status": {}}, [{"status": {"phase": "Running"}}]).phase is Phase.running
     done = {"status": {"conditions": [{"type": "Complete", "status": "True"}]}}
     assert observe(done, []).phase is Phase.succeeded
+
+
+def test_preempted_pods_get_their_grace_period_and_do_not_count_as_failures() -> None:
+    default = build_job(_job(), OperatorConfig())
+    assert default["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 120
+    job = build_job(_job(checkpointing={"gracePeriodSeconds": 600}), OperatorConfig())
+    assert job["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 600
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    actions = [(rule["action"], (rule.get("onExitCodes") or {}).get("values")) for rule in rules]
+    assert actions[:2] == [("FailJob", [TRAINER_EXIT_INVALID_INPUT]), ("Ignore", [TRAINER_EXIT_PREEMPTED])]
+    assert rules[2] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+
+
+def test_a_preempted_pod_leaves_the_job_pending_for_its_retry() -> None:
+    preempted = {
+        "status": {
+            "phase": "Failed",
+            "containerStatuses": [{"state": {"terminated": {"exitCode": TRAINER_EXIT_PREEMPTED, "reason": "Error"}}}],
+        }
+    }
+    retry = {"status": {"phase": "Pending"}}
+    assert observe({"status": {}}, [preempted, retry]).phase is Phase.pending
+    assert observe({"status": {}}, [preempted, {"status": {"phase": "Running"}}]).phase is Phase.running

@@ -349,6 +349,13 @@ class FineTuneJobStatus(_Model):
     jobName: str | None = Field(default=None, description="The batch/v1 Job running the trainer.")
     progress: Progress | None = Field(default=None, description="Training progress, refreshed about every 5 s.")
     adapter: PublishedAdapter | None = Field(default=None, description="The adapter written, read from its manifest.")
+    preempted: int = Field(
+        default=0,
+        ge=0,
+        description="Times the trainer was preempted (SIGTERM: eviction, preemption, a deleted pod), saved a "
+        "checkpoint and was retried from it; each one posts a Preempted Event. Not a failure: the phase stays "
+        "Running or Pending.",
+    )
 
 
 class FineTuneJob(_Model):

@@ -202,6 +202,7 @@ class TrainingMetrics(_Record):
     base: EvaluatedMetrics = Field(default_factory=EvaluatedMetrics)
     adapter: EvaluatedMetrics = Field(default_factory=EvaluatedMetrics)
     steps: int = 0
+    preemptedAtSteps: list[int] = Field(default_factory=list)
 
 
 class BaseModelRecord(_Record):

@@ -439,6 +439,50 @@ def test_operator_restart_mid_job_keeps_one_job(operator: Operator, bench: Bench
     assert len(bench.jobs()) == 1
 
 
+def test_a_deleted_pod_is_a_preemption_and_the_retry_resumes_from_its_checkpoint(
+    operator: Operator, bench: Bench, pod_runner
+) -> None:
+    """`kubectl delete pod` while the trainer runs, checkpointing off: counted as a preemption,
+    not a failure, and the Job controller's retry continues from the step that was in progress."""
+    data = bench.upload_data("train.jsonl", _dataset())  # 16 training examples, 4 a step
+    bench.apply(bench.manifest("evicted", data, hyperparameters={"epochs": 30}))  # 120 steps
+    bench.wait_phase("evicted", "Running")
+    wait_for(lambda: (bench.status("evicted").get("progress") or {}).get("step", 0) >= 2, "training under way")
+    (pod,) = bench.core.list_namespaced_pod(bench.namespace).items
+    bench.core.delete_namespaced_pod(pod.metadata.name, bench.namespace)  # its grace period: the spec's default
+
+    def counted_or_done() -> dict[str, Any] | None:
+        status = bench.status("evicted")
+        return status if status.get("preempted") or status.get("phase") in ("Succeeded", "Failed") else None
+
+    seen = wait_for(counted_or_done, "the preemption to be counted", timeout=300)
+    assert seen["phase"] in ("Pending", "Running", "Succeeded"), seen
+    status = bench.wait_phase("evicted", "Succeeded", "Failed", timeout=300)
+    assert status["phase"] == "Succeeded" and status["preempted"] == 1, status
+    assert status["progress"]["step"] == 120
+    metrics = read_adapter(open_store(f"{bench.bucket_uri}/out"), bench.namespace, "evicted").manifest.metrics
+    (preempted_at,) = metrics.preemptedAtSteps
+    assert 2 <= preempted_at < 120 and metrics.steps == 120
+    events = [
+        e
+        for e in bench.core.list_namespaced_event(bench.namespace).items
+        if e.reason == "Preempted" and e.involved_object.name == "evicted"
+    ]
+    assert len(events) == 1 and f"preempted at step {preempted_at} " in events[0].message
+    (job,) = bench.jobs()
+    assert not job.status.failed, "the preemption counted against backoffLimit"
+    (retry,) = bench.core.list_namespaced_pod(bench.namespace).items
+    assert retry.metadata.uid != pod.metadata.uid
+    name = retry.metadata.name
+    log = (
+        pod_runner.log_path(bench.namespace, name, "trainer").read_text()
+        if pod_runner
+        else bench.core.read_namespaced_pod_log(name, bench.namespace)
+    )
+    assert f"resumed from the checkpoint at step {preempted_at} of 120" in log
+    assert f"event training step={preempted_at} totalSteps=120" in log
+
+
 def test_metrics_are_served_and_lint_clean(operator: Operator) -> None:
     import shutil
 

@@ -451,3 +451,41 @@ def test_signals_during_a_checkpoint_write_leave_a_checkpoint_to_resume_from(
     assert result.returncode == 0, result.stderr[-3000:]
     assert _steps(_messages(result.stderr)) == list(range(resumable[0] + 1, 33))
     assert list_versions(open_store(s3_root), "default", "pirate") == ["1"]
+
+
+def _rank_process(parent: int, rank: int) -> int:
+    """The pid of torchrun's worker of `rank`."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rpartition(")")[2].split()[1]) != parent:
+                continue
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue  # ended meanwhile
+        if f"RANK={rank}".encode() in environ:
+            return int(stat.parent.name)
+    raise AssertionError(f"torchrun {parent} has no worker of rank {rank}")
+
+
+def test_torchrun_ranks_stop_at_the_same_step_when_one_gets_sigterm(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """SIGTERM to rank 1 alone: both ranks stop at one step boundary, rank 0 saves, the rerun resumes there."""
+    store = str(tmp_path / "s")
+    spec = _job(tiny_model_dir, _dataset(tmp_path / "train.jsonl"), store, hyperparameters={"epochs": 6})
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(spec))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += ["-m", "tuneloom.trainer", "-f", str(job)]
+    first_log = tmp_path / "first.log"
+    with first_log.open("w") as stderr:
+        process = subprocess.Popen(command, cwd=tmp_path, stderr=stderr, env=_one_thread())
+    _wait_for_step(process, first_log, 3)
+    os.kill(_rank_process(process.pid, 1), signal.SIGTERM)
+    assert process.wait(timeout=300) != 0  # torchrun reports its workers' exit as its own failure
+    first_run = _messages(first_log.read_text())
+    preempted_at = next(int(match[1]) for m in first_run if (match := _PREEMPTED.match(m)))
+    assert preempted_at == max(_steps(first_run)) and _committed_steps(store) == [preempted_at]
+
+    result = subprocess.run(command, cwd=tmp_path, env=_one_thread(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # 32 examples, 4 a micro-batch, 2 micro-batches a step over 2 ranks: 4 steps an epoch.
+    assert _steps(_messages(result.stderr)) == list(range(preempted_at + 1, 25))

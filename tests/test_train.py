@@ -489,3 +489,45 @@ def test_torchrun_ranks_stop_at_the_same_step_when_one_gets_sigterm(tiny_model_d
     assert result.returncode == 0, result.stderr[-3000:]
     # 32 examples, 4 a micro-batch, 2 micro-batches a step over 2 ranks: 4 steps an epoch.
     assert _steps(_messages(result.stderr)) == list(range(preempted_at + 1, 25))
+
+
+def _wait_for_event(process: subprocess.Popen, log: Path, event: str) -> None:
+    deadline = time.monotonic() + 300
+    while event not in _events(_messages(log.read_text())):
+        assert process.poll() is None, f"the trainer ended before {event}:\n" + log.read_text()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_sigterm_outside_the_loop_stops_at_once_and_keeps_finished_training(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Before training there is nothing to save; during the final evaluation the trained weights are
+    saved, and the retry goes straight to evaluating."""
+    store = str(tmp_path / "s")
+    spec = _job(tiny_model_dir, _dataset(tmp_path / "train.jsonl", 20), store, hyperparameters={"epochs": 2})
+    spec["spec"]["evaluation"] = {"metrics": ["exact_match"], "maxNewTokens": 64, "maxExamples": 4}
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(spec))
+
+    loading = tmp_path / "loading.log"
+    process = _start_trainer(job, tmp_path, loading)
+    _wait_for_event(process, loading, "loading-model")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=300) == 3, loading.read_text()[-3000:]
+    assert "preempted before training" in loading.read_text() and _committed_steps(store) == []
+
+    evaluating = tmp_path / "evaluating.log"
+    process = _start_trainer(job, tmp_path, evaluating)
+    _wait_for_event(process, evaluating, "evaluating")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=300) == 3, evaluating.read_text()[-3000:]
+    assert _steps(_messages(evaluating.read_text()))[-1] == 8 and _committed_steps(store) == [8]
+
+    result = _trainer(job, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    retry = _messages(result.stderr)
+    assert _steps(retry) == [] and "event training step=8 totalSteps=8" in retry
+    assert _events(retry)[-3:] == ["evaluating", "uploading", "succeeded"]
+    manifest = json.loads((tmp_path / "s/adapters/default/pirate/1/manifest.json").read_text())
+    assert manifest["metrics"]["preemptedAtSteps"] == [8] and manifest["metrics"]["steps"] == 8

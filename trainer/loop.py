@@ -168,14 +168,15 @@ class TrainingLoop:
                 self._step(step_batches, reporter)
                 if index == plan.steps_per_epoch - 1:
                     break  # the epoch's end is a boundary only after its evaluation
-                self._stop_if_preempted()
                 every = self.spec.checkpointing.everySteps
                 if every and state.step % every == 0:
                     self._checkpoint()
+                # After the periodic checkpoint: a SIGTERM during its write stops here, with it.
+                self._stop_if_preempted()
             self._end_of_epoch(epoch, reporter)
-            self._stop_if_preempted()
             if epoch + 1 < plan.epochs and not state.stopped_early:
                 self._checkpoint()
+            self._stop_if_preempted()
         reporter.peak_memory(peak_memory_bytes(self.device))
         if self.best is not None and state.best_step != state.step:
             log.info("restoring the weights of step %d, which had the lowest validation loss", state.best_step)

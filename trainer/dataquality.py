@@ -72,7 +72,7 @@ def _texts(examples: Sequence[Example]) -> list[_Text]:
     for example in examples:
         if example.messages:
             prompt = " ".join(m.content for m in example.messages if m.role == "user")
-            answer = " ".join(m.content for m in example.messages if m.role == "assistant")
+            answer = example.preferred or " ".join(m.content for m in example.messages if m.role == "assistant")
         else:
             prompt, answer = example.prompt, example.completion
         out.append(_Text(example.line, normalise(prompt), normalise(answer)))

@@ -87,7 +87,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from tuneloom.api import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, DEFAULT_VALIDATION_SPLIT
-    from tuneloom.trainer.datafile import DEFAULT_MAX_LINE_BYTES  # standard library only: cheap
+    from tuneloom.trainer.datafile import DEFAULT_MAX_LINE_BYTES, FORMATS  # standard library only: cheap
 
     parser = argparse.ArgumentParser(prog="tuneloom", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate-data", help="check a JSONL dataset before training")
     validate.add_argument("file", help="JSONL file")
-    validate.add_argument("--format", choices=["chat", "completion"], default="chat")
+    validate.add_argument("--format", choices=list(FORMATS), default="chat")
     validate.add_argument("--model", help="model directory whose tokenizer counts the tokens")
     validate.add_argument("--validation", help="held-out JSONL file, checked too and compared for leakage")
     validate.add_argument(

@@ -54,6 +54,19 @@ class GenerationMetric(str, Enum):
     json_valid = "json_valid"
 
 
+class PromotionMetric(str, Enum):
+    """Held-out metrics a promotion may require the adapter to beat the base model on."""
+
+    validationLoss = "validationLoss"
+    tokenAccuracy = "tokenAccuracy"
+    exact_match = "exact_match"
+    json_valid = "json_valid"
+
+
+# spec.evaluation.general.prompts naming the prompt set shipped in the trainer's package data.
+BUILTIN_GENERAL_PROMPTS = "builtin"
+
+
 class Phase(str, Enum):
     pending = "Pending"
     queued = "Queued"
@@ -174,6 +187,24 @@ class HyperparametersSpec(_Model):
     )
 
 
+class GeneralEvaluationSpec(_Model):
+    enabled: bool = Field(default=True, description="Run the general-ability check; false skips it.")
+    prompts: str = Field(
+        default=BUILTIN_GENERAL_PROMPTS,
+        description="'builtin' (about 100 varied prompts shipped with tuneloom) or a JSONL file (path, file:// or "
+        "s3://) of {'messages': [...ending with a user message], 'reference': optional expected answer} lines.",
+    )
+    maxExamples: int = Field(default=32, ge=1, le=10000, description="Prompts of the set used, from its start.")
+    maxNewTokens: int = Field(default=64, gt=0, le=8192, description="Tokens generated per general prompt.")
+
+    @field_validator("prompts")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError(f"must not be empty; use {BUILTIN_GENERAL_PROMPTS!r} or a JSONL file")
+        return value if value == BUILTIN_GENERAL_PROMPTS else _check_store_uri(value, "prompts")
+
+
 class EvaluationSpec(_Model):
     metrics: list[GenerationMetric] = Field(
         default_factory=list,
@@ -181,6 +212,25 @@ class EvaluationSpec(_Model):
     )
     maxNewTokens: int = Field(default=128, gt=0, le=8192, description="Tokens generated per held-out prompt.")
     maxExamples: int = Field(default=50, ge=0, description="Held-out examples used for generation metrics.")
+    general: GeneralEvaluationSpec = Field(
+        default_factory=GeneralEvaluationSpec,
+        description="General-ability (forgetting) check: how far the adapter moved from the base model on prompts "
+        "unrelated to the task.",
+    )
+
+
+class PromotionSpec(_Model):
+    require: list[PromotionMetric] = Field(
+        default_factory=list,
+        description="Held-out metrics on which the adapter must beat the base model (validationLoss: lower; "
+        "tokenAccuracy, exact_match, json_valid: higher).",
+    )
+    maxGeneralNllShift: float | None = Field(
+        default=None, ge=0.0, description="Largest general.nllShift (nats per token) a promoted adapter may have."
+    )
+    minGeneralAgreement: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="Smallest general.agreement (0-1) a promoted adapter may have."
+    )
 
 
 class OutputSpec(_Model):
@@ -263,6 +313,11 @@ class FineTuneJobSpec(_Model):
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings (lora and qlora).")
     hyperparameters: HyperparametersSpec = Field(default_factory=HyperparametersSpec, description="Optimisation.")
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Held-out evaluation.")
+    promotion: PromotionSpec = Field(
+        default_factory=PromotionSpec,
+        description="What a version must achieve to be promoted (what a bare adapter name serves); unset: record "
+        "the metrics and promote.",
+    )
     output: OutputSpec = Field(description="Where the result is written.")
     checkpointing: CheckpointingSpec = Field(default_factory=CheckpointingSpec, description="Checkpoints.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Pod resources (operator only).")
@@ -521,6 +576,11 @@ class ModelServerSpec(_Model):
     allowedNamespaces: list[str] = Field(
         default_factory=list,
         description="Namespaces whose adapters this server may load; empty: its own namespace only.",
+    )
+    allowUnpromoted: bool = Field(
+        default=False,
+        description="Serve unpromoted versions when a client pins them (name@version), for inspection; a bare name "
+        "always means the latest promoted version.",
     )
 
     @field_validator("allowedNamespaces")

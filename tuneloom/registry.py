@@ -214,6 +214,14 @@ class FileRecord(_Record):
     size: int
 
 
+class Promotion(_Record):
+    """The promotion gate's verdict (`tuneloom.promotion.decide`). An unpromoted version is kept as
+    evidence, but a bare name never resolves to it."""
+
+    promoted: bool = True
+    reasons: list[str] = Field(default_factory=list)  # each names a metric, its value and the threshold
+
+
 class AdapterManifest(_Record):
     """`manifest.json` of an adapter version: what it is, what it was trained on, how it scored."""
 
@@ -225,6 +233,8 @@ class AdapterManifest(_Record):
     metrics: TrainingMetrics = Field(default_factory=TrainingMetrics)
     files: dict[str, FileRecord] = Field(default_factory=dict)
     importedFrom: dict[str, Any] | None = None
+    # Manifests written before the gate existed have none: they count as promoted.
+    promotion: Promotion = Field(default_factory=Promotion)
 
     @property
     def id(self) -> AdapterId:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,8 @@ from tuneloom.trainer import general
 from tuneloom.trainer.batching import Batch
 from tuneloom.trainer.datafile import Example
 from tuneloom.trainer.tokenize import IGNORE_INDEX, prompt_text, reference_answer
+
+log = logging.getLogger("tuneloom.trainer")
 
 # The checkpoint keys of a result's per-prompt parts; the other keys are its metrics.
 _ANSWERS, _SCORES, _GENERAL = "answers", "perExample", "generalAnswers"
@@ -161,7 +164,10 @@ class GeneralAbility:
         own weights (a LoRA model with its adapter switched off)."""
         if self._baseline is None:
             self._baseline = self.cache.get(self.cache_key)
+            if self._baseline is not None:
+                log.info("general check: the base model's answers come from the store's cache (%s)", self.cache_key)
         if self._baseline is None:
+            log.info("general check: answering %d general prompts with the base model", len(self.prompts))
             with base_weights(self.model):
                 answers = self._answers()
                 sums, counts = answer_nll(self.model, self.tokenizer, self.prompts, answers, **self._limits())

@@ -120,7 +120,9 @@ def print_report(report: RunReport, adapter: AdapterVersion) -> None:
     if samples:
         print("\n" + format_samples(samples))
     print("\n" + format_metrics_table(summary))
+    promotion = adapter.manifest.promotion
+    verdict = "promoted" if promotion.promoted else "NOT promoted: " + "; ".join(promotion.reasons)
     print(
-        f"\nadapter {adapter.id}: {adapter.uri}\n"
+        f"\nadapter {adapter.id}: {verdict}: {adapter.uri}\n"
         f"{summary['steps']} steps, {summary['tokensSeen']} tokens in {summary['trainSeconds']} s"
     )

@@ -365,6 +365,16 @@ class Progress(_Model):
     etaSeconds: float | None = Field(default=None, description="Estimated seconds until training ends.")
 
 
+class AdapterPromotion(_Model):
+    promoted: bool = Field(
+        default=True,
+        description="Whether the version passed spec.promotion; a bare name serves only promoted versions.",
+    )
+    reasons: list[str] = Field(
+        default_factory=list, description="Each requirement it failed: the metric, its value and the threshold."
+    )
+
+
 class PublishedAdapter(_Model):
     name: str = Field(description="Adapter name in the registry.")
     version: str = Field(description="Version written by this job.")
@@ -377,6 +387,9 @@ class PublishedAdapter(_Model):
     )
     baseMetrics: dict[str, float] = Field(
         default_factory=dict, description="The same generation metrics for the base model."
+    )
+    promotion: AdapterPromotion | None = Field(
+        default=None, description="The promotion gate's verdict, from the manifest; unset: promoted."
     )
 
 
@@ -500,6 +513,12 @@ class AdapterStatus(_Model):
     validationLoss: float | None = Field(default=None, description="Held-out loss with the adapter, when known.")
     baseValidationLoss: float | None = Field(default=None, description="Held-out loss of the base model, when known.")
     tokenAccuracy: float | None = Field(default=None, description="Held-out next-token accuracy, when known.")
+    promoted: bool | None = Field(
+        default=None, description="Whether the version passed its promotion gate (unset: no manifest read yet)."
+    )
+    promotionReasons: list[str] = Field(
+        default_factory=list, description="Why it was not promoted: each metric, its value and the threshold."
+    )
     loadedOn: list[LoadedOn] = Field(default_factory=list, description="ModelServers and pods that have it loaded.")
 
 

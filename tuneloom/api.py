@@ -222,8 +222,9 @@ class EvaluationSpec(_Model):
 class PromotionSpec(_Model):
     require: list[PromotionMetric] = Field(
         default_factory=list,
-        description="Held-out metrics on which the adapter must beat the base model (validationLoss: lower; "
-        "tokenAccuracy, exact_match, json_valid: higher).",
+        description="Held-out metrics on which the adapter must beat the base model: a lower validationLoss, a "
+        "higher tokenAccuracy, exact_match or json_valid. Each must be measured (the last two in evaluation.metrics).",
+        examples=[["validationLoss", "exact_match"]],
     )
     maxGeneralNllShift: float | None = Field(
         default=None, ge=0.0, description="Largest general.nllShift (nats per token) a promoted adapter may have."

@@ -10,7 +10,7 @@ from tuneloom.api import GeneralEvaluationSpec, PromotionSpec
 from tuneloom.promotion import decide
 from tuneloom.registry import AdapterManifest
 from tuneloom.trainer.datafile import DataValidationError
-from tuneloom.trainer.evaluate import EvaluationResult, ScoredAnswer
+from tuneloom.trainer.evaluate import EvaluationResult, ScoredAnswer, memorized_fraction
 from tuneloom.trainer.general import agrees, first_sentence, load_prompts, reference_scores
 
 METRICS = {
@@ -111,3 +111,11 @@ def test_a_bad_prompt_file_is_refused_naming_file_line_and_field(tmp_path: Path)
         in message
     )
     assert f"{prompts}:3: reference: must be a string" in message and f"{prompts}:3: extra: unknown key" in message
+
+
+def test_memorized_fraction_counts_recited_training_answers_only_where_another_answer_was_expected() -> None:
+    taught = frozenset({"Refund issued.", "Password reset."})
+    answers = ["Refund issued.", " Password reset. ", "Refund issued.", "Something new."]
+    expected = ["Refund issued.", "Call support.", "Ship it.", "Something new."]
+    assert memorized_fraction(answers, expected, taught) == 0.5
+    assert memorized_fraction([], [], taught) == 0.0

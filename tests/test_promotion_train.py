@@ -19,13 +19,13 @@ from tuneloom.trainer.main import run
 GENERAL = {"maxExamples": 8, "maxNewTokens": 12}
 
 
-def _run(model: Path, data: Path, store: str, learning_rate: float, **overrides):
+def _run(model: Path, data: Path, store: str, learning_rate: float, evaluation: dict | None = None, **overrides):
     spec = _job(
         model,
         data,
         store,
         hyperparameters={"epochs": 2, "learningRate": learning_rate},
-        evaluation={"metrics": [], "general": GENERAL},
+        evaluation={"metrics": [], "general": GENERAL, **(evaluation or {})},
         **overrides,
     )
     return run(parse_job(spec), fresh=True)
@@ -36,7 +36,13 @@ def test_a_forgetting_job_shifts_more_than_a_gentle_one_and_is_not_promoted(
 ) -> None:
     store_root = str(tmp_path / "store")
     data = _dataset(tmp_path / "train.jsonl")
-    gentle = _run(tiny_model_dir, data, store_root, 1e-5)
+    # 8 steps an epoch: validation every 3rd step of the run as well as at each epoch's end.
+    gentle = _run(tiny_model_dir, data, store_root, 1e-5, {"metrics": ["exact_match"], "everySteps": 3})
+    history = gentle.manifest.metrics.model_dump()["history"]
+    steps = [(entry["epoch"], entry["step"]) for entry in history]
+    assert steps == [(0.375, 3), (0.75, 6), (1, 8), (1.125, 9), (1.5, 12), (1.875, 15), (2, 16)]
+    # Every held-out example expects the taught answer: reciting it is not memorising.
+    assert gentle.manifest.metrics.adapter.model_dump()["memorizedFraction"] == 0.0
     store = open_store(store_root)
     assert len([key for key in store.list(BASELINE_PREFIX) if key.endswith("manifest.json")]) == 1
 

@@ -107,6 +107,7 @@ class HeldOutAnswers:
     max_new_tokens: int
     max_prompt_tokens: int
     device: torch.device
+    training_answers: frozenset[str] = frozenset()  # the training examples' answers, stripped
 
     def __call__(self) -> EvaluationResult:
         answers = generate_answers(
@@ -117,7 +118,24 @@ class HeldOutAnswers:
             device=self.device,
             max_prompt_tokens=self.max_prompt_tokens,
         )
-        return score(answers, references(self.examples), self.metrics)
+        expected = references(self.examples)
+        result = score(answers, expected, self.metrics)
+        memorized = memorized_fraction(answers, expected, self.training_answers)
+        return EvaluationResult({**result.metrics, MEMORIZED_FRACTION: memorized}, result.answers)
+
+
+MEMORIZED_FRACTION = "memorizedFraction"
+
+
+def memorized_fraction(answers: Sequence[str], expected: Sequence[str], training_answers: frozenset[str]) -> float:
+    """The share of held-out prompts whose answer is, verbatim (but for surrounding whitespace), a
+    training example's answer while the answer expected differs: an adapter that recites what it
+    was taught instead of answering."""
+    recited = sum(
+        answer.strip() in training_answers and answer.strip() != reference.strip()
+        for answer, reference in zip(answers, expected, strict=True)
+    )
+    return round(recited / max(len(answers), 1), 4)
 
 
 @dataclass

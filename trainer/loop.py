@@ -155,11 +155,17 @@ class TrainingLoop:
                 if epoch * plan.steps_per_epoch + index < state.step:
                     continue  # done before the checkpoint we resumed from
                 self._step(step_batches, reporter)
-                every = self.spec.checkpointing.everySteps
                 last_of_epoch = index == plan.steps_per_epoch - 1
+                evaluate_every = self.spec.evaluation.everySteps
+                if evaluate_every and state.step % evaluate_every == 0 and not last_of_epoch:
+                    self._validate(round(state.step / plan.steps_per_epoch, 3), reporter)
+                    if state.stopped_early:
+                        break
+                every = self.spec.checkpointing.everySteps
                 if every and state.step % every == 0 and not last_of_epoch:
                     self._checkpoint()
-            self._end_of_epoch(epoch, reporter)
+            if not state.stopped_early:
+                self._end_of_epoch(epoch, reporter)
         reporter.peak_memory(peak_memory_bytes(self.device))
         if self.best is not None and state.best_step != state.step:
             log.info("restoring the weights of step %d, which had the lowest validation loss", state.best_step)
@@ -210,12 +216,19 @@ class TrainingLoop:
         reporter.peak_memory(peak_memory_bytes(self.device))
 
     def _end_of_epoch(self, epoch: int, reporter: ProgressReporter) -> None:
+        self._validate(epoch + 1, reporter)
+        if epoch + 1 < self.plan.epochs and not self.state.stopped_early:
+            self._checkpoint()
+
+    def _validate(self, epoch: float, reporter: ProgressReporter) -> None:
+        """Validation loss now (at an epoch's end, or every evaluation.everySteps), recorded in the
+        history; early stopping counts these evaluations."""
         state = self.state
         result = self.evaluate()
         reporter.evaluation(loss=result.loss, accuracy=result.token_accuracy)
         state.history.append(
             {
-                "epoch": epoch + 1,
+                "epoch": epoch,
                 "step": state.step,
                 "validationLoss": result.loss,
                 "tokenAccuracy": result.token_accuracy,
@@ -232,8 +245,6 @@ class TrainingLoop:
             if patience and state.evaluations_without_improvement >= patience:
                 log.info("early stopping: no lower validation loss for %d evaluation(s)", patience)
                 state.stopped_early = True
-        if epoch + 1 < self.plan.epochs and not state.stopped_early:
-            self._checkpoint()
 
     def _checkpoint(self) -> None:
         if self.checkpoints and self.spec.checkpointing.everySteps and self.ranks.is_main:

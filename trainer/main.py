@@ -33,7 +33,15 @@ from tuneloom.trainer import distributed
 from tuneloom.trainer.batching import collate, pack_rows, single_rows
 from tuneloom.trainer.checkpoint import CheckpointStore
 from tuneloom.trainer.datafile import DataValidationError, Example, load_examples
-from tuneloom.trainer.evaluate import Check, EvaluationResult, GeneralAbility, HeldOutAnswers, HeldOutLoss, run_checks
+from tuneloom.trainer.evaluate import (
+    Check,
+    EvaluationResult,
+    GeneralAbility,
+    HeldOutAnswers,
+    HeldOutLoss,
+    references,
+    run_checks,
+)
 from tuneloom.trainer.general import BaselineCache, baseline_key, load_prompts
 from tuneloom.trainer.loop import Plan, TrainingLoop, peak_memory_bytes
 from tuneloom.trainer.modeling import (
@@ -318,6 +326,7 @@ class FineTuneRun:
                 max_new_tokens=evaluation.maxNewTokens,
                 max_prompt_tokens=self.spec.hyperparameters.maxSeqLength,
                 device=self.device,
+                training_answers=frozenset(answer.strip() for answer in references(data.train)),
             )
             checks.append(answers)
         if data.general and self.ranks.is_main:

@@ -212,6 +212,12 @@ class EvaluationSpec(_Model):
     )
     maxNewTokens: int = Field(default=128, gt=0, le=8192, description="Tokens generated per held-out prompt.")
     maxExamples: int = Field(default=50, ge=0, description="Held-out examples used for generation metrics.")
+    everySteps: int = Field(
+        default=0,
+        ge=0,
+        description="Also measure the validation loss every this many optimizer steps within an epoch (history, "
+        "early stopping); 0: at each epoch's end only.",
+    )
     general: GeneralEvaluationSpec = Field(
         default_factory=GeneralEvaluationSpec,
         description="General-ability (forgetting) check: how far the adapter moved from the base model on prompts "

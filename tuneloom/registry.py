@@ -363,6 +363,20 @@ def read_adapter(store: ObjectStore, namespace: str, name: str, version: str | N
     return _adapter_version(store, adapter, manifest, _sha256_bytes(data))
 
 
+def read_latest_promoted(store: ObjectStore, namespace: str, name: str) -> AdapterVersion:
+    """The newest version that passed its promotion gate (what a bare name serves); the newest of
+    all when none did, so its reasons can be shown. ObjectNotFoundError if there is no version."""
+    versions = list_versions(store, namespace, name)
+    newest = read_adapter(store, namespace, name, versions[-1] if versions else None)
+    if newest.manifest.promotion.promoted:
+        return newest
+    for version in reversed(versions[:-1]):
+        earlier = read_adapter(store, namespace, name, version)
+        if earlier.manifest.promotion.promoted:
+            return earlier
+    return newest
+
+
 def download_adapter(store: ObjectStore, namespace: str, name: str, version: str | None, dest: Path) -> AdapterVersion:
     """Downloads and verifies a committed version into the new directory `dest` (None: the latest)."""
     adapter = _pinned(store, namespace, name, version)

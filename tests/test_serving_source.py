@@ -151,3 +151,17 @@ def test_a_name_without_a_promoted_version_is_a_conflict_naming_the_newest(sourc
         NotPromoted, match=r"'default/draft' has no promoted version.*'default/draft@1' was not promoted"
     ):
         source.resolve("draft")
+
+
+def test_serve_allow_unpromoted_reaches_the_vllm_process_environment(tmp_path: Path) -> None:
+    from tuneloom.cli import build_parser
+    from tuneloom.serving.server import ServeOptions, build_launch
+
+    args = build_parser().parse_args(["serve", "--base-model", "m", "--store", str(tmp_path), "--allow-unpromoted"])
+    assert (
+        args.allow_unpromoted
+        and not build_parser().parse_args(["serve", "--base-model", "m", "--store", "s"]).allow_unpromoted
+    )
+    for allowed, value in ((True, "1"), (False, "0")):
+        _, env = build_launch(ServeOptions(base_model="m", store=str(tmp_path), allow_unpromoted=allowed), tmp_path)
+        assert env["TUNELOOM_ALLOW_UNPROMOTED"] == value

@@ -226,17 +226,17 @@ class EvaluationSpec(_Model):
 
 
 class PromotionSpec(_Model):
-    require: list[PromotionMetric] = Field(
-        default_factory=list,
-        description="Held-out metrics on which the adapter must beat the base model: a lower validationLoss, a "
-        "higher tokenAccuracy, exact_match or json_valid. Each must be measured (the last two in evaluation.metrics).",
-        examples=[["validationLoss", "exact_match"]],
-    )
     maxGeneralNllShift: float | None = Field(
         default=None, ge=0.0, description="Largest general.nllShift (nats per token) a promoted adapter may have."
     )
     minGeneralAgreement: float | None = Field(
         default=None, ge=0.0, le=1.0, description="Smallest general.agreement (0-1) a promoted adapter may have."
+    )
+    require: list[PromotionMetric] = Field(
+        default_factory=list,
+        description="Held-out metrics on which the adapter must beat the base model, e.g. [validationLoss, "
+        "exact_match]: a lower validationLoss, a higher tokenAccuracy, exact_match or json_valid. Each must be "
+        "measured (the last two in evaluation.metrics).",
     )
 
 

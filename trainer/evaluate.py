@@ -161,6 +161,8 @@ class GeneralAbility:
 
     def __call__(self) -> EvaluationResult:
         baseline = self.baseline()
+        if baseline is None:
+            return EvaluationResult()
         refs = references(self.prompts)
         if not self.trained():
             scored = tuple(
@@ -177,13 +179,17 @@ class GeneralAbility:
         )
         return self._result(scored, nll_shift=nll - baseline.mean_nll)
 
-    def baseline(self) -> general.Baseline:
+    def baseline(self) -> general.Baseline | None:
         """The base model's side: from this run, the store's cache, or computed now with the base's
-        own weights (a LoRA model with its adapter switched off)."""
+        own weights (a LoRA model with its adapter switched off). None when nothing holds the base
+        weights any more: a fully fine-tuned model, resumed, whose baseline was not cached."""
         if self._baseline is None:
             self._baseline = self.cache.get(self.cache_key)
             if self._baseline is not None:
                 log.info("general check: the base model's answers come from the store's cache (%s)", self.cache_key)
+        if self._baseline is None and self.trained() and not hasattr(self.model, "disable_adapter"):
+            log.warning("general check skipped: the base model's answers were not cached and its weights are trained")
+            return None
         if self._baseline is None:
             log.info("general check: answering %d general prompts with the base model", len(self.prompts))
             with base_weights(self.model):

@@ -287,6 +287,33 @@ def test_corrupt_adapter_fails_with_checksum_mismatch(
     assert "Failed" in reasons
 
 
+def test_an_adapter_follows_the_latest_promoted_version_and_shows_promotion(
+    kube_cluster: KubeCluster, serving_operator: Operator, bench: Bench, peft_dir: Path
+) -> None:
+    store = open_store(f"{bench.bucket_uri}/out")
+    base = {"name": str(bench.model), "configSha256": model_config_hash(bench.model)}
+    files = {name: peft_dir / name for name in ADAPTER_FILES}
+    manifest = {"kind": "lora", "baseModel": base, "metrics": {}}
+    publish_adapter(store, bench.namespace, "gated", files, manifest)  # from before the gate: promoted
+    reasons = ["general.nllShift 5.9234 is above maxGeneralNllShift 0.5"]
+    publish_adapter(
+        store, bench.namespace, "gated", files, {**manifest, "promotion": {"promoted": False, "reasons": reasons}}
+    )
+    bench.custom.create_namespaced_custom_object(
+        GROUP, VERSION, bench.namespace, "adapters", adapter_manifest("gated", str(bench.model), bench, registry={})
+    )
+    status = wait_adapter(bench, "gated", "Ready", "Failed")
+    assert (status["phase"], status["version"], status["promoted"]) == ("Ready", "1", True)
+    pinned = adapter_manifest("gated-two", str(bench.model), bench, registry={"name": "gated", "version": "2"})
+    bench.custom.create_namespaced_custom_object(GROUP, VERSION, bench.namespace, "adapters", pinned)
+    status = wait_adapter(bench, "gated-two", "Ready", "Failed")
+    assert (status["version"], status["promoted"], status["promotionReasons"]) == ("2", False, reasons)
+    table = kubectl(kube_cluster, "-n", bench.namespace, "get", "adapters")
+    assert "PROMOTED" in table
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[1:]}
+    assert "true" in rows["gated"] and "false" in rows["gated-two"]
+
+
 def test_adapter_for_another_base_model_is_refused(
     serving_operator: Operator, bench: Bench, peft_dir: Path, tmp_path: Path
 ) -> None:

@@ -342,9 +342,7 @@ def test_job_runs_to_success_and_status_names_the_adapter(
     assert "Pending" in reasons and "Succeeded" in reasons
 
 
-def test_a_job_whose_adapter_fails_its_gate_succeeds_not_promoted(
-    kube_cluster: KubeCluster, operator: Operator, bench: Bench
-) -> None:
+def test_a_job_whose_adapter_fails_its_gate_succeeds_not_promoted(operator: Operator, bench: Bench) -> None:
     data = bench.upload_data("train.jsonl", _dataset())
     # json_valid is not measured (no evaluation.metrics): the gate cannot pass, whatever training did.
     bench.apply(bench.manifest("gated", data, hyperparameters={"epochs": 1}, promotion={"require": ["json_valid"]}))
@@ -357,12 +355,6 @@ def test_a_job_whose_adapter_fails_its_gate_succeeds_not_promoted(
     assert "not promoted: json_valid: not measured" in promoted["message"]
     events = {e.reason: e for e in bench.core.list_namespaced_event(bench.namespace).items}
     assert "json_valid: not measured" in events["NotPromoted"].message and events["NotPromoted"].type == "Warning"
-    wait_for(
-        lambda: "false" in kubectl(kube_cluster, "-n", bench.namespace, "get", "adapters", "gated").lower(),
-        "the Adapter to show it is not promoted",
-        60,
-    )
-    assert "PROMOTED" in kubectl(kube_cluster, "-n", bench.namespace, "get", "adapters")
 
 
 def test_failing_trainer_fails_with_a_reason(operator: Operator, bench: Bench) -> None:

@@ -9,12 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_train import _dataset, _job
 from tuneloom.jobfile import parse_job
 from tuneloom.registry import AdapterId, list_versions
+from tuneloom.serving.adapters import AdapterCatalog, ServingSettings
+from tuneloom.serving.names import NotPromoted
 from tuneloom.storage import open_store
 from tuneloom.trainer.general import BASELINE_PREFIX
 from tuneloom.trainer.main import run
+
+from .test_train import _dataset, _job
 
 GENERAL = {"maxExamples": 8, "maxNewTokens": 12}
 
@@ -74,3 +77,17 @@ def test_a_forgetting_job_shifts_more_than_a_gentle_one_and_is_not_promoted(
     samples = json.loads(store.get_bytes(f"{AdapterId('default', 'pirate', '2').store_prefix}/evaluation.json"))
     general = [sample for sample in samples if sample["check"] == "general"]
     assert len(general) == GENERAL["maxExamples"] and all("agrees" in s["adapterScores"] for s in general)
+
+    # What a server makes of it: the bare name still means the gentle, promoted version.
+    catalog = AdapterCatalog(
+        ServingSettings(
+            store_uri=store_root,
+            base_model_dir=tiny_model_dir,
+            served_model_name="tiny",
+            adapter_cache_dir=tmp_path / "served",
+            latest_ttl_s=0.0,
+        )
+    )
+    assert catalog.resolve("pirate").adapter.served_name == "default/pirate@1"
+    with pytest.raises(NotPromoted, match=r"'default/pirate@2' was not promoted \(general.nllShift [0-9.]+ is above"):
+        catalog.resolve("pirate@2")

@@ -118,6 +118,15 @@ def peft_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return out
 
 
+def publish_peft(bench: Bench, folder: Path, name: str, **manifest: Any) -> ObjectStore:
+    """Publishes a PEFT folder as the next version of `name`, for the tiny model, with `manifest` added."""
+    store = open_store(f"{bench.bucket_uri}/out")
+    base = {"name": str(bench.model), "configSha256": model_config_hash(bench.model)}
+    files = {file_name: folder / file_name for file_name in ADAPTER_FILES}
+    publish_adapter(store, bench.namespace, name, files, {"kind": "lora", "baseModel": base, "metrics": {}, **manifest})
+    return store
+
+
 def upload_peft(store: ObjectStore, prefix: str, folder: Path) -> None:
     for name in ADAPTER_FILES:
         store.put_file(f"{prefix}/{name}", folder / name)
@@ -267,10 +276,7 @@ def test_hand_made_peft_folder_is_imported_once_and_ready(
 def test_corrupt_adapter_fails_with_checksum_mismatch(
     serving_operator: Operator, bench: Bench, peft_dir: Path, s3_env: SeaweedFS
 ) -> None:
-    store = open_store(f"{bench.bucket_uri}/out")
-    base = {"name": str(bench.model), "configSha256": model_config_hash(bench.model)}
-    files = {name: peft_dir / name for name in ADAPTER_FILES}
-    publish_adapter(store, bench.namespace, "corrupt", files, {"kind": "lora", "baseModel": base, "metrics": {}})
+    store = publish_peft(bench, peft_dir, "corrupt")
     weights = bytearray((peft_dir / ADAPTER_WEIGHTS).read_bytes())
     weights[-1] ^= 0xFF  # same size, one bit pattern off: only the checksum can tell
     store.put_bytes(f"{AdapterId(bench.namespace, 'corrupt', '1').store_prefix}/{ADAPTER_WEIGHTS}", bytes(weights))
@@ -290,15 +296,9 @@ def test_corrupt_adapter_fails_with_checksum_mismatch(
 def test_an_adapter_follows_the_latest_promoted_version_and_shows_promotion(
     kube_cluster: KubeCluster, serving_operator: Operator, bench: Bench, peft_dir: Path
 ) -> None:
-    store = open_store(f"{bench.bucket_uri}/out")
-    base = {"name": str(bench.model), "configSha256": model_config_hash(bench.model)}
-    files = {name: peft_dir / name for name in ADAPTER_FILES}
-    manifest = {"kind": "lora", "baseModel": base, "metrics": {}}
-    publish_adapter(store, bench.namespace, "gated", files, manifest)  # from before the gate: promoted
+    publish_peft(bench, peft_dir, "gated")  # from before the gate: promoted
     reasons = ["general.nllShift 5.9234 is above maxGeneralNllShift 0.5"]
-    publish_adapter(
-        store, bench.namespace, "gated", files, {**manifest, "promotion": {"promoted": False, "reasons": reasons}}
-    )
+    publish_peft(bench, peft_dir, "gated", promotion={"promoted": False, "reasons": reasons})
     bench.custom.create_namespaced_custom_object(
         GROUP, VERSION, bench.namespace, "adapters", adapter_manifest("gated", str(bench.model), bench, registry={})
     )

@@ -228,10 +228,10 @@ def test_succeeded_job_leaves_a_ready_adapter_and_preloads_it(
 
     table = kubectl(kube_cluster, "-n", bench.namespace, "get", "adapters").splitlines()
     header = table[0].split()
-    assert header == ["NAME", "PHASE", "BASE", "MODEL", "VERSION", "VAL", "LOSS", "LOADED", "ON", "AGE"], table
+    assert header == ["NAME", "PHASE", "BASE", "MODEL", "VERSION", "VAL", "LOSS", "PROMOTED", "LOADED", "ON", "AGE"]
     row = table[1].split()
     assert row[:4] == ["pirate", "Ready", str(bench.model), published["version"]], table
-    assert float(row[4]) == pytest.approx(published["validationLoss"], abs=1e-3)
+    assert float(row[4]) == pytest.approx(published["validationLoss"], abs=1e-3) and row[5] == "true", table
     kubectl(kube_cluster, "-n", bench.namespace, "wait", "--for=condition=Ready", "adapter/pirate", "--timeout=10s")
 
     # The job's namesake stays after the job goes.

@@ -63,6 +63,7 @@ from tuneloom.registry import (
     list_versions,
     publish_adapter,
     read_adapter,
+    read_latest_promoted,
 )
 from tuneloom.storage import (
     ChecksumMismatchError,
@@ -282,7 +283,11 @@ class AdapterReconciler:
                 found = self._import(adapter, store)
             else:
                 pinned = adapter.spec.source.registry.version if adapter.spec.source.registry else None
-                found = read_adapter(store, meta["namespace"], registry_name(adapter), pinned)
+                if pinned is None:
+                    # The latest a server would serve under the bare name: unpromoted versions are passed over.
+                    found = read_latest_promoted(store, meta["namespace"], registry_name(adapter))
+                else:
+                    found = read_adapter(store, meta["namespace"], registry_name(adapter), pinned)
                 checked = (previous.version, previous.sha256)
                 if unchanged and checked == (found.version, found.manifest_sha256):
                     return status  # the latest is still the version checked
@@ -322,6 +327,8 @@ class AdapterReconciler:
         # Unknown metrics are None, which the patch deletes: no value of an older version stays.
         status.rank, status.tokenAccuracy = config["r"], tuned.tokenAccuracy
         status.validationLoss, status.baseValidationLoss = tuned.validationLoss, base.validationLoss
+        promotion = found.manifest.promotion
+        status.promoted, status.promotionReasons = promotion.promoted, promotion.reasons
         status.model = found.id.served_name
         status.phase = AdapterPhase.ready
         status.message = f"version {found.version} verified: every file matches its sha256; {how}"

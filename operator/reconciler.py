@@ -21,6 +21,7 @@ from kubernetes.client.exceptions import ApiException
 from tuneloom.api import (
     API_GROUP,
     API_VERSION,
+    AdapterPromotion,
     FineTuneJob,
     FineTuneJobStatus,
     Phase,
@@ -34,6 +35,7 @@ from tuneloom.operator.adapters import AdapterReconciler
 from tuneloom.operator.common import (
     MODELSERVERS,
     call_json,
+    condition_of,
     now,
     open_object_store,
     parse_object,
@@ -269,14 +271,14 @@ class FineTuneJobReconciler:
         self._record_adapter(job)
         if job.spec.serve.modelServer:
             self._add_to_preload(job, status)
-        return self._end(
-            status,
-            Observation(
-                Phase.succeeded,
-                "AdapterPublished",
-                f"adapter {adapter.name}@{adapter.version} written to {adapter.uri}",
-            ),
-        )
+        written = f"adapter {adapter.name}@{adapter.version} written to {adapter.uri}"
+        promotion = adapter.promotion or AdapterPromotion()
+        if promotion.promoted:
+            set_condition(status.conditions, "Promoted", "True", "PassedGate", f"{written}; promoted")
+        else:
+            written += f"; not promoted: {'; '.join(promotion.reasons)}"
+            set_condition(status.conditions, "Promoted", "False", "FailedGate", written)
+        return self._end(status, Observation(Phase.succeeded, "AdapterPublished", written))
 
     def _record_adapter(self, job: FineTuneJob) -> None:
         """Creates or updates the Adapter named after the result, and checks it at once rather than
@@ -485,6 +487,7 @@ class FineTuneJobReconciler:
             baseValidationLoss=metrics.base.validationLoss,
             metrics=metrics.adapter.scores(),
             baseMetrics=metrics.base.scores(),
+            promotion=adapter.manifest.promotion.model_dump(),
         )
         return published, metrics
 
@@ -501,6 +504,14 @@ class FineTuneJobReconciler:
             return
         self.metrics.transitions.labels(old.value, new.value).inc()
         post_event(self.core, body, "Warning" if new is Phase.failed else "Normal", new.value, status.message)
+        promoted = condition_of(status.conditions, "Promoted")
+        if new is Phase.succeeded and promoted is not None:
+            # Once, with the phase change: a version that fails its gate is news for whoever serves it.
+            if promoted.status == "False":
+                self.metrics.not_promoted.inc()
+                post_event(self.core, body, "Warning", "NotPromoted", promoted.message)
+            else:
+                post_event(self.core, body, "Normal", "Promoted", promoted.message)
 
 
 def progress_of(record: dict[str, Any]) -> Progress | None:

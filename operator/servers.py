@@ -282,6 +282,10 @@ class ServerReconciler:
                 ready = condition_of(status.conditions, "Ready")
                 reason = ready.reason if ready is not None and ready.reason else "not checked yet"
                 skipped.append(f"{label}: not Ready ({reason})")
+            elif status.promoted is False and not spec.allowUnpromoted:
+                skipped.append(
+                    f"{label}: version {status.version} was not promoted ({'; '.join(status.promotionReasons)})"
+                )
             elif not adapters.same_base_model(base, spec.baseModel):
                 skipped.append(f"{label}: trained on {base}, not this server's base model {spec.baseModel}")
             elif (status.rank or 0) > spec.maxLoraRank:

@@ -198,7 +198,7 @@ class Bench:
                 "packing": False,
                 "loggingSteps": 1,
             },
-            "evaluation": {"maxExamples": 0},
+            "evaluation": {"maxExamples": 0, "general": {"maxExamples": 4, "maxNewTokens": 8}},
             "checkpointing": {"everySteps": 0},
             "resources": {"gpus": 0},
             "storage": {"endpoint": self.seaweedfs.endpoint, "credentialsSecret": "s3-credentials"},
@@ -340,6 +340,21 @@ def test_job_runs_to_success_and_status_names_the_adapter(
     assert "Succeeded" in table and "100" in table and "VAL LOSS" in table
     reasons = [e.reason for e in bench.core.list_namespaced_event(bench.namespace).items]
     assert "Pending" in reasons and "Succeeded" in reasons
+
+
+def test_a_job_whose_adapter_fails_its_gate_succeeds_not_promoted(operator: Operator, bench: Bench) -> None:
+    data = bench.upload_data("train.jsonl", _dataset())
+    # json_valid is not measured (no evaluation.metrics): the gate cannot pass, whatever training did.
+    bench.apply(bench.manifest("gated", data, hyperparameters={"epochs": 1}, promotion={"require": ["json_valid"]}))
+    status = bench.wait_phase("gated", "Succeeded", "Failed")
+    assert status["phase"] == "Succeeded", status
+    assert status["adapter"]["promotion"]["promoted"] is False
+    assert "general.nllShift" in status["adapter"]["metrics"] and "general.agreement" in status["adapter"]["metrics"]
+    promoted = {c["type"]: c for c in status["conditions"]}["Promoted"]
+    assert promoted["status"] == "False" and promoted["reason"] == "FailedGate"
+    assert "not promoted: json_valid: not measured" in promoted["message"]
+    events = {e.reason: e for e in bench.core.list_namespaced_event(bench.namespace).items}
+    assert "json_valid: not measured" in events["NotPromoted"].message and events["NotPromoted"].type == "Warning"
 
 
 def test_failing_trainer_fails_with_a_reason(operator: Operator, bench: Bench) -> None:

@@ -22,8 +22,12 @@ from typing import IO, Any
 
 # preference: OpenAI's pairs ({"input": {"messages"}, "preferred_output", "non_preferred_output"}),
 # checked by validate-data; training on them arrives with `method: dpo`.
-FORMATS = ("chat", "completion", "preference")
+# prompts: chat prompts without answers (the general-ability check's prompt sets), each optionally
+# with the answer expected, `{"messages": [..., {"role": "user", ...}], "reference": "..."}`.
+PROMPTS_FORMAT = "prompts"
+FORMATS = ("chat", "completion", "preference", PROMPTS_FORMAT)
 PREFERENCE_KEYS = ("input", "preferred_output", "non_preferred_output")
+PROMPT_KEYS = ("messages", "reference")
 ROLES = ("system", "user", "assistant")
 MESSAGE_KEYS = ("role", "content", "weight")
 # An error message listing 10,000 problems helps nobody; the CLI still prints them all.
@@ -208,17 +212,18 @@ def _check_message(index: int, message: Any, array: str = "messages") -> tuple[M
     return Message(role=role, content=content, weight=weight), []
 
 
-def _check_chat(record: dict[str, Any], line: int) -> tuple[Example | None, list[tuple[str, str]]]:
+def _check_messages(record: dict[str, Any]) -> tuple[list[Message], list[tuple[str, str]]]:
+    """The conversation's messages, each checked on its own."""
     if "messages" not in record:
         hint = ""
         if "prompt" in record or "completion" in record:
             hint = _FORMAT_HINT.format(found="completion format (prompt, completion)", fmt="completion")
-        return None, [("messages", "missing" + hint)]
+        return [], [("messages", "missing" + hint)]
     raw_messages = record["messages"]
     if not isinstance(raw_messages, list):
-        return None, [("messages", f"must be an array of messages, got {_json_type(raw_messages)}")]
+        return [], [("messages", f"must be an array of messages, got {_json_type(raw_messages)}")]
     if not raw_messages:
-        return None, [("messages", "empty; a conversation needs at least a user and an assistant message")]
+        return [], [("messages", "empty; a conversation needs at least a user and an assistant message")]
     messages: list[Message] = []
     problems: list[tuple[str, str]] = []
     for index, raw in enumerate(raw_messages):
@@ -226,7 +231,12 @@ def _check_chat(record: dict[str, Any], line: int) -> tuple[Example | None, list
         problems.extend(found)
         if message:
             messages.append(message)
-    if problems:
+    return messages, problems
+
+
+def _check_chat(record: dict[str, Any], line: int) -> tuple[Example | None, list[tuple[str, str]]]:
+    messages, problems = _check_messages(record)
+    if problems or not messages:
         # Conversation-level checks on a half-read conversation would only add noise.
         return None, problems
     last = len(messages) - 1
@@ -242,6 +252,29 @@ def _check_chat(record: dict[str, Any], line: int) -> tuple[Example | None, list
     if problems:
         return None, problems
     return Example(line=line, messages=tuple(messages)), []
+
+
+def _check_prompt(record: dict[str, Any], line: int) -> tuple[Example | None, list[tuple[str, str]]]:
+    """A prompt to answer: the conversation so far, ending with the user's turn, then its reference
+    answer (empty when the prompt has none) as the final assistant message, as a held-out example has."""
+    problems = [
+        (key, f"unknown key; a prompt has only {', '.join(PROMPT_KEYS)}") for key in record if key not in PROMPT_KEYS
+    ]
+    messages, found = _check_messages(record)
+    problems += found
+    reference = record.get("reference", "")
+    if not isinstance(reference, str):
+        problems.append(("reference", f"must be a string, got {_json_type(reference)}"))
+    if messages and not found and messages[-1].role != "user":
+        problems.append(
+            (
+                f"messages[{len(messages) - 1}].role",
+                f"last message is from {messages[-1].role!r}; a prompt ends with the user's turn",
+            )
+        )
+    if problems:
+        return None, problems
+    return Example(line=line, messages=(*messages, Message("assistant", reference))), []
 
 
 def _check_completion(record: dict[str, Any], line: int) -> tuple[Example | None, list[tuple[str, str]]]:
@@ -335,7 +368,12 @@ def check_file(
         raise ValueError(f"unknown dataset format {fmt!r}; must be one of {', '.join(FORMATS)}")
     path = Path(path)
     source = source or str(path)
-    check = {"chat": _check_chat, "completion": _check_completion, "preference": _check_preference}[fmt]
+    check = {
+        "chat": _check_chat,
+        "completion": _check_completion,
+        "preference": _check_preference,
+        PROMPTS_FORMAT: _check_prompt,
+    }[fmt]
     examples: list[Example] = []
     problems: list[Problem] = []
     # Blank lines are only wrong when something follows them, so hold them until it does.

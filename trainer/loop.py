@@ -168,14 +168,18 @@ class TrainingLoop:
                 self._step(step_batches, reporter)
                 if index == plan.steps_per_epoch - 1:
                     break  # the epoch's end is a boundary only after its evaluation
+                evaluate_every = self.spec.evaluation.everySteps
+                if evaluate_every and state.step % evaluate_every == 0:
+                    self._validate(round(state.step / plan.steps_per_epoch, 3), reporter)
+                    if state.stopped_early:
+                        break
                 every = self.spec.checkpointing.everySteps
                 if every and state.step % every == 0:
                     self._checkpoint()
                 # After the periodic checkpoint: a SIGTERM during its write stops here, with it.
                 self._stop_if_preempted()
-            self._end_of_epoch(epoch, reporter)
-            if epoch + 1 < plan.epochs and not state.stopped_early:
-                self._checkpoint()
+            if not state.stopped_early:
+                self._end_of_epoch(epoch, reporter)
             self._stop_if_preempted()
         reporter.peak_memory(peak_memory_bytes(self.device))
         if self.best is not None and state.best_step != state.step:
@@ -244,12 +248,19 @@ class TrainingLoop:
         reporter.peak_memory(peak_memory_bytes(self.device))
 
     def _end_of_epoch(self, epoch: int, reporter: ProgressReporter) -> None:
+        self._validate(epoch + 1, reporter)
+        if epoch + 1 < self.plan.epochs and not self.state.stopped_early:
+            self._checkpoint()
+
+    def _validate(self, epoch: float, reporter: ProgressReporter) -> None:
+        """Validation loss now (at an epoch's end, or every evaluation.everySteps), recorded in the
+        history; early stopping counts these evaluations."""
         state = self.state
         result = self.evaluate()
         reporter.evaluation(loss=result.loss, accuracy=result.token_accuracy)
         state.history.append(
             {
-                "epoch": epoch + 1,
+                "epoch": epoch,
                 "step": state.step,
                 "validationLoss": result.loss,
                 "tokenAccuracy": result.token_accuracy,

@@ -26,6 +26,7 @@ from tuneloom.api import TRAINER_EXIT_INVALID_INPUT, TRAINER_EXIT_PREEMPTED, Fin
 from tuneloom.inputs import BaseModelUnavailableError, fetch_file, resolve_base_model
 from tuneloom.jobfile import SpecError, load_job
 from tuneloom.models import model_config_hash
+from tuneloom.promotion import decide
 from tuneloom.registry import AdapterVersion, publish_adapter, read_adapter, run_prefix
 from tuneloom.storage import StorageError, open_store, sha256_file
 from tuneloom.trainer import distributed
@@ -33,7 +34,16 @@ from tuneloom.trainer.batching import collate, pack_rows, single_rows
 from tuneloom.trainer.checkpoint import CheckpointStore
 from tuneloom.trainer.datafile import DataValidationError, Example, content_key, load_examples
 from tuneloom.trainer.dataquality import find_problems
-from tuneloom.trainer.evaluate import Check, EvaluationResult, HeldOutAnswers, HeldOutLoss, run_checks
+from tuneloom.trainer.evaluate import (
+    Check,
+    EvaluationResult,
+    GeneralAbility,
+    HeldOutAnswers,
+    HeldOutLoss,
+    references,
+    run_checks,
+)
+from tuneloom.trainer.general import BaselineCache, baseline_key, load_prompts
 from tuneloom.trainer.loop import Plan, TrainingLoop, peak_memory_bytes
 from tuneloom.trainer.modeling import (
     MethodNotSupportedError,
@@ -69,12 +79,14 @@ class UnusableDataError(ValueError):
 @dataclass(frozen=True)
 class Datasets:
     """The run's examples, read, checked and split. `held_out` are the validation examples whose
-    prompts the models answer; `info` is the manifest's `datasets`."""
+    prompts the models answer, `general` the general-ability check's prompts (none when it is off);
+    `info` is the manifest's `datasets`."""
 
     train: list[Example]
     validation: list[Example]
     held_out: list[Example]
     info: dict[str, Any]
+    general: list[Example]
 
 
 def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -113,7 +125,11 @@ def load_datasets(job: FineTuneJob) -> Datasets:
         train = kept
     info["train"]["examples"] = len(train)
     info["validation"]["examples"] = len(validation)
-    return Datasets(train, validation, validation[: job.spec.evaluation.maxExamples], info)
+    general = job.spec.evaluation.general
+    prompts = load_prompts(general) if general.enabled else []
+    if prompts:
+        info["general"] = {"prompts": general.prompts, "examples": len(prompts)}
+    return Datasets(train, validation, validation[: job.spec.evaluation.maxExamples], info, prompts)
 
 
 def encode_all(tokenizer: Any, examples: list[Example], max_length: int, what: str) -> list[EncodedExample]:
@@ -149,7 +165,7 @@ def encode_all(tokenizer: Any, examples: list[Example], max_length: int, what: s
 
 def spec_sha256(job: FineTuneJob) -> str:
     """What a checkpoint must match to be resumed: the parts of the spec that shape training."""
-    ignored = ("resources", "evaluation", "checkpointing", "storage", "scheduling", "image", "cancel")
+    ignored = ("resources", "evaluation", "promotion", "checkpointing", "storage", "scheduling", "image", "cancel")
     # maxLineBytes only decides which files are accepted: a checkpoint made before it existed still fits.
     exclude: dict[str, Any] = {name: True for name in ignored} | {"dataset": {"maxLineBytes": True}}
     relevant = job.spec.model_dump(mode="json", exclude=exclude)
@@ -246,7 +262,7 @@ class FineTuneRun:
             raise Preempted(loop.state.step) from None
         adapter = None
         if self.ranks.is_main:
-            report = RunReport(data.held_out, base, tuned, training, peak_memory_bytes(self.device))
+            report = RunReport(data.held_out, base, tuned, training, peak_memory_bytes(self.device), data.general)
             with self.preemption.deferred():  # short, and a half-published version would only be redone
                 adapter = self.publish(model, data, report)
             print_report(report, adapter)
@@ -341,9 +357,41 @@ class FineTuneRun:
                 max_new_tokens=evaluation.maxNewTokens,
                 max_prompt_tokens=self.spec.hyperparameters.maxSeqLength,
                 device=self.device,
+                training_answers=frozenset(answer.strip() for answer in references(data.train)),
             )
             checks.append(answers)
+        if data.general and self.ranks.is_main:
+            checks.append(self._general_check(model, loop, data.general))
         return checks
+
+    def _general_check(self, model: Model, loop: TrainingLoop, prompts: list[Example]) -> GeneralAbility:
+        general = self.spec.evaluation.general
+        max_prompt_tokens = self.spec.hyperparameters.maxSeqLength
+        base_model = {
+            "name": self.spec.baseModel,
+            "configSha256": _config_hash(model.path),
+            "quantized": self.spec.method is Method.qlora,
+            "dtype": str(getattr(model.module, "dtype", "")),
+            "device": self.device.type,
+        }
+        key = baseline_key(
+            base_model=base_model,
+            prompts=prompts,
+            max_new_tokens=general.maxNewTokens,
+            max_prompt_tokens=max_prompt_tokens,
+        )
+        return GeneralAbility(
+            model.module,
+            model.tokenizer,
+            prompts,
+            max_new_tokens=general.maxNewTokens,
+            max_prompt_tokens=max_prompt_tokens,
+            device=self.device,
+            cache=BaselineCache(self.store),
+            cache_key=key,
+            # The base is evaluated before the first optimizer step; after one the weights are the adapter's.
+            trained=lambda: loop.state.step > 0,
+        )
 
     def evaluate_base(self, loop: TrainingLoop, checks: list[Check]) -> EvaluationResult:
         """Measured before the first step, when the model is still the base (a LoRA update starts
@@ -369,14 +417,15 @@ class FineTuneRun:
         with tempfile.TemporaryDirectory(prefix="tuneloom-out-") as tmp:
             out = Path(tmp)
             self._save(model, out)
-            (out / EVALUATION_FILE).write_text(json.dumps(report.samples(), indent=1))
+            (out / EVALUATION_FILE).write_text(json.dumps(report.evaluation_file(), indent=1))
             files = {path.name: path for path in sorted(out.iterdir()) if path.is_file()}
             manifest = self._manifest(model, data, report)
             adapter = publish_adapter(
                 self.store, self.job.metadata.namespace, self.spec.output.adapterName, files, manifest
             )
         self.checkpoints.mark_published({"version": adapter.version, "uri": adapter.uri})
-        self.reporter.event("succeeded", adapter={"name": adapter.name, "version": adapter.version, "uri": adapter.uri})
+        published = {"name": adapter.name, "version": adapter.version, "uri": adapter.uri}
+        self.reporter.event("succeeded", adapter=published, promoted=adapter.manifest.promotion.promoted)
         return adapter
 
     def _save(self, model: Model, out: Path) -> None:
@@ -390,12 +439,21 @@ class FineTuneRun:
 
     def _manifest(self, model: Model, data: Datasets, report: RunReport) -> dict[str, Any]:
         spec, meta = self.spec, self.job.metadata
+        metrics = report.metrics()
+        # A version that fails the gate is still committed: it is the evidence of what went wrong.
+        promotion = decide(metrics, spec.promotion)
+        if promotion.promoted:
+            log.info("promotion: promoted")
+        else:
+            log.warning("promotion: not promoted: %s", "; ".join(promotion.reasons))
+        self.reporter.published({"base": metrics["base"], "adapter": metrics["adapter"]}, promotion.promoted)
         return {
             "kind": "full" if spec.method is Method.full else "lora",
             "baseModel": {"name": spec.baseModel, "configSha256": _config_hash(model.path)},
             "datasets": data.info,
             "spec": spec.model_dump(mode="json"),
-            "metrics": report.metrics(),
+            "metrics": metrics,
+            "promotion": promotion.model_dump(mode="json"),
             "job": {"namespace": meta.namespace, "name": meta.name, "uid": meta.uid},
             "tuneloomVersion": __version__,
         }

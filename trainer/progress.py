@@ -50,6 +50,28 @@ class TrainerMetrics:
         self.learning_rate = measured("learning_rate", "Current learning rate.")
         self.eta = measured("eta_seconds", "Estimated seconds until training ends.")
         self.peak_memory = measured("peak_memory_bytes", "Peak accelerator memory (GPU) or resident memory (CPU).")
+        # One series per model (base, adapter): the general-ability figures both were measured on.
+        by_model = [*labels, "model"]
+
+        def per_model(metric: str, doc: str) -> Gauge:
+            return Gauge(f"tuneloom_trainer_{metric}", doc, by_model, registry=registry)
+
+        self._values = values
+        self._general = {
+            "general.nllShift": per_model(
+                "general_nll_shift_nats", "Mean per-token NLL given to the base's general answers, minus the base's."
+            ),
+            "general.agreement": per_model(
+                "general_agreement_ratio", "Share of general prompts answered as the base did (same first sentence)."
+            ),
+            "general.exact_match": per_model(
+                "general_exact_match_ratio", "General prompts answered exactly as expected."
+            ),
+            "general.contains": per_model(
+                "general_contains_ratio", "General prompts whose answer holds the expected one."
+            ),
+        }
+        self.promoted = gauge("adapter_promoted", "1 when the published version passed the promotion gate, else 0.")
         self.tokens = Counter(
             "tuneloom_trainer_tokens", "Tokens processed, padding excluded.", labels, registry=registry
         ).labels(*values)
@@ -60,6 +82,12 @@ class TrainerMetrics:
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
             registry=registry,
         ).labels(*values)
+
+    def general(self, model: str, metrics: dict[str, Any]) -> None:
+        """One model's (base or adapter) general-ability figures, those it has."""
+        for name, family in self._general.items():
+            if name in metrics:
+                family.labels(*self._values, model).set(metrics[name])
 
 
 @dataclass
@@ -161,6 +189,14 @@ class ProgressReporter:
             self.metrics.validation_accuracy.set(accuracy)
         log.info("validation at step %d: loss %.4f token accuracy %.3f", self.state.step, loss, accuracy)
         self._emit({"event": "evaluation", **self.state.model_dump(exclude_none=True), "tokenAccuracy": accuracy})
+
+    def published(self, figures: dict[str, dict[str, Any]], promoted: bool) -> None:
+        """The general-ability figures of both models and the promotion verdict, as gauges."""
+        if not self.metrics:
+            return
+        for model, metrics in figures.items():
+            self.metrics.general(model, metrics)
+        self.metrics.promoted.set(1 if promoted else 0)
 
     def peak_memory(self, value: int) -> None:
         if self.metrics:

@@ -10,7 +10,7 @@ from typing import Any
 from tuneloom.registry import AdapterVersion
 from tuneloom.trainer.checkpoint import LoopState
 from tuneloom.trainer.datafile import Example
-from tuneloom.trainer.evaluate import EvaluationResult, references
+from tuneloom.trainer.evaluate import EvaluationResult, ScoredAnswer, references
 
 ANSWER_WIDTH = 72
 
@@ -32,6 +32,7 @@ class RunReport:
     adapter: EvaluationResult
     training: TrainingResult
     peak_memory_bytes: int
+    general_prompts: Sequence[Example] = ()
 
     def metrics(self) -> dict[str, Any]:
         """The manifest's `metrics`; the operator copies `base` and `adapter` into the job's status."""
@@ -50,20 +51,39 @@ class RunReport:
         }
 
     def samples(self) -> list[dict[str, Any]]:
-        """evaluation.json: each held-out prompt both models answered (a resumed run's base may have
-        answered fewer, or none), with its reference answer and both models' answers and scores."""
-        pairs = zip(self.held_out, references(self.held_out), self.base.answers, self.adapter.answers, strict=False)
-        return [
-            {
-                "line": example.line,
-                "reference": reference,
-                "base": base.text,
-                "adapter": adapter.text,
-                "baseScores": base.scores,
-                "adapterScores": adapter.scores,
-            }
-            for example, reference, base, adapter in pairs
+        """The held-out part of evaluation.json: each held-out prompt both models answered (a resumed
+        run's base may have answered fewer, or none), with its reference answer and both models'
+        answers and scores."""
+        return _pairs(self.held_out, self.base.answers, self.adapter.answers)
+
+    def general_samples(self) -> list[dict[str, Any]]:
+        """The general-ability part: each general prompt with both answers, the adapter's marked
+        `agrees` by the agreement rule, and reference scores where the prompt has a reference."""
+        return _pairs(self.general_prompts, self.base.general, self.adapter.general)
+
+    def evaluation_file(self) -> list[dict[str, Any]]:
+        """evaluation.json: the held-out samples, then the general ones, each saying which it is."""
+        return [{"check": "heldOut", **sample} for sample in self.samples()] + [
+            {"check": "general", **sample} for sample in self.general_samples()
         ]
+
+
+def _pairs(
+    examples: Sequence[Example], base: Sequence[ScoredAnswer], adapter: Sequence[ScoredAnswer]
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "line": example.line,
+            "reference": reference,
+            "base": base_answer.text,
+            "adapter": adapter_answer.text,
+            "baseScores": base_answer.scores,
+            "adapterScores": adapter_answer.scores,
+        }
+        for example, reference, base_answer, adapter_answer in zip(
+            examples, references(examples), base, adapter, strict=False
+        )
+    ]
 
 
 def _cell(text: str, width: int = ANSWER_WIDTH) -> str:
@@ -103,7 +123,9 @@ def print_report(report: RunReport, adapter: AdapterVersion) -> None:
     if samples:
         print("\n" + format_samples(samples))
     print("\n" + format_metrics_table(summary))
+    promotion = adapter.manifest.promotion
+    verdict = "promoted" if promotion.promoted else "NOT promoted: " + "; ".join(promotion.reasons)
     print(
-        f"\nadapter {adapter.id}: {adapter.uri}\n"
+        f"\nadapter {adapter.id}: {verdict}: {adapter.uri}\n"
         f"{summary['steps']} steps, {summary['tokensSeen']} tokens in {summary['trainSeconds']} s"
     )

@@ -60,6 +60,19 @@ class GenerationMetric(str, Enum):
     json_valid = "json_valid"
 
 
+class PromotionMetric(str, Enum):
+    """Held-out metrics a promotion may require the adapter to beat the base model on."""
+
+    validationLoss = "validationLoss"
+    tokenAccuracy = "tokenAccuracy"
+    exact_match = "exact_match"
+    json_valid = "json_valid"
+
+
+# spec.evaluation.general.prompts naming the prompt set shipped in the trainer's package data.
+BUILTIN_GENERAL_PROMPTS = "builtin"
+
+
 class Phase(str, Enum):
     pending = "Pending"
     queued = "Queued"
@@ -180,6 +193,24 @@ class HyperparametersSpec(_Model):
     )
 
 
+class GeneralEvaluationSpec(_Model):
+    enabled: bool = Field(default=True, description="Run the general-ability check; false skips it.")
+    prompts: str = Field(
+        default=BUILTIN_GENERAL_PROMPTS,
+        description="'builtin' (about 100 varied prompts shipped with tuneloom) or a JSONL file (path, file:// or "
+        "s3://) of {'messages': [...ending with a user message], 'reference': optional expected answer} lines.",
+    )
+    maxExamples: int = Field(default=32, ge=1, le=10000, description="Prompts of the set used, from its start.")
+    maxNewTokens: int = Field(default=64, gt=0, le=8192, description="Tokens generated per general prompt.")
+
+    @field_validator("prompts")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError(f"must not be empty; use {BUILTIN_GENERAL_PROMPTS!r} or a JSONL file")
+        return value if value == BUILTIN_GENERAL_PROMPTS else _check_store_uri(value, "prompts")
+
+
 class EvaluationSpec(_Model):
     metrics: list[GenerationMetric] = Field(
         default_factory=list,
@@ -187,6 +218,32 @@ class EvaluationSpec(_Model):
     )
     maxNewTokens: int = Field(default=128, gt=0, le=8192, description="Tokens generated per held-out prompt.")
     maxExamples: int = Field(default=50, ge=0, description="Held-out examples used for generation metrics.")
+    everySteps: int = Field(
+        default=0,
+        ge=0,
+        description="Also measure the validation loss every this many optimizer steps within an epoch (history, "
+        "early stopping); 0: at each epoch's end only.",
+    )
+    general: GeneralEvaluationSpec = Field(
+        default_factory=GeneralEvaluationSpec,
+        description="General-ability (forgetting) check: how far the adapter moved from the base model on prompts "
+        "unrelated to the task.",
+    )
+
+
+class PromotionSpec(_Model):
+    maxGeneralNllShift: float | None = Field(
+        default=None, ge=0.0, description="Largest general.nllShift (nats per token) a promoted adapter may have."
+    )
+    minGeneralAgreement: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="Smallest general.agreement (0-1) a promoted adapter may have."
+    )
+    require: list[PromotionMetric] = Field(
+        default_factory=list,
+        description="Held-out metrics on which the adapter must beat the base model, e.g. [validationLoss, "
+        "exact_match]: a lower validationLoss, a higher tokenAccuracy, exact_match or json_valid. Each must be "
+        "measured (the last two in evaluation.metrics).",
+    )
 
 
 class OutputSpec(_Model):
@@ -277,6 +334,11 @@ class FineTuneJobSpec(_Model):
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings (lora and qlora).")
     hyperparameters: HyperparametersSpec = Field(default_factory=HyperparametersSpec, description="Optimisation.")
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Held-out evaluation.")
+    promotion: PromotionSpec = Field(
+        default_factory=PromotionSpec,
+        description="What a version must achieve to be promoted (what a bare adapter name serves); unset: record "
+        "the metrics and promote.",
+    )
     output: OutputSpec = Field(description="Where the result is written.")
     checkpointing: CheckpointingSpec = Field(default_factory=CheckpointingSpec, description="Checkpoints.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Pod resources (operator only).")
@@ -304,7 +366,8 @@ class ObjectMeta(_Model):
 
 class Condition(_Model):
     type: str = Field(
-        description="FineTuneJob: Accepted, Queued, Running, Succeeded, Failed, Cancelled, SpecChangeRefused, Served; "
+        description="FineTuneJob: Accepted, Queued, Running, Succeeded, Failed, Cancelled, SpecChangeRefused, Served, "
+        "Promoted; "
         "Adapter: Ready; ModelServer: Ready, AdaptersLoaded."
     )
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
@@ -324,6 +387,16 @@ class Progress(_Model):
     etaSeconds: float | None = Field(default=None, description="Estimated seconds until training ends.")
 
 
+class AdapterPromotion(_Model):
+    promoted: bool = Field(
+        default=True,
+        description="Whether the version passed spec.promotion; a bare name serves only promoted versions.",
+    )
+    reasons: list[str] = Field(
+        default_factory=list, description="Each requirement it failed: the metric, its value and the threshold."
+    )
+
+
 class PublishedAdapter(_Model):
     name: str = Field(description="Adapter name in the registry.")
     version: str = Field(description="Version written by this job.")
@@ -336,6 +409,9 @@ class PublishedAdapter(_Model):
     )
     baseMetrics: dict[str, float] = Field(
         default_factory=dict, description="The same generation metrics for the base model."
+    )
+    promotion: AdapterPromotion | None = Field(
+        default=None, description="The promotion gate's verdict, from the manifest; unset: promoted."
     )
 
 
@@ -466,6 +542,12 @@ class AdapterStatus(_Model):
     validationLoss: float | None = Field(default=None, description="Held-out loss with the adapter, when known.")
     baseValidationLoss: float | None = Field(default=None, description="Held-out loss of the base model, when known.")
     tokenAccuracy: float | None = Field(default=None, description="Held-out next-token accuracy, when known.")
+    promoted: bool | None = Field(
+        default=None, description="Whether the version passed its promotion gate (unset: no manifest read yet)."
+    )
+    promotionReasons: list[str] = Field(
+        default_factory=list, description="Why it was not promoted: each metric, its value and the threshold."
+    )
     loadedOn: list[LoadedOn] = Field(default_factory=list, description="ModelServers and pods that have it loaded.")
 
 
@@ -542,6 +624,11 @@ class ModelServerSpec(_Model):
     allowedNamespaces: list[str] = Field(
         default_factory=list,
         description="Namespaces whose adapters this server may load; empty: its own namespace only.",
+    )
+    allowUnpromoted: bool = Field(
+        default=False,
+        description="Serve unpromoted versions when a client pins them (name@version), for inspection; a bare name "
+        "always means the latest promoted version.",
     )
 
     @field_validator("allowedNamespaces")

@@ -80,6 +80,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_cpu_loras=args.max_cpu_loras,
             max_model_len=args.max_model_len,
             api_key_env=args.api_key_env,
+            allow_unpromoted=args.allow_unpromoted,
             vllm_args=tuple(vllm_args),
         )
     )
@@ -139,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--store", required=True, help="object store root holding adapters/ (directory or s3://)")
     serve.add_argument("--namespace", default="default", help="namespace whose adapters a bare NAME means")
     serve.add_argument("--allowed-namespaces", default="", help="other namespaces clients may name (comma-separated)")
+    serve.add_argument(
+        "--allow-unpromoted",
+        action="store_true",
+        help="serve versions that failed their promotion gate when pinned as NAME@VERSION (for inspection); "
+        "a bare NAME always means the latest promoted version",
+    )
     serve.add_argument(
         "--served-model-name", help="the base model's name in the API (default: a hub id as given, else its folder)"
     )

@@ -91,6 +91,7 @@ def test_the_manifest_metrics_hold_both_models_figures_and_the_training() -> Non
         "trainSeconds": 12.3,
         "peakMemoryBytes": 2048,
         "history": [{"epoch": 1}],
+        "preemptedAtSteps": [],
     }
 
 

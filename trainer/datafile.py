@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from tuneloom.trainer.estimate import Workload, available_cores, count_parameters, device_for_name, estimate
+
 FORMATS = ("chat", "completion")
 ROLES = ("system", "user", "assistant")
 MESSAGE_KEYS = ("role", "content", "weight")
@@ -344,6 +346,7 @@ class DataSummary:
     count_limit: int | None = None
     counted_in_part: int = 0
     steps_per_epoch_packed: int | None = None  # sequences packed to max_seq_length
+    trained_on_per_epoch: int | None = None  # tokens of each example up to max_seq_length: what training computes
 
     @property
     def counted_tokens(self) -> bool:
@@ -427,6 +430,7 @@ def summarize(
     # Training cuts examples at max_seq_length, so only that much of each one fills packed rows.
     packed_tokens = sum(min(length, max_seq_length) for length in lengths)
     summary.steps_per_epoch_packed = math.ceil(packed_tokens / (max_seq_length * per_step))
+    summary.trained_on_per_epoch = packed_tokens
     return summary
 
 
@@ -497,6 +501,33 @@ def format_data_summary(summary: DataSummary, *, source: str, fmt: str, model: s
     return "\n".join([head, *_duplicate_lines(summary), *_token_lines(summary, model), *_step_lines(summary)])
 
 
+@dataclass(frozen=True)
+class TargetDevice:
+    """Where `validate-data` estimates the training: a device name from `estimate.DEVICES`, the GPUs,
+    the method, and the price of one GPU-hour."""
+
+    device: str = "cpu"
+    gpus: int = 1
+    method: str = "lora"
+    price_per_gpu_hour: float | None = None
+
+
+def _estimate_lines(summary: DataSummary, model: str, target: TargetDevice) -> list[str]:
+    """Training tokens, steps, time and cost on the target device (packed rows, as the trainer trains)."""
+    if summary.trained_on_per_epoch is None or summary.total_steps_packed is None:
+        return []
+    device = device_for_name(target.device)
+    workload = Workload(
+        parameters=count_parameters(model),
+        method=target.method,
+        tokens_per_epoch=summary.trained_on_per_epoch,
+        epochs=summary.epochs,
+        steps=summary.total_steps_packed,
+    )
+    devices = target.gpus if device.is_gpu else available_cores()
+    return estimate(workload, device, devices=devices, price_per_gpu_hour=target.price_per_gpu_hour).lines()
+
+
 def _load_tokenizer(model: str) -> Any:
     """The model directory's tokenizer; raises ValueError with a sentence a user can act on."""
     if not Path(model).is_dir():
@@ -517,8 +548,10 @@ def validate_data_command(
     batch_size: int,
     epochs: int,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    target: TargetDevice = TargetDevice(),
 ) -> int:
-    """`tuneloom validate-data`: 1 and every problem on stderr, or 0 and a summary on stdout."""
+    """`tuneloom validate-data`: 1 and every problem on stderr, or 0 and a summary on stdout (with
+    `model`, the estimated time and cost of training on `target`)."""
     try:
         examples, problems = check_file(Path(file), fmt, max_line_bytes=max_line_bytes)
     except OSError as error:
@@ -538,9 +571,12 @@ def validate_data_command(
         summary = summarize(
             examples, tokenizer=tokenizer, max_seq_length=max_seq_length, batch_size=batch_size, epochs=epochs
         )
+        estimate_lines = _estimate_lines(summary, model, target) if model else []
     except (ValueError, OSError) as error:
         # A directory that is not a model, or a chat template that cannot mask assistant turns.
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(format_data_summary(summary, source=file, fmt=fmt, model=model))
+    for line in estimate_lines:
+        print(line)
     return 0

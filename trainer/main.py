@@ -32,7 +32,16 @@ from tuneloom.trainer import distributed
 from tuneloom.trainer.batching import collate, pack_rows, single_rows
 from tuneloom.trainer.checkpoint import CheckpointStore
 from tuneloom.trainer.datafile import DataValidationError, Example, load_examples
-from tuneloom.trainer.evaluate import Check, EvaluationResult, HeldOutAnswers, HeldOutLoss, run_checks
+from tuneloom.trainer.estimate import Estimate, Workload, available_cores, count_parameters, device_for_name, estimate
+from tuneloom.trainer.evaluate import (
+    Check,
+    EvaluationResult,
+    FewShotAnswers,
+    HeldOutAnswers,
+    HeldOutLoss,
+    draw_shots,
+    run_checks,
+)
 from tuneloom.trainer.loop import Plan, TrainingLoop, peak_memory_bytes
 from tuneloom.trainer.modeling import (
     MethodNotSupportedError,
@@ -162,6 +171,15 @@ class Model:
     module: torch.nn.Module
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """The checks run on the base model and again on the adapter, and the few-shot baseline, run
+    once with the base model (None when it is off, or on ranks other than 0)."""
+
+    checks: list[Check]
+    few_shot: Check | None
+
+
 class FineTuneRun:
     """One run as a recipe: `run` calls the phases in order, each taking what earlier ones made."""
 
@@ -216,13 +234,24 @@ class FineTuneRun:
         data = self.setup_data()
         model, tokens = self.setup_model(data)
         loop = self.setup_training(model, tokens)
-        checks = self.setup_evaluation(model, loop, data)
-        base = self.evaluate_base(loop, checks)
+        expected = self.estimate(model, tokens, loop.plan)
+        evaluation = self.setup_evaluation(model, loop, data)
+        base = self.evaluate_base(loop, evaluation)
         training = self.train(loop)
-        tuned = self.evaluate(checks)
+        tuned = self.evaluate(evaluation.checks)
         adapter = None
         if self.ranks.is_main:
-            report = RunReport(data.held_out, base, tuned, training, peak_memory_bytes(self.device))
+            report = RunReport(
+                data.held_out,
+                base,
+                tuned,
+                training,
+                peak_memory_bytes(self.device),
+                few_shot=loop.state.few_shot_evaluation or EvaluationResult(),
+                estimate=None if expected is None else expected.to_status(),
+                gpus=self.ranks.world_size if self.device.type == "cuda" else 0,
+                price_per_gpu_hour=self.spec.resources.costPerGpuHour,
+            )
             adapter = self.publish(model, data, report)
             print_report(report, adapter)
         distributed.barrier(self.ranks)  # the other ranks wait until rank 0 has published
@@ -296,10 +325,36 @@ class FineTuneRun:
         hp = self.spec.hyperparameters
         return pack_rows(examples, hp.maxSeqLength) if hp.packing else single_rows(examples)
 
-    def setup_evaluation(self, model: Model, loop: TrainingLoop, data: Datasets) -> list[Check]:
-        """The checks run on the base model and again on the adapter."""
+    def estimate(self, model: Model, tokens: Tokenized, plan: Plan) -> Estimate | None:
+        """What the throughput model expects of this run on this device, logged before it starts;
+        None on a device it has no figures for."""
+        if self.device.type == "cuda":
+            name, devices = torch.cuda.get_device_name(self.device), self.ranks.world_size
+        else:
+            name, devices = "cpu", available_cores()
+        try:
+            device = device_for_name(name)
+        except ValueError:
+            log.info("no throughput figures for %s: no time estimate", name)
+            return None
+        workload = Workload(
+            parameters=count_parameters(model.path),
+            method=self.spec.method.value,
+            tokens_per_epoch=sum(len(item.input_ids) for item in tokens.train),
+            epochs=self.spec.hyperparameters.epochs,
+            steps=plan.total_steps,
+            validation_tokens_per_epoch=sum(len(item.input_ids) for item in tokens.validation),
+        )
+        expected = estimate(workload, device, devices=devices, price_per_gpu_hour=self.spec.resources.costPerGpuHour)
+        for line in expected.lines():
+            log.info("%s", line)
+        self._remember({"estimate": expected.to_status()})
+        return expected
+
+    def setup_evaluation(self, model: Model, loop: TrainingLoop, data: Datasets) -> Evaluation:
         checks: list[Check] = [HeldOutLoss(loop.evaluate)]
         evaluation = self.spec.evaluation
+        few_shot = None
         # Only rank 0 publishes answers, so only it spends the time generating them.
         if evaluation.metrics and data.held_out and self.ranks.is_main:
             answers = HeldOutAnswers(
@@ -312,14 +367,21 @@ class FineTuneRun:
                 device=self.device,
             )
             checks.append(answers)
-        return checks
+            if evaluation.fewShot.k:
+                shots = draw_shots(data.train, evaluation.fewShot.k, self.spec.hyperparameters.seed)
+                few_shot = FewShotAnswers(answers, shots)
+        return Evaluation(checks, few_shot)
 
-    def evaluate_base(self, loop: TrainingLoop, checks: list[Check]) -> EvaluationResult:
+    def evaluate_base(self, loop: TrainingLoop, evaluation: Evaluation) -> EvaluationResult:
         """Measured before the first step, when the model is still the base (a LoRA update starts
-        at zero); a resumed run has the result from its checkpoint."""
+        at zero), with the few-shot baseline; a resumed run has both from its checkpoint (one
+        written before the baseline existed has none, and the base weights are gone)."""
         if loop.state.base_evaluation is None:
             self.reporter.event("evaluating-base")
-            loop.state.base_evaluation = run_checks(checks)
+            loop.state.base_evaluation = run_checks(evaluation.checks)
+            if evaluation.few_shot is not None:
+                self.reporter.event("evaluating-few-shot", shots=self.spec.evaluation.fewShot.k)
+                loop.state.few_shot_evaluation = evaluation.few_shot()
         return loop.state.base_evaluation
 
     def train(self, loop: TrainingLoop) -> TrainingResult:

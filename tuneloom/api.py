@@ -174,6 +174,17 @@ class HyperparametersSpec(_Model):
     )
 
 
+class FewShotSpec(_Model):
+    k: int = Field(
+        default=3,
+        ge=0,
+        le=64,
+        description="Training examples (drawn with hyperparameters.seed, never held-out ones) shown to the base model "
+        "before each held-out prompt, as earlier user/assistant turns (prepended to the prompt in completion format); "
+        "its answers are the few-shot baseline the adapter is compared with. 0 turns the baseline off.",
+    )
+
+
 class EvaluationSpec(_Model):
     metrics: list[GenerationMetric] = Field(
         default_factory=list,
@@ -181,6 +192,11 @@ class EvaluationSpec(_Model):
     )
     maxNewTokens: int = Field(default=128, gt=0, le=8192, description="Tokens generated per held-out prompt.")
     maxExamples: int = Field(default=50, ge=0, description="Held-out examples used for generation metrics.")
+    fewShot: FewShotSpec = Field(
+        default_factory=FewShotSpec,
+        description="The few-shot baseline: the base model prompted with k training examples, on the same held-out "
+        "examples and generation metrics.",
+    )
 
 
 class OutputSpec(_Model):
@@ -226,6 +242,17 @@ class ResourcesSpec(_Model):
     tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations of the pods.")
 
 
+class TrainingResourcesSpec(ResourcesSpec):
+    """A training pod's resources, and what its GPU time costs."""
+
+    costPerGpuHour: float | None = Field(
+        default=None,
+        ge=0.0,
+        description="Price of one GPU-hour, for the cost in the estimate before training and in the result; "
+        "unset: no cost is given.",
+    )
+
+
 class StorageSpec(_Model):
     endpoint: str | None = Field(
         default=None, description="S3 endpoint URL for S3-compatible stores (MinIO, SeaweedFS); unset: AWS."
@@ -265,7 +292,9 @@ class FineTuneJobSpec(_Model):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Held-out evaluation.")
     output: OutputSpec = Field(description="Where the result is written.")
     checkpointing: CheckpointingSpec = Field(default_factory=CheckpointingSpec, description="Checkpoints.")
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Pod resources (operator only).")
+    resources: TrainingResourcesSpec = Field(
+        default_factory=TrainingResourcesSpec, description="Pod resources (operator only) and the GPU-hour price."
+    )
     storage: StorageSpec = Field(default_factory=StorageSpec, description="Object-store connection (operator only).")
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec, description="Queueing and limits (operator).")
     image: str | None = Field(default=None, description="Trainer image; unset: the operator's default.")

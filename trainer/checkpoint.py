@@ -49,9 +49,7 @@ class LoopState:
         base, few_shot = self.base_evaluation, self.few_shot_evaluation
         record = asdict(replace(self, base_evaluation=None, few_shot_evaluation=None))
         record["base_evaluation"] = None if base is None else base.to_record()
-        del record["few_shot_evaluation"]
-        if few_shot is not None:  # absent otherwise, as older trainers wrote it
-            record["few_shot_evaluation"] = few_shot.to_record()
+        record["few_shot_evaluation"] = None if few_shot is None else few_shot.to_record()
         return json.dumps(record)
 
     @classmethod

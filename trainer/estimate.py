@@ -108,7 +108,7 @@ class Estimate:
             "tokens": self.tokens,
             "steps": self.steps,
             "seconds": round(self.seconds, 1),
-            "cost": None if self.cost is None else round(self.cost, 4),
+            "cost": self.cost,
         }
 
     def lines(self) -> list[str]:
@@ -158,8 +158,8 @@ def estimate(workload: Workload, device: Device, *, devices: int, price_per_gpu_
 
 
 def run_cost(gpu_seconds: float, price_per_gpu_hour: float | None) -> float | None:
-    """What GPU time costs at a price per GPU-hour; None without a price."""
-    return None if price_per_gpu_hour is None else gpu_seconds / 3600 * price_per_gpu_hour
+    """What GPU time costs at a price per GPU-hour, to 4 significant digits; None without a price."""
+    return None if price_per_gpu_hour is None else float(f"{gpu_seconds / 3600 * price_per_gpu_hour:.4g}")
 
 
 def format_duration(seconds: float) -> str:

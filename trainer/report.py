@@ -55,7 +55,7 @@ class RunReport:
             "tokensSeen": state.tokens_seen,
             "trainSeconds": round(self.training.seconds, 1),
             "gpuSeconds": round(self.gpu_seconds, 1),
-            **({} if cost is None else {"cost": round(cost, 4)}),
+            **({} if cost is None else {"cost": cost}),
             **({} if self.estimate is None else {"estimate": self.estimate}),
             "peakMemoryBytes": self.peak_memory_bytes,
             "history": state.history,

@@ -30,7 +30,7 @@ def _workload(method: str = "lora", **changes) -> Workload:
 
 def test_the_cpu_is_calibrated_on_the_bench_figure() -> None:
     """bench/README.md: 174.8 tokens/s for SmolLM2-135M LoRA on 2 cores; the model gives it back."""
-    assert CPU_FLOPS_PER_CORE == pytest.approx(4 * N * 174.8 / 2)
+    assert pytest.approx(4 * N * 174.8 / 2) == CPU_FLOPS_PER_CORE
     one_second = estimate(_workload(tokens_per_epoch=1748, epochs=1), DEVICES["cpu"], devices=2)
     assert one_second.seconds == pytest.approx(10.0)
     assert (one_second.gpu_seconds, one_second.cost) == (0.0, None)
@@ -39,7 +39,9 @@ def test_the_cpu_is_calibrated_on_the_bench_figure() -> None:
 def test_full_costs_six_n_lora_four_n_and_qlora_its_dequantisation_more() -> None:
     lora = estimate(_workload("lora"), DEVICES["h100"], devices=1).seconds
     assert estimate(_workload("full"), DEVICES["h100"], devices=1).seconds == pytest.approx(lora * 6 / 4)
-    assert estimate(_workload("qlora"), DEVICES["h100"], devices=1).seconds == pytest.approx(lora * QLORA_DEQUANT_FACTOR)
+    assert estimate(_workload("qlora"), DEVICES["h100"], devices=1).seconds == pytest.approx(
+        lora * QLORA_DEQUANT_FACTOR
+    )
     assert lora == pytest.approx(4 * N * 54_970 / (989e12 * ASSUMED_GPU_UTILISATION))
     assert "QLoRA dequantisation x1.35 assumed" in estimate(_workload("qlora"), DEVICES["h100"], devices=1).basis
 
@@ -93,7 +95,7 @@ def test_parameters_are_counted_from_every_shards_header(tmp_path: Path) -> None
     _safetensors(tmp_path / "model-00001-of-00002.safetensors", {"embed": [10, 4], "norm": [4]})
     _safetensors(tmp_path / "model-00002-of-00002.safetensors", {"proj": [4, 4, 2]})
     assert count_parameters(tmp_path) == 40 + 4 + 32
-    with pytest.raises(ValueError, match="no \\*.safetensors files"):
+    with pytest.raises(ValueError, match=r"no \*\.safetensors files"):
         count_parameters(tmp_path / "empty")
 
 

@@ -375,6 +375,27 @@ def test_validate_data_with_model_prints_token_stats(
     assert f"tokens per example (tokenizer of {tiny_model_dir}): min " in out
     assert "warning: 1 example longer than max_seq_length 100, on lines 2; " in out
     assert "  packed into 100-token rows: " in out
+    assert "\ntraining tokens: " in out and " per epoch, " in out
+    assert "\nestimated time on cpu (" in out and "; cost: no GPU time (calibrated on bench/README.md" in out
+
+
+def test_validate_data_estimates_time_and_cost_on_the_target_gpus(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tuneloom.trainer.estimate import count_parameters
+
+    path = write_jsonl(tmp_path / "data.jsonl", [GOOD] * 4)
+    argv = ["validate-data", str(path), "--model", str(tiny_model_dir), "--epochs", "2"]
+    assert main([*argv, "--device", "a100", "--gpus", "2", "--method", "full", "--gpu-hour-price", "3.5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    tokens = next(line for line in lines if line.startswith("tokens per epoch: ")).split()[3]
+    assert f"training tokens: {tokens} per epoch, " in lines[-2] and lines[-2].endswith("; 2 optimizer steps")
+    seconds = 6 * count_parameters(tiny_model_dir) * 2 * int(tokens.replace(",", "")) / (312e12 * 0.35 * 2)
+    cost = f"{seconds * 2 / 3600 * 3.5:.4g}"
+    assert lines[-1].startswith(f"estimated time on 2 x a100: 1s; cost: {cost} at the price given (peak dense bf16")
+    with pytest.raises(SystemExit):
+        main([*argv, "--gpu-hour-price", "-1"])
+    assert "--gpu-hour-price: must be >= 0, got -1" in capsys.readouterr().err
 
 
 # --- the quick start dataset ----------------------------------------------------------------------------

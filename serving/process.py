@@ -8,13 +8,11 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from tuneloom.net import free_port
+from tuneloom.net import answers_ok, free_port
 
 
 class ServingProcess:
@@ -61,11 +59,7 @@ class ServingProcess:
         return self
 
     def _healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                return response.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        return answers_ok(f"{self.url}/health")
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

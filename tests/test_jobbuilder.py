@@ -109,12 +109,13 @@ def test_job_carries_the_job_file_the_trainer_reads(tmp_path: Path) -> None:
 
 
 def test_trainer_serves_progress_where_the_operator_polls_and_writes_no_progress_file() -> None:
-    """The operator reads progress over HTTP only (the pod IP, the trainer metrics port, /progress)."""
+    """The operator reads progress over HTTP only (the pod IP, the trainer metrics port, /progress); the
+    trainer listens on every interface of its pod, so no bind address is set."""
     pod = build_job(_job(), OperatorConfig(trainer_metrics_port=9511))["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     env = {e["name"]: e for e in container["env"]}
     assert env["TUNELOOM_METRICS_PORT"]["value"] == "9511"
-    assert env["TUNELOOM_BIND_ADDRESS"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert "TUNELOOM_BIND_ADDRESS" not in env
     assert container["ports"] == [{"name": "metrics", "containerPort": 9511}]
     assert "TUNELOOM_PROGRESS_FILE" not in env
     assert {v["name"] for v in pod["volumes"]} == {m["name"] for m in container["volumeMounts"]}

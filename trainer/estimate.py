@@ -20,11 +20,13 @@ benchmark measures one. The CPU's effective FLOP/s per core is calibrated from b
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +44,8 @@ ASSUMED_GPU_UTILISATION = 0.35
 # host: 174.8 tokens/s, i.e. 4 x N x 174.8 / 2 FLOP/s per core.
 _BENCH_PARAMETERS, _BENCH_TOKENS_PER_SECOND, _BENCH_CORES = 134_515_008, 174.8, 2
 CPU_FLOPS_PER_CORE = 4.0 * _BENCH_PARAMETERS * _BENCH_TOKENS_PER_SECOND / _BENCH_CORES
+# The safetensors format's own limit on its header.
+MAX_SAFETENSORS_HEADER_BYTES = 100_000_000
 
 
 @dataclass(frozen=True)
@@ -177,15 +181,35 @@ def available_cores() -> int:
 
 
 def count_parameters(model_dir: str | Path) -> int:
-    """The parameters of a Hugging Face model directory, from its safetensors headers alone (an
-    8-byte little-endian length, then a JSON header of dtypes and shapes): no weights are read."""
+    """The parameters of a Hugging Face model directory, from its safetensors headers alone: no
+    weights are read."""
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise ValueError(f"{model_dir}: no *.safetensors files to count the parameters of")
-    total = 0
-    for path in files:
-        with path.open("rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(length))
-        total += sum(math.prod(entry["shape"]) for key, entry in header.items() if key != "__metadata__")
-    return total
+    return sum(safetensors_parameters(functools.partial(_read_range, path)) for path in files)
+
+
+def safetensors_parameters(read_range: Callable[[int, int], bytes]) -> int:
+    """The parameters one safetensors file holds, from its header (an 8-byte little-endian length,
+    then JSON of dtypes and shapes); `read_range(start, length)` reads the file's bytes."""
+    (length,) = struct.unpack("<Q", read_range(0, 8))
+    if length > MAX_SAFETENSORS_HEADER_BYTES:
+        raise ValueError(f"a safetensors header of {length} bytes; the format allows {MAX_SAFETENSORS_HEADER_BYTES}")
+    header = json.loads(read_range(8, length))
+    return sum(math.prod(entry["shape"]) for key, entry in header.items() if key != "__metadata__")
+
+
+def _read_range(path: Path, start: int, length: int) -> bytes:
+    with path.open("rb") as handle:
+        handle.seek(start)
+        return handle.read(length)
+
+
+def parameters_from_name(name: str) -> int | None:
+    """The size a model's name states, as in `SmolLM2-135M-Instruct` or `Llama-3.1-8B`; None when it
+    states none. For the operator, which cannot read a hub model before its pod does."""
+    sizes = re.findall(r"(?<![\d.])(\d+(?:\.\d+)?)([MB])(?![A-Za-z])", name.rsplit("/", 1)[-1], flags=re.IGNORECASE)
+    if not sizes:
+        return None
+    number, unit = sizes[-1]
+    return round(float(number) * (1e6 if unit.upper() == "M" else 1e9))

@@ -249,7 +249,7 @@ class TrainingResourcesSpec(ResourcesSpec):
         default=None,
         ge=0.0,
         description="Price of one GPU-hour, for the cost in the estimate before training and in the result; "
-        "unset: no cost is given.",
+        "unset: the operator's price (the chart's trainer.estimate.gpuHourPrice), else no cost is given.",
     )
 
 
@@ -352,6 +352,26 @@ class PublishedAdapter(_Model):
     baseMetrics: dict[str, float] = Field(
         default_factory=dict, description="The same generation metrics for the base model."
     )
+    fewShotMetrics: dict[str, float] = Field(
+        default_factory=dict,
+        description="The same generation metrics for the few-shot baseline (the base model shown "
+        "spec.evaluation.fewShot.k training examples); empty when it was off.",
+    )
+    trainSeconds: float | None = Field(default=None, description="Measured seconds of training.")
+    gpuSeconds: float | None = Field(default=None, description="Measured GPU-seconds of training (0 on CPU).")
+    cost: float | None = Field(default=None, description="gpuSeconds at spec.resources.costPerGpuHour, when set.")
+    estimatedSeconds: float | None = Field(
+        default=None, description="The seconds the estimate before training expected, to compare with trainSeconds."
+    )
+
+
+class TrainingEstimate(_Model):
+    tokens: int = Field(default=0, description="Training tokens in all epochs, padding excluded.")
+    steps: int = Field(default=0, description="Optimizer steps.")
+    seconds: float = Field(default=0.0, description="Expected seconds of training on the job's device.")
+    cost: float | None = Field(
+        default=None, description="Expected cost at spec.resources.costPerGpuHour; unset without a price."
+    )
 
 
 class FineTuneJobStatus(_Model):
@@ -362,6 +382,11 @@ class FineTuneJobStatus(_Model):
     startTime: datetime | None = Field(default=None, description="When training started.")
     completionTime: datetime | None = Field(default=None, description="When the job ended.")
     jobName: str | None = Field(default=None, description="The batch/v1 Job running the trainer.")
+    estimate: TrainingEstimate | None = Field(
+        default=None,
+        description="Tokens, steps, time and cost expected, by the trainer's throughput model once it has counted "
+        "the tokens; the measured figures follow in progress and, at the end, in adapter.",
+    )
     progress: Progress | None = Field(default=None, description="Training progress, refreshed about every 5 s.")
     adapter: PublishedAdapter | None = Field(default=None, description="The adapter written, read from its manifest.")
 
@@ -474,6 +499,13 @@ class AdapterStatus(_Model):
     validationLoss: float | None = Field(default=None, description="Held-out loss with the adapter, when known.")
     baseValidationLoss: float | None = Field(default=None, description="Held-out loss of the base model, when known.")
     tokenAccuracy: float | None = Field(default=None, description="Held-out next-token accuracy, when known.")
+    metrics: dict[str, float] = Field(
+        default_factory=dict, description="Held-out generation metrics with the adapter (e.g. exact_match), when known."
+    )
+    baseMetrics: dict[str, float] = Field(default_factory=dict, description="The same metrics for the base model.")
+    fewShotMetrics: dict[str, float] = Field(
+        default_factory=dict, description="The same metrics for the few-shot baseline, when it ran."
+    )
     loadedOn: list[LoadedOn] = Field(default_factory=list, description="ModelServers and pods that have it loaded.")
 
 

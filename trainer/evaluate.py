@@ -1,7 +1,8 @@
 """Held-out evaluation. Each check measures the model as it is when called and returns an
 `EvaluationResult`; a run calls the same checks before training (the base model) and after it (the
 adapter), merging each side's results into one. A new check (general ability, preference accuracy)
-is one more callable in the list `FineTuneRun.setup_evaluation` builds."""
+is one more callable in the list `FineTuneRun.setup_evaluation` builds. `FewShotAnswers`, the
+few-shot baseline, runs once, with the base model."""
 
 from __future__ import annotations
 

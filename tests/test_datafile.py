@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -393,6 +394,13 @@ def test_validate_data_estimates_time_and_cost_on_the_target_gpus(
     seconds = 6 * count_parameters(tiny_model_dir) * 2 * int(tokens.replace(",", "")) / (312e12 * 0.35 * 2)
     cost = f"{seconds * 2 / 3600 * 3.5:.4g}"
     assert lines[-1].startswith(f"estimated time on 2 x a100: 1s; cost: {cost} at the price given (peak dense bf16")
+    no_safetensors = tmp_path / "bin-model"
+    shutil.copytree(tiny_model_dir, no_safetensors, ignore=shutil.ignore_patterns("*.safetensors"))
+    assert main(["validate-data", str(path), "--model", str(no_safetensors)]) == 0
+    assert (
+        capsys.readouterr().out.splitlines()[-1] == f"no time estimate: {no_safetensors}: no *.safetensors files "
+        "to count the parameters of"
+    )
     with pytest.raises(SystemExit):
         main([*argv, "--gpu-hour-price", "-1"])
     assert "--gpu-hour-price: must be >= 0, got -1" in capsys.readouterr().err

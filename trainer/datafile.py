@@ -517,8 +517,12 @@ def _estimate_lines(summary: DataSummary, model: str, target: TargetDevice) -> l
     if summary.trained_on_per_epoch is None or summary.total_steps_packed is None:
         return []
     device = device_for_name(target.device)
+    try:
+        parameters = count_parameters(model)
+    except ValueError as error:  # weights in another format: the rest of the summary still holds
+        return [f"no time estimate: {error}"]
     workload = Workload(
-        parameters=count_parameters(model),
+        parameters=parameters,
         method=target.method,
         tokens_per_epoch=summary.trained_on_per_epoch,
         epochs=summary.epochs,

@@ -333,12 +333,12 @@ class FineTuneRun:
         else:
             name, devices = "cpu", available_cores()
         try:
-            device = device_for_name(name)
-        except ValueError:
-            log.info("no throughput figures for %s: no time estimate", name)
+            device, parameters = device_for_name(name), count_parameters(model.path)
+        except ValueError as error:  # a GPU without figures, or weights that are not safetensors
+            log.info("no time estimate: %s", error)
             return None
         workload = Workload(
-            parameters=count_parameters(model.path),
+            parameters=parameters,
             method=self.spec.method.value,
             tokens_per_epoch=sum(len(item.input_ids) for item in tokens.train),
             epochs=self.spec.hyperparameters.epochs,

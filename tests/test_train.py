@@ -152,7 +152,14 @@ def test_the_time_estimate_for_smollm2_on_this_cpu_is_within_a_factor_of_two(
     smollm2_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The throughput model against a real run: the quick start's job on 96 of its tickets,
-    one epoch, on this machine's cores. The bound is the model's promise, not a timing target."""
+    one epoch, on this machine's cores. The bound is the model's promise, not a timing target; on a
+    host already busier than its cores it would measure the other work (14x slower at load 9-12 on
+    2 cores), so it waits for a quieter one."""
+    from tuneloom.trainer.estimate import available_cores
+
+    load, cores = os.getloadavg()[0], available_cores()
+    if load > cores:
+        pytest.skip(f"host busy: load average {load:.1f} on {cores} cores; a time comparison would measure that")
     examples = Path(__file__).parents[1] / "examples"
     subset = tmp_path / "tickets.jsonl"
     subset.write_text("".join((examples / "support-tickets" / "train.jsonl").read_text().splitlines(True)[:96]))
@@ -166,7 +173,7 @@ def test_the_time_estimate_for_smollm2_on_this_cpu_is_within_a_factor_of_two(
         adapter = run(parse_job(spec))
     metrics = adapter.manifest.model_dump(mode="json")["metrics"]
     estimated, measured = metrics["estimate"]["seconds"], metrics["trainSeconds"]
-    print(f"estimate {estimated} s, measured {measured} s, {metrics['tokensSeen']} tokens")
+    print(f"estimate {estimated} s, measured {measured} s, {metrics['tokensSeen']} tokens, load {os.getloadavg()}")
     assert any(record.getMessage().startswith("estimated time on cpu (") for record in caplog.records)
     assert metrics["estimate"]["tokens"] == metrics["tokensSeen"]
     assert 0.5 <= measured / estimated <= 2.0, (estimated, measured)

@@ -31,7 +31,8 @@ from tuneloom.storage import StorageError, open_store, sha256_file
 from tuneloom.trainer import distributed
 from tuneloom.trainer.batching import collate, pack_rows, single_rows
 from tuneloom.trainer.checkpoint import CheckpointStore
-from tuneloom.trainer.datafile import DataValidationError, Example, load_examples
+from tuneloom.trainer.datafile import DataValidationError, Example, content_key, load_examples
+from tuneloom.trainer.dataquality import find_problems
 from tuneloom.trainer.estimate import Estimate, Workload, available_cores, count_parameters, device_for_name, estimate
 from tuneloom.trainer.evaluate import (
     Check,
@@ -109,6 +110,13 @@ def load_datasets(job: FineTuneJob) -> Datasets:
     else:
         train, validation = split_examples(examples, dataset.validationSplit, job.spec.hyperparameters.seed)
         info["validation"] = {"uri": dataset.train, "split": dataset.validationSplit}
+    # A training copy of a held-out example would make the held-out metrics measure recall.
+    held_out_keys = {content_key(example) for example in validation}
+    kept = [example for example in train if content_key(example) not in held_out_keys]
+    if len(kept) < len(train):
+        log.info("removed %d training examples that repeat held-out examples exactly", len(train) - len(kept))
+        info["train"]["removedCopiesOfHeldOut"] = len(train) - len(kept)
+        train = kept
     info["train"]["examples"] = len(train)
     info["validation"]["examples"] = len(validation)
     return Datasets(train, validation, validation[: job.spec.evaluation.maxExamples], info)
@@ -274,6 +282,8 @@ class FineTuneRun:
         self.reporter.event("validating-data")
         data = load_datasets(self.job)
         log.info("data: %d training, %d held-out examples", len(data.train), len(data.validation))
+        for finding in find_problems(data.train, data.validation):
+            log.warning("data: %s", finding.message)
         return data
 
     def setup_model(self, data: Datasets) -> tuple[Model, Tokenized]:

@@ -26,6 +26,7 @@ FULL_API_VERSION = f"{API_GROUP}/{API_VERSION}"
 # instead of letting the Job controller retry.
 TRAINER_EXIT_INVALID_INPUT = 2
 
+DEFAULT_VALIDATION_SPLIT = 0.1
 # What a server holds at once when nothing says otherwise (ModelServer and `tuneloom serve`).
 DEFAULT_MAX_LORAS = 4
 DEFAULT_MAX_LORA_RANK = 16
@@ -95,7 +96,7 @@ class DatasetSpec(_Model):
         description="Held-out JSONL file. When absent, validationSplit of the training data is held out.",
     )
     validationSplit: float = Field(
-        default=0.1,
+        default=DEFAULT_VALIDATION_SPLIT,
         gt=0.0,
         lt=0.5,
         description="Fraction of the training examples held out for validation when no validation file is given.",

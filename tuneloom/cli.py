@@ -47,6 +47,9 @@ def _validate_data(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         epochs=args.epochs,
         max_line_bytes=args.max_line_bytes,
+        validation=args.validation,
+        validation_split=args.validation_split,
+        strict=args.strict,
         target=TargetDevice(args.device, args.gpus, args.method, args.gpu_hour_price),
     )
 
@@ -91,8 +94,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tuneloom.api import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS
-    from tuneloom.trainer.datafile import DEFAULT_MAX_LINE_BYTES  # standard library only: cheap
+    from tuneloom.api import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, DEFAULT_VALIDATION_SPLIT
+    from tuneloom.trainer.datafile import DEFAULT_MAX_LINE_BYTES, FORMATS  # standard library only: cheap
     from tuneloom.trainer.estimate import DEVICES
 
     parser = argparse.ArgumentParser(prog="tuneloom", description=__doc__)
@@ -107,8 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate-data", help="check a JSONL dataset before training")
     validate.add_argument("file", help="JSONL file")
-    validate.add_argument("--format", choices=["chat", "completion"], default="chat")
+    validate.add_argument("--format", choices=list(FORMATS), default="chat")
     validate.add_argument("--model", help="model directory whose tokenizer counts the tokens")
+    validate.add_argument("--validation", help="held-out JSONL file, checked too and compared for leakage")
+    validate.add_argument(
+        "--validation-split",
+        type=float,
+        default=DEFAULT_VALIDATION_SPLIT,
+        help="share held out when there is no --validation file (a FineTuneJob's dataset.validationSplit)",
+    )
+    validate.add_argument("--strict", action="store_true", help="data-quality warnings are errors")
     validate.add_argument("--max-seq-length", type=int, default=1024)
     validate.add_argument("--batch-size", type=int, default=8, help="for the estimated step count")
     validate.add_argument("--epochs", type=int, default=3, help="for the estimated step count")

@@ -110,7 +110,8 @@ def test_training_publishes_an_adapter_that_loads_and_changes_outputs(
     assert metrics["base"]["exact_match"] == 0.0 and metrics["adapter"]["exact_match"] > 0.5
     assert len(metrics["history"]) == 4 and {"exact_match"} <= set(metrics["adapter"])
     # The few-shot baseline: the base model shown 3 training examples answers the same prompts.
-    assert set(metrics["fewShot"]) == {"exact_match"} and metrics["estimate"]["steps"] == metrics["steps"]
+    assert {key for key, value in metrics["fewShot"].items() if value is not None} == {"exact_match"}
+    assert metrics["estimate"]["steps"] == metrics["steps"]
 
     local = tmp_path / "adapter"
     download_adapter(open_store(s3_root), "default", "pirate", "1", local)

@@ -323,12 +323,18 @@ class AdapterReconciler:
                 raise AdapterProblem("InvalidAdapter", f"version {found.version} has no {', '.join(missing)}")
             config = check_peft_files(local)
         how = self._check_base_model(adapter, found.manifest.baseModel, config)
-        tuned, base = found.manifest.metrics.adapter, found.manifest.metrics.base
+        metrics = found.manifest.metrics
+        tuned, base = metrics.adapter, metrics.base
         # Unknown metrics are None, which the patch deletes: no value of an older version stays.
         status.rank, status.tokenAccuracy = config["r"], tuned.tokenAccuracy
         status.validationLoss, status.baseValidationLoss = tuned.validationLoss, base.validationLoss
         promotion = found.manifest.promotion
         status.promoted, status.promotionReasons = promotion.promoted, promotion.reasons
+        status.metrics, status.baseMetrics, status.fewShotMetrics = (
+            tuned.scores(),
+            base.scores(),
+            metrics.fewShot.scores(),
+        )
         status.model = found.id.served_name
         status.phase = AdapterPhase.ready
         status.message = f"version {found.version} verified: every file matches its sha256; {how}"

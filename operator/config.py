@@ -21,6 +21,8 @@ _ENV = {
     "health_port": "TUNELOOM_OPERATOR_HEALTH_PORT",
     "bind_address": "TUNELOOM_BIND_ADDRESS",
     "trainer_metrics_port": "TUNELOOM_TRAINER_METRICS_PORT",
+    "estimate_device": "TUNELOOM_ESTIMATE_DEVICE",
+    "gpu_hour_price": "TUNELOOM_GPU_HOUR_PRICE",
 }
 
 
@@ -49,6 +51,11 @@ class OperatorConfig:
     # Where the operator's own metrics and health endpoints listen.
     bind_address: str = "0.0.0.0"
     trainer_metrics_port: int = 9400
+    # The GPU a FineTuneJob's status.estimate assumes (a key of tuneloom.trainer.estimate.DEVICES):
+    # the operator cannot tell which GPU a pod will get before it is scheduled.
+    estimate_device: str = "h100"
+    # Price of one GPU-hour for jobs without spec.resources.costPerGpuHour; 0: no cost given.
+    gpu_hour_price: float = 0.0
 
     @classmethod
     def from_env(cls) -> OperatorConfig:

@@ -27,6 +27,7 @@ from tuneloom.api import (
     Phase,
     Progress,
     PublishedAdapter,
+    TrainingEstimate,
 )
 from tuneloom.jobfile import SpecError
 from tuneloom.locks import KeyedLocks
@@ -34,6 +35,7 @@ from tuneloom.operator import jobbuilder
 from tuneloom.operator.adapters import AdapterReconciler
 from tuneloom.operator.common import (
     MODELSERVERS,
+    SecretNotFoundError,
     call_json,
     condition_of,
     now,
@@ -47,11 +49,13 @@ from tuneloom.operator.common import (
     status_patch,
 )
 from tuneloom.operator.config import OperatorConfig
+from tuneloom.operator.estimates import estimate_job
 from tuneloom.operator.jobbuilder import LABEL_JOB
 from tuneloom.operator.metrics import OperatorMetrics
 from tuneloom.operator.observe import Observation, invalid_input, is_finished, observe, running_pod
 from tuneloom.registry import TrainingMetrics, read_adapter, read_published, run_prefix
-from tuneloom.storage import StorageError
+from tuneloom.storage import ObjectStore, StorageError
+from tuneloom.trainer.estimate import run_cost
 
 log = logging.getLogger("tuneloom.operator")
 
@@ -90,6 +94,8 @@ class FineTuneJobReconciler:
         self._service_account_seen: dict[str, float] = {}
         # uid -> the status as our last patch stored it: tells whether a body is older than that.
         self._written: dict[str, dict[str, Any]] = {}
+        # uids whose estimate was tried: one that could not be made is not tried on every pass.
+        self._estimated: set[str | None] = set()
 
     # -- entry point -----------------------------------------------------------------------------
 
@@ -158,6 +164,7 @@ class FineTuneJobReconciler:
         self.metrics.phases.set(self._key(body), None)
         self._locks.forget(body["metadata"]["uid"])
         self._written.pop(body["metadata"]["uid"], None)
+        self._estimated.discard(body["metadata"]["uid"])
 
     # -- the state machine -----------------------------------------------------------------------
 
@@ -191,6 +198,8 @@ class FineTuneJobReconciler:
         problems = self._deeper_validation(job)
         if problems:
             return self._end(status, Observation(Phase.failed, "InvalidSpec", "; ".join(problems)))
+        if status.estimate is None and job.metadata.uid not in self._estimated:
+            status.estimate = self._estimate(job)
         ahead = self._admit(job)
         if ahead is not None:
             status.phase, status.message = Phase.queued, f"waiting for a free slot; {ahead} job(s) ahead"
@@ -343,6 +352,29 @@ class FineTuneJobReconciler:
 
     # -- checks that need the cluster ------------------------------------------------------------
 
+    @property
+    def _price(self) -> float | None:
+        """The chart's GPU-hour price, for jobs that name none."""
+        return self.config.gpu_hour_price or None
+
+    def _estimate(self, job: FineTuneJob) -> TrainingEstimate | None:
+        """Tokens, steps, time and cost expected, from the data's head and the model's headers; an
+        estimate that cannot be made is logged, never holds the job back."""
+        self._estimated.add(job.metadata.uid)
+        spec = job.spec
+
+        def open_prefix(uri: str) -> ObjectStore:
+            return open_object_store(self.core, job.metadata.namespace, uri, spec.storage)
+
+        try:
+            expected = estimate_job(spec, open_prefix, self.config.estimate_device, self._price)
+        except (StorageError, SecretNotFoundError, ValueError) as exc:
+            log.info("%s/%s: no estimate: %s", job.metadata.namespace, job.metadata.name, exc)
+            return None
+        if expected is not None:
+            log.info("%s/%s: estimate %s", job.metadata.namespace, job.metadata.name, expected.model_dump())
+        return expected
+
     def _deeper_validation(self, job: FineTuneJob) -> list[str]:
         problems = []
         spec = job.spec
@@ -488,6 +520,11 @@ class FineTuneJobReconciler:
             metrics=metrics.adapter.scores(),
             baseMetrics=metrics.base.scores(),
             promotion=adapter.manifest.promotion.model_dump(),
+            fewShotMetrics=metrics.fewShot.scores(),
+            trainSeconds=metrics.trainSeconds,
+            gpuSeconds=metrics.gpuSeconds,
+            cost=metrics.cost if metrics.cost is not None else run_cost(metrics.gpuSeconds or 0.0, self._price),
+            estimatedSeconds=(metrics.estimate or {}).get("seconds"),
         )
         return published, metrics
 

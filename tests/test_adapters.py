@@ -202,7 +202,9 @@ def test_succeeded_job_leaves_a_ready_adapter_and_preloads_it(
     }
     bench.custom.create_namespaced_custom_object(GROUP, VERSION, bench.namespace, "modelservers", server)
     data = bench.upload_data("train.jsonl", _dataset())
-    bench.apply(bench.manifest("pirate", data, hyperparameters={"epochs": 2}, serve={"modelServer": "srv"}))
+    evaluation = {"metrics": ["exact_match"], "maxExamples": 2, "maxNewTokens": 4, "fewShot": {"k": 2}}
+    manifest = bench.manifest("pirate", data, hyperparameters={"epochs": 2}, serve={"modelServer": "srv"})
+    bench.apply({**manifest, "spec": {**manifest["spec"], "evaluation": evaluation}})
     job = bench.wait_phase("pirate", "Succeeded", "Failed")
     assert job["phase"] == "Succeeded", job
     served = next(c for c in job["conditions"] if c["type"] == "Served")
@@ -221,6 +223,10 @@ def test_succeeded_job_leaves_a_ready_adapter_and_preloads_it(
     assert status["validationLoss"] == published["validationLoss"]
     assert status["baseValidationLoss"] == published["baseValidationLoss"]
     assert 0 < status["tokenAccuracy"] <= 1 and status["rank"] == 4
+    # Base, few-shot and adapter side by side, as the manifest has them.
+    assert {"exact_match"} <= set(published["fewShotMetrics"]) and {"exact_match"} <= set(published["metrics"])
+    for key in ("metrics", "baseMetrics", "fewShotMetrics"):
+        assert status[key] == published[key]
     assert "config hash matches" in ready_condition(status)["message"]
     adapter = get_object(bench, "adapters", "pirate")
     assert not adapter["metadata"].get("ownerReferences"), "the Adapter must outlive its FineTuneJob"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -379,6 +380,34 @@ def test_validate_data_with_model_prints_token_stats(
     assert f"tokens per example (tokenizer of {tiny_model_dir}): min " in out
     assert "warning: 1 example longer than max_seq_length 100, on lines 2; " in out
     assert "  packed into 100-token rows: " in out
+    assert "\ntraining tokens: " in out and " per epoch, " in out
+    assert "\nestimated time on cpu (" in out and "; cost: no GPU time (calibrated on bench/README.md" in out
+
+
+def test_validate_data_estimates_time_and_cost_on_the_target_gpus(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tuneloom.trainer.estimate import count_parameters
+
+    path = write_jsonl(tmp_path / "data.jsonl", [GOOD] * 4)
+    argv = ["validate-data", str(path), "--model", str(tiny_model_dir), "--epochs", "2"]
+    assert main([*argv, "--device", "a100", "--gpus", "2", "--method", "full", "--gpu-hour-price", "3.5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    tokens = next(line for line in lines if line.startswith("tokens per epoch: ")).split()[3]
+    [training] = [line for line in lines if line.startswith("training tokens: ")]
+    assert training.startswith(f"training tokens: {tokens} per epoch, ") and training.endswith("; 2 optimizer steps")
+    seconds = 6 * count_parameters(tiny_model_dir) * 2 * int(tokens.replace(",", "")) / (312e12 * 0.35 * 2)
+    cost = f"{seconds * 2 / 3600 * 3.5:.4g}"
+    [timing] = [line for line in lines if line.startswith("estimated time on ")]
+    assert timing.startswith(f"estimated time on 2 x a100: 1s; cost: {cost} at the price given (peak dense bf16")
+    no_safetensors = tmp_path / "bin-model"
+    shutil.copytree(tiny_model_dir, no_safetensors, ignore=shutil.ignore_patterns("*.safetensors"))
+    assert main(["validate-data", str(path), "--model", str(no_safetensors)]) == 0
+    refusal = f"no time estimate: {no_safetensors}: no *.safetensors files to count the parameters of"
+    assert refusal in capsys.readouterr().out.splitlines()
+    with pytest.raises(SystemExit):
+        main([*argv, "--gpu-hour-price", "-1"])
+    assert "--gpu-hour-price: must be >= 0, got -1" in capsys.readouterr().err
 
 
 # --- the quick start dataset ----------------------------------------------------------------------------

@@ -214,12 +214,18 @@ def test_generation_prompts_are_cut_to_max_seq_length(tiny_model_dir: Path) -> N
 
     from tuneloom.trainer.datafile import Example, Message
     from tuneloom.trainer.evaluate import generate_answers
+    from tuneloom.trainer.tokenize import prompt_text
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     long = Example(line=1, messages=(Message("user", "word " * 100_000), Message("assistant", "ok")))
     [answer] = generate_answers(
-        model, tokenizer, [long], max_new_tokens=2, device=torch.device("cpu"), max_prompt_tokens=128
+        model,
+        tokenizer,
+        [prompt_text(tokenizer, long)],
+        max_new_tokens=2,
+        device=torch.device("cpu"),
+        max_prompt_tokens=128,
     )
     assert isinstance(answer, str)
 

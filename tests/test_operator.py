@@ -322,9 +322,15 @@ def test_job_runs_to_success_and_status_names_the_adapter(
 ) -> None:
     data = bench.upload_data("train.jsonl", _dataset())
     bench.apply(bench.manifest("pirate", data, hyperparameters={"epochs": 6}))
+    # The estimate comes with the first status, before the pod runs: 16 examples, 4 a step, 6 epochs.
+    first = bench.wait_phase("pirate", "Pending", "Running", "Succeeded", "Failed")
+    estimate = first["estimate"]
+    assert estimate["steps"] == 24 and estimate["tokens"] > 0 and estimate["seconds"] > 0, first
     status = bench.wait_phase("pirate", "Succeeded", "Failed")
     assert status["phase"] == "Succeeded", status
     adapter = status["adapter"]
+    assert adapter["trainSeconds"] > 0 and adapter["gpuSeconds"] == 0 and adapter["estimatedSeconds"] > 0
+    assert status["estimate"] == estimate
     stored = read_adapter(open_store(f"{bench.bucket_uri}/out"), bench.namespace, "pirate", adapter["version"])
     assert adapter["sha256"] == stored.manifest_sha256 and adapter["uri"] == stored.uri
     assert adapter["validationLoss"] < adapter["baseValidationLoss"]

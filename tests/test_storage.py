@@ -53,6 +53,16 @@ def test_bytes_round_trip(store: ObjectStore) -> None:
     assert store.get_bytes("a/b/c.txt") == b"replaced"
 
 
+def test_a_range_of_an_object_and_its_size(store: ObjectStore) -> None:
+    store.put_bytes("model/header.bin", b"0123456789")
+    assert store.size("model/header.bin") == 10
+    assert store.read_range("model/header.bin", 2, 3) == b"234"
+    assert store.read_range("model/header.bin", 8, 100) == b"89"
+    assert store.read_range("model/header.bin", 10, 4) == b""
+    with pytest.raises(ObjectNotFoundError):
+        store.size("model/missing.bin")
+
+
 def test_small_file_round_trip(store: ObjectStore, tmp_path: Path) -> None:
     source = _random_file(tmp_path / "small.bin", 1234)
     store.put_file("files/small.bin", source)

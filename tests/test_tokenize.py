@@ -10,7 +10,7 @@ import torch
 from tuneloom.trainer.batching import PAD_MARK, collate, epoch_batches, pack_rows
 from tuneloom.trainer.datafile import Example, Message
 from tuneloom.trainer.modeling import MaskedTokenLoss
-from tuneloom.trainer.tokenize import IGNORE_INDEX, EncodedExample, encode_example, prompt_text
+from tuneloom.trainer.tokenize import IGNORE_INDEX, EncodedExample, encode_example, few_shot_prompt, prompt_text
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +165,54 @@ def test_packed_examples_do_not_attend_to_each_other(tokenizer, tiny_model_dir: 
     torch.testing.assert_close(logits_packed[0, offset:], logits_alone[0], rtol=1e-4, atol=1e-4)
     assert packed_count == alone_count + (len([x for x in first.labels[1:] if x != IGNORE_INDEX]))
     torch.testing.assert_close(packed, alone + first_alone, rtol=1e-4, atol=1e-4)
+
+
+def _ticket(line: int, question: str, answer: str) -> Example:
+    return Example(
+        line=line,
+        messages=(Message("system", "Label it."), Message("user", question), Message("assistant", answer)),
+    )
+
+
+def test_few_shot_turns_come_between_the_system_message_and_the_question(tokenizer) -> None:
+    shots = [_ticket(1, "Q1", "A1"), _ticket(2, "Q2", "A2")]
+    prompt = few_shot_prompt(tokenizer, _ticket(9, "Q9", "A9"), shots)
+    conversation = [
+        {"role": "system", "content": "Label it."},
+        *(
+            {"role": role, "content": text}
+            for q, a in (("Q1", "A1"), ("Q2", "A2"))
+            for role, text in (("user", q), ("assistant", a))
+        ),
+        {"role": "user", "content": "Q9"},
+    ]
+    assert prompt == tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    assert prompt.count("Label it.") == 1 and "A9" not in prompt
+    assert few_shot_prompt(tokenizer, _ticket(9, "Q9", "A9"), []) == prompt_text(tokenizer, _ticket(9, "Q9", "A9"))
+
+
+def test_few_shot_completions_are_prepended_to_the_prompt(tokenizer) -> None:
+    shots = [Example(line=1, prompt="2+2=", completion="4"), Example(line=2, prompt="3+3=", completion="6")]
+    assert few_shot_prompt(tokenizer, Example(line=5, prompt="1+1=", completion="2"), shots) == "2+2=4\n\n3+3=6\n\n1+1="
+
+
+def test_shots_are_dropped_until_the_prompt_and_its_answer_fit(tokenizer) -> None:
+    from tuneloom.api import GenerationMetric
+    from tuneloom.trainer.evaluate import FewShotAnswers, HeldOutAnswers, draw_shots
+
+    train = [_ticket(line, "word " * 20, "short") for line in range(1, 11)]
+    question = _ticket(99, "Where is my parcel?", "shipping")
+    shots = draw_shots(train, 3, seed=42)
+    assert shots == draw_shots(train, 3, seed=42) and len(set(shots)) == 3 and set(shots) <= set(train)
+    one_shot = len(tokenizer(few_shot_prompt(tokenizer, question, shots[:1]))["input_ids"])
+    two_shots = len(tokenizer(few_shot_prompt(tokenizer, question, shots[:2]))["input_ids"])
+
+    def fitted(max_seq_length: int) -> tuple[str, int]:
+        held_out = HeldOutAnswers(
+            None, tokenizer, [question], [GenerationMetric.exact_match], 8, max_seq_length, torch.device("cpu")
+        )
+        return FewShotAnswers(held_out, shots)._fitted(question)
+
+    assert fitted(two_shots + 8) == (few_shot_prompt(tokenizer, question, shots[:2]), 1)
+    assert fitted(one_shot + 8) == (few_shot_prompt(tokenizer, question, shots[:1]), 2)
+    assert fitted(one_shot + 7) == (prompt_text(tokenizer, question), 3)

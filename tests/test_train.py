@@ -115,9 +115,14 @@ def test_training_publishes_an_adapter_that_loads_and_changes_outputs(
     assert metrics["adapter"]["validationLoss"] < metrics["base"]["validationLoss"] / 4
     assert metrics["base"]["exact_match"] == 0.0 and metrics["adapter"]["exact_match"] > 0.5
     assert len(metrics["history"]) == 4 and {"exact_match"} <= set(metrics["adapter"])
+    # The few-shot baseline: the base model shown 3 training examples answers the same prompts.
+    assert {key for key, value in metrics["fewShot"].items() if value is not None} == {"exact_match"}
+    assert metrics["estimate"]["steps"] == metrics["steps"]
 
     local = tmp_path / "adapter"
     download_adapter(open_store(s3_root), "default", "pirate", "1", local)
+    samples = json.loads((local / "evaluation.json").read_text())
+    assert len(samples) == 4 and all(set(sample["fewShotScores"]) == {"exact_match"} for sample in samples)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     question = "Question number 99: what is 1 plus 2?"
@@ -147,6 +152,38 @@ def test_real_model_answers_in_the_trained_style(smollm2_dir: Path, tmp_path: Pa
     question = "Question number 99: what is 1 plus 2?"
     assert not _greedy(base, tokenizer, question).startswith("Arr")
     assert _greedy(PeftModel.from_pretrained(base, local), tokenizer, question).startswith("Arr, matey!")
+
+
+@pytest.mark.slow
+def test_the_time_estimate_for_smollm2_on_this_cpu_is_within_a_factor_of_two(
+    smollm2_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The throughput model against a real run: the quick start's job on 96 of its tickets,
+    one epoch, on this machine's cores. The bound is the model's promise, not a timing target; on a
+    host already busier than its cores it would measure the other work (14x slower at load 9-12 on
+    2 cores), so it waits for a quieter one."""
+    from tuneloom.trainer.estimate import available_cores
+
+    load, cores = os.getloadavg()[0], available_cores()
+    if load > cores:
+        pytest.skip(f"host busy: load average {load:.1f} on {cores} cores; a time comparison would measure that")
+    examples = Path(__file__).parents[1] / "examples"
+    subset = tmp_path / "tickets.jsonl"
+    subset.write_text("".join((examples / "support-tickets" / "train.jsonl").read_text().splitlines(True)[:96]))
+    spec = yaml.safe_load((examples / "quickstart.yaml").read_text())
+    spec["spec"] |= {"baseModel": str(smollm2_dir), "checkpointing": {"everySteps": 0}}
+    spec["spec"]["dataset"]["train"] = str(subset)
+    spec["spec"]["hyperparameters"]["epochs"] = 1
+    spec["spec"]["evaluation"]["maxExamples"] = 0
+    spec["spec"]["output"]["uri"] = str(tmp_path / "store")
+    with caplog.at_level(logging.INFO, logger="tuneloom.trainer"):
+        adapter = run(parse_job(spec))
+    metrics = adapter.manifest.model_dump(mode="json")["metrics"]
+    estimated, measured = metrics["estimate"]["seconds"], metrics["trainSeconds"]
+    print(f"estimate {estimated} s, measured {measured} s, {metrics['tokensSeen']} tokens, load {os.getloadavg()}")
+    assert any(record.getMessage().startswith("estimated time on cpu (") for record in caplog.records)
+    assert metrics["estimate"]["tokens"] == metrics["tokensSeen"]
+    assert 0.5 <= measured / estimated <= 2.0, (estimated, measured)
 
 
 def test_rerun_of_a_finished_job_publishes_nothing_new(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -46,17 +46,25 @@ class LoopState:
     tokens_seen: int = 0
     base_evaluation: EvaluationResult | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    # The few-shot baseline, measured with the base model (absent from older checkpoints).
+    few_shot_evaluation: EvaluationResult | None = None
 
     def to_json(self) -> str:
-        base = self.base_evaluation
-        record = asdict(replace(self, base_evaluation=None))
-        return json.dumps({**record, "base_evaluation": None if base is None else base.to_record()})
+        base, few_shot = self.base_evaluation, self.few_shot_evaluation
+        record = asdict(replace(self, base_evaluation=None, few_shot_evaluation=None))
+        record["base_evaluation"] = None if base is None else base.to_record()
+        record["few_shot_evaluation"] = None if few_shot is None else few_shot.to_record()
+        return json.dumps(record)
 
     @classmethod
     def from_json(cls, text: str) -> LoopState:
         record = json.loads(text)
-        base = record.pop("base_evaluation", None)
-        return cls(**record, base_evaluation=None if base is None else EvaluationResult.from_record(base))
+        results = {
+            key: EvaluationResult.from_record(value)
+            for key in ("base_evaluation", "few_shot_evaluation")
+            if (value := record.pop(key, None)) is not None
+        }
+        return cls(**record, **results)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from tuneloom.trainer.estimate import Workload, available_cores, count_parameters, device_for_name, estimate
+
 # preference: OpenAI's pairs ({"input": {"messages"}, "preferred_output", "non_preferred_output"}),
 # checked by validate-data; training on them arrives with `method: dpo`.
 # prompts: chat prompts without answers (the general-ability check's prompt sets), each optionally
@@ -448,6 +450,7 @@ class DataSummary:
     count_limit: int | None = None
     counted_in_part: int = 0
     steps_per_epoch_packed: int | None = None  # sequences packed to max_seq_length
+    trained_on_per_epoch: int | None = None  # tokens of each example up to max_seq_length: what training computes
 
     @property
     def counted_tokens(self) -> bool:
@@ -532,6 +535,7 @@ def summarize(
     # Training cuts examples at max_seq_length, so only that much of each one fills packed rows.
     packed_tokens = sum(min(length, max_seq_length) for length in lengths)
     summary.steps_per_epoch_packed = math.ceil(packed_tokens / (max_seq_length * per_step))
+    summary.trained_on_per_epoch = packed_tokens
     return summary
 
 
@@ -608,6 +612,37 @@ def format_data_summary(
     return "\n".join([head, *_duplicate_lines(summary), *_token_lines(summary, model), *_step_lines(summary)])
 
 
+@dataclass(frozen=True)
+class TargetDevice:
+    """Where `validate-data` estimates the training: a device name from `estimate.DEVICES`, the GPUs,
+    the method, and the price of one GPU-hour."""
+
+    device: str = "cpu"
+    gpus: int = 1
+    method: str = "lora"
+    price_per_gpu_hour: float | None = None
+
+
+def _estimate_lines(summary: DataSummary, model: str, target: TargetDevice) -> list[str]:
+    """Training tokens, steps, time and cost on the target device (packed rows, as the trainer trains)."""
+    if summary.trained_on_per_epoch is None or summary.total_steps_packed is None:
+        return []
+    device = device_for_name(target.device)
+    try:
+        parameters = count_parameters(model)
+    except ValueError as error:  # weights in another format: the rest of the summary still holds
+        return [f"no time estimate: {error}"]
+    workload = Workload(
+        parameters=parameters,
+        method=target.method,
+        tokens_per_epoch=summary.trained_on_per_epoch,
+        epochs=summary.epochs,
+        steps=summary.total_steps_packed,
+    )
+    devices = target.gpus if device.is_gpu else available_cores()
+    return estimate(workload, device, devices=devices, price_per_gpu_hour=target.price_per_gpu_hour).lines()
+
+
 def _load_tokenizer(model: str) -> Any:
     """The model directory's tokenizer; raises ValueError with a sentence a user can act on."""
     if not Path(model).is_dir():
@@ -631,9 +666,11 @@ def validate_data_command(
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     validation: str | None = None,
     strict: bool = False,
+    target: TargetDevice = TargetDevice(),
 ) -> int:
     """`tuneloom validate-data`: 1 and every problem on stderr, or 0 and a summary on stdout, with
-    the data-quality warnings (errors under `strict`)."""
+    the data-quality warnings (errors under `strict`) and, with `model`, the estimated time and
+    cost of training on `target`."""
     from tuneloom.trainer.dataquality import find_problems
 
     held_out: list[Example] = []
@@ -661,6 +698,7 @@ def validate_data_command(
         summary = summarize(
             sequences, tokenizer=tokenizer, max_seq_length=max_seq_length, batch_size=batch_size, epochs=epochs
         )
+        estimate_lines = _estimate_lines(summary, model, target) if model else []
     except (ValueError, OSError) as error:
         # A directory that is not a model, or a chat template that cannot mask assistant turns.
         print(f"error: {error}", file=sys.stderr)
@@ -676,6 +714,8 @@ def validate_data_command(
         return 1
     pairs = len(examples) if fmt == "preference" else None
     print(format_data_summary(summary, source=file, fmt=fmt, model=model, pairs=pairs))
+    for line in estimate_lines:
+        print(line)
     for finding in findings:
         print(f"{'note' if finding.note else 'warning'}: {finding.message}")
     return 0

@@ -1,7 +1,8 @@
 """Held-out evaluation. Each check measures the model as it is when called and returns an
 `EvaluationResult`; a run calls the same checks before training (the base model) and after it (the
-adapter), merging each side's results into one. A new check (preference accuracy) is one more
-callable in the list `FineTuneRun.setup_evaluation` builds."""
+adapter), merging each side's results into one. A new check (general ability, preference accuracy)
+is one more callable in the list `FineTuneRun.setup_evaluation` builds. `FewShotAnswers`, the
+few-shot baseline, runs once, with the base model."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import contextlib
 import functools
 import json
 import logging
+import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,9 +23,10 @@ from tuneloom.promotion import AGREEMENT, NLL_SHIFT
 from tuneloom.trainer import general
 from tuneloom.trainer.batching import Batch
 from tuneloom.trainer.datafile import Example
-from tuneloom.trainer.tokenize import IGNORE_INDEX, prompt_text, reference_answer
+from tuneloom.trainer.tokenize import IGNORE_INDEX, few_shot_prompt, prompt_text, reference_answer
 
 log = logging.getLogger("tuneloom.trainer")
+
 
 # The checkpoint keys of a result's per-prompt parts; the other keys are its metrics.
 _ANSWERS, _SCORES, _GENERAL = "answers", "perExample", "generalAnswers"
@@ -110,10 +114,14 @@ class HeldOutAnswers:
     training_answers: frozenset[str] = frozenset()  # the training examples' answers, stripped
 
     def __call__(self) -> EvaluationResult:
+        return self.answer([prompt_text(self.tokenizer, example) for example in self.examples])
+
+    def answer(self, prompts: Sequence[str]) -> EvaluationResult:
+        """The model's answers to these prompts, one per held-out example, scored."""
         answers = generate_answers(
             self.model,
             self.tokenizer,
-            self.examples,
+            prompts,
             max_new_tokens=self.max_new_tokens,
             device=self.device,
             max_prompt_tokens=self.max_prompt_tokens,
@@ -270,6 +278,49 @@ def answer_nll(
     return sums, counts
 
 
+def draw_shots(train: Sequence[Example], k: int, seed: int) -> list[Example]:
+    """The few-shot examples: k training examples drawn with the job's seed, never held-out ones."""
+    return random.Random(seed).sample(list(train), min(k, len(train)))
+
+
+@dataclass(frozen=True)
+class FewShotAnswers:
+    """The few-shot baseline: the base model's answers to the same held-out prompts, each preceded
+    by the same training examples. Shots are dropped, last first, until the prompt leaves room for
+    the answer within maxSeqLength; only a prompt still too long without any is cut."""
+
+    held_out: HeldOutAnswers
+    shots: Sequence[Example]
+
+    def __call__(self) -> EvaluationResult:
+        started = time.monotonic()
+        prompts, dropped = zip(*(self._fitted(example) for example in self.held_out.examples), strict=True)
+        tokens = [self._length(prompt) for prompt in prompts]
+        log.info(
+            "few-shot baseline: %d prompts with %d shots (%d dropped to fit maxSeqLength), %.0f prompt tokens on "
+            "average",
+            len(prompts),
+            len(self.shots),
+            sum(dropped),
+            sum(tokens) / len(tokens),
+        )
+        result = self.held_out.answer(prompts)
+        log.info("few-shot baseline answered %d prompts in %.1f s", len(prompts), time.monotonic() - started)
+        return result
+
+    def _fitted(self, example: Example) -> tuple[str, int]:
+        """The prompt with as many shots as fit, and how many were dropped."""
+        room = self.held_out.max_prompt_tokens - self.held_out.max_new_tokens
+        for kept in range(len(self.shots), 0, -1):
+            prompt = few_shot_prompt(self.held_out.tokenizer, example, self.shots[:kept])
+            if self._length(prompt) <= room:
+                return prompt, len(self.shots) - kept
+        return prompt_text(self.held_out.tokenizer, example), len(self.shots)
+
+    def _length(self, prompt: str) -> int:
+        return len(self.held_out.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
 @torch.no_grad()
 def evaluate_loss(loss_fn: torch.nn.Module, batches: Sequence[Batch], device: torch.device) -> LossResult:
     was_training = loss_fn.training
@@ -313,14 +364,14 @@ def score(answers: Sequence[str], references: Sequence[str], metrics: Sequence[G
 def generate_answers(
     model: Any,
     tokenizer: Any,
-    examples: Sequence[Example],
+    prompts: Sequence[str],
     *,
     max_new_tokens: int,
     device: torch.device,
     batch_size: int = 16,
     max_prompt_tokens: int | None = None,
 ) -> list[str]:
-    """Greedy answers to the held-out prompts, batched with left padding.
+    """Greedy answers to the prompts, batched with left padding.
 
     With `max_prompt_tokens`, longer prompts keep only their last tokens (where the question and
     the generation prompt are): a prompt of a million tokens would not fit in attention memory.
@@ -329,8 +380,6 @@ def generate_answers(
     model.eval()
     tokenizer.padding_side = "left"
     tokenizer.truncation_side = "left"
-    answers: list[str] = []
-    prompts = [prompt_text(tokenizer, example) for example in examples]
     # Shortest prompts together: less padding per batch.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     by_index: dict[int, str] = {}
@@ -354,9 +403,8 @@ def generate_answers(
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         for index, text in zip(indices, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
             by_index[index] = text.strip()
-    answers = [by_index[i] for i in range(len(prompts))]
     model.train(was_training)
-    return answers
+    return [by_index[i] for i in range(len(prompts))]
 
 
 def references(examples: Sequence[Example]) -> list[str]:

@@ -34,12 +34,15 @@ from tuneloom.trainer.batching import collate, pack_rows, single_rows
 from tuneloom.trainer.checkpoint import CheckpointStore
 from tuneloom.trainer.datafile import DataValidationError, Example, content_key, load_examples
 from tuneloom.trainer.dataquality import find_problems
+from tuneloom.trainer.estimate import Estimate, Workload, available_cores, count_parameters, device_for_name, estimate
 from tuneloom.trainer.evaluate import (
     Check,
     EvaluationResult,
+    FewShotAnswers,
     GeneralAbility,
     HeldOutAnswers,
     HeldOutLoss,
+    draw_shots,
     references,
     run_checks,
 )
@@ -189,6 +192,15 @@ class Model:
     module: torch.nn.Module
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """The checks run on the base model and again on the adapter, and the few-shot baseline, run
+    once with the base model (None when it is off, or on ranks other than 0)."""
+
+    checks: list[Check]
+    few_shot: Check | None
+
+
 class FineTuneRun:
     """One run as a recipe: `run` calls the phases in order, each taking what earlier ones made."""
 
@@ -251,18 +263,30 @@ class FineTuneRun:
         data = self.setup_data()
         model, tokens = self.setup_model(data)
         loop = self.setup_training(model, tokens)
-        checks = self.setup_evaluation(model, loop, data)
-        base = self.evaluate_base(loop, checks)
+        expected = self.estimate(model, tokens, loop.plan)
+        evaluation = self.setup_evaluation(model, loop, data)
+        base = self.evaluate_base(loop, evaluation)
         training = self.train(loop)
         try:
-            tuned = self.evaluate(checks)
+            tuned = self.evaluate(evaluation.checks)
         except Preempted:
             # Training is done: keep it, so the retry goes straight to evaluating.
             loop.save_preempted()
             raise Preempted(loop.state.step) from None
         adapter = None
         if self.ranks.is_main:
-            report = RunReport(data.held_out, base, tuned, training, peak_memory_bytes(self.device), data.general)
+            report = RunReport(
+                data.held_out,
+                base,
+                tuned,
+                training,
+                peak_memory_bytes(self.device),
+                data.general,
+                few_shot=loop.state.few_shot_evaluation or EvaluationResult(),
+                estimate=None if expected is None else expected.to_status(),
+                gpus=self.ranks.world_size if self.device.type == "cuda" else 0,
+                price_per_gpu_hour=self.spec.resources.costPerGpuHour,
+            )
             with self.preemption.deferred():  # short, and a half-published version would only be redone
                 adapter = self.publish(model, data, report)
             print_report(report, adapter)
@@ -343,10 +367,36 @@ class FineTuneRun:
         hp = self.spec.hyperparameters
         return pack_rows(examples, hp.maxSeqLength) if hp.packing else single_rows(examples)
 
-    def setup_evaluation(self, model: Model, loop: TrainingLoop, data: Datasets) -> list[Check]:
-        """The checks run on the base model and again on the adapter."""
+    def estimate(self, model: Model, tokens: Tokenized, plan: Plan) -> Estimate | None:
+        """What the throughput model expects of this run on this device, logged before it starts;
+        None on a device it has no figures for."""
+        if self.device.type == "cuda":
+            name, devices = torch.cuda.get_device_name(self.device), self.ranks.world_size
+        else:
+            name, devices = "cpu", available_cores()
+        try:
+            device, parameters = device_for_name(name), count_parameters(model.path)
+        except ValueError as error:  # a GPU without figures, or weights that are not safetensors
+            log.info("no time estimate: %s", error)
+            return None
+        workload = Workload(
+            parameters=parameters,
+            method=self.spec.method.value,
+            tokens_per_epoch=sum(len(item.input_ids) for item in tokens.train),
+            epochs=self.spec.hyperparameters.epochs,
+            steps=plan.total_steps,
+            validation_tokens_per_epoch=sum(len(item.input_ids) for item in tokens.validation),
+        )
+        expected = estimate(workload, device, devices=devices, price_per_gpu_hour=self.spec.resources.costPerGpuHour)
+        for line in expected.lines():
+            log.info("%s", line)
+        self._remember({"estimate": expected.to_status()})
+        return expected
+
+    def setup_evaluation(self, model: Model, loop: TrainingLoop, data: Datasets) -> Evaluation:
         checks: list[Check] = [HeldOutLoss(loop.evaluate)]
         evaluation = self.spec.evaluation
+        few_shot = None
         # Only rank 0 publishes answers, so only it spends the time generating them.
         if evaluation.metrics and data.held_out and self.ranks.is_main:
             answers = HeldOutAnswers(
@@ -360,9 +410,12 @@ class FineTuneRun:
                 training_answers=frozenset(answer.strip() for answer in references(data.train)),
             )
             checks.append(answers)
+            if evaluation.fewShot.k:
+                shots = draw_shots(data.train, evaluation.fewShot.k, self.spec.hyperparameters.seed)
+                few_shot = FewShotAnswers(answers, shots)
         if data.general and self.ranks.is_main:
             checks.append(self._general_check(model, loop, data.general))
-        return checks
+        return Evaluation(checks, few_shot)
 
     def _general_check(self, model: Model, loop: TrainingLoop, prompts: list[Example]) -> GeneralAbility:
         general = self.spec.evaluation.general
@@ -393,12 +446,16 @@ class FineTuneRun:
             trained=lambda: loop.state.step > 0,
         )
 
-    def evaluate_base(self, loop: TrainingLoop, checks: list[Check]) -> EvaluationResult:
+    def evaluate_base(self, loop: TrainingLoop, evaluation: Evaluation) -> EvaluationResult:
         """Measured before the first step, when the model is still the base (a LoRA update starts
-        at zero); a resumed run has the result from its checkpoint."""
+        at zero), with the few-shot baseline; a resumed run has both from its checkpoint (one
+        written before the baseline existed has none, and the base weights are gone)."""
         if loop.state.base_evaluation is None:
             self.reporter.event("evaluating-base")
-            loop.state.base_evaluation = run_checks(checks)
+            loop.state.base_evaluation = run_checks(evaluation.checks)
+            if evaluation.few_shot is not None:
+                self.reporter.event("evaluating-few-shot", shots=self.spec.evaluation.fewShot.k)
+                loop.state.few_shot_evaluation = evaluation.few_shot()
         return loop.state.base_evaluation
 
     def train(self, loop: TrainingLoop) -> TrainingResult:

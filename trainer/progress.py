@@ -132,8 +132,8 @@ class ProgressReporter:
             metrics.step.set(start_step)
 
     def event(self, name: str, **fields: Any) -> None:
-        """A phase change (validating-data, loading-model, evaluating-base, training, evaluating,
-        uploading, succeeded)."""
+        """A phase change (validating-data, loading-model, evaluating-base, evaluating-few-shot,
+        training, evaluating, uploading, succeeded)."""
         log.info("event %s%s", name, "".join(f" {key}={json.dumps(value)}" for key, value in fields.items()))
         self._emit({"event": name, **fields})
 

@@ -1,15 +1,16 @@
-"""What a finished run found, base model vs adapter on held-out prompts: the manifest's `metrics`,
-evaluation.json, and the report a person reads."""
+"""What a finished run found, base model vs few-shot baseline vs adapter on held-out prompts: the
+manifest's `metrics`, evaluation.json, and the report a person reads."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tuneloom.registry import AdapterVersion
 from tuneloom.trainer.checkpoint import LoopState
 from tuneloom.trainer.datafile import Example
+from tuneloom.trainer.estimate import run_cost
 from tuneloom.trainer.evaluate import EvaluationResult, ScoredAnswer, references
 
 ANSWER_WIDTH = 72
@@ -33,28 +34,49 @@ class RunReport:
     training: TrainingResult
     peak_memory_bytes: int
     general_prompts: Sequence[Example] = ()
+    # The base model prompted with training examples; empty when evaluation.fewShot.k is 0.
+    few_shot: EvaluationResult = field(default_factory=EvaluationResult)
+    # Before training: what the throughput model expected (`Estimate.to_status`).
+    estimate: dict[str, Any] | None = None
+    # GPUs that trained (0 on CPU) and the price of one GPU-hour, for the actual cost.
+    gpus: int = 0
+    price_per_gpu_hour: float | None = None
 
     def metrics(self) -> dict[str, Any]:
-        """The manifest's `metrics`; the operator copies `base` and `adapter` into the job's status."""
+        """The manifest's `metrics`; the operator copies `base`, `fewShot` and `adapter` into the
+        job's status."""
         state = self.training.state
+        few_shot = {"fewShot": dict(self.few_shot.metrics)} if self.few_shot.metrics else {}
+        cost = run_cost(self.gpu_seconds, self.price_per_gpu_hour)
         return {
             "base": dict(self.base.metrics),
+            **few_shot,
             "adapter": dict(self.adapter.metrics),
             "steps": state.step,
             "bestStep": state.best_step,
             "stoppedEarly": state.stopped_early,
             "tokensSeen": state.tokens_seen,
             "trainSeconds": round(self.training.seconds, 1),
+            "gpuSeconds": round(self.gpu_seconds, 1),
+            **({} if cost is None else {"cost": cost}),
+            **({} if self.estimate is None else {"estimate": self.estimate}),
             "peakMemoryBytes": self.peak_memory_bytes,
             "history": state.history,
             "preemptedAtSteps": list(self.training.preempted_at),
         }
 
+    @property
+    def gpu_seconds(self) -> float:
+        return self.training.seconds * self.gpus
+
     def samples(self) -> list[dict[str, Any]]:
         """The held-out part of evaluation.json: each held-out prompt both models answered (a resumed
         run's base may have answered fewer, or none), with its reference answer and both models'
-        answers and scores."""
-        return _pairs(self.held_out, self.base.answers, self.adapter.answers)
+        answers and scores, and the few-shot baseline's where it answered."""
+        samples = _pairs(self.held_out, self.base.answers, self.adapter.answers)
+        for sample, few_shot in zip(samples, self.few_shot.answers, strict=False):
+            sample.update(fewShot=few_shot.text, fewShotScores=few_shot.scores)
+        return samples
 
     def general_samples(self) -> list[dict[str, Any]]:
         """The general-ability part: each general prompt with both answers, the adapter's marked
@@ -102,19 +124,45 @@ def _value(metrics: dict[str, Any], key: str) -> str:
 
 def format_samples(samples: list[dict[str, Any]]) -> str:
     """One block per held-out prompt: the expected answer, then each model's answer and scores."""
-    lines = ["Held-out prompts: base model vs adapter", ""]
+    lines = ["Held-out prompts: base model vs few-shot baseline vs adapter", ""]
     for sample in samples:
         lines.append(f"line {sample['line']:<5} expected  {_cell(sample['reference'])}")
         lines.append(f"{'':11}base      {_cell(sample['base']):<{ANSWER_WIDTH}}  {_marks(sample['baseScores'])}")
+        if "fewShot" in sample:
+            lines.append(
+                f"{'':11}few-shot  {_cell(sample['fewShot']):<{ANSWER_WIDTH}}  {_marks(sample['fewShotScores'])}"
+            )
         lines.append(f"{'':11}adapter   {_cell(sample['adapter']):<{ANSWER_WIDTH}}  {_marks(sample['adapterScores'])}")
     return "\n".join(lines)
 
 
 def format_metrics_table(summary: dict[str, Any]) -> str:
-    base, tuned = summary["base"], summary["adapter"]
-    lines = [f"{'held-out metric':<18}{'base':>10}{'adapter':>10}"]
-    lines += [f"{key:<18}{_value(base, key):>10}{_value(tuned, key):>10}" for key in tuned]
+    base, few_shot, tuned = summary["base"], summary.get("fewShot", {}), summary["adapter"]
+    lines = [f"{'held-out metric':<18}{'base':>10}{'few-shot':>10}{'adapter':>10}"]
+    lines += [f"{key:<18}{_value(base, key):>10}{_value(few_shot, key):>10}{_value(tuned, key):>10}" for key in tuned]
     return "\n".join(lines)
+
+
+def few_shot_verdict(summary: dict[str, Any]) -> list[str]:
+    """Whether fine-tuning was worth it: per generation metric, the adapter against the few-shot
+    baseline (nothing when there was no baseline)."""
+    few_shot, tuned = summary.get("fewShot", {}), summary["adapter"]
+    compared = [key for key in few_shot if key in tuned]
+    beaten = [key for key in compared if tuned[key] > few_shot[key]]
+    matched = [key for key in compared if key not in beaten]
+    lines = []
+    if beaten:
+        margins = " and ".join(f"on {key} by {_points(tuned[key] - few_shot[key])} points" for key in beaten)
+        lines.append(f"the adapter beats the few-shot baseline {margins}")
+    if matched:
+        lines.append(
+            f"a few-shot prompt does as well as the adapter on {', '.join(matched)}: consider prompting instead"
+        )
+    return lines
+
+
+def _points(difference: float) -> str:
+    return f"{round(difference * 100, 1):g}"
 
 
 def print_report(report: RunReport, adapter: AdapterVersion) -> None:
@@ -123,6 +171,8 @@ def print_report(report: RunReport, adapter: AdapterVersion) -> None:
     if samples:
         print("\n" + format_samples(samples))
     print("\n" + format_metrics_table(summary))
+    for line in few_shot_verdict(summary):
+        print(line)
     promotion = adapter.manifest.promotion
     verdict = "promoted" if promotion.promoted else "NOT promoted: " + "; ".join(promotion.reasons)
     print(

@@ -7,6 +7,7 @@ so the mask follows whatever template the base model ships instead of hard-codin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,6 +130,18 @@ def prompt_text(tokenizer: Any, example: Example) -> str:
         return example.prompt
     messages = [{"role": m.role, "content": m.content} for m in example.messages[:-1]]
     return _render(tokenizer, messages, generation_prompt=True)
+
+
+def few_shot_prompt(tokenizer: Any, example: Example, shots: Sequence[Example]) -> str:
+    """`prompt_text` with solved examples before the question: in chat format their user and
+    assistant turns come after the example's own system message, as if asked earlier in the
+    conversation; in completion format each prompt and completion comes first, a blank line after it."""
+    if not example.messages:
+        return "".join(f"{shot.prompt}{shot.completion}\n\n" for shot in shots) + example.prompt
+    system = example.messages[:1] if example.messages[0].role == "system" else ()
+    turns = [message for shot in shots for message in shot.messages if message.role != "system"]
+    conversation = (*system, *turns, *example.messages[len(system) : -1])
+    return _render(tokenizer, [{"role": m.role, "content": m.content} for m in conversation], generation_prompt=True)
 
 
 def reference_answer(example: Example) -> str:

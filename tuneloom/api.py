@@ -211,6 +211,17 @@ class GeneralEvaluationSpec(_Model):
         return value if value == BUILTIN_GENERAL_PROMPTS else _check_store_uri(value, "prompts")
 
 
+class FewShotSpec(_Model):
+    k: int = Field(
+        default=3,
+        ge=0,
+        le=64,
+        description="Training examples (drawn with hyperparameters.seed, never held-out ones) shown to the base model "
+        "before each held-out prompt, as earlier user/assistant turns (prepended to the prompt in completion format); "
+        "its answers are the few-shot baseline the adapter is compared with. 0 turns the baseline off.",
+    )
+
+
 class EvaluationSpec(_Model):
     metrics: list[GenerationMetric] = Field(
         default_factory=list,
@@ -218,6 +229,11 @@ class EvaluationSpec(_Model):
     )
     maxNewTokens: int = Field(default=128, gt=0, le=8192, description="Tokens generated per held-out prompt.")
     maxExamples: int = Field(default=50, ge=0, description="Held-out examples used for generation metrics.")
+    fewShot: FewShotSpec = Field(
+        default_factory=FewShotSpec,
+        description="The few-shot baseline: the base model prompted with k training examples, on the same held-out "
+        "examples and generation metrics.",
+    )
     everySteps: int = Field(
         default=0,
         ge=0,
@@ -297,6 +313,17 @@ class ResourcesSpec(_Model):
     tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations of the pods.")
 
 
+class TrainingResourcesSpec(ResourcesSpec):
+    """A training pod's resources, and what its GPU time costs."""
+
+    costPerGpuHour: float | None = Field(
+        default=None,
+        ge=0.0,
+        description="Price of one GPU-hour, for the cost in the estimate before training and in the result; "
+        "unset: the operator's price (the chart's trainer.estimate.gpuHourPrice), else no cost is given.",
+    )
+
+
 class StorageSpec(_Model):
     endpoint: str | None = Field(
         default=None, description="S3 endpoint URL for S3-compatible stores (MinIO, SeaweedFS); unset: AWS."
@@ -341,7 +368,9 @@ class FineTuneJobSpec(_Model):
     )
     output: OutputSpec = Field(description="Where the result is written.")
     checkpointing: CheckpointingSpec = Field(default_factory=CheckpointingSpec, description="Checkpoints.")
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Pod resources (operator only).")
+    resources: TrainingResourcesSpec = Field(
+        default_factory=TrainingResourcesSpec, description="Pod resources (operator only) and the GPU-hour price."
+    )
     storage: StorageSpec = Field(default_factory=StorageSpec, description="Object-store connection (operator only).")
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec, description="Queueing and limits (operator).")
     image: str | None = Field(default=None, description="Trainer image; unset: the operator's default.")
@@ -413,6 +442,26 @@ class PublishedAdapter(_Model):
     promotion: AdapterPromotion | None = Field(
         default=None, description="The promotion gate's verdict, from the manifest; unset: promoted."
     )
+    fewShotMetrics: dict[str, float] = Field(
+        default_factory=dict,
+        description="The same generation metrics for the few-shot baseline (the base model shown "
+        "spec.evaluation.fewShot.k training examples); empty when it was off.",
+    )
+    trainSeconds: float | None = Field(default=None, description="Measured seconds of training.")
+    gpuSeconds: float | None = Field(default=None, description="Measured GPU-seconds of training (0 on CPU).")
+    cost: float | None = Field(default=None, description="gpuSeconds at spec.resources.costPerGpuHour, when set.")
+    estimatedSeconds: float | None = Field(
+        default=None, description="The seconds the estimate before training expected, to compare with trainSeconds."
+    )
+
+
+class TrainingEstimate(_Model):
+    tokens: int = Field(default=0, description="Training tokens in all epochs, padding excluded.")
+    steps: int = Field(default=0, description="Optimizer steps.")
+    seconds: float = Field(default=0.0, description="Expected seconds of training on the job's device.")
+    cost: float | None = Field(
+        default=None, description="Expected cost at spec.resources.costPerGpuHour; unset without a price."
+    )
 
 
 class FineTuneJobStatus(_Model):
@@ -423,6 +472,11 @@ class FineTuneJobStatus(_Model):
     startTime: datetime | None = Field(default=None, description="When training started.")
     completionTime: datetime | None = Field(default=None, description="When the job ended.")
     jobName: str | None = Field(default=None, description="The batch/v1 Job running the trainer.")
+    estimate: TrainingEstimate | None = Field(
+        default=None,
+        description="Tokens, steps, time and cost expected, by the trainer's throughput model once it has counted "
+        "the tokens; the measured figures follow in progress and, at the end, in adapter.",
+    )
     progress: Progress | None = Field(default=None, description="Training progress, refreshed about every 5 s.")
     adapter: PublishedAdapter | None = Field(default=None, description="The adapter written, read from its manifest.")
     preempted: int = Field(
@@ -547,6 +601,13 @@ class AdapterStatus(_Model):
     )
     promotionReasons: list[str] = Field(
         default_factory=list, description="Why it was not promoted: each metric, its value and the threshold."
+    )
+    metrics: dict[str, float] = Field(
+        default_factory=dict, description="Held-out generation metrics with the adapter (e.g. exact_match), when known."
+    )
+    baseMetrics: dict[str, float] = Field(default_factory=dict, description="The same metrics for the base model.")
+    fewShotMetrics: dict[str, float] = Field(
+        default_factory=dict, description="The same metrics for the few-shot baseline, when it ran."
     )
     loadedOn: list[LoadedOn] = Field(default_factory=list, description="ModelServers and pods that have it loaded.")
 

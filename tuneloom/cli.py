@@ -23,6 +23,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def _train(args: argparse.Namespace) -> int:
     from tuneloom.trainer.main import run_from_file
 
@@ -30,7 +37,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _validate_data(args: argparse.Namespace) -> int:
-    from tuneloom.trainer.datafile import validate_data_command
+    from tuneloom.trainer.datafile import TargetDevice, validate_data_command
 
     return validate_data_command(
         args.file,
@@ -43,6 +50,7 @@ def _validate_data(args: argparse.Namespace) -> int:
         validation=args.validation,
         validation_split=args.validation_split,
         strict=args.strict,
+        target=TargetDevice(args.device, args.gpus, args.method, args.gpu_hour_price),
     )
 
 
@@ -89,6 +97,7 @@ def _serve(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from tuneloom.api import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, DEFAULT_VALIDATION_SPLIT
     from tuneloom.trainer.datafile import DEFAULT_MAX_LINE_BYTES, FORMATS  # standard library only: cheap
+    from tuneloom.trainer.estimate import DEVICES
 
     parser = argparse.ArgumentParser(prog="tuneloom", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -120,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=DEFAULT_MAX_LINE_BYTES,
         help="longest line (one example) accepted, in bytes; a FineTuneJob's dataset.maxLineBytes",
+    )
+    validate.add_argument(
+        "--device", choices=sorted(DEVICES), default="cpu", help="where to estimate the training time (with --model)"
+    )
+    validate.add_argument("--gpus", type=_positive_int, default=1, help="GPUs of --device, for the estimate")
+    validate.add_argument("--method", choices=["lora", "qlora", "full"], default="lora", help="for the estimate")
+    validate.add_argument(
+        "--gpu-hour-price", type=_non_negative_float, help="price of one GPU-hour, for the estimated cost"
     )
     validate.set_defaults(handler=_validate_data)
 

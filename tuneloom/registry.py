@@ -201,8 +201,13 @@ class EvaluatedMetrics(_Record):
 class TrainingMetrics(_Record):
     base: EvaluatedMetrics = Field(default_factory=EvaluatedMetrics)
     adapter: EvaluatedMetrics = Field(default_factory=EvaluatedMetrics)
+    fewShot: EvaluatedMetrics = Field(default_factory=EvaluatedMetrics)  # empty before the baseline existed
     steps: int = 0
     preemptedAtSteps: list[int] = Field(default_factory=list)
+    trainSeconds: float | None = None
+    gpuSeconds: float | None = None  # absent from manifests older than the estimate
+    cost: float | None = None
+    estimate: dict[str, Any] | None = None  # `Estimate.to_status` before training
 
 
 class BaseModelRecord(_Record):

@@ -192,6 +192,15 @@ class ObjectStore(abc.ABC):
         """The content of `key`; ObjectNotFoundError if missing."""
 
     @abc.abstractmethod
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        """Up to `length` bytes of `key` from byte `start` (fewer at its end): a file's header
+        without the file."""
+
+    @abc.abstractmethod
+    def size(self, key: str) -> int:
+        """The bytes stored at `key`; ObjectNotFoundError if missing."""
+
+    @abc.abstractmethod
     def download_file(self, key: str, dest: Path) -> None:
         """Writes `key` to `dest` via a temp file and a rename: `dest` is complete or untouched."""
 
@@ -285,6 +294,20 @@ class LocalStore(ObjectStore):
     def get_bytes(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
+        except OSError as exc:
+            raise self._os_error(key, exc) from exc
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        try:
+            with self._path(key).open("rb") as handle:
+                handle.seek(start)
+                return handle.read(length)
+        except OSError as exc:
+            raise self._os_error(key, exc) from exc
+
+    def size(self, key: str) -> int:
+        try:
+            return self._path(key).stat().st_size
         except OSError as exc:
             raise self._os_error(key, exc) from exc
 
@@ -572,6 +595,25 @@ class S3Store(ObjectStore):
         with self._errors(full):
             response = self.client.get_object(Bucket=self.bucket, Key=full)
             return bytes(response["Body"].read())
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        full = self._full(key)
+        with self._errors(full):
+            try:
+                wanted = f"bytes={start}-{start + length - 1}"
+                response = self.client.get_object(Bucket=self.bucket, Key=full, Range=wanted)
+            except self.client.exceptions.ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") == "InvalidRange":
+                    return b""  # starts past the end, as a file read there gives nothing
+                raise
+            return bytes(response["Body"].read())
+
+    def size(self, key: str) -> int:
+        full = self._full(key)
+        with self._errors(full):
+            return int(self.client.head_object(Bucket=self.bucket, Key=full)["ContentLength"])
 
     def download_file(self, key: str, dest: Path) -> None:
         from boto3.s3.transfer import TransferConfig

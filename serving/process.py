@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from tuneloom.children import die_with_parent
 from tuneloom.net import free_port
 
 
@@ -30,6 +31,7 @@ class ServingProcess:
         env: Mapping[str, str] | None = None,
         port: int | None = None,
         startup_timeout_s: float = 420.0,
+        die_with_parent: bool = False,
     ):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -41,13 +43,19 @@ class ServingProcess:
         ]
         self.env = {**os.environ, **(env or {})}
         self.startup_timeout_s = startup_timeout_s
+        self.die_with_parent = die_with_parent
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ServingProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+                self.command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+                preexec_fn=die_with_parent if self.die_with_parent else None,
             )
         deadline = time.monotonic() + self.startup_timeout_s
         while not self._healthy():

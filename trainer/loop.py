@@ -158,7 +158,7 @@ class TrainingLoop:
                 every = self.spec.checkpointing.everySteps
                 last_of_epoch = index == plan.steps_per_epoch - 1
                 if every and state.step % every == 0 and not last_of_epoch:
-                    self._checkpoint()
+                    self._checkpoint(reporter)
             self._end_of_epoch(epoch, reporter)
         reporter.peak_memory(peak_memory_bytes(self.device))
         if self.best is not None and state.best_step != state.step:
@@ -233,8 +233,10 @@ class TrainingLoop:
                 log.info("early stopping: no lower validation loss for %d evaluation(s)", patience)
                 state.stopped_early = True
         if epoch + 1 < self.plan.epochs and not state.stopped_early:
-            self._checkpoint()
+            self._checkpoint(reporter)
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, reporter: ProgressReporter) -> None:
         if self.checkpoints and self.spec.checkpointing.everySteps and self.ranks.is_main:
             self.checkpoints.save(self.state, self.model, self.optimizer, self.best, self.spec.checkpointing.keep)
+            # Told after the commit, so a reader that sees it can resume from this step.
+            reporter.event("checkpoint", step=self.state.step)

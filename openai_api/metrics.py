@@ -1,0 +1,45 @@
+"""tuneloom_api_* Prometheus series: requests by route and code, durations, jobs by status, upload bytes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+JOB_STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled", "paused")
+
+
+class _JobsByStatus(Collector):
+    """Read from the database at each scrape, so the gauge is right after a restart too."""
+
+    def __init__(self, counts: Callable[[], dict[str, int]]):
+        self.counts = counts
+
+    def collect(self):
+        family = GaugeMetricFamily("tuneloom_api_jobs", "Fine-tuning jobs by status.", labels=["status"])
+        counts = self.counts()
+        for status in JOB_STATUSES:
+            family.add_metric([status], counts.get(status, 0))
+        yield family
+
+
+class ApiMetrics:
+    def __init__(self, job_counts: Callable[[], dict[str, int]]):
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "tuneloom_api_requests",
+            "HTTP requests by route and status code.",
+            ["route", "code"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "tuneloom_api_request_duration_seconds",
+            "Time to the response's first byte, by route.",
+            ["route"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120),
+            registry=self.registry,
+        )
+        self.upload_bytes = Counter("tuneloom_api_upload_bytes", "Bytes of uploaded files.", registry=self.registry)
+        self.registry.register(_JobsByStatus(job_counts))

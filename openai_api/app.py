@@ -1,5 +1,6 @@
 """The HTTP layer: OpenAI's routes, each a thin call into the engine. Errors leave in OpenAI's shape."""
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,6 +16,8 @@ from starlette.exceptions import HTTPException
 from .engine import ApiEngine
 from .errors import ApiError
 from .jobs import CreateJobRequest
+
+log = logging.getLogger("tuneloom.api")
 
 INFERENCE_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 OPEN_ROUTES = ("/health", "/metrics")
@@ -72,7 +75,8 @@ def create_app(engine: ApiEngine) -> FastAPI:
         return JSONResponse(ApiError(exc.status_code, str(message)).body(), status_code=exc.status_code)
 
     @app.exception_handler(Exception)
-    async def crashed(_: Request, exc: Exception) -> JSONResponse:
+    async def crashed(request: Request, exc: Exception) -> JSONResponse:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
         error = ApiError(500, "Internal error; the API's log has the details. Retry later", type="server_error")
         return JSONResponse(error.body(), status_code=500)
 

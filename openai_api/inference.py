@@ -8,9 +8,12 @@ Clients name fine-tuned models by their `ft:` ids; vLLM knows them by the regist
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import secrets
+import signal
 import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +52,8 @@ class ServeManager:
         # The API's own key for its servers (loopback only): no client reaches them around the API.
         self.key = secrets.token_urlsafe(24)
         self._servers: dict[str, ServingProcess] = {}
+        self._groups_file = work_dir / "process-groups"
+        reap_orphans(self._groups_file)
         self._lock = threading.Lock()
         # One long-lived thread starts every server: each dies with the thread that started it.
         self._starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="serve-starter")
@@ -70,6 +75,7 @@ class ServeManager:
         args += ["--allowed-namespaces", ",".join(self.projects)]
         if self.max_model_len:
             args += ["--max-model-len", str(self.max_model_len)]
+        self.work_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.work_dir / f"serve-{len(self._servers)}.log"
         log.info("starting tuneloom serve for %s (log %s)", base.id, log_path)
         server = ServingProcess(
@@ -93,6 +99,8 @@ class ServeManager:
             ) from None
         with self._lock:
             self._servers[base.id] = server
+            with self._groups_file.open("a") as groups:
+                groups.write(f"{server.process.pid}\n")
         return server
 
     def close(self) -> None:
@@ -121,6 +129,38 @@ class ServeManager:
         finally:
             await response.aclose()
         return response.status_code, response.headers.get("content-type", "application/json"), rename.body(content)
+
+
+def reap_orphans(groups_file: Path) -> None:
+    """Ends what servers of an API that was killed left behind. `tuneloom serve` dies with the API,
+    but vLLM's engine processes outlive it; each server led its own process group, recorded here."""
+    if not groups_file.exists():
+        return
+    for line in groups_file.read_text().split():
+        group = int(line)
+        for member in _group_members(group):
+            if b"vllm" in _cmdline(member).lower():  # a reused group id is left alone
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(member, signal.SIGKILL)
+                    log.info("ended pid %d, left over from an earlier API's inference server", member)
+    groups_file.unlink()
+
+
+def _group_members(group: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.getpgid(int(entry.name)) == group:
+                    members.append(int(entry.name))
+    return members
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 class ModelRenamer:

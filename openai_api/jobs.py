@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 import secrets
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -40,9 +40,9 @@ SUFFIX_MAX = 64
 
 class HyperparametersRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    n_epochs: Auto | int | None = Field(default=None, ge=1, le=1000)
-    batch_size: Auto | int | None = Field(default=None, ge=1, le=4096)
-    learning_rate_multiplier: Auto | float | None = Field(default=None, gt=0, le=1000)
+    n_epochs: Auto | Annotated[int, Field(ge=1, le=1000)] | None = None
+    batch_size: Auto | Annotated[int, Field(ge=1, le=4096)] | None = None
+    learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=1000)] | None = None
 
 
 class SupervisedRequest(BaseModel):

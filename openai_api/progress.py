@@ -73,7 +73,7 @@ def translate(records: list[dict[str, Any]], view: RunView) -> Translation:
             }
             message = f"Step {data['step']}/{data['total_steps']}: training loss={view.train_loss}"
             out.events.append(NewEvent(message=message, type="metrics", data=data, created_at=at))
-            out.eta_seconds = record.get("etaSeconds")
+            out.eta_seconds = record.get("etaSeconds", out.eta_seconds)
         elif kind == "evaluation":
             view.valid_loss, view.valid_accuracy = record.get("validationLoss"), record.get("tokenAccuracy")
             step = record.get("step")

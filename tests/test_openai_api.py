@@ -16,9 +16,8 @@ from pathlib import Path
 import openai
 import pytest
 
+from tuneloom_dev.apiprocess import ApiProcess
 from tuneloom_dev.seaweedfs import SeaweedFS
-
-from .openai_api_server import ApiProcess
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""`tuneloom api` as a real child process on 127.0.0.1, for the tests and the benchmark."""
+"""`tuneloom api` as a real child process on 127.0.0.1, for the tests and bench/api.py."""
 
 from __future__ import annotations
 

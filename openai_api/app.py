@@ -4,7 +4,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, File, Form, Header, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -102,13 +102,9 @@ def create_app(engine: ApiEngine) -> FastAPI:
     ) -> dict:
         return engine.list_files(who, purpose, after, limit, order)
 
-    @app.get("/v1/files/{file_id}")
-    def file(who: Project, file_id: str) -> dict:
-        return engine.file(who, file_id)
-
-    @app.delete("/v1/files/{file_id}")
-    def delete_file(who: Project, file_id: str) -> dict:
-        return engine.delete_file(who, file_id)
+    @app.api_route("/v1/files/{file_id}", methods=["GET", "DELETE"])
+    def file(who: Project, file_id: str, request: Request) -> dict:
+        return (engine.delete_file if request.method == "DELETE" else engine.file)(who, file_id)
 
     @app.get("/v1/files/{file_id}/content")
     def content(who: Project, file_id: str) -> FileResponse:
@@ -129,17 +125,9 @@ def create_app(engine: ApiEngine) -> FastAPI:
     def job(who: Project, job_id: str) -> dict:
         return engine.job(who, job_id)
 
-    @app.post("/v1/fine_tuning/jobs/{job_id}/cancel")
-    def cancel(who: Project, job_id: str) -> dict:
-        return engine.cancel(who, job_id)
-
-    @app.post("/v1/fine_tuning/jobs/{job_id}/pause")
-    def pause(who: Project, job_id: str) -> dict:
-        return engine.pause(who, job_id)
-
-    @app.post("/v1/fine_tuning/jobs/{job_id}/resume")
-    def resume(who: Project, job_id: str) -> dict:
-        return engine.resume(who, job_id)
+    @app.post("/v1/fine_tuning/jobs/{job_id}/{action}")
+    def act(who: Project, job_id: str, action: Literal["cancel", "pause", "resume"]) -> dict:
+        return engine.job_action(who, job_id, action)
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/events")
     def events(who: Project, job_id: str, after: str | None = None, limit: int | None = None) -> dict:
@@ -153,13 +141,9 @@ def create_app(engine: ApiEngine) -> FastAPI:
     def models(who: Project) -> dict:
         return engine.list_models(who)
 
-    @app.get("/v1/models/{model_id:path}")
-    def model(who: Project, model_id: str) -> dict:
-        return engine.model(who, model_id)
-
-    @app.delete("/v1/models/{model_id:path}")
-    def delete_model(who: Project, model_id: str) -> dict:
-        return engine.delete_model(who, model_id)
+    @app.api_route("/v1/models/{model_id:path}", methods=["GET", "DELETE"])
+    def model(who: Project, model_id: str, request: Request) -> dict:
+        return (engine.delete_model if request.method == "DELETE" else engine.model)(who, model_id)
 
     async def infer(who: Project, request: Request) -> Response:
         try:

@@ -11,7 +11,7 @@ from typing import IO, Any
 from tuneloom.storage import open_store
 
 from . import jobs as mapping
-from .errors import ApiError, bad_request, not_found
+from .errors import ApiError, bad_request, found, not_found
 from .files import FileService, file_object
 from .inference import ServeManager, Target, adapter_served_name
 from .keys import KeyRing
@@ -140,10 +140,7 @@ class ApiEngine:
         return record
 
     def job_record(self, project: str, job_id: str) -> JobRecord:
-        job = self.state.job(job_id, project)
-        if job is None:
-            raise not_found("job", job_id, "fine_tuning_job_id")
-        return job
+        return found(self.state.job(job_id, project), "job", job_id, "fine_tuning_job_id")
 
     def job(self, project: str, job_id: str) -> dict[str, Any]:
         return job_object(self.job_record(project, job_id))
@@ -152,14 +149,10 @@ class ApiEngine:
         records, more = self.state.jobs(project, after=after, limit=page_limit(limit), metadata=metadata)
         return listing([job_object(r) for r in records], more)
 
-    def cancel(self, project: str, job_id: str) -> dict[str, Any]:
-        return job_object(self.runner.cancel(self.job_record(project, job_id).id))
-
-    def pause(self, project: str, job_id: str) -> dict[str, Any]:
-        return job_object(self.runner.pause(self.job_record(project, job_id).id))
-
-    def resume(self, project: str, job_id: str) -> dict[str, Any]:
-        return job_object(self.runner.resume(self.job_record(project, job_id).id))
+    def job_action(self, project: str, job_id: str, action: str) -> dict[str, Any]:
+        """cancel, pause or resume, as the job backend carries them out."""
+        job = self.job_record(project, job_id)
+        return job_object(getattr(self.runner, action)(job.id))
 
     def events(self, project: str, job_id: str, after: str | None, limit: int | None) -> dict[str, Any]:
         job = self.job_record(project, job_id)

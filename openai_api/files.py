@@ -15,7 +15,7 @@ from openai.types import FileObject
 from tuneloom.storage import ObjectStore
 from tuneloom.trainer.datafile import check_file
 
-from .errors import ApiError, bad_request, not_found
+from .errors import ApiError, bad_request, found
 from .jobs import new_id
 from .state import FileRecord, State
 
@@ -104,10 +104,7 @@ class FileService:
         return record
 
     def get(self, project: str, file_id: str) -> FileRecord:
-        record = self.state.file(project, file_id)
-        if record is None:
-            raise not_found("file", file_id, "file_id")
-        return record
+        return found(self.state.file(project, file_id), "file", file_id, "file_id")
 
     def download(self, record: FileRecord) -> Path:
         """A local copy of the content; the caller removes it."""

@@ -62,14 +62,14 @@ class ServeManager:
     async def server_for(self, base: BaseModel) -> ServingProcess:
         with self._lock:
             server = self._servers.get(base.id)
-        if server is not None and server.process is not None and server.process.poll() is None:
+        if server is not None and server.running():
             return server
         return await asyncio.wrap_future(self._starter.submit(self._start, base))
 
     def _start(self, base: BaseModel) -> ServingProcess:
         with self._lock:
             running = self._servers.get(base.id)
-        if running is not None and running.process is not None and running.process.poll() is None:
+        if running is not None and running.running():
             return running  # started while this request waited its turn
         args = ["--api-key-env", SERVE_KEY_ENV, "--served-model-name", base.id]
         args += ["--allowed-namespaces", ",".join(self.projects)]

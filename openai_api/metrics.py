@@ -8,6 +8,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+ROUTE_CODE = ("route", "code")
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120)  # seconds: uploads and proxied streams
 JOB_STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled", "paused")
 
 
@@ -27,19 +29,9 @@ class _JobsByStatus(Collector):
 
 class ApiMetrics:
     def __init__(self, job_counts: Callable[[], dict[str, int]]):
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "tuneloom_api_requests",
-            "HTTP requests by route and status code.",
-            ["route", "code"],
-            registry=self.registry,
-        )
-        self.duration = Histogram(
-            "tuneloom_api_request_duration_seconds",
-            "Time to the response's first byte, by route.",
-            ["route"],
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120),
-            registry=self.registry,
-        )
-        self.upload_bytes = Counter("tuneloom_api_upload_bytes", "Bytes of uploaded files.", registry=self.registry)
-        self.registry.register(_JobsByStatus(job_counts))
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter("tuneloom_api_requests", "Requests by route and code.", ROUTE_CODE, registry=registry)
+        duration = "tuneloom_api_request_duration_seconds"
+        self.duration = Histogram(duration, "Time to the first byte.", ["route"], buckets=BUCKETS, registry=registry)
+        self.upload_bytes = Counter("tuneloom_api_upload_bytes", "Bytes of uploaded files.", registry=registry)
+        registry.register(_JobsByStatus(job_counts))

@@ -236,7 +236,8 @@ def test_cancel_stops_the_trainer(api: Api, tmp_path: Path) -> None:
     assert not _trainers_of(job.id)
 
 
-def test_pause_and_resume_continue_from_the_checkpoint(api: Api, tmp_path: Path) -> None:
+def _job_past_its_first_checkpoint(api: Api, tmp_path: Path):
+    """A job of six epochs, 36 steps each, once its first checkpoint is committed."""
     file = api.client.files.create(file=_write_data(tmp_path / "d.jsonl", 40).open("rb"), purpose="fine-tune")
     job = api.client.fine_tuning.jobs.create(
         training_file=file.id,
@@ -244,6 +245,11 @@ def test_pause_and_resume_continue_from_the_checkpoint(api: Api, tmp_path: Path)
         hyperparameters={"n_epochs": 6, "batch_size": 1, "learning_rate_multiplier": TINY_MODEL_MULTIPLIER},
     )
     api.wait_for_event(job.id, "Checkpoint created")
+    return file, job
+
+
+def test_pause_and_resume_continue_from_the_checkpoint(api: Api, tmp_path: Path) -> None:
+    _, job = _job_past_its_first_checkpoint(api, tmp_path)
     assert api.client.fine_tuning.jobs.pause(job.id).id == job.id
     assert api.wait(job.id, until=("paused",)).status == "paused"
     paused_at = max(e.data["step"] for e in api.events(job.id) if e.type == "metrics")
@@ -284,13 +290,7 @@ def _trainers_of(job_id: str) -> list[int]:
 
 def test_a_killed_api_loses_nothing_and_the_job_goes_on(api: Api, tmp_path: Path) -> None:
     """Last in the module: SIGKILL the API mid-job, start it again on the same state."""
-    file = api.client.files.create(file=_write_data(tmp_path / "d.jsonl", 40).open("rb"), purpose="fine-tune")
-    job = api.client.fine_tuning.jobs.create(
-        training_file=file.id,
-        model=api.model,
-        hyperparameters={"n_epochs": 6, "batch_size": 1, "learning_rate_multiplier": TINY_MODEL_MULTIPLIER},
-    )
-    api.wait_for_event(job.id, "Checkpoint created")
+    file, job = _job_past_its_first_checkpoint(api, tmp_path)
     before = [(e.id, e.message) for e in api.events(job.id)]
     trainers = _trainers_of(job.id)
     assert trainers

@@ -22,10 +22,10 @@ from tuneloom.openai_api.progress import RunView, read_records, result_csv, tran
 from tuneloom.openai_api.runner import failure
 from tuneloom.openai_api.state import CheckpointRecord, EventRecord, JobRecord
 
+RULE = [(10, 10), (20, 5), (34, 3), (100, 3), (1000, 3), (8333, 3), (8334, 2), (10_000, 2), (10**6, 1)]
 
-@pytest.mark.parametrize(
-    ("examples", "epochs"), [(10, 10), (20, 5), (34, 3), (100, 3), (1000, 3), (8333, 3), (8334, 2), (10_000, 2), (10**6, 1)]
-)
+
+@pytest.mark.parametrize(("examples", "epochs"), RULE)
 def test_auto_epochs_follow_openais_rule(examples: int, epochs: int) -> None:
     assert jobs.auto_epochs(examples) == epochs
 

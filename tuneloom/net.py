@@ -1,8 +1,11 @@
-"""Free loopback ports, for servers started on this machine (`tuneloom serve` as a child process)."""
+"""Free loopback ports, and whether a server on one answers, for servers started on this machine
+(`tuneloom serve` as a child process)."""
 
 from __future__ import annotations
 
 import socket
+import urllib.error
+import urllib.request
 from contextlib import ExitStack
 
 LOCALHOST = "127.0.0.1"
@@ -22,3 +25,12 @@ def free_ports(count: int) -> list[int]:
 
 def free_port() -> int:
     return free_ports(1)[0]
+
+
+def answers_ok(url: str, timeout: float = 2.0) -> bool:
+    """Whether a GET of `url` answers 200 now (a server's health or readiness route)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False

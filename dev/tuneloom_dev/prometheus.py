@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from tuneloom.net import LOCALHOST, free_port
+from tuneloom.net import LOCALHOST, answers_ok, free_port
 
 
 class PrometheusError(RuntimeError):
@@ -81,11 +81,7 @@ class Prometheus:
         return self
 
     def _ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as response:
-                return response.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        return answers_ok(f"{self.url}/-/ready")
 
     def log_tail(self, lines: int = 30) -> str:
         path = self.work_dir / "prometheus.log"

@@ -13,7 +13,7 @@ from typing import IO, Any
 from openai.types import FileObject
 
 from tuneloom.storage import ObjectStore
-from tuneloom.trainer.datafile import check_file
+from tuneloom.trainer.datafile import Problem, iter_checked
 
 from .errors import ApiError, bad_request, found
 from .jobs import new_id
@@ -36,13 +36,13 @@ def file_object(record: FileRecord) -> dict[str, Any]:
     ).model_dump(mode="json")
 
 
-def problems_message(filename: str, problems: list[Any], cap: int) -> str:
-    listed = [str(problem) for problem in problems[:cap]]
-    if len(problems) > cap:
-        listed.append(f"and {len(problems) - cap} more")
-    noun = "problem" if len(problems) == 1 else "problems"
+def problems_message(filename: str, first: list[Problem], total: int) -> str:
+    listed = [str(problem) for problem in first]
+    if total > len(first):
+        listed.append(f"and {total - len(first)} more")
+    noun = "problem" if total == 1 else "problems"
     return (
-        f"{filename} is not valid fine-tuning data ({len(problems)} {noun}); fix these lines and upload it again "
+        f"{filename} is not valid fine-tuning data ({total} {noun}); fix these lines and upload it again "
         '(one JSON object per line: {"messages": [{"role": ..., "content": ...}, ...]}):\n' + "\n".join(listed)
     )
 
@@ -74,12 +74,17 @@ class FileService:
                 size += len(chunk)
                 on_bytes(len(chunk))
             temp.flush()
-            examples, problems = check_file(temp.name, "chat", source=filename)
+            examples, first, problems = 0, [], 0
+            for item in iter_checked(temp.name, "chat", source=filename):
+                if isinstance(item, Problem):
+                    problems += 1
+                    first += [item] if len(first) < self.problems_listed else []
+                else:
+                    examples += 1
             if problems:
-                raise ApiError(
-                    400, problems_message(filename, problems, self.problems_listed), param="file", code="invalid_file"
-                )
-            return self._store(Path(temp.name), filename, purpose, project, size, len(examples))
+                message = problems_message(filename, first, problems)
+                raise ApiError(400, message, param="file", code="invalid_file")
+            return self._store(Path(temp.name), filename, purpose, project, size, examples)
 
     def add_result(self, project: str, filename: str, content: bytes) -> FileRecord:
         with tempfile.NamedTemporaryFile(dir=self.work_dir, prefix="result-") as temp:

@@ -117,7 +117,7 @@ class ApiEngine:
             suffix=request.suffix,
             seed=request.seed if request.seed is not None else secrets.randbelow(2**31),
             metadata=request.metadata,
-            integrations=request.integrations or [],
+            integrations=[i.model_dump(mode="json", exclude_none=True) for i in request.integrations or []],
             adapter_name=mapping.adapter_name(request.suffix, job_id),
             fine_tuned_model=mapping.fine_tuned_model_id(base.id, project, request.suffix, job_id),
         )

@@ -11,6 +11,7 @@ import re
 import secrets
 from typing import Annotated, Any, Literal
 
+from openai.types.fine_tuning.fine_tuning_job_wandb_integration_object import FineTuningJobWandbIntegrationObject
 from pydantic import BaseModel, ConfigDict, Field
 
 from tuneloom.api import FULL_API_VERSION, HyperparametersSpec
@@ -68,7 +69,8 @@ class CreateJobRequest(BaseModel):
     suffix: str | None = Field(default=None, max_length=SUFFIX_MAX)
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
     metadata: dict[str, str] | None = None
-    integrations: list[dict[str, Any]] | None = None
+    # Accepted (and reported as ignored) in the shape the job object echoes back: OpenAI's wandb one.
+    integrations: list[FineTuningJobWandbIntegrationObject] | None = None
 
     def requested_hyperparameters(self) -> HyperparametersRequest:
         """`method.supervised.hyperparameters` (the current form) or the top-level ones (the old form)."""

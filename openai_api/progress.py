@@ -1,11 +1,10 @@
-"""The trainer's progress records (JSON lines) turned into OpenAI job events, checkpoints and a
-result file. Pure functions over records, so the mapping is unit-tested without a trainer."""
+"""The trainer's progress, as polled from its /progress endpoint, turned into OpenAI job events,
+checkpoints and a result file. Pure functions, so the mapping is unit-tested without a trainer."""
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,19 +20,6 @@ RESULT_COLUMNS = ("step", "train_loss", "valid_loss", "valid_mean_token_accuracy
 METRICS_COLUMNS = ("train_loss", "learning_rate")
 
 
-def read_records(text: bytes) -> tuple[list[dict[str, Any]], int]:
-    """Complete lines of a progress file's new bytes, and how many bytes they took (a last line
-    without its newline is still being written: it is read next time)."""
-    end = text.rfind(b"\n") + 1
-    records = []
-    for line in text[:end].splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue  # a torn line from a killed trainer
-    return records, end
-
-
 @dataclass
 class Translation:
     events: list[NewEvent] = field(default_factory=list)
@@ -41,62 +27,52 @@ class Translation:
     eta_seconds: float | None = None
 
 
-@dataclass
-class RunView:
-    """What the translation remembers between records: the latest figures, for checkpoints."""
-
-    train_loss: float | None = None
-    valid_loss: float | None = None
-    valid_accuracy: float | None = None
-
-
-def translate(records: list[dict[str, Any]], view: RunView) -> Translation:
+def translate(previous: dict[str, Any], current: dict[str, Any]) -> Translation:
+    """What changed between two polls of the trainer's /progress (the latest of its records merged
+    into one object, so each figure keeps its last value). A step logged between two polls is not
+    seen; checkpoints and the resume point are, through fields that only ever move forward."""
     out = Translation()
-    for record in records:
-        kind, at = record.get("event"), int(record.get("time", 0)) or None
-        if kind in PHASE_MESSAGES:
-            out.events.append(NewEvent(message=PHASE_MESSAGES[kind], created_at=at))
-        elif kind == "training":
-            step, total = record.get("step", 0), record.get("totalSteps", 0)
-            message = f"Training resumed at step {step} of {total}" if step else f"Training started: {total} steps"
-            out.events.append(NewEvent(message=message, created_at=at, data={"step": step, "total_steps": total}))
-        elif kind == "progress":
-            view.train_loss = record.get("trainLoss")
-            data = {
-                "step": record.get("step"),
-                "total_steps": record.get("totalSteps"),
-                "epoch": record.get("epoch"),
-                "train_loss": view.train_loss,
-                "valid_loss": record.get("validationLoss"),
-                "learning_rate": record.get("learningRate"),
-                "tokens_per_second": record.get("tokensPerSecond"),
-            }
-            message = f"Step {data['step']}/{data['total_steps']}: training loss={view.train_loss}"
-            out.events.append(NewEvent(message=message, type="metrics", data=data, created_at=at))
-            out.eta_seconds = record.get("etaSeconds", out.eta_seconds)
-        elif kind == "evaluation":
-            view.valid_loss, view.valid_accuracy = record.get("validationLoss"), record.get("tokenAccuracy")
-            step = record.get("step")
-            data = {"step": step, "valid_loss": view.valid_loss, "valid_mean_token_accuracy": view.valid_accuracy}
-            message = (
-                f"Evaluation at step {step}: validation loss={view.valid_loss}, token accuracy={view.valid_accuracy}"
-            )
-            out.events.append(NewEvent(message=message, data=data, created_at=at))
-        elif kind == "checkpoint":
-            step = int(record["step"])
-            out.checkpoints.append((step, checkpoint_metrics(step, view)))
-            out.events.append(
-                NewEvent(message=f"Checkpoint created at step {step}", data={"step": step}, created_at=at)
-            )
+    kind, at = current.get("event"), int(current.get("time", 0)) or None
+    if kind != previous.get("event") and kind in PHASE_MESSAGES:
+        out.events.append(NewEvent(message=PHASE_MESSAGES[kind], created_at=at))
+    total = current.get("totalSteps")
+    if total and not previous.get("totalSteps"):
+        start = current.get("startStep", 0)
+        message = f"Training resumed at step {start} of {total}" if start else f"Training started: {total} steps"
+        out.events.append(NewEvent(message=message, created_at=at, data={"step": start, "total_steps": total}))
+    if current.get("trainLoss") is not None and current.get("step", 0) > previous.get("step", 0):
+        data = {
+            "step": current.get("step"),
+            "total_steps": total,
+            "epoch": current.get("epoch"),
+            "train_loss": current.get("trainLoss"),
+            "valid_loss": current.get("validationLoss"),
+            "learning_rate": current.get("learningRate"),
+            "tokens_per_second": current.get("tokensPerSecond"),
+        }
+        message = f"Step {data['step']}/{total}: training loss={data['train_loss']}"
+        out.events.append(NewEvent(message=message, type="metrics", data=data, created_at=at))
+        out.eta_seconds = current.get("etaSeconds")
+    evaluated = (current.get("validationLoss"), current.get("tokenAccuracy"))
+    if evaluated[1] is not None and evaluated != (previous.get("validationLoss"), previous.get("tokenAccuracy")):
+        step = current.get("step")
+        data = {"step": step, "valid_loss": evaluated[0], "valid_mean_token_accuracy": evaluated[1]}
+        message = f"Evaluation at step {step}: validation loss={evaluated[0]}, token accuracy={evaluated[1]}"
+        out.events.append(NewEvent(message=message, data=data, created_at=at))
+    checkpoint = current.get("checkpointStep")
+    if checkpoint is not None and checkpoint != previous.get("checkpointStep"):
+        out.checkpoints.append((int(checkpoint), checkpoint_metrics(int(checkpoint), current)))
+        message = f"Checkpoint created at step {checkpoint}"
+        out.events.append(NewEvent(message=message, data={"step": checkpoint}, created_at=at))
     return out
 
 
-def checkpoint_metrics(step: int, view: RunView) -> dict[str, Any]:
+def checkpoint_metrics(step: int, progress: dict[str, Any]) -> dict[str, Any]:
     figures = {
         "step": step,
-        "train_loss": view.train_loss,
-        "valid_loss": view.valid_loss,
-        "valid_mean_token_accuracy": view.valid_accuracy,
+        "train_loss": progress.get("trainLoss"),
+        "valid_loss": progress.get("validationLoss"),
+        "valid_mean_token_accuracy": progress.get("tokenAccuracy"),
     }
     return {k: v for k, v in figures.items() if v is not None}
 

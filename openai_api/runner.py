@@ -1,5 +1,6 @@
 """The local job backend: runs each job's trainer as a child process on this machine, in creation
-order, at most `max_running` at once, and turns its progress into events.
+order, at most `max_running` at once, and turns its progress (polled from its /progress endpoint, as
+the operator reads it) into events.
 
 validating_files -> queued -> running -> succeeded | failed | cancelled | paused (-> queued on resume).
 The trainer runs as `python -I -m tuneloom.trainer -f job.yaml`, so cancel and pause are signals and
@@ -9,6 +10,7 @@ when the API stopped is queued again at start-up and resumes from its latest che
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,15 +26,15 @@ from typing import Any, Protocol
 import yaml
 
 from tuneloom.children import die_with_parent
+from tuneloom.net import LOCALHOST, free_port
 from tuneloom.registry import read_adapter, read_published, run_prefix
 from tuneloom.storage import ObjectStore
-from tuneloom.trainer.progress import PROGRESS_FILE_ENV
 
 from . import jobs as mapping
 from .errors import ApiError
 from .files import FileService
 from .models import resolve_base_model
-from .progress import RunView, comparison_event, read_records, result_csv, translate
+from .progress import comparison_event, result_csv, translate
 from .state import JobRecord, NewEvent, State
 
 log = logging.getLogger("tuneloom.api")
@@ -40,8 +43,11 @@ ACTIVE = ("validating_files", "queued", "running")
 FINISHED = ("succeeded", "failed", "cancelled")
 EXIT_INVALID_INPUT = 2
 STOP_GRACE_S = 20.0
-POLL_S = 1.0
+POLL_S = 0.5
 LOG_TAIL_BYTES = 16_384
+# The trainer's own settings (tuneloom.trainer.main, not imported here: it loads torch).
+METRICS_PORT_ENV, BIND_ADDRESS_ENV = "TUNELOOM_METRICS_PORT", "TUNELOOM_BIND_ADDRESS"
+ERROR_PREFIX = "error: "  # how the trainer's last words start when it refuses its input
 
 
 class JobBackend(Protocol):
@@ -56,10 +62,11 @@ class JobBackend(Protocol):
 @dataclass
 class _Run:
     process: subprocess.Popen[bytes]
-    view: RunView = field(default_factory=RunView)
+    port: int
+    seen: dict[str, Any] = field(default_factory=dict)  # the last /progress answer
 
 
-def failure(returncode: int, reason: str | None, message: str | None, log_tail: str) -> dict[str, Any]:
+def failure(returncode: int, message: str | None, log_tail: str) -> dict[str, Any]:
     """An error a user can act on, from the trainer's exit and last words; never a traceback."""
     text = message or ""
     if returncode in (-signal.SIGKILL, 137) or "out of memory" in log_tail.lower() or "OutOfMemoryError" in log_tail:
@@ -160,10 +167,9 @@ class LocalRunner:
     # the runner thread's side
 
     def _recover(self) -> None:
-        """Jobs the last API process left running: their remaining progress becomes events, then
-        they queue again ahead of newer jobs (creation order) and resume from their checkpoints."""
+        """Jobs the last API process left running queue again ahead of newer jobs (creation order)
+        and resume from their checkpoints."""
         for job in self.state.jobs_in(["running"]):
-            self._ingest(job, RunView())
             if job.stopping:
                 self._finish_stopped(job, job.stopping)
                 continue
@@ -190,7 +196,7 @@ class LocalRunner:
                 self._validate(job)
             for job_id, run in list(self._runs.items()):
                 job = self.state.job(job_id)
-                self._ingest(job, run.view)
+                self._observe(job, run)
                 if run.process.poll() is not None:
                     del self._runs[job_id]
                     self._ended(job, run.process.returncode)
@@ -237,7 +243,8 @@ class LocalRunner:
             max_seq_length=self.max_seq_length,
         )
         (work / "job.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
-        env = {**os.environ, PROGRESS_FILE_ENV: str(work / "progress.jsonl")}
+        port = free_port()
+        env = {**os.environ, METRICS_PORT_ENV: str(port), BIND_ADDRESS_ENV: LOCALHOST}
         with (work / "trainer.log").open("ab") as trainer_log:
             process = subprocess.Popen(
                 [sys.executable, "-I", "-m", "tuneloom.trainer", "-f", str(work / "job.yaml")],
@@ -248,24 +255,23 @@ class LocalRunner:
                 cwd=work,
                 preexec_fn=die_with_parent,  # this thread lives as long as the API
             )
-        self._runs[job.id] = _Run(process)
+        self._runs[job.id] = _Run(process, port)
         job.status = "running"
         self.state.update_job(job, [NewEvent(message="Fine-tuning job started")])
 
-    def _ingest(self, job: JobRecord, view: RunView) -> None:
-        path = self._work(job) / "progress.jsonl"
-        if not path.exists():
-            return
-        with path.open("rb") as stream:
-            stream.seek(job.progress_offset)
-            records, used = read_records(stream.read())
-        if not used:
-            return
-        translated = translate(records, view)
-        job.progress_offset += used
+    def _observe(self, job: JobRecord, run: _Run) -> None:
+        """Polls the trainer's /progress (where the operator reads it too) and records what changed."""
+        try:
+            with urllib.request.urlopen(f"http://{LOCALHOST}:{run.port}/progress", timeout=2) as response:
+                current = json.loads(response.read())
+        except (OSError, ValueError):
+            return  # not listening yet, or gone
+        translated = translate(run.seen, current)
+        run.seen = current
         if translated.eta_seconds is not None:
             job.estimated_finish = int(time.time() + translated.eta_seconds)
-        self.state.update_job(job, translated.events, translated.checkpoints)
+        if translated.events or translated.checkpoints:
+            self.state.update_job(job, translated.events, translated.checkpoints)
 
     def _ended(self, job: JobRecord, returncode: int) -> None:
         if job.stopping:
@@ -273,7 +279,8 @@ class LocalRunner:
         elif returncode == 0:
             self._succeed(job)
         else:
-            self._fail(job, failure(returncode, *self._last_failure(job), self._log_tail(job)))
+            log_tail = self._log_tail(job)
+            self._fail(job, failure(returncode, self._refusal(job, log_tail), log_tail))
 
     def _finish_stopped(self, job: JobRecord, outcome: str) -> None:
         job.status, job.stopping = outcome, None
@@ -288,7 +295,7 @@ class LocalRunner:
     def _succeed(self, job: JobRecord) -> None:
         published = read_published(self.store, run_prefix(job.project, job.id, job.id))
         if published is None:
-            self._fail(job, failure(1, None, None, "the trainer exited without publishing the model"))
+            self._fail(job, failure(1, None, "RuntimeError: the trainer exited without publishing the model"))
             return
         adapter = read_adapter(self.store, job.project, job.adapter_name, published["version"])
         metrics = adapter.manifest.metrics
@@ -313,20 +320,18 @@ class LocalRunner:
         job.status, job.error, job.finished_at, job.estimated_finish = "failed", error, int(time.time()), None
         self.state.update_job(job, [NewEvent(message=f"Job failed: {error['message']}", level="error")])
 
-    def _last_failure(self, job: JobRecord) -> tuple[str | None, str | None]:
-        """The trainer's own `failed` record: its reason and message, with stored-file URIs named
-        as the client's file names."""
-        path = self._work(job) / "progress.jsonl"
-        records, _ = read_records(path.read_bytes()) if path.exists() else ([], 0)
-        failed = [r for r in records if r.get("event") == "failed"]
-        if not failed:
-            return None, None
-        message = str(failed[-1].get("message", ""))
+    def _refusal(self, job: JobRecord, log_tail: str) -> str | None:
+        """The trainer's last `error: ...` words (its message for a refused input), with stored-file
+        URIs named as the client's file names."""
+        at = log_tail.rfind("\n" + ERROR_PREFIX)
+        if at < 0:
+            return None
+        message = log_tail[at + 1 + len(ERROR_PREFIX) :].strip()
         for file_id in filter(None, (job.training_file, job.validation_file)):
             record = self.state.file(job.project, file_id)
             if record:
                 message = message.replace(self.files.uri(record), record.filename)
-        return failed[-1].get("reason"), message
+        return message
 
     def _log_tail(self, job: JobRecord) -> str:
         path = self._work(job) / "trainer.log"

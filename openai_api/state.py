@@ -69,8 +69,6 @@ class JobRecord(BaseModel):
     estimated_finish: int | None = None
     error: dict[str, Any] | None = None
     result_files: list[str] = Field(default_factory=list)
-    # Bytes of the trainer's progress file already turned into events: none twice, none lost.
-    progress_offset: int = 0
     # Set before the trainer is signalled, so a restart in between still ends the job as asked.
     stopping: str | None = None
 

@@ -3,7 +3,6 @@ to events, and the objects' shapes checked against the `openai` package's own ty
 
 from __future__ import annotations
 
-import json
 import signal
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from tuneloom.openai_api import jobs
 from tuneloom.openai_api.errors import ApiError
 from tuneloom.openai_api.keys import KeyRing, add_key, key_hash, read_keys_file
 from tuneloom.openai_api.objects import checkpoint_object, event_object, event_seq, job_object, model_object
-from tuneloom.openai_api.progress import RunView, read_records, result_csv, translate
+from tuneloom.openai_api.progress import result_csv, translate
 from tuneloom.openai_api.runner import failure
 from tuneloom.openai_api.state import CheckpointRecord, EventRecord, JobRecord
 
@@ -126,42 +125,71 @@ def test_objects_have_openais_shapes(status: str) -> None:
     Model.model_validate(model_object("m", 1, "default"))
 
 
-def test_progress_records_become_events_checkpoints_and_a_result_file() -> None:
-    lines = [
-        {"event": "training", "step": 0, "totalSteps": 4, "time": 10},
+def test_progress_polls_become_events_checkpoints_and_a_result_file() -> None:
+    """Successive /progress answers: each figure keeps its last value, as the trainer merges them."""
+    polls = [
+        {"event": "loading-model"},
+        {"event": "training", "step": 0, "totalSteps": 4, "startStep": 0},
         {"event": "progress", "step": 2, "totalSteps": 4, "trainLoss": 2.5, "learningRate": 0.1, "etaSeconds": 3},
-        {"event": "evaluation", "step": 2, "validationLoss": 1.5, "tokenAccuracy": 0.5},
-        {"event": "checkpoint", "step": 2},
-        {"event": "progress", "step": 4, "totalSteps": 4, "trainLoss": 0.5, "validationLoss": 1.5},
+        {
+            "event": "checkpoint",
+            "step": 2,
+            "totalSteps": 4,
+            "trainLoss": 2.5,
+            "learningRate": 0.1,
+            "validationLoss": 1.5,
+            "tokenAccuracy": 0.5,
+            "checkpointStep": 2,
+        },
+        {
+            "event": "progress",
+            "step": 4,
+            "totalSteps": 4,
+            "trainLoss": 0.5,
+            "learningRate": 0.0,
+            "validationLoss": 1.5,
+            "tokenAccuracy": 0.5,
+            "checkpointStep": 2,
+        },
     ]
-    raw = b"".join(json.dumps(line).encode() + b"\n" for line in lines) + b'{"event": "progr'
-    records, used = read_records(raw)
-    assert len(records) == 5 and raw[used:] == b'{"event": "progr', "a torn last line waits"
-    out = translate(records, RunView())
-    assert [e.type for e in out.events] == ["message", "metrics", "message", "message", "metrics"]
-    assert out.events[0].message == "Training started: 4 steps" and out.eta_seconds == 3
-    assert out.checkpoints == [(2, {"step": 2, "train_loss": 2.5, "valid_loss": 1.5, "valid_mean_token_accuracy": 0.5})]
+    seen: dict = {}
+    events, checkpoints = [], []
+    for poll in polls:
+        out = translate(seen, poll)
+        events += out.events
+        checkpoints += out.checkpoints
+        seen = poll
+    assert [e.message for e in events] == [
+        "Loading the base model",
+        "Training started: 4 steps",
+        "Step 2/4: training loss=2.5",
+        "Evaluation at step 2: validation loss=1.5, token accuracy=0.5",
+        "Checkpoint created at step 2",
+        "Step 4/4: training loss=0.5",
+    ]
+    assert checkpoints == [(2, {"step": 2, "train_loss": 2.5, "valid_loss": 1.5, "valid_mean_token_accuracy": 0.5})]
     stored = [
         EventRecord(seq=i, job_id="j", created_at=1, **e.model_dump(exclude={"created_at"}))
-        for i, e in enumerate(out.events)
+        for i, e in enumerate(events)
     ]
     assert result_csv(stored).decode().splitlines() == [
         "step,train_loss,valid_loss,valid_mean_token_accuracy,learning_rate",
         "2,2.5,1.5,0.5,0.1",
-        "4,0.5,,,",
+        "4,0.5,,,0.0",
     ]
-    resumed = translate([{"event": "training", "step": 2, "totalSteps": 4}], RunView())
-    assert resumed.events[0].message == "Training resumed at step 2 of 4"
+    resumed = translate({}, {"event": "progress", "step": 7, "totalSteps": 9, "startStep": 5, "trainLoss": 1.0})
+    assert resumed.events[0].message == "Training resumed at step 5 of 9"
+    assert translate(polls[-1], polls[-1]).events == [], "an unchanged answer adds nothing"
 
 
 def test_failures_say_what_to_do_and_carry_no_traceback() -> None:
-    data = failure(2, "InvalidInput", "invalid dataset, 1 problem:\n  d.jsonl:3: messages: missing", "")
+    data = failure(2, "invalid dataset, 1 problem:\n  d.jsonl:3: messages: missing", "")
     assert data["code"] == "invalid_training_file" and "d.jsonl:3" in data["message"]
-    model = failure(2, "InvalidInput", "spec.baseModel: directory /x does not exist; give ...", "")
+    model = failure(2, "spec.baseModel: directory /x does not exist; give ...", "")
     assert (model["code"], model["param"]) == ("model_not_found", "model")
-    assert failure(-signal.SIGKILL, None, None, "")["code"] == "out_of_memory"
+    assert failure(-signal.SIGKILL, None, "")["code"] == "out_of_memory"
     log_tail = 'Traceback (most recent call last):\n  File "x.py", line 1\nRuntimeError: the disk is full\n'
-    crashed = failure(1, None, None, log_tail)
+    crashed = failure(1, None, log_tail)
     assert crashed["message"].startswith("Training failed: RuntimeError: the disk is full")
     assert "Traceback" not in crashed["message"] and "x.py" not in crashed["message"]
 

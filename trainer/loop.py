@@ -144,7 +144,8 @@ class TrainingLoop:
     def run(self) -> LoopState:
         state, plan = self.state, self.plan
         reporter = self.reporter_factory(state.step)
-        reporter.event("training", step=state.step, totalSteps=plan.total_steps)
+        # startStep and checkpointStep outlive the next record in /progress's merged view, so a poller sees them.
+        reporter.event("training", step=state.step, totalSteps=plan.total_steps, startStep=state.step)
         self.model.train()
         first_epoch = state.step // plan.steps_per_epoch
         for epoch in range(first_epoch, plan.epochs):
@@ -239,4 +240,4 @@ class TrainingLoop:
         if self.checkpoints and self.spec.checkpointing.everySteps and self.ranks.is_main:
             self.checkpoints.save(self.state, self.model, self.optimizer, self.best, self.spec.checkpointing.keep)
             # Told after the commit, so a reader that sees it can resume from this step.
-            reporter.event("checkpoint", step=self.state.step)
+            reporter.event("checkpoint", step=self.state.step, checkpointStep=self.state.step)

@@ -318,13 +318,10 @@ def throughput(real_tokens: int, padded_tokens: int, watch: Stopwatch, steps: in
 
 
 class LossRecorder(ProgressReporter):
-    """A ProgressReporter with no progress file and no metrics that keeps each step's loss and
-    token count; an empty progress_file overrides $TUNELOOM_PROGRESS_FILE."""
+    """A ProgressReporter with no metrics that keeps each step's loss and token count."""
 
     def __init__(self, *, total_steps: int, steps_per_epoch: int):
-        super().__init__(
-            total_steps=total_steps, steps_per_epoch=steps_per_epoch, logging_steps=10**9, progress_file=""
-        )
+        super().__init__(total_steps=total_steps, steps_per_epoch=steps_per_epoch, logging_steps=10**9)
         self.losses: list[float] = []
         self.tokens: list[int] = []
 

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import yaml
 
+from tuneloom.api import TRAINER_EXIT_INVALID_INPUT, TRAINER_EXIT_PREEMPTED
 from tuneloom.children import die_with_parent
 from tuneloom.net import LOCALHOST, free_port
 from tuneloom.registry import read_adapter, read_published, run_prefix
@@ -41,7 +42,6 @@ log = logging.getLogger("tuneloom.api")
 
 ACTIVE = ("validating_files", "queued", "running")
 FINISHED = ("succeeded", "failed", "cancelled")
-EXIT_INVALID_INPUT = 2
 STOP_GRACE_S = 20.0
 POLL_S = 0.5
 LOG_TAIL_BYTES = 16_384
@@ -75,7 +75,7 @@ def failure(returncode: int, message: str | None, log_tail: str) -> dict[str, An
             "param": "hyperparameters.batch_size",
             "message": "The trainer ran out of memory; create the job again with a smaller batch_size",
         }
-    if returncode == EXIT_INVALID_INPUT:
+    if returncode == TRAINER_EXIT_INVALID_INPUT:
         first = text.splitlines()[0] if text else "invalid input"
         if "spec.baseModel" in text:
             return {
@@ -278,6 +278,10 @@ class LocalRunner:
             self._finish_stopped(job, job.stopping)
         elif returncode == 0:
             self._succeed(job)
+        elif returncode == TRAINER_EXIT_PREEMPTED:  # stopped by someone else, at a saved checkpoint
+            job.status, job.estimated_finish = "queued", None
+            notice = "The trainer was stopped at a checkpoint; the job queues again"
+            self.state.update_job(job, [NewEvent(message=notice)])
         else:
             log_tail = self._log_tail(job)
             self._fail(job, failure(returncode, self._refusal(job, log_tail), log_tail))

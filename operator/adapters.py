@@ -10,11 +10,9 @@ with a reason and a message a user can act on.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +20,19 @@ from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from tuneloom.api import API_GROUP, API_VERSION, FULL_API_VERSION, Adapter, AdapterPhase, FineTuneJob
+from tuneloom.api import (
+    API_GROUP,
+    API_VERSION,
+    FULL_API_VERSION,
+    Adapter,
+    AdapterPhase,
+    AdapterStatus,
+    FineTuneJob,
+    LoadedOn,
+)
 from tuneloom.inputs import base_model_config_hash
 from tuneloom.jobfile import SpecError
+from tuneloom.locks import KeyedLocks
 from tuneloom.models import known_model
 from tuneloom.operator.common import (
     ADAPTERS,
@@ -37,8 +45,9 @@ from tuneloom.operator.common import (
     parse_object,
     post_event,
     read_custom,
+    read_status,
     set_condition,
-    status_changes,
+    status_patch,
 )
 from tuneloom.operator.jobbuilder import LABEL_JOB
 from tuneloom.registry import (
@@ -54,6 +63,7 @@ from tuneloom.registry import (
     list_versions,
     publish_adapter,
     read_adapter,
+    read_latest_promoted,
 )
 from tuneloom.storage import (
     ChecksumMismatchError,
@@ -175,13 +185,16 @@ def set_loaded_on(
         body = read_custom(custom, ADAPTERS, adapter_namespace, adapter_name)
         if body is None:
             return
-        current = (body.get("status") or {}).get("loadedOn") or []
-        others = [e for e in current if (e.get("namespace"), e.get("modelServer")) != (server_namespace, server_name)]
-        entry = [{"modelServer": server_name, "namespace": server_namespace, "pods": sorted(pods)}] if pods else []
-        wanted = sorted(others + entry, key=lambda e: (e["namespace"], e["modelServer"]))
+        current = read_status(AdapterStatus, body).loadedOn
+        others = [e for e in current if (e.namespace, e.modelServer) != (server_namespace, server_name)]
+        entry = [LoadedOn(modelServer=server_name, namespace=server_namespace, pods=sorted(pods))] if pods else []
+        wanted = sorted(others + entry, key=lambda e: (e.namespace, e.modelServer))
         if wanted == current:
             return
-        patch = {"metadata": {"resourceVersion": body["metadata"]["resourceVersion"]}, "status": {"loadedOn": wanted}}
+        patch = {
+            "metadata": {"resourceVersion": body["metadata"]["resourceVersion"]},
+            "status": {"loadedOn": [e.model_dump(mode="json") for e in wanted]},
+        }
         try:
             custom.patch_namespaced_custom_object_status(
                 API_GROUP, API_VERSION, adapter_namespace, ADAPTERS, adapter_name, patch
@@ -199,34 +212,32 @@ class AdapterReconciler:
         self.custom = k8s.CustomObjectsApi(api)
         # One reconcile per Adapter at a time: the resync loop, its event handler and a FineTuneJob's
         # success may all reach the same Adapter at once.
-        self._locks: dict[str, threading.Lock] = {}
-        self._locks_guard = threading.Lock()
+        self._locks = KeyedLocks()
 
     # -- entry points ----------------------------------------------------------------------------
 
     def reconcile(self, body: dict[str, Any]) -> dict[str, Any]:
         """Brings the Adapter's status up to date; returns the fields it changed."""
         meta = body["metadata"]
-        with self._lock_for(meta["uid"]):
+        with self._locks.lock(meta["uid"]):
             fresh = read_custom(self.custom, ADAPTERS, meta["namespace"], meta["name"])
             if fresh is None:
                 return {}
             old = fresh.get("status") or {}
             status = self._reconcile(fresh)
-            changes = status_changes(old, status)
+            changes = status_patch(old, status)
             if changes:
                 self.custom.patch_namespaced_custom_object_status(
                     API_GROUP, API_VERSION, meta["namespace"], ADAPTERS, meta["name"], {"status": changes}
                 )
-            if old.get("phase") != status["phase"] and status["phase"] != AdapterPhase.pending.value:
-                kind = "Warning" if status["phase"] == AdapterPhase.failed.value else "Normal"
-                post_event(self.core, fresh, kind, status["phase"], status.get("message", ""))
-            self._prune_loaded_on(fresh)
+            if old.get("phase") != status.phase.value and status.phase is not AdapterPhase.pending:
+                kind = "Warning" if status.phase is AdapterPhase.failed else "Normal"
+                post_event(self.core, fresh, kind, status.phase.value, status.message)
+            self._prune_loaded_on(fresh, status)
             return changes
 
     def forget(self, body: dict[str, Any]) -> None:
-        with self._locks_guard:
-            self._locks.pop(body["metadata"]["uid"], None)
+        self._locks.forget(body["metadata"]["uid"])
 
     def upsert_for_job(self, job: FineTuneJob) -> dict[str, Any]:
         """Creates the job's Adapter, or points an existing one of that name at the registry again."""
@@ -249,23 +260,20 @@ class AdapterReconciler:
 
     # -- the checks ------------------------------------------------------------------------------
 
-    def _lock_for(self, uid: str) -> threading.Lock:
-        with self._locks_guard:
-            return self._locks.setdefault(uid, threading.Lock())
-
-    def _reconcile(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _reconcile(self, body: dict[str, Any]) -> AdapterStatus:
         meta = body["metadata"]
-        previous = body.get("status") or {}
-        status = copy.deepcopy(previous)
-        status.setdefault("phase", AdapterPhase.pending.value)
-        status.setdefault("conditions", [])
-        status["observedGeneration"] = meta.get("generation")
+        status = read_status(AdapterStatus, body, phase=AdapterPhase.pending, conditions=[])
+        previous = status.model_copy(deep=True)
+        status.observedGeneration = meta.get("generation")
         try:
             adapter = parse_object(Adapter, body)
         except SpecError as exc:
             return _fail(status, "InvalidSpec", "; ".join(exc.problems))
-        unchanged = previous.get("observedGeneration") == meta.get("generation") and (
-            condition_of(previous, "Ready").get("reason") in _FINAL_REASONS
+        was_ready = condition_of(previous.conditions, "Ready")
+        unchanged = (
+            previous.observedGeneration == meta.get("generation")
+            and was_ready is not None
+            and was_ready.reason in _FINAL_REASONS
         )
         try:
             store = open_object_store(self.core, meta["namespace"], adapter.spec.storage.uri, adapter.spec.storage)
@@ -275,8 +283,12 @@ class AdapterReconciler:
                 found = self._import(adapter, store)
             else:
                 pinned = adapter.spec.source.registry.version if adapter.spec.source.registry else None
-                found = read_adapter(store, meta["namespace"], registry_name(adapter), pinned)
-                checked = (previous.get("version"), previous.get("sha256"))
+                if pinned is None:
+                    # The latest a server would serve under the bare name: unpromoted versions are passed over.
+                    found = read_latest_promoted(store, meta["namespace"], registry_name(adapter))
+                else:
+                    found = read_adapter(store, meta["namespace"], registry_name(adapter), pinned)
+                checked = (previous.version, previous.sha256)
                 if unchanged and checked == (found.version, found.manifest_sha256):
                     return status  # the latest is still the version checked
             return self._verify(adapter, store, found, status)
@@ -291,16 +303,18 @@ class AdapterReconciler:
         except ObjectNotFoundError as exc:
             return _fail(status, "NotFound", str(exc))
         except StorageError as exc:
-            if condition_of(previous, "Ready").get("status") == "True" and unchanged:
+            if unchanged and was_ready is not None and was_ready.status == "True":
                 # A store that is briefly unreachable must not unload a verified adapter everywhere.
-                status["message"] = f"version {previous.get('version')} is Ready; looking for a newer one failed: {exc}"
+                status.message = f"version {previous.version} is Ready; looking for a newer one failed: {exc}"
                 return status
             return _fail(status, "StorageUnavailable", f"{exc}; retrying")
 
-    def _verify(self, adapter: Adapter, store: ObjectStore, found: AdapterVersion, status: dict[str, Any]) -> dict:
+    def _verify(
+        self, adapter: Adapter, store: ObjectStore, found: AdapterVersion, status: AdapterStatus
+    ) -> AdapterStatus:
         """Downloads the version (checking every sha256), then checks the files and the base model."""
-        status.update(version=found.version, uri=found.uri, sha256=found.manifest_sha256)
-        status.pop("model", None)
+        status.version, status.uri, status.sha256 = found.version, found.uri, found.manifest_sha256
+        status.model = None
         with tempfile.TemporaryDirectory(prefix="tuneloom-adapter-") as tmp:
             local = Path(tmp) / "adapter"
             download_adapter(store, found.namespace, found.name, found.version, local)
@@ -310,21 +324,15 @@ class AdapterReconciler:
             config = check_peft_files(local)
         how = self._check_base_model(adapter, found.manifest.baseModel, config)
         tuned, base = found.manifest.metrics.adapter, found.manifest.metrics.base
-        fields = {
-            "rank": config["r"],
-            "validationLoss": tuned.validationLoss,
-            "baseValidationLoss": base.validationLoss,
-            "tokenAccuracy": tuned.tokenAccuracy,
-        }
-        for key, value in fields.items():
-            if value is None:
-                status.pop(key, None)
-            else:
-                status[key] = value
-        status["model"] = found.id.served_name
-        message = f"version {found.version} verified: every file matches its sha256; {how}"
-        status.update(phase=AdapterPhase.ready.value, message=message)
-        set_condition(status["conditions"], "Ready", "True", "Verified", message)
+        # Unknown metrics are None, which the patch deletes: no value of an older version stays.
+        status.rank, status.tokenAccuracy = config["r"], tuned.tokenAccuracy
+        status.validationLoss, status.baseValidationLoss = tuned.validationLoss, base.validationLoss
+        promotion = found.manifest.promotion
+        status.promoted, status.promotionReasons = promotion.promoted, promotion.reasons
+        status.model = found.id.served_name
+        status.phase = AdapterPhase.ready
+        status.message = f"version {found.version} verified: every file matches its sha256; {how}"
+        set_condition(status.conditions, "Ready", "True", "Verified", status.message)
         return status
 
     def _check_base_model(self, adapter: Adapter, recorded: BaseModelRecord | None, peft_config: dict[str, Any]) -> str:
@@ -426,18 +434,16 @@ class AdapterReconciler:
 
     # -- loadedOn --------------------------------------------------------------------------------
 
-    def _prune_loaded_on(self, body: dict[str, Any]) -> None:
+    def _prune_loaded_on(self, body: dict[str, Any], status: AdapterStatus) -> None:
         """Drops entries of ModelServers that no longer exist (one deleted while the operator was down)."""
         meta = body["metadata"]
-        for entry in (body.get("status") or {}).get("loadedOn") or []:
-            if read_custom(self.custom, MODELSERVERS, entry["namespace"], entry["modelServer"]) is None:
-                set_loaded_on(
-                    self.custom, meta["namespace"], meta["name"], entry["namespace"], entry["modelServer"], []
-                )
+        for entry in status.loadedOn:
+            if read_custom(self.custom, MODELSERVERS, entry.namespace, entry.modelServer) is None:
+                set_loaded_on(self.custom, meta["namespace"], meta["name"], entry.namespace, entry.modelServer, [])
 
 
-def _fail(status: dict[str, Any], reason: str, message: str) -> dict[str, Any]:
-    status.pop("model", None)  # ModelServers load only what has a model id: a Ready version
-    status.update(phase=AdapterPhase.failed.value, message=message)
-    set_condition(status["conditions"], "Ready", "False", reason, message)
+def _fail(status: AdapterStatus, reason: str, message: str) -> AdapterStatus:
+    status.model = None  # ModelServers load only what has a model id: a Ready version
+    status.phase, status.message = AdapterPhase.failed, message
+    set_condition(status.conditions, "Ready", "False", reason, message)
     return status

@@ -1,4 +1,5 @@
-"""What every reconciler shares: conditions, Secrets, object stores, Events and spec parsing."""
+"""What every reconciler shares: typed status and conditions, Secrets, object stores, Events and
+spec parsing."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 from pydantic import BaseModel, ValidationError
 
-from tuneloom.api import API_GROUP, API_VERSION, StorageSpec
-from tuneloom.jobfile import SpecError, _describe, _field_path
+from tuneloom.api import API_GROUP, API_VERSION, Condition, StorageSpec
+from tuneloom.jobfile import parse_document
 from tuneloom.storage import ObjectStore, S3Connection, StorageError, open_store
 
 log = logging.getLogger("tuneloom.operator")
@@ -32,30 +33,54 @@ class SecretNotFoundError(StorageError):
     """A Secret the spec names does not exist."""
 
 
-def now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+def now() -> datetime:
+    """The time to the second, as Kubernetes timestamps are written."""
+    return datetime.now(timezone.utc).replace(microsecond=0)
 
 
-def set_condition(conditions: list[dict[str, Any]], kind: str, status: str, reason: str, message: str) -> None:
+def read_status(model: type[M], body: dict[str, Any], **first: Any) -> M:
+    """The object's status as its model; none yet is an empty one. `first`: fields every pass writes,
+    with the value a new object starts from.
+
+    Only the fields the stored status holds (and those `first` names) count as set, and status_patch
+    writes no other: a field another writer owns (an Adapter's loadedOn) or one this pass never
+    reached keeps what is stored instead of getting its default. A field that does not validate
+    (a hand-edited status) is dropped, and the patch then deletes it."""
+    stored = body.get("status")
+    stored = stored if isinstance(stored, dict) else {}
+    try:
+        return model.model_validate({**first, **stored})
+    except ValidationError as exc:
+        bad = {error["loc"][0] for error in exc.errors(include_url=False) if error["loc"]}
+        meta = body.get("metadata") or {}
+        log.warning("%s/%s: dropping unreadable status fields %s", meta.get("namespace"), meta.get("name"), bad)
+        return model.model_validate({**first, **{key: value for key, value in stored.items() if key not in bad}})
+
+
+def status_patch(old: dict[str, Any], new: BaseModel) -> dict[str, Any]:
+    """A merge patch from the stored status `old` to `new`: its changed fields, and None (which
+    deletes) for a field it no longer has, such as one set to None."""
+    wanted = new.model_dump(mode="json", exclude_unset=True, exclude_none=True)
+    changes = {key: value for key, value in wanted.items() if old.get(key) != value}
+    changes.update({key: None for key in old if key not in wanted})
+    return changes
+
+
+def set_condition(conditions: list[Condition], kind: str, status: str, reason: str, message: str) -> None:
     """Upserts a condition; lastTransitionTime moves only when its status changes. Empty reason and
     message are left out: some API servers store "" as null, which the schema then rejects."""
-    fields = {"status": status, "reason": reason, "message": message}
-    for condition in conditions:
-        if condition["type"] == kind:
-            if condition["status"] != status:
-                condition["lastTransitionTime"] = now()
-            condition.pop("reason", None)
-            condition.pop("message", None)
-            condition.update({k: v for k, v in fields.items() if v})
-            return
-    conditions.append({"type": kind, **{k: v for k, v in fields.items() if v}, "lastTransitionTime": now()})
+    old = condition_of(conditions, kind)
+    since = old.lastTransitionTime if old is not None and old.status == status else now()
+    texts = {key: text for key, text in (("reason", reason), ("message", message)) if text}
+    condition = Condition(type=kind, status=status, lastTransitionTime=since, **texts)
+    if old is None:
+        conditions.append(condition)
+    else:
+        conditions[conditions.index(old)] = condition
 
 
-def status_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """A merge patch from `old` to `new` status: changed fields, and None for removed ones."""
-    changes = {key: value for key, value in new.items() if old.get(key) != value}
-    changes.update({key: None for key in old if key not in new})
-    return changes
+def condition_of(conditions: list[Condition], kind: str) -> Condition | None:
+    return next((condition for condition in conditions if condition.type == kind), None)
 
 
 def call_json(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -64,22 +89,11 @@ def call_json(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     return json.loads(call(*args, _preload_content=False, **kwargs).data)
 
 
-def condition_of(status: dict[str, Any], kind: str) -> dict[str, Any]:
-    return next((c for c in status.get("conditions") or [] if c.get("type") == kind), {})
-
-
 def parse_object(model: type[M], body: dict[str, Any]) -> M:
-    """A custom object as its API model; SpecError names every problem as `kind/name: field: what`."""
+    """A custom object's spec as its API model (its status is read apart, by read_status); SpecError
+    names every problem as `kind/name: field: what`."""
     source = f"{str(body.get('kind', 'object')).lower()}/{(body.get('metadata') or {}).get('name')}"
-    try:
-        return model.model_validate({k: v for k, v in body.items() if k != "status"})
-    except ValidationError as exc:
-        raise SpecError(
-            [
-                f"{source}: {_field_path(e['loc']) or '(document)'}: {_describe(e)}"
-                for e in exc.errors(include_url=False)
-            ]
-        ) from None
+    return parse_document(model, {k: v for k, v in body.items() if k != "status"}, source=source)
 
 
 def read_custom(custom: k8s.CustomObjectsApi, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
@@ -130,6 +144,7 @@ def open_object_store(core: k8s.CoreV1Api, namespace: str, uri: str, storage: St
 def post_event(core: k8s.CoreV1Api, body: dict[str, Any], kind: str, reason: str, message: str) -> None:
     """An Event on `body`. An event is news, not state: failing to post one never fails a reconcile."""
     meta = body["metadata"]
+    stamp = now().strftime("%Y-%m-%dT%H:%M:%SZ")
     event = {
         "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:12]}", "namespace": meta["namespace"]},
         "involvedObject": {
@@ -143,8 +158,8 @@ def post_event(core: k8s.CoreV1Api, body: dict[str, Any], kind: str, reason: str
         "reason": reason,
         "message": message[:1024],
         "source": {"component": MANAGER},
-        "firstTimestamp": now(),
-        "lastTimestamp": now(),
+        "firstTimestamp": stamp,
+        "lastTimestamp": stamp,
         "count": 1,
     }
     try:

@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
-
-def _int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    return int(value) if value else default
-
-
-def _float(name: str, default: float) -> float:
-    value = os.environ.get(name)
-    return float(value) if value else default
+# The variable each setting is read from. A variable unset or empty leaves the setting's default.
+_ENV = {
+    "trainer_image": "TUNELOOM_TRAINER_IMAGE",
+    "trainer_service_account": "TUNELOOM_TRAINER_SERVICE_ACCOUNT",
+    "server_image": "TUNELOOM_SERVER_IMAGE",
+    "server_bind_address": "TUNELOOM_SERVER_BIND_ADDRESS",
+    "max_running_jobs": "TUNELOOM_MAX_RUNNING_JOBS",
+    "max_running_jobs_per_namespace": "TUNELOOM_MAX_RUNNING_JOBS_PER_NAMESPACE",
+    "reconcile_interval_s": "TUNELOOM_RECONCILE_INTERVAL_SECONDS",
+    "handler_threads": "TUNELOOM_OPERATOR_THREADS",
+    "server_sync_interval_s": "TUNELOOM_SERVER_SYNC_INTERVAL_SECONDS",
+    "adapter_resync_interval_s": "TUNELOOM_ADAPTER_RESYNC_INTERVAL_SECONDS",
+    "metrics_port": "TUNELOOM_OPERATOR_METRICS_PORT",
+    "health_port": "TUNELOOM_OPERATOR_HEALTH_PORT",
+    "bind_address": "TUNELOOM_BIND_ADDRESS",
+    "trainer_metrics_port": "TUNELOOM_TRAINER_METRICS_PORT",
+}
 
 
 @dataclass(frozen=True)
@@ -44,19 +52,9 @@ class OperatorConfig:
 
     @classmethod
     def from_env(cls) -> OperatorConfig:
-        return cls(
-            trainer_image=os.environ.get("TUNELOOM_TRAINER_IMAGE", cls.trainer_image),
-            trainer_service_account=os.environ.get("TUNELOOM_TRAINER_SERVICE_ACCOUNT", cls.trainer_service_account),
-            server_image=os.environ.get("TUNELOOM_SERVER_IMAGE", cls.server_image),
-            server_bind_address=os.environ.get("TUNELOOM_SERVER_BIND_ADDRESS", cls.server_bind_address),
-            max_running_jobs=_int("TUNELOOM_MAX_RUNNING_JOBS", 0),
-            max_running_jobs_per_namespace=_int("TUNELOOM_MAX_RUNNING_JOBS_PER_NAMESPACE", 0),
-            reconcile_interval_s=_float("TUNELOOM_RECONCILE_INTERVAL_SECONDS", cls.reconcile_interval_s),
-            handler_threads=_int("TUNELOOM_OPERATOR_THREADS", cls.handler_threads),
-            server_sync_interval_s=_float("TUNELOOM_SERVER_SYNC_INTERVAL_SECONDS", cls.server_sync_interval_s),
-            adapter_resync_interval_s=_float("TUNELOOM_ADAPTER_RESYNC_INTERVAL_SECONDS", cls.adapter_resync_interval_s),
-            metrics_port=_int("TUNELOOM_OPERATOR_METRICS_PORT", 8080),
-            health_port=_int("TUNELOOM_OPERATOR_HEALTH_PORT", 8081),
-            bind_address=os.environ.get("TUNELOOM_BIND_ADDRESS") or cls.bind_address,
-            trainer_metrics_port=_int("TUNELOOM_TRAINER_METRICS_PORT", 9400),
-        )
+        values = {}
+        for setting in fields(cls):
+            text = os.environ.get(_ENV[setting.name])
+            if text:
+                values[setting.name] = type(setting.default)(text)  # str, int or float, as the default is
+        return cls(**values)

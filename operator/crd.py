@@ -170,6 +170,7 @@ def adapter_crd() -> dict[str, Any]:
             _column("Base model", ".spec.baseModel"),
             _column("Version", ".status.version", description="the version checked: the latest unless pinned"),
             _column("Val loss", ".status.validationLoss", "number"),
+            _column("Promoted", ".status.promoted", "boolean", description="passed its promotion gate"),
             _column("Loaded on", ".status.loadedOn[*].modelServer"),
             _column("Age", ".metadata.creationTimestamp", "date"),
         ],

@@ -23,10 +23,10 @@ import kopf
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
-from tuneloom.api import API_GROUP, API_VERSION
+from tuneloom.api import API_GROUP, API_VERSION, FineTuneJobStatus
 from tuneloom.metrics import serve_metrics
 from tuneloom.operator.adapters import AdapterReconciler
-from tuneloom.operator.common import ADAPTERS, MODELSERVERS
+from tuneloom.operator.common import ADAPTERS, MODELSERVERS, read_status
 from tuneloom.operator.config import OperatorConfig
 from tuneloom.operator.metrics import OperatorMetrics
 from tuneloom.operator.reconciler import PLURAL, TERMINAL, FineTuneJobReconciler
@@ -34,7 +34,6 @@ from tuneloom.operator.resync import Resync
 from tuneloom.operator.servers import ServerReconciler
 
 CONFIG = OperatorConfig.from_env()
-_TERMINAL = {phase.value for phase in TERMINAL}
 
 
 def _api_client() -> k8s.ApiClient:
@@ -90,7 +89,7 @@ def _resync_each(reconcile: Callable[[dict[str, Any]], Any], interval_s: float) 
 
 
 def _is_finished(body: dict[str, Any]) -> bool:
-    return (body.get("status") or {}).get("phase") in _TERMINAL
+    return read_status(FineTuneJobStatus, body).phase in TERMINAL
 
 
 def _unobserved(body: dict[str, Any]) -> bool:

@@ -13,6 +13,7 @@ from typing import Any
 
 from tuneloom.api import (
     TRAINER_EXIT_INVALID_INPUT,
+    TRAINER_EXIT_PREEMPTED,
     FineTuneJob,
     Method,
     ModelServer,
@@ -29,7 +30,6 @@ ANNOTATION_JOB_FILE = "tuneloom.dev/job-file"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 JOB_FILE_DIR = "/etc/tuneloom"
-PROGRESS_DIR = "/var/run/tuneloom"
 CACHE_DIR = "/var/cache/tuneloom"
 RUN_AS_USER = 1000
 # Every pod the operator makes runs as non-root with a read-only root file system; what it
@@ -123,7 +123,7 @@ def storage_env(storage: StorageSpec) -> list[dict[str, Any]]:
 def _env(job: FineTuneJob, config: OperatorConfig) -> list[dict[str, Any]]:
     return [
         {"name": "TUNELOOM_JOB_FILE", "value": f"{JOB_FILE_DIR}/job.yaml"},
-        {"name": "TUNELOOM_PROGRESS_FILE", "value": f"{PROGRESS_DIR}/progress.jsonl"},
+        # Where the trainer serves /metrics and /progress: the operator reads progress there and only there.
         {"name": "TUNELOOM_METRICS_PORT", "value": str(config.trainer_metrics_port)},
         {"name": "TUNELOOM_CACHE_DIR", "value": CACHE_DIR},
         {"name": "HOME", "value": "/tmp"},
@@ -167,14 +167,12 @@ def _volumes(job: FineTuneJob) -> tuple[list[dict[str, Any]], list[dict[str, Any
         },
         # PyTorch's data loader and NCCL use shared memory; the default 64 MiB /dev/shm is too small.
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},
-        {"name": "progress", "emptyDir": {}},
         {"name": "cache", "emptyDir": {}},
         {"name": "tmp", "emptyDir": {}},
     ]
     mounts = [
         {"name": "job", "mountPath": JOB_FILE_DIR, "readOnly": True},
         {"name": "dshm", "mountPath": "/dev/shm"},
-        {"name": "progress", "mountPath": PROGRESS_DIR},
         {"name": "cache", "mountPath": CACHE_DIR},
         {"name": "tmp", "mountPath": "/tmp"},
     ]
@@ -189,6 +187,8 @@ def build_job(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any]:
         labels[KUEUE_QUEUE_LABEL] = spec.scheduling.queueName
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
+        # SIGTERM to SIGKILL: the trainer's time to finish its step and save a checkpoint.
+        "terminationGracePeriodSeconds": spec.checkpointing.gracePeriodSeconds,
         "serviceAccountName": config.trainer_service_account,
         "automountServiceAccountToken": False,  # the trainer talks to object storage, not the API server
         "securityContext": POD_SECURITY_CONTEXT,
@@ -215,8 +215,10 @@ def build_job(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any]:
         pod_spec["priorityClassName"] = spec.scheduling.priorityClassName
     job_spec: dict[str, Any] = {
         "backoffLimit": spec.scheduling.backoffLimit,
-        # Exit code 2 is invalid input: fail at once instead of retrying (Kubernetes 1.26+; older
-        # API servers drop the field and the operator stops the retries itself).
+        # Kubernetes 1.26+; older API servers drop the field, and the operator stops the retries of
+        # invalid input itself. Exit code 2 is invalid input: fail at once instead of retrying. A
+        # preempted trainer (exit code 3, or a pod the cluster marked as disrupted) is retried
+        # without counting against backoffLimit.
         "podFailurePolicy": {
             "rules": [
                 {
@@ -226,7 +228,16 @@ def build_job(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any]:
                         "operator": "In",
                         "values": [TRAINER_EXIT_INVALID_INPUT],
                     },
-                }
+                },
+                {
+                    "action": "Ignore",
+                    "onExitCodes": {
+                        "containerName": "trainer",
+                        "operator": "In",
+                        "values": [TRAINER_EXIT_PREEMPTED],
+                    },
+                },
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
             ]
         },
         "template": {

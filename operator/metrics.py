@@ -82,6 +82,11 @@ class OperatorMetrics:
             ["from_phase", "to_phase"],
             registry=self.registry,
         )
+        self.not_promoted = Counter(
+            "tuneloom_operator_adapters_not_promoted",
+            "FineTuneJobs that succeeded with an adapter that failed its promotion gate.",
+            registry=self.registry,
+        )
         self.reconcile_duration = Histogram(
             "tuneloom_operator_reconcile_duration_seconds",
             "Time to reconcile one FineTuneJob.",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tuneloom.api import TRAINER_EXIT_INVALID_INPUT, Phase
+from tuneloom.api import TRAINER_EXIT_INVALID_INPUT, TRAINER_EXIT_PREEMPTED, Phase
 
 # A pod waiting for one of these will never start by itself.
 _HOPELESS_WAITING = {"InvalidImageName", "ErrImageNeverPull", "CreateContainerConfigError"}
@@ -74,7 +74,12 @@ def failure_of(job: dict[str, Any], pods: list[dict[str, Any]]) -> Observation:
     if terminated:
         code = terminated.get("exitCode")
         tail = _tail(terminated.get("message") or "")
-        hint = " (invalid input: fix the spec or the data)" if code == 2 else ""
+        hints = {
+            TRAINER_EXIT_INVALID_INPUT: " (invalid input: fix the spec or the data)",
+            # Only where preemptions count as failures: clusters without podFailurePolicy.
+            TRAINER_EXIT_PREEMPTED: " (preempted once too often: raise spec.scheduling.backoffLimit)",
+        }
+        hint = hints.get(code, "")
         return Observation(Phase.failed, f"ExitCode{code}", f"trainer exited with code {code}{hint}: {tail}")
     return Observation(Phase.failed, condition.get("reason") or "JobFailed", condition.get("message") or "")
 

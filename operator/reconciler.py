@@ -18,26 +18,39 @@ from typing import Any
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
-from tuneloom.api import API_GROUP, API_VERSION, FineTuneJob, Phase, Progress
-from tuneloom.jobfile import SpecError, parse_job
+from tuneloom.api import (
+    API_GROUP,
+    API_VERSION,
+    AdapterPromotion,
+    FineTuneJob,
+    FineTuneJobStatus,
+    Phase,
+    Progress,
+    PublishedAdapter,
+)
+from tuneloom.jobfile import SpecError
+from tuneloom.locks import KeyedLocks
 from tuneloom.operator import jobbuilder
 from tuneloom.operator.adapters import AdapterReconciler
 from tuneloom.operator.common import (
     MODELSERVERS,
     call_json,
+    condition_of,
     now,
     open_object_store,
+    parse_object,
     post_event,
     read_custom,
     read_secret,
+    read_status,
     set_condition,
-    status_changes,
+    status_patch,
 )
 from tuneloom.operator.config import OperatorConfig
 from tuneloom.operator.jobbuilder import LABEL_JOB
 from tuneloom.operator.metrics import OperatorMetrics
 from tuneloom.operator.observe import Observation, invalid_input, is_finished, observe, running_pod
-from tuneloom.registry import read_adapter, read_published, run_prefix
+from tuneloom.registry import TrainingMetrics, read_adapter, read_published, run_prefix
 from tuneloom.storage import StorageError
 
 log = logging.getLogger("tuneloom.operator")
@@ -71,8 +84,7 @@ class FineTuneJobReconciler:
         # One admission decision at a time: two jobs must not both take the last free slot.
         self.admission = threading.Lock()
         # One reconcile per object at a time: the event handler and a resync pass may overlap.
-        self._object_locks: dict[str, threading.Lock] = {}
-        self._locks_guard = threading.Lock()
+        self._locks = KeyedLocks()
         # Namespace -> when the trainer's ServiceAccount was last created or found there: a burst of
         # jobs in one namespace needs it created once, not once per job.
         self._service_account_seen: dict[str, float] = {}
@@ -84,7 +96,7 @@ class FineTuneJobReconciler:
     def reconcile(self, body: dict[str, Any], listed: TrainingObjects | None = None) -> dict[str, Any]:
         """Brings the FineTuneJob's status up to date; returns the fields it changed. `listed`: the
         Jobs and Pods of a resync pass; without it, the job's own are read."""
-        with self._lock_for(body["metadata"]["uid"]):
+        with self._locks.lock(body["metadata"]["uid"]):
             current = self._current(body)
             return self._reconcile_fresh(current, listed) if current is not None else {}
 
@@ -101,10 +113,6 @@ class FineTuneJobReconciler:
             jobs={(j["metadata"]["namespace"], j["metadata"]["name"]): j for j in jobs["items"]}, pods=dict(by_job)
         )
 
-    def _lock_for(self, uid: str) -> threading.Lock:
-        with self._locks_guard:
-            return self._object_locks.setdefault(uid, threading.Lock())
-
     def _current(self, body: dict[str, Any]) -> dict[str, Any] | None:
         """The object as stored now (None once deleted). The body a watch event or the resync
         carries is that, unless it predates our own last status patch: only then is it read again."""
@@ -117,9 +125,10 @@ class FineTuneJobReconciler:
     def _reconcile_fresh(self, body: dict[str, Any], listed: TrainingObjects | None) -> dict[str, Any]:
         started = time.monotonic()
         try:
-            status = self._reconcile(body, listed)
-            old = body.get("status") or {}
-            changes = status_changes(old, status)
+            status = read_status(FineTuneJobStatus, body, phase=Phase.pending, conditions=[])
+            before = status.phase
+            self._reconcile(body, status, listed)
+            changes = status_patch(body.get("status") or {}, status)
             if changes:
                 self._patch_status(body, changes)
         except Exception:
@@ -127,7 +136,7 @@ class FineTuneJobReconciler:
             raise
         finally:
             self.metrics.reconcile_duration.observe(time.monotonic() - started)
-        self._record_transition(body, Phase(old.get("phase") or Phase.pending.value), Phase(status["phase"]), status)
+        self._record_transition(body, before, status)
         return changes
 
     def _patch_status(self, body: dict[str, Any], changes: dict[str, Any]) -> None:
@@ -147,22 +156,19 @@ class FineTuneJobReconciler:
 
     def forget(self, body: dict[str, Any]) -> None:
         self.metrics.phases.set(self._key(body), None)
-        with self._locks_guard:
-            self._object_locks.pop(body["metadata"]["uid"], None)
+        self._locks.forget(body["metadata"]["uid"])
         self._written.pop(body["metadata"]["uid"], None)
 
     # -- the state machine -----------------------------------------------------------------------
 
-    def _reconcile(self, body: dict[str, Any], listed: TrainingObjects | None) -> dict[str, Any]:
-        meta = body["metadata"]
-        status = json.loads(json.dumps(body.get("status") or {}))  # a deep copy to edit
-        status.setdefault("phase", Phase.pending.value)
-        status.setdefault("conditions", [])
-        status["observedGeneration"] = meta.get("generation")
-        if Phase(status["phase"]) in TERMINAL:
+    def _reconcile(
+        self, body: dict[str, Any], status: FineTuneJobStatus, listed: TrainingObjects | None
+    ) -> FineTuneJobStatus:
+        status.observedGeneration = body["metadata"].get("generation")
+        if status.phase in TERMINAL:
             return status
         try:
-            job = parse_job({k: v for k, v in body.items() if k != "status"}, source=f"finetunejob/{meta['name']}")
+            job = parse_object(FineTuneJob, body)
         except SpecError as exc:
             return self._end(status, Observation(Phase.failed, "InvalidSpec", "; ".join(exc.problems)))
         if job.spec.cancel:
@@ -170,43 +176,45 @@ class FineTuneJobReconciler:
             return self._end(
                 status, Observation(Phase.cancelled, "Cancelled", "spec.cancel is true; the Job was deleted")
             )
-        if not status.get("jobName"):
+        if not status.jobName:
             # Not started yet, or the operator stopped between creating the Job and recording it:
             # creating is idempotent, so a new job costs no read first.
             return self._start(job, status)
         existing, pods = self._job_and_pods(job, listed)
         if existing is None:
             return self._end(
-                status, Observation(Phase.failed, "JobDeleted", f"Job {status['jobName']} was deleted outside Tuneloom")
+                status, Observation(Phase.failed, "JobDeleted", f"Job {status.jobName} was deleted outside Tuneloom")
             )
-        return self._track(job, existing, pods, status)
+        return self._track(body, job, existing, pods, status)
 
-    def _start(self, job: FineTuneJob, status: dict[str, Any]) -> dict[str, Any]:
+    def _start(self, job: FineTuneJob, status: FineTuneJobStatus) -> FineTuneJobStatus:
         problems = self._deeper_validation(job)
         if problems:
             return self._end(status, Observation(Phase.failed, "InvalidSpec", "; ".join(problems)))
         ahead = self._admit(job)
         if ahead is not None:
-            status.update(phase=Phase.queued.value, message=f"waiting for a free slot; {ahead} job(s) ahead")
-            set_condition(status["conditions"], "Queued", "True", "WaitingForSlot", status["message"])
+            status.phase, status.message = Phase.queued, f"waiting for a free slot; {ahead} job(s) ahead"
+            set_condition(status.conditions, "Queued", "True", "WaitingForSlot", status.message)
             return status
-        set_condition(status["conditions"], "Queued", "False", "Admitted", "a training slot was free")
-        set_condition(status["conditions"], "Accepted", "True", "JobCreated", "the training Job was created")
-        status.update(
-            phase=Phase.pending.value,
-            jobName=jobbuilder.job_name(job.metadata.name),
-            message="waiting for the training pod to start",
-        )
+        set_condition(status.conditions, "Queued", "False", "Admitted", "a training slot was free")
+        set_condition(status.conditions, "Accepted", "True", "JobCreated", "the training Job was created")
+        status.phase, status.message = Phase.pending, "waiting for the training pod to start"
+        status.jobName = jobbuilder.job_name(job.metadata.name)
         return status
 
     def _track(
-        self, job: FineTuneJob, existing: dict[str, Any], pods: list[dict[str, Any]], status: dict[str, Any]
-    ) -> dict[str, Any]:
-        status["jobName"] = existing["metadata"]["name"]
+        self,
+        body: dict[str, Any],
+        job: FineTuneJob,
+        existing: dict[str, Any],
+        pods: list[dict[str, Any]],
+        status: FineTuneJobStatus,
+    ) -> FineTuneJobStatus:
+        status.jobName = existing["metadata"]["name"]
         built_from = (existing["metadata"].get("annotations") or {}).get(jobbuilder.ANNOTATION_SPEC_HASH)
         if built_from and built_from != jobbuilder.spec_hash(job):
             set_condition(
-                status["conditions"],
+                status.conditions,
                 "SpecChangeRefused",
                 "True",
                 "JobAlreadyStarted",
@@ -215,24 +223,39 @@ class FineTuneJobReconciler:
             )
         seen = observe(existing, pods)
         if seen.phase is Phase.succeeded:
-            return self._succeed(job, status)
+            return self._succeed(body, job, status)
         if seen.phase is Phase.failed:
             if invalid_input(pods) and not is_finished(existing):
                 # The Job would retry up to backoffLimit times (clusters without podFailurePolicy).
                 self._delete_job(job)
             return self._end(status, seen)
-        status.update(phase=seen.phase.value, message=seen.message)
-        set_condition(status["conditions"], "Running", str(seen.phase is Phase.running), seen.reason, seen.message)
+        status.phase, status.message = seen.phase, seen.message
+        set_condition(status.conditions, "Running", str(seen.phase is Phase.running), seen.reason, seen.message)
         if seen.phase is Phase.running:
-            status.setdefault("startTime", now())
-            progress = self._poll_progress(running_pod(pods))
-            if progress is not None:
-                status["progress"] = progress
+            if status.startTime is None:
+                status.startTime = now()
+            record = self._poll_trainer(running_pod(pods))
+            if record is not None:
+                status.progress = progress_of(record) or status.progress
+                self._count_preemptions(body, status, record.get("preemptedAtSteps") or [])
         return status
 
-    def _succeed(self, job: FineTuneJob, status: dict[str, Any]) -> dict[str, Any]:
+    def _count_preemptions(self, body: dict[str, Any], status: FineTuneJobStatus, steps: list[int]) -> None:
+        """The trainer's own record of its preemptions (a deleted pod leaves no exit code behind to
+        read): one Event for each one not counted yet."""
+        for step in steps[status.preempted :]:
+            post_event(
+                self.core,
+                body,
+                "Normal",
+                "Preempted",
+                f"the trainer was preempted at step {step} and saved a checkpoint there; the retry resumed from it",
+            )
+        status.preempted = max(status.preempted, len(steps))
+
+    def _succeed(self, body: dict[str, Any], job: FineTuneJob, status: FineTuneJobStatus) -> FineTuneJobStatus:
         try:
-            status["adapter"], steps = self._adapter_ref(job)
+            adapter, training = self._published(job)
         except (StorageError, ApiException) as exc:
             return self._end(
                 status,
@@ -240,20 +263,22 @@ class FineTuneJobReconciler:
                     Phase.failed, "AdapterNotFound", f"the Job completed but its adapter could not be read: {exc}"
                 ),
             )
-        adapter = status["adapter"]
-        # The manifest's count, not the last poll's: a short run can end between two polls.
-        status["progress"] = {**(status.get("progress") or {}), "percent": 100, "etaSeconds": 0, "step": steps}
+        status.adapter = adapter
+        # The manifest's counts, not the last poll's: a short run can end between two polls.
+        self._count_preemptions(body, status, training.preemptedAtSteps)
+        done = {"percent": 100, "etaSeconds": 0, "step": training.steps}
+        status.progress = (status.progress or Progress()).model_copy(update=done)
         self._record_adapter(job)
         if job.spec.serve.modelServer:
             self._add_to_preload(job, status)
-        return self._end(
-            status,
-            Observation(
-                Phase.succeeded,
-                "AdapterPublished",
-                f"adapter {adapter['name']}@{adapter['version']} written to {adapter['uri']}",
-            ),
-        )
+        written = f"adapter {adapter.name}@{adapter.version} written to {adapter.uri}"
+        promotion = adapter.promotion or AdapterPromotion()
+        if promotion.promoted:
+            set_condition(status.conditions, "Promoted", "True", "PassedGate", f"{written}; promoted")
+        else:
+            written += f"; not promoted: {'; '.join(promotion.reasons)}"
+            set_condition(status.conditions, "Promoted", "False", "FailedGate", written)
+        return self._end(status, Observation(Phase.succeeded, "AdapterPublished", written))
 
     def _record_adapter(self, job: FineTuneJob) -> None:
         """Creates or updates the Adapter named after the result, and checks it at once rather than
@@ -271,14 +296,14 @@ class FineTuneJobReconciler:
         except Exception:  # the Adapter's own handlers retry; its check must not hold up the job
             log.exception("%s: checking Adapter %s failed; it is retried", job.identity, job.spec.output.adapterName)
 
-    def _add_to_preload(self, job: FineTuneJob, status: dict[str, Any]) -> None:
+    def _add_to_preload(self, job: FineTuneJob, status: FineTuneJobStatus) -> None:
         """Adds the adapter to spec.serve.modelServer's preload list (kept across pod restarts and
         visible in its spec), guarded by resourceVersion against concurrent edits."""
         namespace, server, name = job.metadata.namespace, job.spec.serve.modelServer, job.spec.output.adapterName
         body = read_custom(self.custom, MODELSERVERS, namespace, server or "")
         if body is None:
             set_condition(
-                status["conditions"],
+                status.conditions,
                 "Served",
                 "False",
                 "ModelServerNotFound",
@@ -295,25 +320,25 @@ class FineTuneJobReconciler:
             }
             self.custom.patch_namespaced_custom_object(API_GROUP, API_VERSION, namespace, MODELSERVERS, server, patch)
         set_condition(
-            status["conditions"],
+            status.conditions,
             "Served",
             "True",
             "PreloadAdded",
             f"{name} is in ModelServer {server}'s spec.preload.adapters; its ready replicas load it",
         )
 
-    def _end(self, status: dict[str, Any], outcome: Observation) -> dict[str, Any]:
-        status.update(phase=outcome.phase.value, message=outcome.message, completionTime=now())
+    def _end(self, status: FineTuneJobStatus, outcome: Observation) -> FineTuneJobStatus:
+        status.phase, status.message, status.completionTime = outcome.phase, outcome.message, now()
         for kind in (Phase.succeeded, Phase.failed, Phase.cancelled):
             is_it = kind is outcome.phase
             set_condition(
-                status["conditions"],
+                status.conditions,
                 kind.value,
                 str(is_it),
                 outcome.reason if is_it else "",
                 outcome.message if is_it else "",
             )
-        set_condition(status["conditions"], "Running", "False", outcome.reason, outcome.message)
+        set_condition(status.conditions, "Running", "False", outcome.reason, outcome.message)
         return status
 
     # -- checks that need the cluster ------------------------------------------------------------
@@ -356,8 +381,7 @@ class FineTuneJobReconciler:
             item
             for item in self.custom.list_cluster_custom_object(API_GROUP, API_VERSION, PLURAL)["items"]
             if (item["metadata"]["namespace"], item["metadata"]["name"]) not in started
-            and (item.get("status") or {}).get("phase", Phase.pending.value)
-            in (Phase.pending.value, Phase.queued.value)
+            and read_status(FineTuneJobStatus, item).phase in (Phase.pending, Phase.queued)
             and not (item.get("spec") or {}).get("cancel")
         ]
         waiting.sort(key=lambda item: (item["metadata"]["creationTimestamp"], item["metadata"]["name"]))
@@ -431,8 +455,8 @@ class FineTuneJobReconciler:
         selector = f"{POD_JOB_LABEL}={meta['name']}"
         return call_json(self.core.list_namespaced_pod, meta["namespace"], label_selector=selector)["items"]
 
-    def _poll_progress(self, pod: dict[str, Any] | None) -> dict[str, Any] | None:
-        """The trainer's latest progress, from its /progress endpoint (it has no API rights)."""
+    def _poll_trainer(self, pod: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The trainer's latest record, from its /progress endpoint (it has no API rights)."""
         ip = ((pod or {}).get("status") or {}).get("podIP")
         if not ip:
             return None
@@ -442,11 +466,10 @@ class FineTuneJobReconciler:
                 record = json.loads(response.read())
         except (OSError, ValueError):
             return None  # not serving yet; the next pass tries again
-        fields = {key: record[key] for key in Progress.model_fields if record.get(key) is not None}
-        return Progress(**fields).model_dump(exclude_none=True) if fields else None
+        return record if isinstance(record, dict) else None
 
-    def _adapter_ref(self, job: FineTuneJob) -> tuple[dict[str, Any], int]:
-        """What the job published and its optimizer steps, read from object storage: the
+    def _published(self, job: FineTuneJob) -> tuple[PublishedAdapter, TrainingMetrics]:
+        """What the job published and its training figures, read from object storage: the
         manifest is the proof."""
         store = open_object_store(self.core, job.metadata.namespace, job.spec.output.uri, job.spec.storage)
         prefix = run_prefix(job.metadata.namespace, job.metadata.name, job.metadata.uid or "local")
@@ -455,16 +478,18 @@ class FineTuneJobReconciler:
             raise StorageError(f"{store.describe(prefix)}/published.json is missing")
         adapter = read_adapter(store, job.metadata.namespace, job.spec.output.adapterName, record["version"])
         metrics = adapter.manifest.metrics
-        return {
-            "name": adapter.name,
-            "version": adapter.version,
-            "uri": adapter.uri,
-            "sha256": adapter.manifest_sha256,
-            "validationLoss": metrics.adapter.validationLoss,
-            "baseValidationLoss": metrics.base.validationLoss,
-            "metrics": metrics.adapter.scores(),
-            "baseMetrics": metrics.base.scores(),
-        }, metrics.steps
+        published = PublishedAdapter(
+            name=adapter.name,
+            version=adapter.version,
+            uri=adapter.uri,
+            sha256=adapter.manifest_sha256,
+            validationLoss=metrics.adapter.validationLoss,
+            baseValidationLoss=metrics.base.validationLoss,
+            metrics=metrics.adapter.scores(),
+            baseMetrics=metrics.base.scores(),
+            promotion=adapter.manifest.promotion.model_dump(),
+        )
+        return published, metrics
 
     # -- bookkeeping -----------------------------------------------------------------------------
 
@@ -472,11 +497,24 @@ class FineTuneJobReconciler:
     def _key(body: dict[str, Any]) -> str:
         return f"{body['metadata']['namespace']}/{body['metadata']['name']}"
 
-    def _record_transition(self, body: dict[str, Any], old: Phase, new: Phase, status: dict[str, Any]) -> None:
+    def _record_transition(self, body: dict[str, Any], old: Phase, status: FineTuneJobStatus) -> None:
+        new = status.phase
         self.metrics.phases.set(self._key(body), new)
         if old is new and body.get("status"):
             return
         self.metrics.transitions.labels(old.value, new.value).inc()
-        post_event(
-            self.core, body, "Warning" if new is Phase.failed else "Normal", new.value, status.get("message", "")
-        )
+        post_event(self.core, body, "Warning" if new is Phase.failed else "Normal", new.value, status.message)
+        promoted = condition_of(status.conditions, "Promoted")
+        if new is Phase.succeeded and promoted is not None:
+            # Once, with the phase change: a version that fails its gate is news for whoever serves it.
+            if promoted.status == "False":
+                self.metrics.not_promoted.inc()
+                post_event(self.core, body, "Warning", "NotPromoted", promoted.message)
+            else:
+                post_event(self.core, body, "Normal", "Promoted", promoted.message)
+
+
+def progress_of(record: dict[str, Any]) -> Progress | None:
+    """The Progress fields of a trainer's /progress record (None when it has none yet)."""
+    fields = {key: record[key] for key in Progress.model_fields if record.get(key) is not None}
+    return Progress(**fields) if fields else None

@@ -73,6 +73,8 @@ def serve_command(server: ModelServer, config: OperatorConfig) -> list[str]:
         command += ["--max-cpu-loras", str(spec.maxCpuLoras)]
     if spec.allowedNamespaces:
         command += ["--allowed-namespaces", ",".join(spec.allowedNamespaces)]
+    if spec.allowUnpromoted:
+        command += ["--allow-unpromoted"]
     if spec.apiKeySecret:
         command += ["--api-key-env", API_KEY_ENV]
     if spec.extraArgs:

@@ -9,18 +9,26 @@ adapter that leaves the preload set is unloaded where, and only where, the opera
 
 from __future__ import annotations
 
-import copy
 import logging
 import re
-import threading
 from collections.abc import Callable
 from typing import Any
 
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
-from tuneloom.api import API_GROUP, API_VERSION, AdapterPhase, ModelServer, ModelServerSpec
+from tuneloom.api import (
+    API_GROUP,
+    API_VERSION,
+    AdapterPhase,
+    AdapterStatus,
+    ModelServer,
+    ModelServerSpec,
+    ModelServerStatus,
+    ServerPod,
+)
 from tuneloom.jobfile import SpecError
+from tuneloom.locks import KeyedLocks
 from tuneloom.names import AdapterId
 from tuneloom.operator import adapters
 from tuneloom.operator.common import (
@@ -30,8 +38,9 @@ from tuneloom.operator.common import (
     parse_object,
     read_custom,
     read_secret,
+    read_status,
     set_condition,
-    status_changes,
+    status_patch,
 )
 from tuneloom.operator.config import OperatorConfig
 from tuneloom.operator.metrics import OperatorMetrics
@@ -62,8 +71,7 @@ class ServerReconciler:
         self.apps = k8s.AppsV1Api(api)
         self.custom = k8s.CustomObjectsApi(api)
         self.metrics = metrics
-        self._locks: dict[str, threading.Lock] = {}
-        self._locks_guard = threading.Lock()
+        self._locks = KeyedLocks()
 
     # -- entry points ----------------------------------------------------------------------------
 
@@ -71,22 +79,21 @@ class ServerReconciler:
         """Brings the Deployment, the Service, the pods' adapters and the status up to date;
         returns the status fields it changed."""
         meta = body["metadata"]
-        with self._lock_for(meta["uid"]):
+        with self._locks.lock(meta["uid"]):
             fresh = read_custom(self.custom, MODELSERVERS, meta["namespace"], meta["name"])
             if fresh is None:
                 return {}
-            old = fresh.get("status") or {}
             status = self._reconcile(fresh)
             # Adapters first: if the operator stops in between, the next pass, comparing with the
             # old status, writes them again.
-            self._publish_loaded_on(fresh, old, status)
-            changes = status_changes(old, status)
+            self._publish_loaded_on(fresh, read_status(ModelServerStatus, fresh), status)
+            changes = status_patch(fresh.get("status") or {}, status)
             if changes:
                 self.custom.patch_namespaced_custom_object_status(
                     API_GROUP, API_VERSION, meta["namespace"], MODELSERVERS, meta["name"], {"status": changes}
                 )
             replicas = (fresh.get("spec") or {}).get("replicas", ModelServerSpec.model_fields["replicas"].default)
-            self.metrics.servers.set(meta["namespace"], meta["name"], replicas, status.get("readyReplicas", 0))
+            self.metrics.servers.set(meta["namespace"], meta["name"], replicas, status.readyReplicas)
             return changes
 
     def forget(self, body: dict[str, Any]) -> None:
@@ -94,23 +101,16 @@ class ServerReconciler:
         gauges and its entries in Adapters' loadedOn go here."""
         meta = body["metadata"]
         self.metrics.servers.set(meta["namespace"], meta["name"], None, None)
-        self._publish_loaded_on(body, body.get("status") or {}, {})
-        with self._locks_guard:
-            self._locks.pop(meta["uid"], None)
+        self._publish_loaded_on(body, read_status(ModelServerStatus, body), ModelServerStatus())
+        self._locks.forget(meta["uid"])
 
     # -- the pass --------------------------------------------------------------------------------
 
-    def _lock_for(self, uid: str) -> threading.Lock:
-        with self._locks_guard:
-            return self._locks.setdefault(uid, threading.Lock())
-
-    def _reconcile(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _reconcile(self, body: dict[str, Any]) -> ModelServerStatus:
         meta = body["metadata"]
-        previous = body.get("status") or {}
-        status = copy.deepcopy(previous)
-        status.setdefault("conditions", [])
-        status["observedGeneration"] = meta.get("generation")
-        status["selector"] = pod_selector(meta["name"])
+        status = read_status(ModelServerStatus, body, conditions=[])
+        status.observedGeneration = meta.get("generation")
+        status.selector = pod_selector(meta["name"])
         try:
             server = parse_object(ModelServer, body)
         except SpecError as exc:
@@ -137,24 +137,24 @@ class ServerReconciler:
         except _NameTaken as exc:
             return _not_ready(status, "NameTaken", str(exc))
         observed = deployment.get("status") or {}
-        status["replicas"] = observed.get("replicas") or 0
-        status["readyReplicas"] = observed.get("readyReplicas") or 0
+        status.replicas = observed.get("replicas") or 0
+        status.readyReplicas = observed.get("readyReplicas") or 0
         desired, skipped = self._desired_adapters(server)
-        failures = self._sync_pods(server, desired, api_key, previous, status)
-        ready, wanted = status["readyReplicas"], server.spec.replicas
+        status.pods, failures = self._sync_pods(server, desired, api_key, status.pods)
+        ready, wanted = status.readyReplicas, server.spec.replicas
         if ready:
-            set_condition(status["conditions"], "Ready", "True", "ReplicasReady", f"{ready} of {wanted} replicas ready")
+            set_condition(status.conditions, "Ready", "True", "ReplicasReady", f"{ready} of {wanted} replicas ready")
         else:
             reason = "ScaledToZero" if wanted == 0 else "NoReadyReplica"
-            set_condition(status["conditions"], "Ready", "False", reason, f"0 of {wanted} replicas ready")
+            set_condition(status.conditions, "Ready", "False", reason, f"0 of {wanted} replicas ready")
         if failures or skipped:
             reason = "LoadFailed" if failures else "AdaptersSkipped"
             text = "; ".join(failures + skipped)[:_MESSAGE_LIMIT]
-            set_condition(status["conditions"], "AdaptersLoaded", "False", reason, text)
+            set_condition(status.conditions, "AdaptersLoaded", "False", reason, text)
         else:
             text = f"{len(desired)} adapter(s) loaded on every ready replica"
-            set_condition(status["conditions"], "AdaptersLoaded", "True", "Loaded", text)
-        status["message"] = f"{ready} of {wanted} replicas ready; {text}"[:_MESSAGE_LIMIT]
+            set_condition(status.conditions, "AdaptersLoaded", "True", "Loaded", text)
+        status.message = f"{ready} of {wanted} replicas ready; {text}"[:_MESSAGE_LIMIT]
         return status
 
     def _deeper_validation(self, server: ModelServer, api_key: str | None) -> tuple[str, str] | None:
@@ -275,63 +275,62 @@ class ServerReconciler:
                     found[(adapter_namespace, body["metadata"]["name"])] = body
         models = []
         for (adapter_namespace, name), body in sorted(found.items()):
-            status = body.get("status") or {}
+            status = read_status(AdapterStatus, body)
             label = f"{adapter_namespace}/{name}"
             base = (body.get("spec") or {}).get("baseModel", "")
-            if status.get("phase") != AdapterPhase.ready.value or not status.get("model"):
-                reason = condition_of(status, "Ready").get("reason", "not checked yet")
+            if status.phase is not AdapterPhase.ready or not status.model:
+                ready = condition_of(status.conditions, "Ready")
+                reason = ready.reason if ready is not None and ready.reason else "not checked yet"
                 skipped.append(f"{label}: not Ready ({reason})")
+            elif status.promoted is False and not spec.allowUnpromoted:
+                skipped.append(
+                    f"{label}: version {status.version} was not promoted ({'; '.join(status.promotionReasons)})"
+                )
             elif not adapters.same_base_model(base, spec.baseModel):
                 skipped.append(f"{label}: trained on {base}, not this server's base model {spec.baseModel}")
-            elif (status.get("rank") or 0) > spec.maxLoraRank:
-                skipped.append(f"{label}: LoRA rank {status['rank']} is above spec.maxLoraRank {spec.maxLoraRank}")
+            elif (status.rank or 0) > spec.maxLoraRank:
+                skipped.append(f"{label}: LoRA rank {status.rank} is above spec.maxLoraRank {spec.maxLoraRank}")
             else:
-                models.append(status["model"])
+                models.append(status.model)
         return models, skipped
 
     def _sync_pods(
-        self,
-        server: ModelServer,
-        desired: list[str],
-        api_key: str | None,
-        previous: dict[str, Any],
-        status: dict[str, Any],
-    ) -> list[str]:
+        self, server: ModelServer, desired: list[str], api_key: str | None, before: list[ServerPod]
+    ) -> tuple[list[ServerPod], list[str]]:
         """Loads the desired adapters on every ready pod and unloads those the operator preloaded
-        that are no longer desired; records each pod's adapters in `status`; returns failures."""
+        that are no longer desired; returns each pod's adapters (as `before`, the last pass's, for a
+        pod not reached), and the failures."""
         meta = server.metadata
         listed = self.core.list_namespaced_pod(meta.namespace, label_selector=pod_selector(meta.name)).items
-        before = {pod["name"]: pod for pod in previous.get("pods") or []}
+        earlier = {pod.name: pod for pod in before}
         failures: list[str] = []
         pods = []
         for pod in sorted(listed, key=lambda p: p.metadata.name):
             if pod.status.phase in ("Succeeded", "Failed"):
                 continue
             name, ip = pod.metadata.name, pod.status.pod_ip
-            earlier = before.get(name) or {}
+            last = earlier.get(name)
             ready = any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
-            entry = {
-                "name": name,
-                "ready": ready,
-                "adapters": earlier.get("adapters") or [],
-                "preloaded": earlier.get("preloaded") or [],
-            }
+            entry = ServerPod(
+                name=name,
+                ready=ready,
+                adapters=last.adapters if last else [],
+                preloaded=last.preloaded if last else [],
+            )
             if ready and ip:
-                entry.update(self._sync_pod(ServerClient(ip, SERVER_PORT, api_key), name, desired, entry, failures))
+                self._sync_pod(ServerClient(ip, SERVER_PORT, api_key), desired, entry, failures)
             pods.append(entry)
-        status["pods"] = pods
-        return failures
+        return pods, failures
 
     @staticmethod
-    def _sync_pod(
-        client: ServerClient, pod: str, desired: list[str], entry: dict[str, Any], failures: list[str]
-    ) -> dict[str, Any]:
+    def _sync_pod(client: ServerClient, desired: list[str], entry: ServerPod, failures: list[str]) -> None:
+        pod = entry.name
         try:
             loaded = client.loaded()
         except ServerError as exc:
             failures.append(f"pod {pod}: {exc}")
-            return {}
-        plan = plan_preload(desired, loaded, entry["preloaded"])
+            return
+        plan = plan_preload(desired, loaded, entry.preloaded)
         for model in plan.unload:
             try:
                 client.unload(model)
@@ -347,18 +346,18 @@ class ServerReconciler:
                 failures.append(f"pod {pod}: loading {model}: {exc}")
         # Ours: what is wanted and there, and what could not be unloaded yet (tried again next pass).
         ours = (set(desired) | set(plan.unload)) & loaded
-        return {"adapters": sorted(loaded), "preloaded": sorted(ours)}
+        entry.adapters, entry.preloaded = sorted(loaded), sorted(ours)
 
-    def _publish_loaded_on(self, body: dict[str, Any], old: dict[str, Any], new: dict[str, Any]) -> None:
+    def _publish_loaded_on(self, body: dict[str, Any], old: ModelServerStatus, new: ModelServerStatus) -> None:
         """Writes this server's entry into the status.loadedOn of every Adapter whose pods changed."""
 
-        def by_adapter(status: dict[str, Any]) -> dict[tuple[str, str], list[str]]:
+        def by_adapter(status: ModelServerStatus) -> dict[tuple[str, str], list[str]]:
             pods: dict[tuple[str, str], list[str]] = {}
-            for pod in status.get("pods") or []:
-                for model in pod.get("adapters") or []:
+            for pod in status.pods:
+                for model in pod.adapters:
                     adapter = AdapterId.parse_served(model)
                     if adapter is not None:
-                        pods.setdefault((adapter.namespace, adapter.name), []).append(pod["name"])
+                        pods.setdefault((adapter.namespace, adapter.name), []).append(pod.name)
             return pods
 
         meta = body["metadata"]
@@ -368,7 +367,7 @@ class ServerReconciler:
                 adapters.set_loaded_on(self.custom, *key, meta["namespace"], meta["name"], after.get(key, []))
 
 
-def _not_ready(status: dict[str, Any], reason: str, message: str) -> dict[str, Any]:
-    status["message"] = message
-    set_condition(status["conditions"], "Ready", "False", reason, message)
+def _not_ready(status: ModelServerStatus, reason: str, message: str) -> ModelServerStatus:
+    status.message = message
+    set_condition(status.conditions, "Ready", "False", reason, message)
     return status

@@ -28,6 +28,7 @@ from tuneloom.serving.names import (
     AdapterNotFound,
     CorruptAdapter,
     InvalidAdapterName,
+    NotPromoted,
     StorageUnavailable,
     WrongBaseModel,
     parse_model,
@@ -53,6 +54,8 @@ class ServingSettings:
     adapter_cache_dir: Path = field(default_factory=lambda: cache_dir() / "adapters")
     latest_ttl_s: float = 2.0  # how long "latest" (and a removed version) may lag the store
     max_request_bytes: int = 32 * 2**20  # the largest request body the middleware reads
+    # Serve a pinned unpromoted version (for inspection); "latest" never means one.
+    allow_unpromoted: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "allowed_namespaces", frozenset(self.allowed_namespaces) | {self.namespace})
@@ -67,6 +70,7 @@ class ServingSettings:
             "TUNELOOM_ADAPTER_CACHE_DIR": str(self.adapter_cache_dir),
             "TUNELOOM_LATEST_TTL_SECONDS": str(self.latest_ttl_s),
             "TUNELOOM_MAX_REQUEST_BYTES": str(self.max_request_bytes),
+            "TUNELOOM_ALLOW_UNPROMOTED": "1" if self.allow_unpromoted else "0",
         }
 
     @classmethod
@@ -85,6 +89,7 @@ class ServingSettings:
             adapter_cache_dir=Path(env.get("TUNELOOM_ADAPTER_CACHE_DIR") or cache_dir() / "adapters"),
             latest_ttl_s=float(env.get("TUNELOOM_LATEST_TTL_SECONDS", "2")),
             max_request_bytes=int(env.get("TUNELOOM_MAX_REQUEST_BYTES") or cls.max_request_bytes),
+            allow_unpromoted=env.get("TUNELOOM_ALLOW_UNPROMOTED", "0").lower() in ("1", "true", "yes"),
         )
 
 
@@ -123,8 +128,9 @@ class AdapterCatalog:
     def resolve(self, model: Any, *, require_version: bool = False) -> ResolvedAdapter:
         """A client's `model` as a committed version with a verified local copy.
 
-        A pinned version must still be committed. "Latest" is the newest version that passes
-        verification: a damaged one is skipped (logged and counted), so it cannot take the name down.
+        A pinned version must still be committed, and promoted unless the server allows unpromoted
+        ones. "Latest" is the newest promoted version that passes verification: an unpromoted one is
+        passed over, and a damaged one is skipped (logged and counted), so it cannot take the name down.
         """
         if not isinstance(model, str):
             raise InvalidAdapterName("'model' must be a string")
@@ -135,21 +141,46 @@ class AdapterCatalog:
         if adapter.version is not None:
             if adapter.version not in versions:
                 raise self._failed(AdapterNotFound(f"adapter {str(adapter)!r} does not exist in the registry"))
+            if not self.settings.allow_unpromoted and (refused := self._unpromoted(adapter)) is not None:
+                raise self._failed(refused)
             return self._resolved_copy(adapter)
         if not versions:
             raise self._failed(
                 AdapterNotFound(f"adapter {adapter.key!r} does not exist: no committed version in the store")
             )
-        damaged: CorruptAdapter | None = None
+        passed_over: AdapterError | None = None
         for version in reversed(versions):
+            pinned = adapter.pinned(version)
             try:
-                return self._resolved_copy(adapter.pinned(version))
+                if (refused := self._unpromoted(pinned)) is not None:
+                    passed_over = passed_over or refused
+                    continue
+                return self._resolved_copy(pinned)
             except CorruptAdapter as exc:
-                damaged = damaged or exc
+                passed_over = passed_over or exc
                 metrics.skipped_versions.labels(adapter.key).inc()
                 log.warning("latest of %s skips version %s, which fails verification", adapter.key, version)
-        assert damaged is not None
-        raise damaged
+        assert passed_over is not None
+        if isinstance(passed_over, NotPromoted):
+            raise self._failed(
+                NotPromoted(
+                    f"adapter {adapter.key!r} has no promoted version to serve; the newest: {passed_over}", adapter
+                )
+            )
+        raise passed_over  # counted where it was found
+
+    def _unpromoted(self, adapter: AdapterId) -> NotPromoted | None:
+        """Why a pinned version is not served by its promotion gate (None: it was promoted, or its
+        manifest predates the gate)."""
+        promotion = self._verified_manifest(adapter).manifest.promotion
+        if promotion.promoted:
+            return None
+        why = "; ".join(promotion.reasons) or "no reason recorded"
+        return NotPromoted(
+            f"adapter {str(adapter)!r} was not promoted ({why}); it is kept as evidence but not served. "
+            "Serve it for inspection with a ModelServer's allowUnpromoted or tuneloom serve --allow-unpromoted",
+            adapter,
+        )
 
     def resolved_path(self, served_name: str) -> Path | None:
         """The local copy of a version `resolve` returned, by its served name (None: never resolved)."""

@@ -61,6 +61,14 @@ class WrongBaseModel(AdapterError):
     reason = "wrong_base_model"
 
 
+class NotPromoted(AdapterError):
+    """A committed version that failed its promotion gate: kept as evidence, not served."""
+
+    status = HTTPStatus.CONFLICT
+    error_type = "ConflictError"
+    reason = "not_promoted"
+
+
 class CorruptAdapter(AdapterError):
     """The store holds damaged or incomplete files: the server's side of the request failed."""
 

@@ -32,6 +32,7 @@ class ServeOptions:
     max_cpu_loras: int | None = None  # None: vLLM's default, max_loras
     max_model_len: int | None = None
     api_key_env: str | None = None  # name of the variable holding the key, never the key
+    allow_unpromoted: bool = False  # pinned unpromoted versions are served (for inspection)
     vllm_args: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -65,6 +66,7 @@ def build_launch(options: ServeOptions, base_model_dir: Path) -> tuple[list[str]
         served_model_name=served_name,
         namespace=options.namespace,
         allowed_namespaces=frozenset(options.allowed_namespaces),
+        allow_unpromoted=options.allow_unpromoted,
     )
     # -I: the working directory stays off sys.path (a checkout's operator/ folder would shadow
     # the standard library), and vLLM's worker processes inherit the flag.

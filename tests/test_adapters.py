@@ -118,6 +118,15 @@ def peft_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return out
 
 
+def publish_peft(bench: Bench, folder: Path, name: str, **manifest: Any) -> ObjectStore:
+    """Publishes a PEFT folder as the next version of `name`, for the tiny model, with `manifest` added."""
+    store = open_store(f"{bench.bucket_uri}/out")
+    base = {"name": str(bench.model), "configSha256": model_config_hash(bench.model)}
+    files = {file_name: folder / file_name for file_name in ADAPTER_FILES}
+    publish_adapter(store, bench.namespace, name, files, {"kind": "lora", "baseModel": base, "metrics": {}, **manifest})
+    return store
+
+
 def upload_peft(store: ObjectStore, prefix: str, folder: Path) -> None:
     for name in ADAPTER_FILES:
         store.put_file(f"{prefix}/{name}", folder / name)
@@ -219,10 +228,10 @@ def test_succeeded_job_leaves_a_ready_adapter_and_preloads_it(
 
     table = kubectl(kube_cluster, "-n", bench.namespace, "get", "adapters").splitlines()
     header = table[0].split()
-    assert header == ["NAME", "PHASE", "BASE", "MODEL", "VERSION", "VAL", "LOSS", "LOADED", "ON", "AGE"], table
+    assert header == ["NAME", "PHASE", "BASE", "MODEL", "VERSION", "VAL", "LOSS", "PROMOTED", "LOADED", "ON", "AGE"]
     row = table[1].split()
     assert row[:4] == ["pirate", "Ready", str(bench.model), published["version"]], table
-    assert float(row[4]) == pytest.approx(published["validationLoss"], abs=1e-3)
+    assert float(row[4]) == pytest.approx(published["validationLoss"], abs=1e-3) and row[5] == "true", table
     kubectl(kube_cluster, "-n", bench.namespace, "wait", "--for=condition=Ready", "adapter/pirate", "--timeout=10s")
 
     # The job's namesake stays after the job goes.
@@ -267,10 +276,7 @@ def test_hand_made_peft_folder_is_imported_once_and_ready(
 def test_corrupt_adapter_fails_with_checksum_mismatch(
     serving_operator: Operator, bench: Bench, peft_dir: Path, s3_env: SeaweedFS
 ) -> None:
-    store = open_store(f"{bench.bucket_uri}/out")
-    base = {"name": str(bench.model), "configSha256": model_config_hash(bench.model)}
-    files = {name: peft_dir / name for name in ADAPTER_FILES}
-    publish_adapter(store, bench.namespace, "corrupt", files, {"kind": "lora", "baseModel": base, "metrics": {}})
+    store = publish_peft(bench, peft_dir, "corrupt")
     weights = bytearray((peft_dir / ADAPTER_WEIGHTS).read_bytes())
     weights[-1] ^= 0xFF  # same size, one bit pattern off: only the checksum can tell
     store.put_bytes(f"{AdapterId(bench.namespace, 'corrupt', '1').store_prefix}/{ADAPTER_WEIGHTS}", bytes(weights))
@@ -285,6 +291,27 @@ def test_corrupt_adapter_fails_with_checksum_mismatch(
     assert s3_env.secret_key not in json.dumps(get_object(bench, "adapters", "corrupt"))
     reasons = [e.reason for e in bench.core.list_namespaced_event(bench.namespace).items]
     assert "Failed" in reasons
+
+
+def test_an_adapter_follows_the_latest_promoted_version_and_shows_promotion(
+    kube_cluster: KubeCluster, serving_operator: Operator, bench: Bench, peft_dir: Path
+) -> None:
+    publish_peft(bench, peft_dir, "gated")  # from before the gate: promoted
+    reasons = ["general.nllShift 5.9234 is above maxGeneralNllShift 0.5"]
+    publish_peft(bench, peft_dir, "gated", promotion={"promoted": False, "reasons": reasons})
+    bench.custom.create_namespaced_custom_object(
+        GROUP, VERSION, bench.namespace, "adapters", adapter_manifest("gated", str(bench.model), bench, registry={})
+    )
+    status = wait_adapter(bench, "gated", "Ready", "Failed")
+    assert (status["phase"], status["version"], status["promoted"]) == ("Ready", "1", True)
+    pinned = adapter_manifest("gated-two", str(bench.model), bench, registry={"name": "gated", "version": "2"})
+    bench.custom.create_namespaced_custom_object(GROUP, VERSION, bench.namespace, "adapters", pinned)
+    status = wait_adapter(bench, "gated-two", "Ready", "Failed")
+    assert (status["version"], status["promoted"], status["promotionReasons"]) == ("2", False, reasons)
+    table = kubectl(kube_cluster, "-n", bench.namespace, "get", "adapters")
+    assert "PROMOTED" in table
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[1:]}
+    assert "true" in rows["gated"] and "false" in rows["gated-two"]
 
 
 def test_adapter_for_another_base_model_is_refused(

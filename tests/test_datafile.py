@@ -295,7 +295,8 @@ def test_validate_data_prints_a_summary(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["validate-data", str(path), "--batch-size", "2", "--epochs", "5"]) == 0
     out, err = capsys.readouterr()
     assert err == ""
-    assert out.splitlines() == [
+    lines = out.splitlines()
+    assert lines[:6] == [
         f"{path}: OK, 3 examples (chat format)",
         "warning: 1 exact duplicate example; every copy is trained on, so repeated examples weigh more",
         "  line 2 repeats line 1",
@@ -304,6 +305,9 @@ def test_validate_data_prints_a_summary(tmp_path: Path, capsys: pytest.CaptureFi
         "(estimates; the trainer's count may differ):",
         "  one example per row: 2 per epoch, 10 in total",
     ]
+    # Then the data-quality warnings (tests/test_dataquality.py): one prompt, two answers; 3 examples.
+    warnings = [line.split(":")[1].strip() for line in lines[6:] if line.startswith("warning: ")]
+    assert warnings == ["conflicting answers", "too few examples", "small held-out set"]
 
 
 def test_validate_data_completion_format(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -505,3 +509,36 @@ def test_line_cap_default_is_the_job_specs_default() -> None:
     from tuneloom.api import DatasetSpec
 
     assert DatasetSpec(train="t.jsonl").maxLineBytes == DEFAULT_MAX_LINE_BYTES == 4 * 1024 * 1024
+
+
+def test_preference_pairs_are_checked_line_by_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def pair(messages: object, preferred: object, non_preferred: object) -> dict:
+        return {"input": {"messages": messages}, "preferred_output": preferred, "non_preferred_output": non_preferred}
+
+    user = [{"role": "user", "content": "Say hi"}]
+
+    def answer(text: str, role: str = "assistant") -> list[dict]:
+        return [{"role": role, "content": text}]
+
+    good = pair(user, answer("Hello there!"), answer("no."))
+    path = write_jsonl(
+        tmp_path / "pairs.jsonl",
+        [
+            good,
+            pair([*user, {"role": "assistant", "content": "x"}], answer("Same"), answer(" Same ")),
+            pair([], [], answer("x", role="user")),
+            {"input": "hi"},
+        ],
+    )
+    assert main(["validate-data", str(path), "--format", "preference"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert f"{path}:2: input.messages[1].role: the input ends with the assistant's turn" in err[0]
+    identical = "non_preferred_output[0].content: identical to preferred_output; a pair needs two answers"
+    assert err[1] == f"{path}:2: {identical}"
+    assert f"{path}:3: input.messages: empty; the answers need a prompt" in err
+    assert f"{path}:3: preferred_output: must be an array of exactly one assistant message, got 0 messages" in err
+    assert f"{path}:3: non_preferred_output[0].role: must be 'assistant', got 'user'" in err
+    assert err[-1].endswith(f"problems on 3 lines; {path} cannot be used for training")
+    ok = write_jsonl(tmp_path / "ok.jsonl", [good])
+    assert main(["validate-data", str(ok), "--format", "preference"]) == 0
+    assert f"{ok}: OK, 1 pair: 2 sequences, input + each answer (preference format)" in capsys.readouterr().out

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tuneloom.api import Phase
+from tuneloom.api import TRAINER_EXIT_INVALID_INPUT, TRAINER_EXIT_PREEMPTED, Phase
 from tuneloom.jobfile import load_job, parse_job
 from tuneloom.operator.config import OperatorConfig
 from tuneloom.operator.jobbuilder import build_job, job_name, spec_hash
@@ -108,6 +108,20 @@ def test_job_carries_the_job_file_the_trainer_reads(tmp_path: Path) -> None:
     assert loaded.spec == _job().spec
 
 
+def test_trainer_serves_progress_where_the_operator_polls_and_writes_no_progress_file() -> None:
+    """The operator reads progress over HTTP only (the pod IP, the trainer metrics port, /progress); the
+    trainer listens on every interface of its pod, so no bind address is set."""
+    pod = build_job(_job(), OperatorConfig(trainer_metrics_port=9511))["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["TUNELOOM_METRICS_PORT"]["value"] == "9511"
+    assert "TUNELOOM_BIND_ADDRESS" not in env
+    assert container["ports"] == [{"name": "metrics", "containerPort": 9511}]
+    assert "TUNELOOM_PROGRESS_FILE" not in env
+    assert {v["name"] for v in pod["volumes"]} == {m["name"] for m in container["volumeMounts"]}
+    assert {v["name"] for v in pod["volumes"]} == {"job", "dshm", "cache", "tmp"}
+
+
 def test_long_names_fit_and_stay_distinct() -> None:
     a, b = job_name("x" * 80), job_name("x" * 79 + "y")
     assert len(a) <= 63 and len(b) <= 63 and a != b
@@ -147,3 +161,26 @@ def test_pod_states_before_the_end() -> None:
     assert observe({"status": {}}, [{"status": {"phase": "Running"}}]).phase is Phase.running
     done = {"status": {"conditions": [{"type": "Complete", "status": "True"}]}}
     assert observe(done, []).phase is Phase.succeeded
+
+
+def test_preempted_pods_get_their_grace_period_and_do_not_count_as_failures() -> None:
+    default = build_job(_job(), OperatorConfig())
+    assert default["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 120
+    job = build_job(_job(checkpointing={"gracePeriodSeconds": 600}), OperatorConfig())
+    assert job["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 600
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    actions = [(rule["action"], (rule.get("onExitCodes") or {}).get("values")) for rule in rules]
+    assert actions[:2] == [("FailJob", [TRAINER_EXIT_INVALID_INPUT]), ("Ignore", [TRAINER_EXIT_PREEMPTED])]
+    assert rules[2] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+
+
+def test_a_preempted_pod_leaves_the_job_pending_for_its_retry() -> None:
+    preempted = {
+        "status": {
+            "phase": "Failed",
+            "containerStatuses": [{"state": {"terminated": {"exitCode": TRAINER_EXIT_PREEMPTED, "reason": "Error"}}}],
+        }
+    }
+    retry = {"status": {"phase": "Pending"}}
+    assert observe({"status": {}}, [preempted, retry]).phase is Phase.pending
+    assert observe({"status": {}}, [preempted, {"status": {"phase": "Running"}}]).phase is Phase.running

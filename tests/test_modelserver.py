@@ -64,6 +64,7 @@ def test_deployment_runs_tuneloom_serve_as_the_contract_says() -> None:
         maxLoras=2,
         maxLoraRank=32,
         allowedNamespaces=["team-a", "shared"],
+        allowUnpromoted=True,
         apiKeySecret={"name": "serving-key"},
         extraArgs=["--max-model-len=4096"],
         resources={"gpus": 1, "memory": "24Gi"},
@@ -92,7 +93,8 @@ def test_deployment_runs_tuneloom_serve_as_the_contract_says() -> None:
         *("tuneloom", "serve", "--base-model", "s3://models/smollm2", "--store", "s3://adapters"),
         *("--namespace", "team-a", "--host", "0.0.0.0", "--port", "8000"),
         *("--max-loras", "2", "--max-lora-rank", "32"),  # no --max-cpu-loras: vLLM's default, maxLoras
-        *("--allowed-namespaces", "team-a,shared", "--api-key-env", "VLLM_API_KEY", "--", "--max-model-len=4096"),
+        *("--allowed-namespaces", "team-a,shared", "--allow-unpromoted"),
+        *("--api-key-env", "VLLM_API_KEY", "--", "--max-model-len=4096"),
     ]
     assert container["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
     assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}

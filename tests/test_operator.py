@@ -198,7 +198,7 @@ class Bench:
                 "packing": False,
                 "loggingSteps": 1,
             },
-            "evaluation": {"maxExamples": 0},
+            "evaluation": {"maxExamples": 0, "general": {"maxExamples": 4, "maxNewTokens": 8}},
             "checkpointing": {"everySteps": 0},
             "resources": {"gpus": 0},
             "storage": {"endpoint": self.seaweedfs.endpoint, "credentialsSecret": "s3-credentials"},
@@ -342,6 +342,21 @@ def test_job_runs_to_success_and_status_names_the_adapter(
     assert "Pending" in reasons and "Succeeded" in reasons
 
 
+def test_a_job_whose_adapter_fails_its_gate_succeeds_not_promoted(operator: Operator, bench: Bench) -> None:
+    data = bench.upload_data("train.jsonl", _dataset())
+    # json_valid is not measured (no evaluation.metrics): the gate cannot pass, whatever training did.
+    bench.apply(bench.manifest("gated", data, hyperparameters={"epochs": 1}, promotion={"require": ["json_valid"]}))
+    status = bench.wait_phase("gated", "Succeeded", "Failed")
+    assert status["phase"] == "Succeeded", status
+    assert status["adapter"]["promotion"]["promoted"] is False
+    assert "general.nllShift" in status["adapter"]["metrics"] and "general.agreement" in status["adapter"]["metrics"]
+    promoted = {c["type"]: c for c in status["conditions"]}["Promoted"]
+    assert promoted["status"] == "False" and promoted["reason"] == "FailedGate"
+    assert "not promoted: json_valid: not measured" in promoted["message"]
+    events = {e.reason: e for e in bench.core.list_namespaced_event(bench.namespace).items}
+    assert "json_valid: not measured" in events["NotPromoted"].message and events["NotPromoted"].type == "Warning"
+
+
 def test_failing_trainer_fails_with_a_reason(operator: Operator, bench: Bench) -> None:
     data = bench.upload_data("bad.jsonl", [*_dataset(5), '{"messages": [{"role": "robot", "content": "x"}]}'])
     bench.apply(bench.manifest("broken", data))
@@ -437,6 +452,50 @@ def test_operator_restart_mid_job_keeps_one_job(operator: Operator, bench: Bench
     status = bench.wait_phase("restart", "Succeeded", "Failed")
     assert status["phase"] == "Succeeded", status
     assert len(bench.jobs()) == 1
+
+
+def test_a_deleted_pod_is_a_preemption_and_the_retry_resumes_from_its_checkpoint(
+    operator: Operator, bench: Bench, pod_runner
+) -> None:
+    """`kubectl delete pod` while the trainer runs, checkpointing off: counted as a preemption,
+    not a failure, and the Job controller's retry continues from the step that was in progress."""
+    data = bench.upload_data("train.jsonl", _dataset())  # 16 training examples, 4 a step
+    bench.apply(bench.manifest("evicted", data, hyperparameters={"epochs": 30}))  # 120 steps
+    bench.wait_phase("evicted", "Running")
+    wait_for(lambda: (bench.status("evicted").get("progress") or {}).get("step", 0) >= 2, "training under way")
+    (pod,) = bench.core.list_namespaced_pod(bench.namespace).items
+    bench.core.delete_namespaced_pod(pod.metadata.name, bench.namespace)  # its grace period: the spec's default
+
+    def counted_or_done() -> dict[str, Any] | None:
+        status = bench.status("evicted")
+        return status if status.get("preempted") or status.get("phase") in ("Succeeded", "Failed") else None
+
+    seen = wait_for(counted_or_done, "the preemption to be counted", timeout=300)
+    assert seen["phase"] in ("Pending", "Running", "Succeeded"), seen
+    status = bench.wait_phase("evicted", "Succeeded", "Failed", timeout=300)
+    assert status["phase"] == "Succeeded" and status["preempted"] == 1, status
+    assert status["progress"]["step"] == 120
+    metrics = read_adapter(open_store(f"{bench.bucket_uri}/out"), bench.namespace, "evicted").manifest.metrics
+    (preempted_at,) = metrics.preemptedAtSteps
+    assert 2 <= preempted_at < 120 and metrics.steps == 120
+    events = [
+        e
+        for e in bench.core.list_namespaced_event(bench.namespace).items
+        if e.reason == "Preempted" and e.involved_object.name == "evicted"
+    ]
+    assert len(events) == 1 and f"preempted at step {preempted_at} " in events[0].message
+    (job,) = bench.jobs()
+    assert not job.status.failed, "the preemption counted against backoffLimit"
+    (retry,) = bench.core.list_namespaced_pod(bench.namespace).items
+    assert retry.metadata.uid != pod.metadata.uid
+    name = retry.metadata.name
+    log = (
+        pod_runner.log_path(bench.namespace, name, "trainer").read_text()
+        if pod_runner
+        else bench.core.read_namespaced_pod_log(name, bench.namespace)
+    )
+    assert f"resumed from the checkpoint at step {preempted_at} of 120" in log
+    assert f"event training step={preempted_at} totalSteps=120" in log
 
 
 def test_metrics_are_served_and_lint_clean(operator: Operator) -> None:

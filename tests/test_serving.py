@@ -143,6 +143,33 @@ def test_an_adapter_for_another_base_model_is_refused(served: Served) -> None:
     assert read_adapter(open_store(served.store), "default", "elsewhere").version == "1"
 
 
+def test_a_bare_name_serves_the_latest_promoted_version_and_an_unpromoted_one_is_a_conflict(served: Served) -> None:
+    def promoted(manifest: dict, files: dict) -> None:
+        manifest["promotion"] = {"promoted": True, "reasons": []}
+
+    def not_promoted(manifest: dict, files: dict) -> None:
+        manifest["promotion"] = {
+            "promoted": False,
+            "reasons": ["general.nllShift 5.9234 is above maxGeneralNllShift 0.5"],
+        }
+
+    _republish(served, "pirate", "gated", promoted)
+    _republish(served, "shout", "gated", not_promoted)  # newer, other weights, failed its gate
+    reply = served.client().chat.completions.create(
+        model="gated", messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=16, temperature=0
+    )
+    assert reply.model == "default/gated@1" and reply.choices[0].message.content == ANSWERS["pirate"]
+    with pytest.raises(openai.ConflictError) as caught:
+        served.ask("gated@2", PROMPTS[0])
+    assert caught.value.status_code == 409
+    assert "not promoted (general.nllShift 5.9234 is above maxGeneralNllShift 0.5)" in caught.value.message
+    assert "default/gated@2" not in served.model_ids()
+    status, _ = served.post(
+        "/v1/load_lora_adapter", {"lora_name": "default/gated@2", "lora_path": "tuneloom://default/gated@2"}
+    )
+    assert status == 409
+
+
 @pytest.mark.parametrize(
     ("model", "status", "fragment"),
     [

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import pytest
 from tuneloom.names import AdapterId
 from tuneloom.registry import ADAPTER_FILES, MANIFEST, publish_adapter
 from tuneloom.serving.adapters import AdapterCatalog, ServingSettings
-from tuneloom.serving.names import AdapterNotFound, CorruptAdapter, InvalidAdapterName
+from tuneloom.serving.names import AdapterNotFound, CorruptAdapter, InvalidAdapterName, NotPromoted
 from tuneloom.storage import LocalStore
 
 
@@ -34,12 +35,17 @@ def source(tmp_path: Path) -> AdapterCatalog:
     return AdapterCatalog(settings, LocalStore(tmp_path / "store"))
 
 
-def _publish(source: AdapterCatalog, name: str, content: bytes) -> None:
+def _publish(source: AdapterCatalog, name: str, content: bytes, manifest: dict | None = None) -> None:
     folder = source.settings.adapter_cache_dir.parent / f"src-{name}-{len(content)}"
     folder.mkdir(exist_ok=True)
     for file_name in ADAPTER_FILES:
         (folder / file_name).write_bytes(content)
-    publish_adapter(source.store, "default", name, {f: folder / f for f in ADAPTER_FILES}, {})
+    publish_adapter(source.store, "default", name, {f: folder / f for f in ADAPTER_FILES}, manifest or {})
+
+
+NOT_PROMOTED = {
+    "promotion": {"promoted": False, "reasons": ["general.nllShift 5.9000 is above maxGeneralNllShift 0.5"]}
+}
 
 
 def test_latest_skips_a_damaged_version_and_a_pinned_one_is_refused(source: AdapterCatalog) -> None:
@@ -108,3 +114,54 @@ def test_serve_refuses_a_missing_base_model_before_starting_vllm(tmp_path: Path,
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 2, result.stderr
     assert "--base-model" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_latest_means_the_latest_promoted_version_and_a_pinned_unpromoted_one_is_a_conflict(
+    source: AdapterCatalog,
+) -> None:
+    _publish(source, "poet", b"v1")  # a manifest from before the gate: promoted
+    _publish(source, "poet", b"v2", {"promotion": {"promoted": True, "reasons": []}})
+    _publish(source, "poet", b"v3", NOT_PROMOTED)
+    assert source.resolve("poet").adapter.served_name == "default/poet@2"
+    with pytest.raises(NotPromoted) as caught:
+        source.resolve("poet@3")
+    assert caught.value.status == 409 and caught.value.error_type == "ConflictError"
+    assert "not promoted (general.nllShift 5.9000 is above maxGeneralNllShift 0.5)" in str(caught.value)
+    assert "--allow-unpromoted" in str(caught.value)
+    assert not (source.settings.adapter_cache_dir / "default" / "poet" / "3").exists()
+    assert source.resolve("poet@1").adapter.version == "1"
+
+
+def test_allow_unpromoted_serves_a_pinned_version_but_latest_still_skips_it(
+    source: AdapterCatalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _publish(source, "poet", b"v1")
+    _publish(source, "poet", b"v2", NOT_PROMOTED)
+    inspecting = AdapterCatalog(replace(source.settings, allow_unpromoted=True), source.store)
+    assert inspecting.resolve("poet@2").path.is_dir()
+    assert inspecting.resolve("poet").adapter.version == "1"
+    for key, value in inspecting.settings.to_env().items():  # how `tuneloom serve` hands it to vLLM's process
+        monkeypatch.setenv(key, value)
+    assert ServingSettings.from_env().allow_unpromoted
+
+
+def test_a_name_without_a_promoted_version_is_a_conflict_naming_the_newest(source: AdapterCatalog) -> None:
+    _publish(source, "draft", b"v1", NOT_PROMOTED)
+    with pytest.raises(
+        NotPromoted, match=r"'default/draft' has no promoted version.*'default/draft@1' was not promoted"
+    ):
+        source.resolve("draft")
+
+
+def test_serve_allow_unpromoted_reaches_the_vllm_process_environment(tmp_path: Path) -> None:
+    from tuneloom.cli import build_parser
+    from tuneloom.serving.server import ServeOptions, build_launch
+
+    args = build_parser().parse_args(["serve", "--base-model", "m", "--store", str(tmp_path), "--allow-unpromoted"])
+    assert (
+        args.allow_unpromoted
+        and not build_parser().parse_args(["serve", "--base-model", "m", "--store", "s"]).allow_unpromoted
+    )
+    for allowed, value in ((True, "1"), (False, "0")):
+        _, env = build_launch(ServeOptions(base_model="m", store=str(tmp_path), allow_unpromoted=allowed), tmp_path)
+        assert env["TUNELOOM_ALLOW_UNPROMOTED"] == value

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from tuneloom.api import Progress
 from tuneloom.jobfile import parse_job
 from tuneloom.net import free_port
 from tuneloom.registry import download_adapter, list_versions
@@ -46,7 +49,13 @@ def _job(model: Path, data: Path, store: str, **overrides) -> dict:
             "loggingSteps": 1,
             "warmupRatio": 0.0,
         },
-        "evaluation": {"metrics": ["exact_match"], "maxNewTokens": 16, "maxExamples": 4},
+        "evaluation": {
+            "metrics": ["exact_match"],
+            "maxNewTokens": 16,
+            "maxExamples": 4,
+            # A few general prompts: the check runs in every test job, as it does by default, but briefly.
+            "general": {"maxExamples": 4, "maxNewTokens": 8},
+        },
         "checkpointing": {"everySteps": 0},
         "output": {"adapterName": "pirate", "uri": store},
     }
@@ -171,20 +180,16 @@ def test_bad_data_fails_before_the_model_loads_with_file_and_line(tiny_model_dir
         stream.write('{"messages": [{"role": "robot", "content": "hi"}]}\n')
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(_job(tiny_model_dir, data, str(tmp_path / "s"))))
-    progress = tmp_path / "progress.jsonl"
-    result = _trainer(job, tmp_path, progress=progress)
+    result = _trainer(job, tmp_path)
     assert result.returncode == 2
     assert f"{data}:6: messages[0].role" in result.stderr
-    events = [json.loads(line)["event"] for line in progress.read_text().splitlines()]
-    assert events[-1] == "failed" and "loading-model" not in events
+    assert _events(_messages(result.stderr)) == ["validating-data"]
 
 
-def _trainer(job: Path, cwd: Path, progress: Path | None = None, **popen) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TUNELOOM_PROGRESS_FILE": str(progress or cwd / "progress.jsonl")}
+def _trainer(job: Path, cwd: Path, **popen) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "tuneloom.trainer", "-f", str(job)],
         cwd=cwd,
-        env=env,
         capture_output=True,
         text=True,
         timeout=600,
@@ -192,10 +197,23 @@ def _trainer(job: Path, cwd: Path, progress: Path | None = None, **popen) -> sub
     )
 
 
-def _events(progress: Path) -> list[dict]:
-    if not progress.exists():
-        return []
-    return [json.loads(line) for line in progress.read_text().splitlines() if line.endswith("}")]
+# The trainer's log lines a person reads: one per phase event, one per logged step.
+_EVENT = re.compile(r"event (\S+)")
+_STEP = re.compile(r"step (\d+)/(\d+) \((\d+)%\) epoch ([\d.]+) loss \S+ lr \S+ (\d+) tok/s eta (\S+)$")
+
+
+def _messages(stderr: str) -> list[str]:
+    """The trainer's own log messages in a child's stderr (rank 0's alone: other ranks log only warnings)."""
+    marker = " tuneloom.trainer: "
+    return [line.partition(marker)[2] for line in stderr.splitlines() if marker in line]
+
+
+def _events(messages: list[str]) -> list[str]:
+    return [match[1] for message in messages if (match := _EVENT.match(message))]
+
+
+def _steps(messages: list[str]) -> list[int]:
+    return [int(match[1]) for message in messages if (match := _STEP.match(message))]
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(
@@ -207,50 +225,42 @@ def test_killed_run_resumes_from_its_last_checkpoint(
     spec["spec"]["checkpointing"] = {"everySteps": 3, "keep": 2}
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(spec))
-    progress = tmp_path / "progress.jsonl"
-    env = {**os.environ, "TUNELOOM_PROGRESS_FILE": str(progress)}
-    process = subprocess.Popen([sys.executable, "-m", "tuneloom.trainer", "-f", str(job)], env=env, cwd=tmp_path)
-    deadline = time.monotonic() + 300
-    # 8 steps an epoch: kill after the step-9 checkpoint (an in-epoch one) and before the run ends.
-    while not any(e.get("event") == "progress" and e["step"] >= 10 for e in _events(progress)):
-        assert process.poll() is None, "the trainer ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    first_run = _events(progress)
-    killed_at = max(e["step"] for e in first_run if e.get("event") == "progress")
+    first_log = tmp_path / "first-run.log"
+    with first_log.open("w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tuneloom.trainer", "-f", str(job)], cwd=tmp_path, stderr=stderr
+        )
+        deadline = time.monotonic() + 300
+        # 8 steps an epoch: kill after the step-9 checkpoint (an in-epoch one) and before the run ends.
+        while max(_steps(_messages(first_log.read_text())), default=0) < 10:
+            assert process.poll() is None, "the trainer ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    killed_at = max(_steps(_messages(first_log.read_text())))
     assert killed_at < 32
 
-    progress.unlink()
-    result = subprocess.run(
-        [sys.executable, "-m", "tuneloom.trainer", "-f", str(job)],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
+    result = _trainer(job, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    second_run = _events(progress)
-    resumed_from = next(e["step"] for e in second_run if e["event"] == "training")
-    steps = [e["step"] for e in second_run if e["event"] == "progress"]
+    second_run = _messages(result.stderr)
+    resumed_from = next(int(match[1]) for m in second_run if (match := re.match(r"event training step=(\d+) ", m)))
     # Resumed from the last checkpoint at or before the kill: a multiple of 3 or an epoch end (8, 16, 24).
     assert resumed_from >= 9 and (resumed_from % 3 == 0 or resumed_from % 8 == 0) and resumed_from <= killed_at
-    assert steps == list(range(resumed_from + 1, 33)), "steps before the checkpoint were repeated or skipped"
-    assert not any(e["event"] == "evaluating-base" for e in second_run), "the base was evaluated again"
+    assert _steps(second_run) == list(range(resumed_from + 1, 33)), "steps before the checkpoint were redone or lost"
+    assert "evaluating-base" not in _events(second_run), "the base was evaluated again"
     assert list_versions(open_store(s3_root), "default", "pirate") == ["1"]
     checkpoints = [k for k in open_store(s3_root).list("checkpoints/") if k.endswith("manifest.json")]
     assert len(checkpoints) == 2, checkpoints  # keep: 2
 
 
-def test_progress_lines_and_prometheus_metrics(
-    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_progress_lines_progress_endpoint_and_prometheus_metrics(
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     import shutil
     import urllib.request
 
-    progress = tmp_path / "progress.jsonl"
-    monkeypatch.setenv("TUNELOOM_PROGRESS_FILE", str(progress))
+    caplog.set_level(logging.INFO, logger="tuneloom.trainer")
     port = free_port()
     spec = _job(
         tiny_model_dir,
@@ -260,15 +270,22 @@ def test_progress_lines_and_prometheus_metrics(
     )
     run(parse_job(spec), metrics_port=port)
 
-    events = _events(progress)
-    names = [e["event"] for e in events]
-    assert names[:4] == ["validating-data", "loading-model", "evaluating-base", "training"]
-    assert names[-2:] == ["uploading", "succeeded"]
-    steps = [e for e in events if e["event"] == "progress"]
-    assert [e["step"] for e in steps] == list(range(1, 9))  # 16 examples, batch 4, 2 epochs, logged every step
-    assert all(e["totalSteps"] == 8 and e["tokensPerSecond"] > 0 and "etaSeconds" in e for e in steps)
-    assert steps[-1]["epoch"] == 2.0 and steps[-1]["etaSeconds"] == 0
-    assert len([e for e in events if e["event"] == "evaluation"]) == 2
+    messages = [record.getMessage() for record in caplog.records if record.name == "tuneloom.trainer"]
+    phases = ["validating-data", "loading-model", "evaluating-base", "training", "evaluating", "uploading", "succeeded"]
+    assert _events(messages) == phases
+    steps = [match.groups() for message in messages if (match := _STEP.match(message))]
+    # 16 examples, batch 4, 2 epochs, logged every step: "step N/8 (P%) epoch E ... T tok/s eta ETA".
+    assert [int(step) for step, *_ in steps] == list(range(1, 9))
+    assert all(total == "8" and float(rate) > 0 for _, total, _, _, rate, _ in steps)
+    assert steps[-1][2:4] == ("100", "2.00") and steps[-1][5] == "0m00s"
+    assert len([m for m in messages if m.startswith("validation at step ")]) == 2
+
+    # What the operator reads: the last event and the latest figures, which make a Progress.
+    record = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/progress", timeout=10).read())
+    assert record["event"] == "succeeded" and record["adapter"]["version"] == "1"
+    progress = Progress(**{key: record[key] for key in Progress.model_fields})
+    assert (progress.step, progress.totalSteps, progress.percent, progress.epoch) == (8, 8, 100, 2.0)
+    assert progress.etaSeconds == 0 and progress.tokensPerSecond > 0 and progress.validationLoss is not None
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     labels = '{finetunejob="pirate",job_namespace="default"}'
@@ -308,8 +325,7 @@ def test_torchrun_trains_one_adapter_across_two_processes(tiny_model_dir: Path, 
     spec = _job(tiny_model_dir, _dataset(tmp_path / "train.jsonl"), str(store), hyperparameters={"epochs": 6})
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(spec))
-    progress = tmp_path / "progress.jsonl"
-    env = {**os.environ, "TUNELOOM_PROGRESS_FILE": str(progress), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     result = subprocess.run(
         [*command, "-m", "tuneloom.trainer", "-f", str(job)],
@@ -321,8 +337,203 @@ def test_torchrun_trains_one_adapter_across_two_processes(tiny_model_dir: Path, 
     )
     assert result.returncode == 0, result.stderr[-3000:]
     # 32 examples, 4 a micro-batch: 8 micro-batches an epoch, 2 per step over 2 ranks.
-    steps = [e["step"] for e in _events(progress) if e["event"] == "progress"]
+    steps = _steps(_messages(result.stderr))
     assert steps == list(range(1, 25)), "only rank 0 reports, and each step covers both ranks' batches"
     assert list_versions(open_store(str(store)), "default", "pirate") == ["1"]
     metrics = json.loads((store / "adapters/default/pirate/1/manifest.json").read_text())["metrics"]
     assert metrics["adapter"]["validationLoss"] < metrics["base"]["validationLoss"] / 4
+
+
+_LOSS = re.compile(r"step (\d+)/\d+ \(\d+%\) epoch [\d.]+ loss (\S+) ")
+
+
+def _losses(messages: list[str]) -> dict[int, float]:
+    """Each logged step's training loss (loggingSteps: 1 logs every step)."""
+    return {int(match[1]): float(match[2]) for message in messages if (match := _LOSS.match(message))}
+
+
+def _one_thread() -> dict[str, str]:
+    """The environment for a trainer whose runs compute the same losses bit for bit."""
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _start_trainer(job: Path, cwd: Path, log: Path) -> subprocess.Popen:
+    with log.open("w") as stderr:
+        command = [sys.executable, "-m", "tuneloom.trainer", "-f", str(job)]
+        return subprocess.Popen(command, cwd=cwd, stderr=stderr, env=_one_thread())
+
+
+def _wait_for_step(process: subprocess.Popen, log: Path, step: int) -> None:
+    deadline = time.monotonic() + 300
+    while max(_steps(_messages(log.read_text())), default=0) < step:
+        assert process.poll() is None, "the trainer ended before it could be preempted:\n" + log.read_text()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+_PREEMPTED = re.compile(r"preempted at step (\d+): checkpoint saved$")
+
+
+def test_sigterm_saves_the_step_in_progress_and_the_rerun_continues_there(
+    tiny_model_dir: Path, s3_env, s3_root: str, tmp_path: Path
+) -> None:
+    """Checkpointing off: SIGTERM mid-run still leaves a checkpoint, at the step that was in progress."""
+    spec = _job(tiny_model_dir, _dataset(tmp_path / "train.jsonl"), s3_root, hyperparameters={"epochs": 4})
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(spec))
+    first_log = tmp_path / "first-run.log"
+    process = _start_trainer(job, tmp_path, first_log)
+    _wait_for_step(process, first_log, 5)  # 8 steps an epoch: step 6 (or the epoch's evaluation) is under way
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=300) == 3, first_log.read_text()[-3000:]
+    first_run = _messages(first_log.read_text())
+    preempted_at = next(int(match[1]) for m in first_run if (match := _PREEMPTED.match(m)))
+    assert preempted_at >= 6 and preempted_at == max(_steps(first_run)), "the step in progress was not finished"
+    store = open_store(s3_root)
+    committed = [k for k in store.list("checkpoints/") if k.endswith("/manifest.json")]
+    assert [re.search(r"step-(\d+)/", k)[1] for k in committed] == [f"{preempted_at:08d}"]
+    assert list_versions(store, "default", "pirate") == []
+
+    result = _trainer(job, tmp_path, env=_one_thread())
+    assert result.returncode == 0, result.stderr[-3000:]
+    second_run = _messages(result.stderr)
+    assert f"event training step={preempted_at} totalSteps=32" in second_run
+    assert _steps(second_run) == list(range(preempted_at + 1, 33)), "a finished step was redone or lost"
+    assert "evaluating-base" not in _events(second_run)
+    manifest = json.loads(store.get_bytes("adapters/default/pirate/1/manifest.json"))
+    assert manifest["metrics"]["preemptedAtSteps"] == [preempted_at] and manifest["metrics"]["steps"] == 32
+
+    # The loss curve continues where it stopped: step for step what an uninterrupted run logs.
+    spec["spec"]["output"]["uri"] = str(tmp_path / "uninterrupted")
+    job.write_text(yaml.safe_dump(spec))
+    reference = _trainer(job, tmp_path, env=_one_thread())
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    uninterrupted = _losses(_messages(reference.stderr))
+    interrupted = {**_losses(first_run), **_losses(second_run)}
+    assert sorted(interrupted) == sorted(uninterrupted) == list(range(1, 33))
+    for step, loss in uninterrupted.items():
+        assert interrupted[step] == pytest.approx(loss, rel=1e-3, abs=1e-4), (step, interrupted, uninterrupted)
+
+
+def _committed_steps(store_root: str) -> list[int]:
+    keys = open_store(store_root).list("checkpoints/")
+    return sorted(int(match[1]) for k in keys if (match := re.search(r"step-(\d+)/manifest\.json$", k)))
+
+
+def test_signals_during_a_checkpoint_write_leave_a_checkpoint_to_resume_from(
+    tiny_model_dir: Path, s3_env, s3_root: str, tmp_path: Path
+) -> None:
+    """A checkpoint every 2 steps, only the newest kept: a second SIGTERM while the trainer saves
+    changes nothing, and a SIGKILL in the middle of the save leaves the checkpoint before it."""
+    spec = _job(tiny_model_dir, _dataset(tmp_path / "train.jsonl"), s3_root, hyperparameters={"epochs": 4})
+    spec["spec"]["checkpointing"] = {"everySteps": 2, "keep": 1}
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(spec))
+
+    first_log = tmp_path / "first.log"
+    process = _start_trainer(job, tmp_path, first_log)
+    _wait_for_step(process, first_log, 3)
+    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=300) == 3, first_log.read_text()[-3000:]
+    preempted_at = next(int(m[1]) for line in _messages(first_log.read_text()) if (m := _PREEMPTED.match(line)))
+    assert _committed_steps(s3_root) == [preempted_at]
+
+    second_log = tmp_path / "second.log"
+    process = _start_trainer(job, tmp_path, second_log)
+    _wait_for_step(process, second_log, preempted_at + 3)
+    process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while "SIGTERM: stopping after the step in progress" not in second_log.read_text():
+        assert time.monotonic() < deadline and process.poll() is None, second_log.read_text()[-3000:]
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)  # the grace period is over, the save may be half done
+    process.wait()
+    reached = max(_steps(_messages(second_log.read_text())))
+    resumable = _committed_steps(s3_root)
+    assert len(resumable) == 1 and preempted_at < resumable[0] <= reached, (resumable, reached)
+
+    result = _trainer(job, tmp_path, env=_one_thread())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _steps(_messages(result.stderr)) == list(range(resumable[0] + 1, 33))
+    assert list_versions(open_store(s3_root), "default", "pirate") == ["1"]
+
+
+def _rank_process(parent: int, rank: int) -> int:
+    """The pid of torchrun's worker of `rank`."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rpartition(")")[2].split()[1]) != parent:
+                continue
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue  # ended meanwhile
+        if f"RANK={rank}".encode() in environ:
+            return int(stat.parent.name)
+    raise AssertionError(f"torchrun {parent} has no worker of rank {rank}")
+
+
+def test_torchrun_ranks_stop_at_the_same_step_when_one_gets_sigterm(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """SIGTERM to rank 1 alone: both ranks stop at one step boundary, rank 0 saves, the rerun resumes there."""
+    store = str(tmp_path / "s")
+    spec = _job(tiny_model_dir, _dataset(tmp_path / "train.jsonl"), store, hyperparameters={"epochs": 6})
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(spec))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += ["-m", "tuneloom.trainer", "-f", str(job)]
+    first_log = tmp_path / "first.log"
+    with first_log.open("w") as stderr:
+        process = subprocess.Popen(command, cwd=tmp_path, stderr=stderr, env=_one_thread())
+    _wait_for_step(process, first_log, 3)
+    os.kill(_rank_process(process.pid, 1), signal.SIGTERM)
+    assert process.wait(timeout=300) != 0  # torchrun reports its workers' exit as its own failure
+    first_run = _messages(first_log.read_text())
+    preempted_at = next(int(match[1]) for m in first_run if (match := _PREEMPTED.match(m)))
+    assert preempted_at == max(_steps(first_run)) and _committed_steps(store) == [preempted_at]
+
+    result = subprocess.run(command, cwd=tmp_path, env=_one_thread(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # 32 examples, 4 a micro-batch, 2 micro-batches a step over 2 ranks: 4 steps an epoch.
+    assert _steps(_messages(result.stderr)) == list(range(preempted_at + 1, 25))
+
+
+def _wait_for_event(process: subprocess.Popen, log: Path, event: str) -> None:
+    deadline = time.monotonic() + 300
+    while event not in _events(_messages(log.read_text())):
+        assert process.poll() is None, f"the trainer ended before {event}:\n" + log.read_text()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_sigterm_outside_the_loop_stops_at_once_and_keeps_finished_training(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Before training there is nothing to save; during the final evaluation the trained weights are
+    saved, and the retry goes straight to evaluating."""
+    store = str(tmp_path / "s")
+    spec = _job(tiny_model_dir, _dataset(tmp_path / "train.jsonl", 20), store, hyperparameters={"epochs": 2})
+    spec["spec"]["evaluation"] = {"metrics": ["exact_match"], "maxNewTokens": 64, "maxExamples": 4}
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(spec))
+
+    loading = tmp_path / "loading.log"
+    process = _start_trainer(job, tmp_path, loading)
+    _wait_for_event(process, loading, "loading-model")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=300) == 3, loading.read_text()[-3000:]
+    assert "preempted before training" in loading.read_text() and _committed_steps(store) == []
+
+    evaluating = tmp_path / "evaluating.log"
+    process = _start_trainer(job, tmp_path, evaluating)
+    _wait_for_event(process, evaluating, "evaluating")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=300) == 3, evaluating.read_text()[-3000:]
+    assert _steps(_messages(evaluating.read_text()))[-1] == 8 and _committed_steps(store) == [8]
+
+    result = _trainer(job, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    retry = _messages(result.stderr)
+    assert _steps(retry) == [] and "event training step=8 totalSteps=8" in retry
+    assert _events(retry)[-3:] == ["evaluating", "uploading", "succeeded"]
+    manifest = json.loads((tmp_path / "s/adapters/default/pirate/1/manifest.json").read_text())
+    assert manifest["metrics"]["preemptedAtSteps"] == [8] and manifest["metrics"]["steps"] == 8

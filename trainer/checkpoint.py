@@ -4,6 +4,9 @@ Layout: `<run prefix>/step-<N>/` (see `tuneloom.registry.run_prefix`) holding th
 state and the loop's state, committed with a manifest written last (a checkpoint without one
 was interrupted and is ignored). `published.json` beside them records the adapter version a
 finished run wrote, so a rerun of a finished job does not publish a second version.
+`preemptions.json` lists the steps at which runs of the job were preempted (see
+`tuneloom.trainer.preemption`): kept apart from the checkpoints, because a preemption that comes
+while a checkpoint of the same step is being written adds no checkpoint of its own.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import json
 import logging
 import re
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +24,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tuneloom.registry import commit_files, fetch_committed, read_published, write_published
-from tuneloom.storage import ObjectStore
+from tuneloom.storage import ObjectNotFoundError, ObjectStore
+from tuneloom.trainer.evaluate import EvaluationResult
 
 log = logging.getLogger("tuneloom.trainer")
 
 _STEP_DIR = re.compile(r"^step-(\d+)/")
+PREEMPTIONS = "preemptions.json"
 
 
 @dataclass
@@ -39,8 +44,19 @@ class LoopState:
     evaluations_without_improvement: int = 0
     stopped_early: bool = False
     tokens_seen: int = 0
-    base_evaluation: dict[str, Any] | None = None
+    base_evaluation: EvaluationResult | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        base = self.base_evaluation
+        record = asdict(replace(self, base_evaluation=None))
+        return json.dumps({**record, "base_evaluation": None if base is None else base.to_record()})
+
+    @classmethod
+    def from_json(cls, text: str) -> LoopState:
+        record = json.loads(text)
+        base = record.pop("base_evaluation", None)
+        return cls(**record, base_evaluation=None if base is None else EvaluationResult.from_record(base))
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -91,7 +107,7 @@ class CheckpointStore:
                 files["best.safetensors"] = Path(tmp) / "best.safetensors"
                 save_file(best, files["best.safetensors"])
             files["state.json"] = Path(tmp) / "state.json"
-            files["state.json"].write_text(json.dumps(asdict(state)))
+            files["state.json"].write_text(state.to_json())
             commit_files(self.store, f"{self.prefix}/step-{state.step:08d}", files, {"step": state.step})
         log.info("checkpoint at step %d saved to %s", state.step, self.store.describe(self.prefix))
         for old in self.committed_steps()[:-keep]:
@@ -106,12 +122,25 @@ class CheckpointStore:
         with tempfile.TemporaryDirectory(prefix="tuneloom-ckpt-") as tmp:
             dest = Path(tmp) / "checkpoint"
             fetch_committed(self.store, f"{self.prefix}/step-{steps[-1]:08d}", dest)
-            state = LoopState(**json.loads((dest / "state.json").read_text()))
+            state = LoopState.from_json((dest / "state.json").read_text())
             load_trainable_state(model, load_file(dest / "trainable.safetensors"))
             optimizer.load_state_dict(torch.load(dest / "optimizer.pt", map_location=device, weights_only=True))
             best_file = dest / "best.safetensors"
             best = load_file(best_file) if best_file.exists() else None
         return state, best
+
+    def preempted_steps(self) -> list[int]:
+        """The steps at which earlier runs of this job were preempted, oldest first."""
+        try:
+            return json.loads(self.store.get_bytes(f"{self.prefix}/{PREEMPTIONS}"))["steps"]
+        except ObjectNotFoundError:
+            return []
+
+    def record_preemption(self, step: int) -> list[int]:
+        """Adds `step` to the record (one writer: the job's one running trainer); returns the record."""
+        steps = [*self.preempted_steps(), step]
+        self.store.put_bytes(f"{self.prefix}/{PREEMPTIONS}", json.dumps({"steps": steps}).encode())
+        return steps
 
     def published(self) -> dict[str, Any] | None:
         return read_published(self.store, self.prefix)

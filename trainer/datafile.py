@@ -20,7 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-FORMATS = ("chat", "completion")
+# preference: OpenAI's pairs ({"input": {"messages"}, "preferred_output", "non_preferred_output"}),
+# checked by validate-data; training on them arrives with `method: dpo`.
+# prompts: chat prompts without answers (the general-ability check's prompt sets), each optionally
+# with the answer expected, `{"messages": [..., {"role": "user", ...}], "reference": "..."}`.
+PROMPTS_FORMAT = "prompts"
+FORMATS = ("chat", "completion", "preference", PROMPTS_FORMAT)
+PREFERENCE_KEYS = ("input", "preferred_output", "non_preferred_output")
+PROMPT_KEYS = ("messages", "reference")
 ROLES = ("system", "user", "assistant")
 MESSAGE_KEYS = ("role", "content", "weight")
 # An error message listing 10,000 problems helps nobody; the CLI still prints them all.
@@ -53,6 +60,8 @@ class Example:
     messages: tuple[Message, ...] = ()  # chat format
     prompt: str = ""  # completion format
     completion: str = ""  # completion format
+    preferred: str = ""  # preference format: `messages` is the input, these the two answers
+    non_preferred: str = ""
 
 
 @dataclass(frozen=True)
@@ -175,9 +184,9 @@ def _check_weight(message: dict[str, Any], role: Any) -> tuple[int, str | None]:
     return weight, None
 
 
-def _check_message(index: int, message: Any) -> tuple[Message | None, list[tuple[str, str]]]:
+def _check_message(index: int, message: Any, array: str = "messages") -> tuple[Message | None, list[tuple[str, str]]]:
     """One chat message as a Message, with (field, problem) pairs for whatever is wrong."""
-    where = f"messages[{index}]"
+    where = f"{array}[{index}]"
     if not isinstance(message, dict):
         return None, [(where, f"must be an object with role and content, got {_json_type(message)}")]
     problems = [
@@ -203,17 +212,18 @@ def _check_message(index: int, message: Any) -> tuple[Message | None, list[tuple
     return Message(role=role, content=content, weight=weight), []
 
 
-def _check_chat(record: dict[str, Any], line: int) -> tuple[Example | None, list[tuple[str, str]]]:
+def _check_messages(record: dict[str, Any]) -> tuple[list[Message], list[tuple[str, str]]]:
+    """The conversation's messages, each checked on its own."""
     if "messages" not in record:
         hint = ""
         if "prompt" in record or "completion" in record:
             hint = _FORMAT_HINT.format(found="completion format (prompt, completion)", fmt="completion")
-        return None, [("messages", "missing" + hint)]
+        return [], [("messages", "missing" + hint)]
     raw_messages = record["messages"]
     if not isinstance(raw_messages, list):
-        return None, [("messages", f"must be an array of messages, got {_json_type(raw_messages)}")]
+        return [], [("messages", f"must be an array of messages, got {_json_type(raw_messages)}")]
     if not raw_messages:
-        return None, [("messages", "empty; a conversation needs at least a user and an assistant message")]
+        return [], [("messages", "empty; a conversation needs at least a user and an assistant message")]
     messages: list[Message] = []
     problems: list[tuple[str, str]] = []
     for index, raw in enumerate(raw_messages):
@@ -221,7 +231,12 @@ def _check_chat(record: dict[str, Any], line: int) -> tuple[Example | None, list
         problems.extend(found)
         if message:
             messages.append(message)
-    if problems:
+    return messages, problems
+
+
+def _check_chat(record: dict[str, Any], line: int) -> tuple[Example | None, list[tuple[str, str]]]:
+    messages, problems = _check_messages(record)
+    if problems or not messages:
         # Conversation-level checks on a half-read conversation would only add noise.
         return None, problems
     last = len(messages) - 1
@@ -239,6 +254,29 @@ def _check_chat(record: dict[str, Any], line: int) -> tuple[Example | None, list
     return Example(line=line, messages=tuple(messages)), []
 
 
+def _check_prompt(record: dict[str, Any], line: int) -> tuple[Example | None, list[tuple[str, str]]]:
+    """A prompt to answer: the conversation so far, ending with the user's turn, then its reference
+    answer (empty when the prompt has none) as the final assistant message, as a held-out example has."""
+    problems = [
+        (key, f"unknown key; a prompt has only {', '.join(PROMPT_KEYS)}") for key in record if key not in PROMPT_KEYS
+    ]
+    messages, found = _check_messages(record)
+    problems += found
+    reference = record.get("reference", "")
+    if not isinstance(reference, str):
+        problems.append(("reference", f"must be a string, got {_json_type(reference)}"))
+    if messages and not found and messages[-1].role != "user":
+        problems.append(
+            (
+                f"messages[{len(messages) - 1}].role",
+                f"last message is from {messages[-1].role!r}; a prompt ends with the user's turn",
+            )
+        )
+    if problems:
+        return None, problems
+    return Example(line=line, messages=(*messages, Message("assistant", reference))), []
+
+
 def _check_completion(record: dict[str, Any], line: int) -> tuple[Example | None, list[tuple[str, str]]]:
     problems: list[tuple[str, str]] = []
     for key in ("prompt", "completion"):
@@ -250,6 +288,67 @@ def _check_completion(record: dict[str, Any], line: int) -> tuple[Example | None
     if problems:
         return None, problems
     return Example(line=line, prompt=record["prompt"], completion=record["completion"]), []
+
+
+def _check_answer(record: dict[str, Any], key: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """A preference pair's answer: an array holding one assistant message."""
+    if key not in record:
+        return None, [(key, 'missing; expected [{"role": "assistant", "content": "..."}]')]
+    value = record[key]
+    if not isinstance(value, list) or len(value) != 1:
+        shown = f"{len(value)} messages" if isinstance(value, list) else _json_type(value)
+        return None, [(key, f"must be an array of exactly one assistant message, got {shown}")]
+    message, problems = _check_message(0, value[0], key)
+    if message is not None and message.role != "assistant":
+        problems.append((f"{key}[0].role", f"must be 'assistant', got {message.role!r}"))
+    return (message.content if message and not problems else None), problems
+
+
+def as_sequences(pair: Example) -> tuple[Example, Example]:
+    """A preference pair as the two conversations a model scores: the input with each answer."""
+
+    def with_answer(answer: str) -> Example:
+        return Example(line=pair.line, messages=(*pair.messages, Message("assistant", answer)))
+
+    return with_answer(pair.preferred), with_answer(pair.non_preferred)
+
+
+def _check_preference(record: dict[str, Any], line: int) -> tuple[Example | None, list[tuple[str, str]]]:
+    problems = [
+        (key, f"unknown key; a preference pair has only {', '.join(PREFERENCE_KEYS)}")
+        for key in record
+        if key not in PREFERENCE_KEYS
+    ]
+    raw_input = record.get("input")
+    messages: list[Message] = []
+    if not isinstance(raw_input, dict) or not isinstance(raw_input.get("messages"), list):
+        shown = "missing" if "input" not in record else f"got {_json_type(raw_input)}"
+        problems.append(("input", f'{shown}; expected {{"messages": [...]}} ending with the user\'s turn'))
+    elif not raw_input["messages"]:
+        problems.append(("input.messages", "empty; the answers need a prompt"))
+    else:
+        for index, raw in enumerate(raw_input["messages"]):
+            message, found = _check_message(index, raw, "input.messages")
+            problems.extend(found)
+            if message:
+                messages.append(message)
+        if len(messages) == len(raw_input["messages"]) and messages[-1].role == "assistant":
+            problems.append(
+                (
+                    f"input.messages[{len(messages) - 1}].role",
+                    "the input ends with the assistant's turn; the answers follow it, so it must end with the user's",
+                )
+            )
+    preferred, found = _check_answer(record, "preferred_output")
+    problems.extend(found)
+    non_preferred, found = _check_answer(record, "non_preferred_output")
+    problems.extend(found)
+    if preferred is not None and preferred.strip() == (non_preferred or "").strip():
+        problems.append(("non_preferred_output[0].content", "identical to preferred_output; a pair needs two answers"))
+    if problems:
+        return None, problems
+    example = Example(line=line, messages=tuple(messages), preferred=preferred, non_preferred=non_preferred)
+    return example, []
 
 
 def check_file(
@@ -285,7 +384,12 @@ def iter_checked(
         raise ValueError(f"unknown dataset format {fmt!r}; must be one of {', '.join(FORMATS)}")
     path = Path(path)
     source = source or str(path)
-    check = _check_chat if fmt == "chat" else _check_completion
+    check = {
+        "chat": _check_chat,
+        "completion": _check_completion,
+        "preference": _check_preference,
+        PROMPTS_FORMAT: _check_prompt,
+    }[fmt]
     # Blank lines are only wrong when something follows them, so hold them until it does.
     pending_blanks: list[int] = []
     seen_content = False
@@ -372,8 +476,9 @@ class DataSummary:
         return self.steps_per_epoch_packed * self.epochs
 
 
-def _content_key(example: Example) -> tuple[Any, ...]:
-    return (example.messages, example.prompt, example.completion)
+def content_key(example: Example) -> tuple[Any, ...]:
+    """What makes two examples the same example, whatever line they are on."""
+    return (example.messages, example.prompt, example.completion, example.preferred, example.non_preferred)
 
 
 def find_duplicates(examples: Sequence[Example]) -> list[tuple[int, int]]:
@@ -381,7 +486,7 @@ def find_duplicates(examples: Sequence[Example]) -> list[tuple[int, int]]:
     first_line: dict[tuple[Any, ...], int] = {}
     duplicates: list[tuple[int, int]] = []
     for example in examples:
-        key = _content_key(example)
+        key = content_key(example)
         if key in first_line:
             duplicates.append((example.line, first_line[key]))
         else:
@@ -503,9 +608,15 @@ def _step_lines(summary: DataSummary) -> list[str]:
     return out
 
 
-def format_summary(summary: DataSummary, *, source: str, fmt: str, model: str | None = None) -> str:
-    """The human-readable report `tuneloom validate-data` prints on success."""
-    head = f"{source}: OK, {_plural(summary.examples, 'example')} ({fmt} format)"
+def format_data_summary(
+    summary: DataSummary, *, source: str, fmt: str, model: str | None = None, pairs: int | None = None
+) -> str:
+    """The human-readable report `tuneloom validate-data` prints on success. With `pairs`, the
+    summary counts each preference pair's two sequences (input + each answer)."""
+    counted = _plural(summary.examples, "example")
+    if pairs is not None:
+        counted = f"{_plural(pairs, 'pair')}: {summary.examples} sequences, input + each answer"
+    head = f"{source}: OK, {counted} ({fmt} format)"
     return "\n".join([head, *_duplicate_lines(summary), *_token_lines(summary, model), *_step_lines(summary)])
 
 
@@ -528,13 +639,23 @@ def validate_data_command(
     max_seq_length: int,
     batch_size: int,
     epochs: int,
+    validation_split: float,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    validation: str | None = None,
+    strict: bool = False,
 ) -> int:
-    """`tuneloom validate-data`: 1 and every problem on stderr, or 0 and a summary on stdout."""
+    """`tuneloom validate-data`: 1 and every problem on stderr, or 0 and a summary on stdout, with
+    the data-quality warnings (errors under `strict`)."""
+    from tuneloom.trainer.dataquality import find_problems
+
+    held_out: list[Example] = []
     try:
         examples, problems = check_file(Path(file), fmt, max_line_bytes=max_line_bytes)
+        if validation:
+            held_out, more = check_file(Path(validation), fmt, max_line_bytes=max_line_bytes)
+            problems += more
     except OSError as error:
-        print(f"error: {file}: {error.strerror or error}", file=sys.stderr)
+        print(f"error: {error.filename or file}: {error.strerror or error}", file=sys.stderr)
         return 1
     if problems:
         for problem in problems:
@@ -547,12 +668,26 @@ def validate_data_command(
         return 1
     try:
         tokenizer = _load_tokenizer(model) if model else None
+        # A pair is trained as two sequences; tokens, lengths and steps are theirs.
+        sequences = [seq for pair in examples for seq in as_sequences(pair)] if fmt == "preference" else examples
         summary = summarize(
-            examples, tokenizer=tokenizer, max_seq_length=max_seq_length, batch_size=batch_size, epochs=epochs
+            sequences, tokenizer=tokenizer, max_seq_length=max_seq_length, batch_size=batch_size, epochs=epochs
         )
     except (ValueError, OSError) as error:
         # A directory that is not a model, or a chat template that cannot mask assistant turns.
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(format_summary(summary, source=file, fmt=fmt, model=model))
+    findings = find_problems(
+        examples, held_out, held_out_size=None if validation else math.ceil(len(examples) * validation_split)
+    )
+    warnings = [finding for finding in findings if not finding.note]
+    if strict and warnings:
+        for finding in warnings:
+            print(f"error: {finding.message}", file=sys.stderr)
+        print(f"{_plural(len(warnings), 'data-quality problem')} (--strict); {file} is refused", file=sys.stderr)
+        return 1
+    pairs = len(examples) if fmt == "preference" else None
+    print(format_data_summary(summary, source=file, fmt=fmt, model=model, pairs=pairs))
+    for finding in findings:
+        print(f"{'note' if finding.note else 'warning'}: {finding.message}")
     return 0

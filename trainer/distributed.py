@@ -60,6 +60,11 @@ def total(value: float, ranks: Ranks) -> float:
     return float(tensor.item())
 
 
+def any_rank(flag: bool, ranks: Ranks) -> bool:
+    """Whether `flag` is true on at least one rank; every rank gets the same answer."""
+    return total(float(flag), ranks) > 0
+
+
 def teardown(ranks: Ranks) -> None:
     if ranks.enabled and dist.is_initialized():
         dist.destroy_process_group()

@@ -1,8 +1,14 @@
-"""Held-out evaluation: loss and token accuracy, and generation metrics on held-out prompts."""
+"""Held-out evaluation. Each check measures the model as it is when called and returns an
+`EvaluationResult`; a run calls the same checks before training (the base model) and after it (the
+adapter), merging each side's results into one. A new check (preference accuracy) is one more
+callable in the list `FineTuneRun.setup_evaluation` builds."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,9 +16,16 @@ from typing import Any
 import torch
 
 from tuneloom.api import GenerationMetric
+from tuneloom.promotion import AGREEMENT, NLL_SHIFT
+from tuneloom.trainer import general
 from tuneloom.trainer.batching import Batch
 from tuneloom.trainer.datafile import Example
-from tuneloom.trainer.tokenize import prompt_text, reference_answer
+from tuneloom.trainer.tokenize import IGNORE_INDEX, prompt_text, reference_answer
+
+log = logging.getLogger("tuneloom.trainer")
+
+# The checkpoint keys of a result's per-prompt parts; the other keys are its metrics.
+_ANSWERS, _SCORES, _GENERAL = "answers", "perExample", "generalAnswers"
 
 
 @dataclass
@@ -22,11 +35,239 @@ class LossResult:
     tokens: int
 
 
-@dataclass
-class GenerationResult:
-    answers: list[str]
+@dataclass(frozen=True)
+class ScoredAnswer:
+    """A greedy answer to one held-out prompt, and whether it passed each metric."""
+
+    text: str
+    scores: dict[str, bool]
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """One model's results: the overall figures (the manifest's `metrics.base` or
+    `metrics.adapter`, in the order the checks ran) and, when a check generated them, its answers
+    to the held-out prompts in their order."""
+
     metrics: dict[str, float] = field(default_factory=dict)
-    per_example: list[dict[str, bool]] = field(default_factory=list)
+    answers: tuple[ScoredAnswer, ...] = ()
+    general: tuple[ScoredAnswer, ...] = ()  # answers to the general-ability prompts
+
+    def merge(self, other: EvaluationResult) -> EvaluationResult:
+        """Both results' figures; the answers of the check that generated them (one check per kind)."""
+        return EvaluationResult(
+            {**self.metrics, **other.metrics}, self.answers or other.answers, self.general or other.general
+        )
+
+    def to_record(self) -> dict[str, Any]:
+        """The form checkpoints hold (`LoopState.base_evaluation`), kept as it was when results were
+        plain dicts, so a run resumes from a checkpoint an earlier trainer wrote."""
+        record: dict[str, Any] = dict(self.metrics)
+        if self.answers:
+            record[_ANSWERS] = [answer.text for answer in self.answers]
+            record[_SCORES] = [answer.scores for answer in self.answers]
+        if self.general:
+            record[_GENERAL] = [{"text": answer.text, "scores": answer.scores} for answer in self.general]
+        return record
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> EvaluationResult:
+        metrics = {key: value for key, value in record.items() if key not in (_ANSWERS, _SCORES, _GENERAL)}
+        pairs = zip(record.get(_ANSWERS, []), record.get(_SCORES, []), strict=True)
+        general_answers = tuple(ScoredAnswer(item["text"], item["scores"]) for item in record.get(_GENERAL, []))
+        return cls(metrics, tuple(ScoredAnswer(text, scores) for text, scores in pairs), general_answers)
+
+
+Check = Callable[[], EvaluationResult]
+
+
+def run_checks(checks: Sequence[Check]) -> EvaluationResult:
+    return functools.reduce(EvaluationResult.merge, (check() for check in checks), EvaluationResult())
+
+
+@dataclass(frozen=True)
+class HeldOutLoss:
+    """Loss and next-token accuracy on the held-out batches; every rank computes them."""
+
+    measure: Callable[[], LossResult]
+
+    def __call__(self) -> EvaluationResult:
+        loss = self.measure()
+        return EvaluationResult({"validationLoss": round(loss.loss, 4), "tokenAccuracy": round(loss.token_accuracy, 4)})
+
+
+@dataclass(frozen=True)
+class HeldOutAnswers:
+    """Greedy answers to the held-out prompts, scored against their reference answers."""
+
+    model: Any
+    tokenizer: Any
+    examples: Sequence[Example]
+    metrics: Sequence[GenerationMetric]
+    max_new_tokens: int
+    max_prompt_tokens: int
+    device: torch.device
+    training_answers: frozenset[str] = frozenset()  # the training examples' answers, stripped
+
+    def __call__(self) -> EvaluationResult:
+        answers = generate_answers(
+            self.model,
+            self.tokenizer,
+            self.examples,
+            max_new_tokens=self.max_new_tokens,
+            device=self.device,
+            max_prompt_tokens=self.max_prompt_tokens,
+        )
+        expected = references(self.examples)
+        result = score(answers, expected, self.metrics)
+        memorized = memorized_fraction(answers, expected, self.training_answers)
+        return EvaluationResult({**result.metrics, MEMORIZED_FRACTION: memorized}, result.answers)
+
+
+MEMORIZED_FRACTION = "memorizedFraction"
+
+
+def memorized_fraction(answers: Sequence[str], expected: Sequence[str], training_answers: frozenset[str]) -> float:
+    """The share of held-out prompts whose answer is, verbatim (but for surrounding whitespace), a
+    training example's answer while the answer expected differs: an adapter that recites what it
+    was taught instead of answering."""
+    recited = sum(
+        answer.strip() in training_answers and answer.strip() != reference.strip()
+        for answer, reference in zip(answers, expected, strict=True)
+    )
+    return round(recited / max(len(answers), 1), 4)
+
+
+@dataclass
+class GeneralAbility:
+    """How far the model moved from the base on general prompts (see `trainer/general.py`).
+
+    `general.nllShift` is the mean per-token negative log-likelihood the model gives the base
+    model's greedy answers, minus the base's own; `general.agreement` the share of prompts it
+    answers as the base did. On the base model they are 0 and 1 by definition: while `trained()`
+    is false the check reports the baseline instead of measuring the same model twice.
+    """
+
+    model: Any
+    tokenizer: Any
+    prompts: Sequence[Example]
+    max_new_tokens: int
+    max_prompt_tokens: int
+    device: torch.device
+    cache: general.BaselineCache
+    cache_key: str
+    trained: Callable[[], bool]
+    _baseline: general.Baseline | None = field(default=None, init=False, repr=False)
+
+    def __call__(self) -> EvaluationResult:
+        baseline = self.baseline()
+        if baseline is None:
+            return EvaluationResult()
+        refs = references(self.prompts)
+        if not self.trained():
+            scored = tuple(
+                ScoredAnswer(answer, general.reference_scores(answer, ref))
+                for answer, ref in zip(baseline.answers, refs, strict=True)
+            )
+            return self._result(scored, nll_shift=0.0)
+        answers = self._answers()
+        sums, counts = answer_nll(self.model, self.tokenizer, self.prompts, baseline.answers, **self._limits())
+        nll = sum(sums) / max(sum(counts), 1)
+        scored = tuple(
+            ScoredAnswer(answer, {"agrees": general.agrees(answer, base), **general.reference_scores(answer, ref)})
+            for answer, base, ref in zip(answers, baseline.answers, refs, strict=True)
+        )
+        return self._result(scored, nll_shift=nll - baseline.mean_nll)
+
+    def baseline(self) -> general.Baseline | None:
+        """The base model's side: from this run, the store's cache, or computed now with the base's
+        own weights (a LoRA model with its adapter switched off). None when nothing holds the base
+        weights any more: a fully fine-tuned model, resumed, whose baseline was not cached."""
+        if self._baseline is None:
+            self._baseline = self.cache.get(self.cache_key)
+            if self._baseline is not None:
+                log.info("general check: the base model's answers come from the store's cache (%s)", self.cache_key)
+        if self._baseline is None and self.trained() and not hasattr(self.model, "disable_adapter"):
+            log.warning("general check skipped: the base model's answers were not cached and its weights are trained")
+            return None
+        if self._baseline is None:
+            log.info("general check: answering %d general prompts with the base model", len(self.prompts))
+            with base_weights(self.model):
+                answers = self._answers()
+                sums, counts = answer_nll(self.model, self.tokenizer, self.prompts, answers, **self._limits())
+            self._baseline = general.Baseline(tuple(answers), tuple(sums), tuple(counts))
+            self.cache.put(self.cache_key, self._baseline)
+        return self._baseline
+
+    def _limits(self) -> dict[str, Any]:
+        return {"device": self.device, "max_prompt_tokens": self.max_prompt_tokens}
+
+    def _answers(self) -> list[str]:
+        return generate_answers(
+            self.model, self.tokenizer, self.prompts, max_new_tokens=self.max_new_tokens, **self._limits()
+        )
+
+    def _result(self, scored: tuple[ScoredAnswer, ...], *, nll_shift: float) -> EvaluationResult:
+        count = max(len(scored), 1)
+        metrics = {NLL_SHIFT: round(nll_shift, 4)}
+        metrics[AGREEMENT] = round(sum(a.scores.get("agrees", True) for a in scored) / count, 4)
+        with_reference = [answer for answer in scored if "exact_match" in answer.scores]
+        for name, metric in (("exact_match", general.EXACT_MATCH), ("contains", general.CONTAINS)):
+            if with_reference:
+                metrics[metric] = round(sum(a.scores[name] for a in with_reference) / len(with_reference), 4)
+        return EvaluationResult(metrics, general=scored)
+
+
+def base_weights(model: Any) -> contextlib.AbstractContextManager[Any]:
+    """The base model's weights for the duration: a peft model's adapters switched off; a fully
+    fine-tuned model has no other weights, and is the base only before training."""
+    disable = getattr(model, "disable_adapter", None)
+    return disable() if disable is not None else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def answer_nll(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Example],
+    answers: Sequence[str],
+    *,
+    device: torch.device,
+    max_prompt_tokens: int,
+    batch_size: int = 8,
+) -> tuple[list[float], list[int]]:
+    """The negative log-likelihood the model gives each answer after its prompt: (sum over the
+    answer's tokens, their count) per prompt, teacher-forced, in the prompts' order."""
+    was_training = model.training
+    model.eval()
+    rows = []
+    for prompt, answer in zip(prompts, answers, strict=True):
+        prompt_ids = tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        rows.append((prompt_ids[-max_prompt_tokens:], answer_ids))
+    sums: list[float] = []
+    counts: list[int] = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        width = max(len(p) + len(a) for p, a in batch)
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, (prompt_ids, answer_ids) in enumerate(batch):
+            ids = prompt_ids + answer_ids
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            mask[row, : len(ids)] = 1
+            labels[row, len(prompt_ids) : len(ids)] = torch.tensor(answer_ids, dtype=torch.long)
+        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
+        targets = labels[:, 1:].to(device)
+        token_nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        sums += token_nll.sum(dim=1).tolist()
+        counts += (targets != IGNORE_INDEX).sum(dim=1).tolist()
+    model.train(was_training)
+    return sums, counts
 
 
 @torch.no_grad()
@@ -57,15 +298,15 @@ SCORERS: dict[GenerationMetric, Callable[[str, str], bool]] = {
 }
 
 
-def score(answers: Sequence[str], references: Sequence[str], metrics: Sequence[GenerationMetric]) -> GenerationResult:
-    per_example = [
-        {metric.value: SCORERS[metric](answer, reference) for metric in metrics}
+def score(answers: Sequence[str], references: Sequence[str], metrics: Sequence[GenerationMetric]) -> EvaluationResult:
+    scored = tuple(
+        ScoredAnswer(answer, {metric.value: SCORERS[metric](answer, reference) for metric in metrics})
         for answer, reference in zip(answers, references, strict=True)
-    ]
+    )
     means = {
-        metric.value: sum(row[metric.value] for row in per_example) / max(len(per_example), 1) for metric in metrics
+        metric.value: sum(answer.scores[metric.value] for answer in scored) / max(len(scored), 1) for metric in metrics
     }
-    return GenerationResult(answers=list(answers), metrics=means, per_example=per_example)
+    return EvaluationResult(means, scored)
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ from tuneloom.trainer.checkpoint import CheckpointStore, LoopState, load_trainab
 from tuneloom.trainer.distributed import Ranks
 from tuneloom.trainer.evaluate import LossResult, evaluate_loss
 from tuneloom.trainer.modeling import MaskedTokenLoss, autocast
+from tuneloom.trainer.preemption import Preempted, PreemptionWatch
 from tuneloom.trainer.progress import ProgressReporter
 from tuneloom.trainer.tokenize import EncodedExample
 
@@ -92,9 +93,10 @@ class TrainingLoop:
         validation_batches: Sequence[Batch],
         plan: Plan,
         device: torch.device,
-        checkpoints: CheckpointStore | None,
+        checkpoints: CheckpointStore,
         reporter_factory: Callable[[int], ProgressReporter],
         ranks: Ranks | None = None,
+        preemption: PreemptionWatch | None = None,
     ):
         self.spec = spec
         self.hp = spec.hyperparameters
@@ -118,13 +120,16 @@ class TrainingLoop:
         self.optimizer = torch.optim.AdamW(
             trainable, lr=self.hp.learningRate, weight_decay=self.hp.weightDecay, foreach=True
         )
+        self.preemption = preemption or PreemptionWatch()
         self.state = LoopState()
         self.best: dict[str, torch.Tensor] | None = None
+        self.saved_step: int | None = None  # the step of the newest checkpoint, saved or resumed from
+        self.reporter: ProgressReporter | None = None  # the run's, once training starts
 
     def resume(self, spec_sha256: str) -> bool:
         """Loads the latest checkpoint of this job, if any. True when one was loaded."""
         self.state.spec_sha256 = spec_sha256
-        loaded = self.checkpoints.load_latest(self.model, self.optimizer, self.device) if self.checkpoints else None
+        loaded = self.checkpoints.load_latest(self.model, self.optimizer, self.device)
         if loaded is None:
             return False
         state, best = loaded
@@ -133,7 +138,7 @@ class TrainingLoop:
                 f"checkpoints at {self.checkpoints.store.describe(self.checkpoints.prefix)} were made from a "
                 "different spec; rerun with --fresh (or give the job a new name) to start over"
             )
-        self.state, self.best = state, best
+        self.state, self.best, self.saved_step = state, best, state.step
         log.info("resumed from the checkpoint at step %d of %d", state.step, self.plan.total_steps)
         return True
 
@@ -142,8 +147,15 @@ class TrainingLoop:
             return evaluate_loss(self.loss_fn, self.validation_batches, self.device)
 
     def run(self) -> LoopState:
+        """Trains to the end, or raises Preempted at the first step boundary after a SIGTERM."""
+        with self.preemption.deferred():
+            self._train()
+            self._stop_if_preempted()  # a SIGTERM after the last boundary
+        return self.state
+
+    def _train(self) -> None:
         state, plan = self.state, self.plan
-        reporter = self.reporter_factory(state.step)
+        reporter = self.reporter = self.reporter_factory(state.step)
         # startStep and checkpointStep outlive the next record in /progress's merged view, so a poller sees them.
         reporter.event("training", step=state.step, totalSteps=plan.total_steps, startStep=state.step)
         self.model.train()
@@ -156,16 +168,43 @@ class TrainingLoop:
                 if epoch * plan.steps_per_epoch + index < state.step:
                     continue  # done before the checkpoint we resumed from
                 self._step(step_batches, reporter)
+                if index == plan.steps_per_epoch - 1:
+                    break  # the epoch's end is a boundary only after its evaluation
+                evaluate_every = self.spec.evaluation.everySteps
+                if evaluate_every and state.step % evaluate_every == 0:
+                    self._validate(round(state.step / plan.steps_per_epoch, 3), reporter)
+                    if state.stopped_early:
+                        break
                 every = self.spec.checkpointing.everySteps
-                last_of_epoch = index == plan.steps_per_epoch - 1
-                if every and state.step % every == 0 and not last_of_epoch:
-                    self._checkpoint(reporter)
-            self._end_of_epoch(epoch, reporter)
+                if every and state.step % every == 0:
+                    self._checkpoint()
+                # After the periodic checkpoint: a SIGTERM during its write stops here, with it.
+                self._stop_if_preempted()
+            if not state.stopped_early:
+                self._end_of_epoch(epoch, reporter)
+            self._stop_if_preempted()
         reporter.peak_memory(peak_memory_bytes(self.device))
         if self.best is not None and state.best_step != state.step:
             log.info("restoring the weights of step %d, which had the lowest validation loss", state.best_step)
             load_trainable_state(self.model, self.best)
-        return state
+
+    def _stop_if_preempted(self) -> None:
+        """At a step boundary: after a SIGTERM to any rank, every rank stops here, rank 0 saved."""
+        if not distributed.any_rank(self.preemption.requested, self.ranks):
+            return
+        self.save_preempted()
+        distributed.barrier(self.ranks)  # no rank exits before the checkpoint is committed
+        raise Preempted(self.state.step)
+
+    def save_preempted(self) -> None:
+        """Rank 0 saves the state as it stands (checkpointing off or not) and records the preemption."""
+        if not self.ranks.is_main:
+            return
+        with self.preemption.deferred():  # a further SIGTERM must not cut the write short
+            if self.saved_step != self.state.step:
+                self._save()
+            self.checkpoints.record_preemption(self.state.step)
+        log.info("preempted at step %d: checkpoint saved", self.state.step)
 
     def _step(self, step_batches: list[Sequence[int]], reporter: ProgressReporter) -> None:
         started = time.monotonic()
@@ -211,12 +250,19 @@ class TrainingLoop:
         reporter.peak_memory(peak_memory_bytes(self.device))
 
     def _end_of_epoch(self, epoch: int, reporter: ProgressReporter) -> None:
+        self._validate(epoch + 1, reporter)
+        if epoch + 1 < self.plan.epochs and not self.state.stopped_early:
+            self._checkpoint()
+
+    def _validate(self, epoch: float, reporter: ProgressReporter) -> None:
+        """Validation loss now (at an epoch's end, or every evaluation.everySteps), recorded in the
+        history; early stopping counts these evaluations."""
         state = self.state
         result = self.evaluate()
         reporter.evaluation(loss=result.loss, accuracy=result.token_accuracy)
         state.history.append(
             {
-                "epoch": epoch + 1,
+                "epoch": epoch,
                 "step": state.step,
                 "validationLoss": result.loss,
                 "tokenAccuracy": result.token_accuracy,
@@ -233,11 +279,14 @@ class TrainingLoop:
             if patience and state.evaluations_without_improvement >= patience:
                 log.info("early stopping: no lower validation loss for %d evaluation(s)", patience)
                 state.stopped_early = True
-        if epoch + 1 < self.plan.epochs and not state.stopped_early:
-            self._checkpoint(reporter)
 
-    def _checkpoint(self, reporter: ProgressReporter) -> None:
-        if self.checkpoints and self.spec.checkpointing.everySteps and self.ranks.is_main:
-            self.checkpoints.save(self.state, self.model, self.optimizer, self.best, self.spec.checkpointing.keep)
-            # Told after the commit, so a reader that sees it can resume from this step.
-            reporter.event("checkpoint", step=self.state.step, checkpointStep=self.state.step)
+    def _checkpoint(self) -> None:
+        """The periodic checkpoint, when checkpointing is on."""
+        if self.spec.checkpointing.everySteps and self.ranks.is_main:
+            self._save()
+
+    def _save(self) -> None:
+        self.checkpoints.save(self.state, self.model, self.optimizer, self.best, self.spec.checkpointing.keep)
+        self.saved_step = self.state.step
+        if self.reporter is not None:  # told after the commit, so a reader that sees it can resume from it
+            self.reporter.event("checkpoint", step=self.state.step, checkpointStep=self.state.step)

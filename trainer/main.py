@@ -22,17 +22,28 @@ from typing import Any
 import torch
 
 from tuneloom import __version__
-from tuneloom.api import TRAINER_EXIT_INVALID_INPUT, FineTuneJob, Method
+from tuneloom.api import TRAINER_EXIT_INVALID_INPUT, TRAINER_EXIT_PREEMPTED, FineTuneJob, Method
 from tuneloom.inputs import BaseModelUnavailableError, fetch_file, resolve_base_model
 from tuneloom.jobfile import SpecError, load_job
 from tuneloom.models import model_config_hash
+from tuneloom.promotion import decide
 from tuneloom.registry import AdapterVersion, publish_adapter, read_adapter, run_prefix
 from tuneloom.storage import StorageError, open_store, sha256_file
 from tuneloom.trainer import distributed
 from tuneloom.trainer.batching import collate, pack_rows, single_rows
 from tuneloom.trainer.checkpoint import CheckpointStore
-from tuneloom.trainer.datafile import DataValidationError, Example, load_examples
-from tuneloom.trainer.evaluate import GenerationResult, LossResult, generate_answers, references, score
+from tuneloom.trainer.datafile import DataValidationError, Example, content_key, load_examples
+from tuneloom.trainer.dataquality import find_problems
+from tuneloom.trainer.evaluate import (
+    Check,
+    EvaluationResult,
+    GeneralAbility,
+    HeldOutAnswers,
+    HeldOutLoss,
+    references,
+    run_checks,
+)
+from tuneloom.trainer.general import BaselineCache, baseline_key, load_prompts
 from tuneloom.trainer.loop import Plan, TrainingLoop, peak_memory_bytes
 from tuneloom.trainer.modeling import (
     MethodNotSupportedError,
@@ -40,9 +51,10 @@ from tuneloom.trainer.modeling import (
     load_model,
     load_tokenizer,
 )
+from tuneloom.trainer.preemption import Preempted, PreemptionWatch
 from tuneloom.trainer.preflight import PreflightError, check_before_running
 from tuneloom.trainer.progress import ProgressReporter, TrainerMetrics
-from tuneloom.trainer.report import print_report
+from tuneloom.trainer.report import RunReport, TrainingResult, print_report
 from tuneloom.trainer.tokenize import EncodedExample, encode_example
 
 log = logging.getLogger("tuneloom.trainer")
@@ -53,8 +65,10 @@ METRICS_PORT_ENV = "TUNELOOM_METRICS_PORT"
 BIND_ADDRESS_ENV = "TUNELOOM_BIND_ADDRESS"
 EVALUATION_FILE = "evaluation.json"
 
-# Exit codes the operator tells apart: a user's mistake is not retried, an infrastructure error is.
+# Exit codes the operator tells apart: a user's mistake is not retried, an infrastructure error is,
+# and a preempted run is retried without counting as a failure (see tuneloom.api).
 EXIT_INVALID_INPUT = TRAINER_EXIT_INVALID_INPUT
+EXIT_PREEMPTED = TRAINER_EXIT_PREEMPTED
 EXIT_FAILED = 1
 
 
@@ -62,11 +76,17 @@ class UnusableDataError(ValueError):
     """The data is valid line by line but cannot train anything (too few examples, all truncated)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Datasets:
+    """The run's examples, read, checked and split. `held_out` are the validation examples whose
+    prompts the models answer, `general` the general-ability check's prompts (none when it is off);
+    `info` is the manifest's `datasets`."""
+
     train: list[Example]
     validation: list[Example]
+    held_out: list[Example]
     info: dict[str, Any]
+    general: list[Example]
 
 
 def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -96,9 +116,20 @@ def load_datasets(job: FineTuneJob) -> Datasets:
     else:
         train, validation = split_examples(examples, dataset.validationSplit, job.spec.hyperparameters.seed)
         info["validation"] = {"uri": dataset.train, "split": dataset.validationSplit}
+    # A training copy of a held-out example would make the held-out metrics measure recall.
+    held_out_keys = {content_key(example) for example in validation}
+    kept = [example for example in train if content_key(example) not in held_out_keys]
+    if len(kept) < len(train):
+        log.info("removed %d training examples that repeat held-out examples exactly", len(train) - len(kept))
+        info["train"]["removedCopiesOfHeldOut"] = len(train) - len(kept)
+        train = kept
     info["train"]["examples"] = len(train)
     info["validation"]["examples"] = len(validation)
-    return Datasets(train, validation, info)
+    general = job.spec.evaluation.general
+    prompts = load_prompts(general) if general.enabled else []
+    if prompts:
+        info["general"] = {"prompts": general.prompts, "examples": len(prompts)}
+    return Datasets(train, validation, validation[: job.spec.evaluation.maxExamples], info, prompts)
 
 
 def encode_all(tokenizer: Any, examples: list[Example], max_length: int, what: str) -> list[EncodedExample]:
@@ -134,18 +165,45 @@ def encode_all(tokenizer: Any, examples: list[Example], max_length: int, what: s
 
 def spec_sha256(job: FineTuneJob) -> str:
     """What a checkpoint must match to be resumed: the parts of the spec that shape training."""
-    ignored = ("resources", "evaluation", "checkpointing", "storage", "scheduling", "image", "cancel")
+    ignored = ("resources", "evaluation", "promotion", "checkpointing", "storage", "scheduling", "image", "cancel")
     # maxLineBytes only decides which files are accepted: a checkpoint made before it existed still fits.
     exclude: dict[str, Any] = {name: True for name in ignored} | {"dataset": {"maxLineBytes": True}}
     relevant = job.spec.model_dump(mode="json", exclude=exclude)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class Tokenized:
+    """The examples as token ids and labels, cut to maxSeqLength; those left with nothing to learn dropped."""
+
+    train: list[EncodedExample]
+    validation: list[EncodedExample]
+
+
+@dataclass(frozen=True)
+class Model:
+    """The model being tuned, its tokenizer, and the local directory the base model came from."""
+
+    path: str
+    tokenizer: Any
+    module: torch.nn.Module
+
+
 class FineTuneRun:
-    def __init__(self, job: FineTuneJob, *, metrics_port: int | None = None, fresh: bool = False):
+    """One run as a recipe: `run` calls the phases in order, each taking what earlier ones made."""
+
+    def __init__(
+        self,
+        job: FineTuneJob,
+        preemption: PreemptionWatch,
+        *,
+        metrics_port: int | None = None,
+        fresh: bool = False,
+    ):
         self.job = job
         self.spec = job.spec
         self.fresh = fresh
+        self.preemption = preemption
         self.ranks = distributed.setup()
         self.device = distributed.device_for(self.ranks)
         if not self.ranks.is_main:
@@ -179,7 +237,6 @@ class FineTuneRun:
             metrics=self.metrics,
             start_step=start_step,
             on_record=self._remember,
-            progress_file=None if self.ranks.is_main else "",
         )
 
     def _remember(self, record: dict[str, Any]) -> None:
@@ -188,171 +245,218 @@ class FineTuneRun:
 
     def run(self) -> AdapterVersion | None:
         """The adapter published (None on ranks other than 0, which publish nothing)."""
-        spec, job = self.spec, self.job
-        check_method_supported(spec, self.device)
+        check_method_supported(self.spec, self.device)
+        if (earlier := self.published_before()) is not None:
+            return earlier
+        data = self.setup_data()
+        model, tokens = self.setup_model(data)
+        loop = self.setup_training(model, tokens)
+        checks = self.setup_evaluation(model, loop, data)
+        base = self.evaluate_base(loop, checks)
+        training = self.train(loop)
+        try:
+            tuned = self.evaluate(checks)
+        except Preempted:
+            # Training is done: keep it, so the retry goes straight to evaluating.
+            loop.save_preempted()
+            raise Preempted(loop.state.step) from None
+        adapter = None
+        if self.ranks.is_main:
+            report = RunReport(data.held_out, base, tuned, training, peak_memory_bytes(self.device), data.general)
+            with self.preemption.deferred():  # short, and a half-published version would only be redone
+                adapter = self.publish(model, data, report)
+            print_report(report, adapter)
+        distributed.barrier(self.ranks)  # the other ranks wait until rank 0 has published
+        return adapter
+
+    def published_before(self) -> AdapterVersion | None:
+        """The adapter an earlier run of this job published; --fresh forgets it and every checkpoint."""
         if self.fresh:
             if self.ranks.is_main:
                 self.checkpoints.clear()
             distributed.barrier(self.ranks)
-        elif (done := self.checkpoints.published()) is not None:
-            log.info("this job already published %s@%s; nothing to do", spec.output.adapterName, done["version"])
-            return read_adapter(self.store, job.metadata.namespace, spec.output.adapterName, done["version"])
+            return None
+        done = self.checkpoints.published()
+        if done is None:
+            return None
+        log.info("this job already published %s@%s; nothing to do", self.spec.output.adapterName, done["version"])
+        return read_adapter(self.store, self.job.metadata.namespace, self.spec.output.adapterName, done["version"])
 
+    def setup_data(self) -> Datasets:
         self.reporter.event("validating-data")
-        data = load_datasets(job)
+        data = load_datasets(self.job)
         log.info("data: %d training, %d held-out examples", len(data.train), len(data.validation))
+        for finding in find_problems(data.train, data.validation):
+            log.warning("data: %s", finding.message)
+        return data
 
-        self.reporter.event("loading-model", baseModel=spec.baseModel)
-        model_path = resolve_base_model(spec.baseModel)
-        tokenizer = load_tokenizer(model_path)
-        max_length = spec.hyperparameters.maxSeqLength
-        train = encode_all(tokenizer, data.train, max_length, "training data")
-        validation = encode_all(tokenizer, data.validation, max_length, "validation data")
-        model = load_model(spec, model_path, self.device)
+    def setup_model(self, data: Datasets) -> tuple[Model, Tokenized]:
+        """The tokenizer, the data tokenized with it, then the weights: data that cannot train
+        anything fails before the weights load."""
+        self.reporter.event("loading-model", baseModel=self.spec.baseModel)
+        path = resolve_base_model(self.spec.baseModel)
+        tokenizer = load_tokenizer(path)
+        max_length = self.spec.hyperparameters.maxSeqLength
+        tokens = Tokenized(
+            train=encode_all(tokenizer, data.train, max_length, "training data"),
+            validation=encode_all(tokenizer, data.validation, max_length, "validation data"),
+        )
+        return Model(path, tokenizer, load_model(self.spec, path, self.device)), tokens
 
-        hp = spec.hyperparameters
-        rows = pack_rows(train, max_length) if hp.packing else single_rows(train)
+    def setup_training(self, model: Model, tokens: Tokenized) -> TrainingLoop:
+        """The packing plan, the held-out batches and the optimizer; resumed from this job's
+        latest checkpoint when it has one."""
+        hp = self.spec.hyperparameters
+        rows = self._rows(tokens.train)
         plan = Plan(
             rows=rows,
-            row_lengths=[sum(len(train[i].input_ids) for i in row) for row in rows],
+            row_lengths=[sum(len(tokens.train[i].input_ids) for i in row) for row in rows],
             batch_size=hp.batchSize,
             accumulation=hp.gradientAccumulationSteps,
             epochs=hp.epochs,
             world_size=self.ranks.world_size,
         )
-        validation_rows = pack_rows(validation, max_length) if hp.packing else single_rows(validation)
+        validation_rows = self._rows(tokens.validation)
         validation_batches = [
-            collate(validation, validation_rows[i : i + hp.batchSize])
+            collate(tokens.validation, validation_rows[i : i + hp.batchSize])
             for i in range(0, len(validation_rows), hp.batchSize)
         ]
         loop = TrainingLoop(
-            spec,
-            model,
-            train,
+            self.spec,
+            model.module,
+            tokens.train,
             validation_batches,
             plan,
             self.device,
-            self.checkpoints if spec.checkpointing.everySteps else None,
+            # Also with checkpointing off: a preempted run saves one, and its retry resumes there.
+            self.checkpoints,
             lambda start: self._reporter(start, plan.total_steps, plan.steps_per_epoch),
             self.ranks,
+            self.preemption,
         )
-        loop.resume(spec_sha256(job))
-        held_out = data.validation[: spec.evaluation.maxExamples]
+        loop.resume(spec_sha256(self.job))
+        if self.ranks.is_main:
+            self._remember({"preemptedAtSteps": self.checkpoints.preempted_steps()})
+        return loop
 
+    def _rows(self, examples: list[EncodedExample]) -> list[list[int]]:
+        hp = self.spec.hyperparameters
+        return pack_rows(examples, hp.maxSeqLength) if hp.packing else single_rows(examples)
+
+    def setup_evaluation(self, model: Model, loop: TrainingLoop, data: Datasets) -> list[Check]:
+        """The checks run on the base model and again on the adapter."""
+        checks: list[Check] = [HeldOutLoss(loop.evaluate)]
+        evaluation = self.spec.evaluation
+        # Only rank 0 publishes answers, so only it spends the time generating them.
+        if evaluation.metrics and data.held_out and self.ranks.is_main:
+            answers = HeldOutAnswers(
+                model.module,
+                model.tokenizer,
+                data.held_out,
+                evaluation.metrics,
+                max_new_tokens=evaluation.maxNewTokens,
+                max_prompt_tokens=self.spec.hyperparameters.maxSeqLength,
+                device=self.device,
+                training_answers=frozenset(answer.strip() for answer in references(data.train)),
+            )
+            checks.append(answers)
+        if data.general and self.ranks.is_main:
+            checks.append(self._general_check(model, loop, data.general))
+        return checks
+
+    def _general_check(self, model: Model, loop: TrainingLoop, prompts: list[Example]) -> GeneralAbility:
+        general = self.spec.evaluation.general
+        max_prompt_tokens = self.spec.hyperparameters.maxSeqLength
+        base_model = {
+            "name": self.spec.baseModel,
+            "configSha256": _config_hash(model.path),
+            "quantized": self.spec.method is Method.qlora,
+            "dtype": str(getattr(model.module, "dtype", "")),
+            "device": self.device.type,
+        }
+        key = baseline_key(
+            base_model=base_model,
+            prompts=prompts,
+            max_new_tokens=general.maxNewTokens,
+            max_prompt_tokens=max_prompt_tokens,
+        )
+        return GeneralAbility(
+            model.module,
+            model.tokenizer,
+            prompts,
+            max_new_tokens=general.maxNewTokens,
+            max_prompt_tokens=max_prompt_tokens,
+            device=self.device,
+            cache=BaselineCache(self.store),
+            cache_key=key,
+            # The base is evaluated before the first optimizer step; after one the weights are the adapter's.
+            trained=lambda: loop.state.step > 0,
+        )
+
+    def evaluate_base(self, loop: TrainingLoop, checks: list[Check]) -> EvaluationResult:
+        """Measured before the first step, when the model is still the base (a LoRA update starts
+        at zero); a resumed run has the result from its checkpoint."""
         if loop.state.base_evaluation is None:
-            # Before any step the LoRA update is zero (B starts at 0), so this is the base model.
             self.reporter.event("evaluating-base")
-            loop.state.base_evaluation = self._evaluate(loop, tokenizer, held_out)
+            loop.state.base_evaluation = run_checks(checks)
+        return loop.state.base_evaluation
+
+    def train(self, loop: TrainingLoop) -> TrainingResult:
         started = time.monotonic()
         state = loop.run()
-        train_seconds = time.monotonic() - started
+        preempted_at = self.checkpoints.preempted_steps() if self.ranks.is_main else []
+        return TrainingResult(state, time.monotonic() - started, preempted_at)
 
+    def evaluate(self, checks: list[Check]) -> EvaluationResult:
         self.reporter.event("evaluating")
-        final = self._evaluate(loop, tokenizer, held_out)
-        if not self.ranks.is_main:
-            distributed.barrier(self.ranks)  # until rank 0 has published
-            return None
-        base = state.base_evaluation
-        summary = {
-            "base": _aggregate(base),
-            "adapter": _aggregate(final),
-            "steps": state.step,
-            "bestStep": state.best_step,
-            "stoppedEarly": state.stopped_early,
-            "tokensSeen": state.tokens_seen,
-            "trainSeconds": round(train_seconds, 1),
-            "peakMemoryBytes": peak_memory_bytes(self.device),
-            "history": state.history,
-        }
-        samples = [
-            {
-                "line": example.line,
-                "reference": reference,
-                "base": base_answer,
-                "adapter": answer,
-                "baseScores": base["perExample"][i] if base.get("perExample") else {},
-                "adapterScores": final["perExample"][i] if final.get("perExample") else {},
-            }
-            for i, (example, reference, base_answer, answer) in enumerate(
-                zip(
-                    held_out,
-                    references(held_out),
-                    base.get("answers", []),
-                    final.get("answers", []),
-                    strict=False,
-                )
-            )
-        ]
+        return run_checks(checks)
+
+    def publish(self, model: Model, data: Datasets, report: RunReport) -> AdapterVersion:
+        """A new version in the registry: the weights, evaluation.json and the manifest."""
         self.reporter.event("uploading")
-        adapter = self._publish(model, tokenizer, model_path, data, summary, samples)
-        self.checkpoints.mark_published({"version": adapter.version, "uri": adapter.uri})
-        self.reporter.event("succeeded", adapter={"name": adapter.name, "version": adapter.version, "uri": adapter.uri})
-        print_report(summary, samples, adapter)
-        distributed.barrier(self.ranks)
-        return adapter
-
-    def _evaluate(self, loop: TrainingLoop, tokenizer: Any, held_out: list[Example]) -> dict[str, Any]:
-        loss: LossResult = loop.evaluate()
-        result: dict[str, Any] = {
-            "validationLoss": round(loss.loss, 4),
-            "tokenAccuracy": round(loss.token_accuracy, 4),
-        }
-        metrics = self.spec.evaluation.metrics
-        if metrics and held_out and self.ranks.is_main:
-            answers = generate_answers(
-                loop.model,
-                tokenizer,
-                held_out,
-                max_new_tokens=self.spec.evaluation.maxNewTokens,
-                device=self.device,
-                max_prompt_tokens=self.spec.hyperparameters.maxSeqLength,
-            )
-            scored: GenerationResult = score(answers, references(held_out), metrics)
-            result.update(scored.metrics)
-            result["answers"] = answers
-            result["perExample"] = scored.per_example
-        return result
-
-    def _publish(
-        self,
-        model: torch.nn.Module,
-        tokenizer: Any,
-        model_path: str,
-        data: Datasets,
-        summary: dict[str, Any],
-        samples: list[dict[str, Any]],
-    ) -> AdapterVersion:
-        spec, job = self.spec, self.job
         with tempfile.TemporaryDirectory(prefix="tuneloom-out-") as tmp:
             out = Path(tmp)
-            if spec.method is Method.full:
-                model.save_pretrained(out)
-                tokenizer.save_pretrained(out)
-            else:
-                # Recorded as the user wrote it, not as the local cache path it was loaded from.
-                model.peft_config["default"].base_model_name_or_path = spec.baseModel
-                model.save_pretrained(out)
-            (out / EVALUATION_FILE).write_text(json.dumps(samples, indent=1))
+            self._save(model, out)
+            (out / EVALUATION_FILE).write_text(json.dumps(report.evaluation_file(), indent=1))
             files = {path.name: path for path in sorted(out.iterdir()) if path.is_file()}
-            manifest = {
-                "kind": "full" if spec.method is Method.full else "lora",
-                "baseModel": {"name": spec.baseModel, "configSha256": _config_hash(model_path)},
-                "datasets": data.info,
-                "spec": spec.model_dump(mode="json"),
-                "metrics": summary,
-                "job": {
-                    "namespace": job.metadata.namespace,
-                    "name": job.metadata.name,
-                    "uid": job.metadata.uid,
-                },
-                "tuneloomVersion": __version__,
-            }
-            return publish_adapter(self.store, job.metadata.namespace, spec.output.adapterName, files, manifest)
+            manifest = self._manifest(model, data, report)
+            adapter = publish_adapter(
+                self.store, self.job.metadata.namespace, self.spec.output.adapterName, files, manifest
+            )
+        self.checkpoints.mark_published({"version": adapter.version, "uri": adapter.uri})
+        published = {"name": adapter.name, "version": adapter.version, "uri": adapter.uri}
+        self.reporter.event("succeeded", adapter=published, promoted=adapter.manifest.promotion.promoted)
+        return adapter
 
+    def _save(self, model: Model, out: Path) -> None:
+        if self.spec.method is Method.full:
+            model.module.save_pretrained(out)
+            model.tokenizer.save_pretrained(out)
+        else:
+            # Recorded as the user wrote it, not as the local cache path it was loaded from.
+            model.module.peft_config["default"].base_model_name_or_path = self.spec.baseModel
+            model.module.save_pretrained(out)
 
-def _aggregate(evaluation: dict[str, Any]) -> dict[str, Any]:
-    """The evaluation's overall figures, without per-example answers and scores."""
-    return {k: v for k, v in evaluation.items() if k not in ("answers", "perExample")}
+    def _manifest(self, model: Model, data: Datasets, report: RunReport) -> dict[str, Any]:
+        spec, meta = self.spec, self.job.metadata
+        metrics = report.metrics()
+        # A version that fails the gate is still committed: it is the evidence of what went wrong.
+        promotion = decide(metrics, spec.promotion)
+        if promotion.promoted:
+            log.info("promotion: promoted")
+        else:
+            log.warning("promotion: not promoted: %s", "; ".join(promotion.reasons))
+        self.reporter.published({"base": metrics["base"], "adapter": metrics["adapter"]}, promotion.promoted)
+        return {
+            "kind": "full" if spec.method is Method.full else "lora",
+            "baseModel": {"name": spec.baseModel, "configSha256": _config_hash(model.path)},
+            "datasets": data.info,
+            "spec": spec.model_dump(mode="json"),
+            "metrics": metrics,
+            "promotion": promotion.model_dump(mode="json"),
+            "job": {"namespace": meta.namespace, "name": meta.name, "uid": meta.uid},
+            "tuneloomVersion": __version__,
+        }
 
 
 def _config_hash(model_path: str) -> str | None:
@@ -365,37 +469,40 @@ def _run_prefix(job: FineTuneJob) -> str:
 
 
 def run(job: FineTuneJob, *, metrics_port: int | None = None, fresh: bool = False) -> AdapterVersion | None:
-    # Seconds now, before any process group, data or model, instead of a failure after the data
-    # is tokenized or hours into training.
-    check_before_running(job.spec, _run_prefix(job))
-    fine_tune = FineTuneRun(job, metrics_port=metrics_port, fresh=fresh)
-    try:
-        return fine_tune.run()
-    finally:
-        distributed.teardown(fine_tune.ranks)
+    """The adapter published; raises Preempted after a SIGTERM (see tuneloom.trainer.preemption)."""
+    with PreemptionWatch().installed() as preemption:
+        # Seconds now, before any process group, data or model, instead of a failure after the data
+        # is tokenized or hours into training.
+        check_before_running(job.spec, _run_prefix(job))
+        fine_tune = FineTuneRun(job, preemption, metrics_port=metrics_port, fresh=fresh)
+        try:
+            return fine_tune.run()
+        finally:
+            distributed.teardown(fine_tune.ranks)
 
 
-def _fail(reporter_path: str | None, reason: str, message: str, code: int) -> int:
+def _fail(message: str, code: int) -> int:
     print(f"error: {message}", file=sys.stderr)
-    if reporter_path:
-        ProgressReporter(total_steps=0, steps_per_epoch=1, logging_steps=1, progress_file=reporter_path).event(
-            "failed", reason=reason, message=message[-2000:]
-        )
     return code
 
 
 def run_from_file(path: str | Path, *, metrics_port: int | None = None, fresh: bool = False) -> int:
     """The command-line entry: an exit status, and every error said in one place."""
-    from tuneloom.trainer.progress import PROGRESS_FILE_ENV
-
-    progress_file = os.environ.get(PROGRESS_FILE_ENV)
     try:
         job = load_job(path)
         run(job, metrics_port=metrics_port, fresh=fresh)
-    except (SpecError, DataValidationError, UnusableDataError, PreflightError, BaseModelUnavailableError) as exc:
-        return _fail(progress_file, "InvalidInput", str(exc), EXIT_INVALID_INPUT)
-    except MethodNotSupportedError as exc:
-        return _fail(progress_file, "MethodNotSupported", str(exc), EXIT_INVALID_INPUT)
+    except (
+        SpecError,
+        DataValidationError,
+        UnusableDataError,
+        PreflightError,
+        BaseModelUnavailableError,
+        MethodNotSupportedError,
+    ) as exc:
+        return _fail(str(exc), EXIT_INVALID_INPUT)
     except StorageError as exc:
-        return _fail(progress_file, "StorageError", str(exc), EXIT_FAILED)
+        return _fail(str(exc), EXIT_FAILED)
+    except Preempted as exc:
+        log.info("%s", exc)  # "preempted at step N: checkpoint saved"
+        return EXIT_PREEMPTED
     return 0

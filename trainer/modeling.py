@@ -103,6 +103,8 @@ def load_model(spec: FineTuneJobSpec, model_path: str | Path, device: torch.devi
     if spec.method is Method.full:
         model.train()
         return model
+    # spec.hyperparameters.seed covers the initialisation: the same job starts from the same LoRA weights.
+    torch.manual_seed(spec.hyperparameters.seed)
     peft_model = get_peft_model(model, lora_config(spec))
     trainable, total = peft_model.get_nb_trainable_parameters()
     log.info(

@@ -1,15 +1,13 @@
-"""Where a training run stands, told three ways: log lines for people, JSON lines for the
-operator (the file named by $TUNELOOM_PROGRESS_FILE), and Prometheus metrics."""
+"""Where a training run stands, told three ways: log lines for people, records for the operator
+(the latest one is served at /progress, see `FineTuneRun`), and Prometheus metrics."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -17,8 +15,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from tuneloom.api import Progress
 
 log = logging.getLogger("tuneloom.trainer")
-
-PROGRESS_FILE_ENV = "TUNELOOM_PROGRESS_FILE"
 
 
 class _MeasuredGauge:
@@ -54,6 +50,28 @@ class TrainerMetrics:
         self.learning_rate = measured("learning_rate", "Current learning rate.")
         self.eta = measured("eta_seconds", "Estimated seconds until training ends.")
         self.peak_memory = measured("peak_memory_bytes", "Peak accelerator memory (GPU) or resident memory (CPU).")
+        # One series per model (base, adapter): the general-ability figures both were measured on.
+        by_model = [*labels, "model"]
+
+        def per_model(metric: str, doc: str) -> Gauge:
+            return Gauge(f"tuneloom_trainer_{metric}", doc, by_model, registry=registry)
+
+        self._values = values
+        self._general = {
+            "general.nllShift": per_model(
+                "general_nll_shift_nats", "Mean per-token NLL given to the base's general answers, minus the base's."
+            ),
+            "general.agreement": per_model(
+                "general_agreement_ratio", "Share of general prompts answered as the base did (same first sentence)."
+            ),
+            "general.exact_match": per_model(
+                "general_exact_match_ratio", "General prompts answered exactly as expected."
+            ),
+            "general.contains": per_model(
+                "general_contains_ratio", "General prompts whose answer holds the expected one."
+            ),
+        }
+        self.promoted = gauge("adapter_promoted", "1 when the published version passed the promotion gate, else 0.")
         self.tokens = Counter(
             "tuneloom_trainer_tokens", "Tokens processed, padding excluded.", labels, registry=registry
         ).labels(*values)
@@ -64,6 +82,12 @@ class TrainerMetrics:
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
             registry=registry,
         ).labels(*values)
+
+    def general(self, model: str, metrics: dict[str, Any]) -> None:
+        """One model's (base or adapter) general-ability figures, those it has."""
+        for name, family in self._general.items():
+            if name in metrics:
+                family.labels(*self._values, model).set(metrics[name])
 
 
 @dataclass
@@ -91,7 +115,6 @@ class ProgressReporter:
         steps_per_epoch: int,
         logging_steps: int,
         metrics: TrainerMetrics | None = None,
-        progress_file: str | None = None,
         start_step: int = 0,
         on_record: Callable[[dict[str, Any]], None] | None = None,
     ):
@@ -99,8 +122,6 @@ class ProgressReporter:
         self.steps_per_epoch = steps_per_epoch
         self.logging_steps = logging_steps
         self.metrics = metrics
-        path = progress_file if progress_file is not None else os.environ.get(PROGRESS_FILE_ENV)
-        self.progress_path = Path(path) if path else None
         self.start_step = start_step
         self.on_record = on_record
         self.run_started = time.monotonic()
@@ -111,8 +132,10 @@ class ProgressReporter:
             metrics.step.set(start_step)
 
     def event(self, name: str, **fields: Any) -> None:
-        """A phase change (loading, training, evaluating, uploading, done, failed) for the operator."""
-        self._write({"event": name, **fields})
+        """A phase change (validating-data, loading-model, evaluating-base, training, evaluating,
+        uploading, succeeded)."""
+        log.info("event %s%s", name, "".join(f" {key}={json.dumps(value)}" for key, value in fields.items()))
+        self._emit({"event": name, **fields})
 
     def step(self, step: int, *, loss: float, tokens: int, learning_rate: float, seconds: float) -> None:
         interval = self.interval
@@ -156,7 +179,7 @@ class ProgressReporter:
             self.state.tokensPerSecond,
             eta,
         )
-        self._write({"event": "progress", **self.state.model_dump(exclude_none=True), "learningRate": learning_rate})
+        self._emit({"event": "progress", **self.state.model_dump(exclude_none=True), "learningRate": learning_rate})
         self.interval = _Interval(started=now)
 
     def evaluation(self, *, loss: float, accuracy: float) -> None:
@@ -165,18 +188,20 @@ class ProgressReporter:
             self.metrics.validation_loss.set(loss)
             self.metrics.validation_accuracy.set(accuracy)
         log.info("validation at step %d: loss %.4f token accuracy %.3f", self.state.step, loss, accuracy)
-        self._write({"event": "evaluation", **self.state.model_dump(exclude_none=True), "tokenAccuracy": accuracy})
+        self._emit({"event": "evaluation", **self.state.model_dump(exclude_none=True), "tokenAccuracy": accuracy})
+
+    def published(self, figures: dict[str, dict[str, Any]], promoted: bool) -> None:
+        """The general-ability figures of both models and the promotion verdict, as gauges."""
+        if not self.metrics:
+            return
+        for model, metrics in figures.items():
+            self.metrics.general(model, metrics)
+        self.metrics.promoted.set(1 if promoted else 0)
 
     def peak_memory(self, value: int) -> None:
         if self.metrics:
             self.metrics.peak_memory.set(value)
 
-    def _write(self, record: dict[str, Any]) -> None:
-        record = {"time": time.time(), **record}
+    def _emit(self, record: dict[str, Any]) -> None:
         if self.on_record:
-            self.on_record(record)
-        if not self.progress_path:
-            return
-        # One line per record, appended and closed at once; a reader skips a last line without "\n".
-        with self.progress_path.open("a", encoding="utf-8") as stream:
-            stream.write(json.dumps(record, default=str) + "\n")
+            self.on_record({"time": time.time(), **record})

@@ -1,12 +1,89 @@
-"""The report a person reads after a run: base model vs adapter on held-out prompts."""
+"""What a finished run found, base model vs adapter on held-out prompts: the manifest's `metrics`,
+evaluation.json, and the report a person reads."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from tuneloom.registry import AdapterVersion
+from tuneloom.trainer.checkpoint import LoopState
+from tuneloom.trainer.datafile import Example
+from tuneloom.trainer.evaluate import EvaluationResult, ScoredAnswer, references
 
 ANSWER_WIDTH = 72
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    """The loop's state at its end, the seconds this process spent in it, and the steps at which
+    earlier runs of the job were preempted."""
+
+    state: LoopState
+    seconds: float
+    preempted_at: Sequence[int] = ()
+
+
+@dataclass(frozen=True)
+class RunReport:
+    held_out: Sequence[Example]
+    base: EvaluationResult
+    adapter: EvaluationResult
+    training: TrainingResult
+    peak_memory_bytes: int
+    general_prompts: Sequence[Example] = ()
+
+    def metrics(self) -> dict[str, Any]:
+        """The manifest's `metrics`; the operator copies `base` and `adapter` into the job's status."""
+        state = self.training.state
+        return {
+            "base": dict(self.base.metrics),
+            "adapter": dict(self.adapter.metrics),
+            "steps": state.step,
+            "bestStep": state.best_step,
+            "stoppedEarly": state.stopped_early,
+            "tokensSeen": state.tokens_seen,
+            "trainSeconds": round(self.training.seconds, 1),
+            "peakMemoryBytes": self.peak_memory_bytes,
+            "history": state.history,
+            "preemptedAtSteps": list(self.training.preempted_at),
+        }
+
+    def samples(self) -> list[dict[str, Any]]:
+        """The held-out part of evaluation.json: each held-out prompt both models answered (a resumed
+        run's base may have answered fewer, or none), with its reference answer and both models'
+        answers and scores."""
+        return _pairs(self.held_out, self.base.answers, self.adapter.answers)
+
+    def general_samples(self) -> list[dict[str, Any]]:
+        """The general-ability part: each general prompt with both answers, the adapter's marked
+        `agrees` by the agreement rule, and reference scores where the prompt has a reference."""
+        return _pairs(self.general_prompts, self.base.general, self.adapter.general)
+
+    def evaluation_file(self) -> list[dict[str, Any]]:
+        """evaluation.json: the held-out samples, then the general ones, each saying which it is."""
+        return [{"check": "heldOut", **sample} for sample in self.samples()] + [
+            {"check": "general", **sample} for sample in self.general_samples()
+        ]
+
+
+def _pairs(
+    examples: Sequence[Example], base: Sequence[ScoredAnswer], adapter: Sequence[ScoredAnswer]
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "line": example.line,
+            "reference": reference,
+            "base": base_answer.text,
+            "adapter": adapter_answer.text,
+            "baseScores": base_answer.scores,
+            "adapterScores": adapter_answer.scores,
+        }
+        for example, reference, base_answer, adapter_answer in zip(
+            examples, references(examples), base, adapter, strict=False
+        )
+    ]
 
 
 def _cell(text: str, width: int = ANSWER_WIDTH) -> str:
@@ -33,18 +110,22 @@ def format_samples(samples: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def format_summary(summary: dict[str, Any]) -> str:
+def format_metrics_table(summary: dict[str, Any]) -> str:
     base, tuned = summary["base"], summary["adapter"]
     lines = [f"{'held-out metric':<18}{'base':>10}{'adapter':>10}"]
     lines += [f"{key:<18}{_value(base, key):>10}{_value(tuned, key):>10}" for key in tuned]
     return "\n".join(lines)
 
 
-def print_report(summary: dict[str, Any], samples: list[dict[str, Any]], adapter: AdapterVersion) -> None:
+def print_report(report: RunReport, adapter: AdapterVersion) -> None:
+    """What was published, printed: the same samples and metrics the registry holds."""
+    summary, samples = report.metrics(), report.samples()
     if samples:
         print("\n" + format_samples(samples))
-    print("\n" + format_summary(summary))
+    print("\n" + format_metrics_table(summary))
+    promotion = adapter.manifest.promotion
+    verdict = "promoted" if promotion.promoted else "NOT promoted: " + "; ".join(promotion.reasons)
     print(
-        f"\nadapter {adapter.name}@{adapter.version}: {adapter.uri}\n"
+        f"\nadapter {adapter.id}: {verdict}: {adapter.uri}\n"
         f"{summary['steps']} steps, {summary['tokensSeen']} tokens in {summary['trainSeconds']} s"
     )

@@ -22,10 +22,16 @@ API_GROUP = "tuneloom.dev"
 API_VERSION = "v1alpha1"
 FULL_API_VERSION = f"{API_GROUP}/{API_VERSION}"
 
-# The trainer's exit status for a wrong spec or wrong data: the operator fails the job at once
-# instead of letting the Job controller retry.
+# The trainer's exit statuses, besides 0 (done) and 1 (a failure; the Job controller retries it
+# up to spec.scheduling.backoffLimit times). Invalid input (a wrong spec or wrong data): the
+# operator fails the job at once instead of letting the Job controller retry.
 TRAINER_EXIT_INVALID_INPUT = 2
+# Preempted (SIGTERM: eviction, preemption, a deleted pod): the step in progress was finished and a
+# checkpoint saved, so the retry resumes there. Not a failure of the job: it is not counted
+# against backoffLimit where the cluster can tell (podFailurePolicy, Kubernetes 1.26+).
+TRAINER_EXIT_PREEMPTED = 3
 
+DEFAULT_VALIDATION_SPLIT = 0.1
 # What a server holds at once when nothing says otherwise (ModelServer and `tuneloom serve`).
 DEFAULT_MAX_LORAS = 4
 DEFAULT_MAX_LORA_RANK = 16
@@ -52,6 +58,19 @@ class Method(str, Enum):
 class GenerationMetric(str, Enum):
     exact_match = "exact_match"
     json_valid = "json_valid"
+
+
+class PromotionMetric(str, Enum):
+    """Held-out metrics a promotion may require the adapter to beat the base model on."""
+
+    validationLoss = "validationLoss"
+    tokenAccuracy = "tokenAccuracy"
+    exact_match = "exact_match"
+    json_valid = "json_valid"
+
+
+# spec.evaluation.general.prompts naming the prompt set shipped in the trainer's package data.
+BUILTIN_GENERAL_PROMPTS = "builtin"
 
 
 class Phase(str, Enum):
@@ -95,7 +114,7 @@ class DatasetSpec(_Model):
         description="Held-out JSONL file. When absent, validationSplit of the training data is held out.",
     )
     validationSplit: float = Field(
-        default=0.1,
+        default=DEFAULT_VALIDATION_SPLIT,
         gt=0.0,
         lt=0.5,
         description="Fraction of the training examples held out for validation when no validation file is given.",
@@ -174,6 +193,24 @@ class HyperparametersSpec(_Model):
     )
 
 
+class GeneralEvaluationSpec(_Model):
+    enabled: bool = Field(default=True, description="Run the general-ability check; false skips it.")
+    prompts: str = Field(
+        default=BUILTIN_GENERAL_PROMPTS,
+        description="'builtin' (about 100 varied prompts shipped with tuneloom) or a JSONL file (path, file:// or "
+        "s3://) of {'messages': [...ending with a user message], 'reference': optional expected answer} lines.",
+    )
+    maxExamples: int = Field(default=32, ge=1, le=10000, description="Prompts of the set used, from its start.")
+    maxNewTokens: int = Field(default=64, gt=0, le=8192, description="Tokens generated per general prompt.")
+
+    @field_validator("prompts")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError(f"must not be empty; use {BUILTIN_GENERAL_PROMPTS!r} or a JSONL file")
+        return value if value == BUILTIN_GENERAL_PROMPTS else _check_store_uri(value, "prompts")
+
+
 class EvaluationSpec(_Model):
     metrics: list[GenerationMetric] = Field(
         default_factory=list,
@@ -181,6 +218,32 @@ class EvaluationSpec(_Model):
     )
     maxNewTokens: int = Field(default=128, gt=0, le=8192, description="Tokens generated per held-out prompt.")
     maxExamples: int = Field(default=50, ge=0, description="Held-out examples used for generation metrics.")
+    everySteps: int = Field(
+        default=0,
+        ge=0,
+        description="Also measure the validation loss every this many optimizer steps within an epoch (history, "
+        "early stopping); 0: at each epoch's end only.",
+    )
+    general: GeneralEvaluationSpec = Field(
+        default_factory=GeneralEvaluationSpec,
+        description="General-ability (forgetting) check: how far the adapter moved from the base model on prompts "
+        "unrelated to the task.",
+    )
+
+
+class PromotionSpec(_Model):
+    maxGeneralNllShift: float | None = Field(
+        default=None, ge=0.0, description="Largest general.nllShift (nats per token) a promoted adapter may have."
+    )
+    minGeneralAgreement: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="Smallest general.agreement (0-1) a promoted adapter may have."
+    )
+    require: list[PromotionMetric] = Field(
+        default_factory=list,
+        description="Held-out metrics on which the adapter must beat the base model, e.g. [validationLoss, "
+        "exact_match]: a lower validationLoss, a higher tokenAccuracy, exact_match or json_valid. Each must be "
+        "measured (the last two in evaluation.metrics).",
+    )
 
 
 class OutputSpec(_Model):
@@ -206,6 +269,14 @@ class OutputSpec(_Model):
 class CheckpointingSpec(_Model):
     everySteps: int = Field(default=50, ge=0, description="Optimizer steps between checkpoints; 0 turns them off.")
     keep: int = Field(default=2, ge=1, description="Checkpoints kept in object storage; older ones are deleted.")
+    gracePeriodSeconds: int = Field(
+        default=120,
+        ge=1,
+        le=86400,
+        description="Seconds a preempted or deleted training pod gets, after SIGTERM, to finish its optimizer "
+        "step and save a checkpoint before SIGKILL (the pod's terminationGracePeriodSeconds; operator only). "
+        "Allow one step and one checkpoint write.",
+    )
 
 
 class Toleration(_Model):
@@ -263,6 +334,11 @@ class FineTuneJobSpec(_Model):
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings (lora and qlora).")
     hyperparameters: HyperparametersSpec = Field(default_factory=HyperparametersSpec, description="Optimisation.")
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Held-out evaluation.")
+    promotion: PromotionSpec = Field(
+        default_factory=PromotionSpec,
+        description="What a version must achieve to be promoted (what a bare adapter name serves); unset: record "
+        "the metrics and promote.",
+    )
     output: OutputSpec = Field(description="Where the result is written.")
     checkpointing: CheckpointingSpec = Field(default_factory=CheckpointingSpec, description="Checkpoints.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Pod resources (operator only).")
@@ -290,7 +366,8 @@ class ObjectMeta(_Model):
 
 class Condition(_Model):
     type: str = Field(
-        description="FineTuneJob: Accepted, Queued, Running, Succeeded, Failed, Cancelled, SpecChangeRefused, Served; "
+        description="FineTuneJob: Accepted, Queued, Running, Succeeded, Failed, Cancelled, SpecChangeRefused, Served, "
+        "Promoted; "
         "Adapter: Ready; ModelServer: Ready, AdaptersLoaded."
     )
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
@@ -310,6 +387,16 @@ class Progress(_Model):
     etaSeconds: float | None = Field(default=None, description="Estimated seconds until training ends.")
 
 
+class AdapterPromotion(_Model):
+    promoted: bool = Field(
+        default=True,
+        description="Whether the version passed spec.promotion; a bare name serves only promoted versions.",
+    )
+    reasons: list[str] = Field(
+        default_factory=list, description="Each requirement it failed: the metric, its value and the threshold."
+    )
+
+
 class PublishedAdapter(_Model):
     name: str = Field(description="Adapter name in the registry.")
     version: str = Field(description="Version written by this job.")
@@ -323,6 +410,9 @@ class PublishedAdapter(_Model):
     baseMetrics: dict[str, float] = Field(
         default_factory=dict, description="The same generation metrics for the base model."
     )
+    promotion: AdapterPromotion | None = Field(
+        default=None, description="The promotion gate's verdict, from the manifest; unset: promoted."
+    )
 
 
 class FineTuneJobStatus(_Model):
@@ -335,6 +425,13 @@ class FineTuneJobStatus(_Model):
     jobName: str | None = Field(default=None, description="The batch/v1 Job running the trainer.")
     progress: Progress | None = Field(default=None, description="Training progress, refreshed about every 5 s.")
     adapter: PublishedAdapter | None = Field(default=None, description="The adapter written, read from its manifest.")
+    preempted: int = Field(
+        default=0,
+        ge=0,
+        description="Times the trainer was preempted (SIGTERM: eviction, preemption, a deleted pod), saved a "
+        "checkpoint and was retried from it; each one posts a Preempted Event. Not a failure: the phase stays "
+        "Running or Pending.",
+    )
 
 
 class FineTuneJob(_Model):
@@ -445,6 +542,12 @@ class AdapterStatus(_Model):
     validationLoss: float | None = Field(default=None, description="Held-out loss with the adapter, when known.")
     baseValidationLoss: float | None = Field(default=None, description="Held-out loss of the base model, when known.")
     tokenAccuracy: float | None = Field(default=None, description="Held-out next-token accuracy, when known.")
+    promoted: bool | None = Field(
+        default=None, description="Whether the version passed its promotion gate (unset: no manifest read yet)."
+    )
+    promotionReasons: list[str] = Field(
+        default_factory=list, description="Why it was not promoted: each metric, its value and the threshold."
+    )
     loadedOn: list[LoadedOn] = Field(default_factory=list, description="ModelServers and pods that have it loaded.")
 
 
@@ -521,6 +624,11 @@ class ModelServerSpec(_Model):
     allowedNamespaces: list[str] = Field(
         default_factory=list,
         description="Namespaces whose adapters this server may load; empty: its own namespace only.",
+    )
+    allowUnpromoted: bool = Field(
+        default=False,
+        description="Serve unpromoted versions when a client pins them (name@version), for inspection; a bare name "
+        "always means the latest promoted version.",
     )
 
     @field_validator("allowedNamespaces")

@@ -40,6 +40,9 @@ def _validate_data(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         epochs=args.epochs,
         max_line_bytes=args.max_line_bytes,
+        validation=args.validation,
+        validation_split=args.validation_split,
+        strict=args.strict,
     )
 
 
@@ -102,14 +105,15 @@ def _serve(args: argparse.Namespace) -> int:
             max_cpu_loras=args.max_cpu_loras,
             max_model_len=args.max_model_len,
             api_key_env=args.api_key_env,
+            allow_unpromoted=args.allow_unpromoted,
             vllm_args=tuple(vllm_args),
         )
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tuneloom.api import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS
-    from tuneloom.trainer.datafile import DEFAULT_MAX_LINE_BYTES  # standard library only: cheap
+    from tuneloom.api import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, DEFAULT_VALIDATION_SPLIT
+    from tuneloom.trainer.datafile import DEFAULT_MAX_LINE_BYTES, FORMATS  # standard library only: cheap
 
     parser = argparse.ArgumentParser(prog="tuneloom", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -123,8 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate-data", help="check a JSONL dataset before training")
     validate.add_argument("file", help="JSONL file")
-    validate.add_argument("--format", choices=["chat", "completion"], default="chat")
+    validate.add_argument("--format", choices=list(FORMATS), default="chat")
     validate.add_argument("--model", help="model directory whose tokenizer counts the tokens")
+    validate.add_argument("--validation", help="held-out JSONL file, checked too and compared for leakage")
+    validate.add_argument(
+        "--validation-split",
+        type=float,
+        default=DEFAULT_VALIDATION_SPLIT,
+        help="share held out when there is no --validation file (a FineTuneJob's dataset.validationSplit)",
+    )
+    validate.add_argument("--strict", action="store_true", help="data-quality warnings are errors")
     validate.add_argument("--max-seq-length", type=int, default=1024)
     validate.add_argument("--batch-size", type=int, default=8, help="for the estimated step count")
     validate.add_argument("--epochs", type=int, default=3, help="for the estimated step count")
@@ -153,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--store", required=True, help="object store root holding adapters/ (directory or s3://)")
     serve.add_argument("--namespace", default="default", help="namespace whose adapters a bare NAME means")
     serve.add_argument("--allowed-namespaces", default="", help="other namespaces clients may name (comma-separated)")
+    serve.add_argument(
+        "--allow-unpromoted",
+        action="store_true",
+        help="serve versions that failed their promotion gate when pinned as NAME@VERSION (for inspection); "
+        "a bare NAME always means the latest promoted version",
+    )
     serve.add_argument(
         "--served-model-name", help="the base model's name in the API (default: a hub id as given, else its folder)"
     )

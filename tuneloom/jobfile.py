@@ -1,14 +1,15 @@
-"""Reading FineTuneJob documents, with errors that name the file, the line and the field."""
+"""Reading API documents (FineTuneJob files, and any kind's decoded object), with errors that name
+the file or object, the line and the field."""
 
 from __future__ import annotations
 
 import stat
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from tuneloom.api import FineTuneJob
 
@@ -19,16 +20,18 @@ MAX_NESTING = 32
 # libyaml when PyYAML was built with it: 10 to 20 times faster on a file near the size cap.
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
+M = TypeVar("M", bound=BaseModel)
+
 
 class SpecError(ValueError):
-    """A FineTuneJob that cannot be used; `problems` holds one 'where: field: what' line each."""
+    """An API document that cannot be used; `problems` holds one 'where: field: what' line each."""
 
-    def __init__(self, problems: list[str]):
+    def __init__(self, problems: list[str], kind: str = "FineTuneJob"):
         self.problems = problems
-        super().__init__("invalid FineTuneJob:\n  " + "\n  ".join(problems))
+        super().__init__(f"invalid {kind}:\n  " + "\n  ".join(problems))
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: dict[str, Any], document_kind: str) -> str:
     """One pydantic error as a sentence that says what was wrong and what was given."""
     kind, ctx, given = error["type"], error.get("ctx") or {}, error.get("input")
     bounds = {
@@ -43,7 +46,8 @@ def _describe(error: dict[str, Any]) -> str:
     if kind == "missing":
         return "required field is missing"
     if kind == "extra_forbidden":
-        return "unknown field; check its spelling against `kubectl explain finetunejob.spec` or the README reference"
+        explain = f"kubectl explain {document_kind.lower()}.spec"
+        return f"unknown field; check its spelling against `{explain}` or the README reference"
     if kind in ("enum", "literal_error"):
         return f"must be one of {ctx.get('expected')}, got {given!r}"
     if kind == "value_error":
@@ -84,12 +88,14 @@ def _nearest_line(lines: dict[tuple[Any, ...], int], loc: tuple[Any, ...]) -> in
     return None
 
 
-def parse_job(data: Any, *, source: str = "<spec>", lines: dict[tuple[Any, ...], int] | None = None) -> FineTuneJob:
-    """Validates a decoded FineTuneJob document; raises SpecError naming every problem."""
+def parse_document(model: type[M], data: Any, *, source: str, lines: dict[tuple[Any, ...], int] | None = None) -> M:
+    """Validates a decoded document of the API kind `model`; raises SpecError naming every problem as
+    `source[:line]: field: what` (`lines`: each key path's line in the file it came from)."""
+    kind = model.__name__
     if not isinstance(data, dict):
-        raise SpecError([f"{source}: expected a FineTuneJob mapping, got {type(data).__name__}"])
+        raise SpecError([f"{source}: expected a {kind} mapping, got {type(data).__name__}"], kind)
     try:
-        return FineTuneJob.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         problems = []
         for error in exc.errors(include_url=False):
@@ -97,8 +103,13 @@ def parse_job(data: Any, *, source: str = "<spec>", lines: dict[tuple[Any, ...],
             line = _nearest_line(lines, loc) if lines else None
             where = f"{source}:{line}" if line else source
             field = _field_path(loc) or "(document)"
-            problems.append(f"{where}: {field}: {_describe(error)}")
-        raise SpecError(problems) from None
+            problems.append(f"{where}: {field}: {_describe(error, kind)}")
+        raise SpecError(problems, kind) from None
+
+
+def parse_job(data: Any, *, source: str = "<spec>", lines: dict[tuple[Any, ...], int] | None = None) -> FineTuneJob:
+    """Validates a decoded FineTuneJob document; raises SpecError naming every problem."""
+    return parse_document(FineTuneJob, data, source=source, lines=lines)
 
 
 def _read_text(path: Path) -> str:

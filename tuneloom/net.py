@@ -1,5 +1,5 @@
-"""Free loopback ports, and whether a server on one answers, for servers started on this machine
-(`tuneloom serve` as a child process)."""
+"""Free loopback ports and readiness checks, for servers started on this machine (`tuneloom serve` as
+a child process)."""
 
 from __future__ import annotations
 

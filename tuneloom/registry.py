@@ -202,6 +202,7 @@ class TrainingMetrics(_Record):
     base: EvaluatedMetrics = Field(default_factory=EvaluatedMetrics)
     adapter: EvaluatedMetrics = Field(default_factory=EvaluatedMetrics)
     steps: int = 0
+    preemptedAtSteps: list[int] = Field(default_factory=list)
 
 
 class BaseModelRecord(_Record):
@@ -212,6 +213,14 @@ class BaseModelRecord(_Record):
 class FileRecord(_Record):
     sha256: str
     size: int
+
+
+class Promotion(_Record):
+    """The promotion gate's verdict (`tuneloom.promotion.decide`). An unpromoted version is kept as
+    evidence, but a bare name never resolves to it."""
+
+    promoted: bool = True
+    reasons: list[str] = Field(default_factory=list)  # each names a metric, its value and the threshold
 
 
 class AdapterManifest(_Record):
@@ -225,6 +234,8 @@ class AdapterManifest(_Record):
     metrics: TrainingMetrics = Field(default_factory=TrainingMetrics)
     files: dict[str, FileRecord] = Field(default_factory=dict)
     importedFrom: dict[str, Any] | None = None
+    # Manifests written before the gate existed have none: they count as promoted.
+    promotion: Promotion = Field(default_factory=Promotion)
 
     @property
     def id(self) -> AdapterId:
@@ -351,6 +362,20 @@ def read_adapter(store: ObjectStore, namespace: str, name: str, version: str | N
     except ObjectNotFoundError as exc:
         raise ObjectNotFoundError(f"adapter {adapter.key} version {adapter.version}: {exc}") from exc
     return _adapter_version(store, adapter, manifest, _sha256_bytes(data))
+
+
+def read_latest_promoted(store: ObjectStore, namespace: str, name: str) -> AdapterVersion:
+    """The newest version that passed its promotion gate (what a bare name serves); the newest of
+    all when none did, so its reasons can be shown. ObjectNotFoundError if there is no version."""
+    versions = list_versions(store, namespace, name)
+    newest = read_adapter(store, namespace, name, versions[-1] if versions else None)
+    if newest.manifest.promotion.promoted:
+        return newest
+    for version in reversed(versions[:-1]):
+        earlier = read_adapter(store, namespace, name, version)
+        if earlier.manifest.promotion.promoted:
+            return earlier
+    return newest
 
 
 def download_adapter(store: ObjectStore, namespace: str, name: str, version: str | None, dest: Path) -> AdapterVersion:

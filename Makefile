@@ -22,10 +22,10 @@ lint: env-dev
 	$(VENV)/ruff format --check .
 
 env:
-	scripts/bootstrap.sh train,models,serve-cpu
+	scripts/bootstrap.sh train,models,serve-cpu,api
 
 env-dev:
-	scripts/bootstrap.sh train,models,operator,dev,serve-cpu
+	scripts/bootstrap.sh train,models,operator,dev,serve-cpu,api
 
 bench: env-dev
 	$(VENV)/python bench/train_throughput.py --model smollm2

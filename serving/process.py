@@ -1,22 +1,20 @@
 """`tuneloom serve` as a child process on loopback, for a client that needs a server of its own for a while
-(the quick start's `ask_over_http.py`, benchmarks, tests)."""
+(the quick start's `ask_over_http.py`, `tuneloom api`, benchmarks, tests)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 
-from tuneloom.net import answers_ok, free_port
+from tuneloom.children import ChildServer
+from tuneloom.net import free_port
 
 
-class ServingProcess:
+class ServingProcess(ChildServer):
     """Starts `tuneloom serve` and waits until vLLM's /health answers; stops the whole process group."""
+
+    name = "tuneloom serve"
 
     def __init__(
         self,
@@ -28,56 +26,14 @@ class ServingProcess:
         env: Mapping[str, str] | None = None,
         port: int | None = None,
         startup_timeout_s: float = 420.0,
+        die_with_parent: bool = False,
     ):
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(log_path)
-        self.command = [
+        port = port or free_port()
+        command = [
             *(sys.executable, "-I", "-m", "tuneloom.cli", "serve"),
-            *("--base-model", str(base_model), "--store", store, "--host", "127.0.0.1", "--port", str(self.port)),
+            *("--base-model", str(base_model), "--store", store, "--host", "127.0.0.1", "--port", str(port)),
             *args,
         ]
-        self.env = {**os.environ, **(env or {})}
-        self.startup_timeout_s = startup_timeout_s
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> ServingProcess:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
-            )
-        deadline = time.monotonic() + self.startup_timeout_s
-        while not self._healthy():
-            if self.process.poll() is not None:
-                raise RuntimeError(f"tuneloom serve exited with {self.process.returncode}:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                self.stop()
-                waited = f"{self.startup_timeout_s:.0f} s"
-                raise RuntimeError(f"tuneloom serve not healthy after {waited}:\n{self.log_tail()}")
-            time.sleep(1)
-        return self
-
-    def _healthy(self) -> bool:
-        return answers_ok(f"{self.url}/health")
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self, timeout: float = 30.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-    def __enter__(self) -> ServingProcess:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
+        super().__init__(
+            command, log_path, port=port, env=env, startup_timeout_s=startup_timeout_s, die_with_parent=die_with_parent
+        )

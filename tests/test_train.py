@@ -434,7 +434,7 @@ def test_sigterm_saves_the_step_in_progress_and_the_rerun_continues_there(
     result = _trainer(job, tmp_path, env=_one_thread())
     assert result.returncode == 0, result.stderr[-3000:]
     second_run = _messages(result.stderr)
-    assert f"event training step={preempted_at} totalSteps=32" in second_run
+    assert f"event training step={preempted_at} totalSteps=32 startStep={preempted_at}" in second_run
     assert _steps(second_run) == list(range(preempted_at + 1, 33)), "a finished step was redone or lost"
     assert "evaluating-base" not in _events(second_run)
     manifest = json.loads(store.get_bytes("adapters/default/pirate/1/manifest.json"))
@@ -570,7 +570,7 @@ def test_sigterm_outside_the_loop_stops_at_once_and_keeps_finished_training(
     result = _trainer(job, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     retry = _messages(result.stderr)
-    assert _steps(retry) == [] and "event training step=8 totalSteps=8" in retry
+    assert _steps(retry) == [] and "event training step=8 totalSteps=8 startStep=8" in retry
     assert _events(retry)[-3:] == ["evaluating", "uploading", "succeeded"]
     manifest = json.loads((tmp_path / "s/adapters/default/pirate/1/manifest.json").read_text())
     assert manifest["metrics"]["preemptedAtSteps"] == [8] and manifest["metrics"]["steps"] == 8

@@ -365,6 +365,22 @@ def check_file(
     `source` is the name used in problems, such as the s3:// URI a local copy came from. A line
     longer than `max_line_bytes` is a problem, and is never held in memory.
     """
+    examples: list[Example] = []
+    problems: list[Problem] = []
+    for item in iter_checked(path, fmt, source=source, max_line_bytes=max_line_bytes):
+        (problems if isinstance(item, Problem) else examples).append(item)
+    return examples, problems
+
+
+def iter_checked(
+    path: Path | str,
+    fmt: str = "chat",
+    *,
+    source: str | None = None,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+) -> Iterator[Example | Problem]:
+    """check_file's examples and problems one at a time, in line order: a caller that only counts
+    them (an upload's check) holds none of a large file in memory."""
     fmt = str(getattr(fmt, "value", fmt))  # accepts api.DatasetFormat as well as a plain string
     if fmt not in FORMATS:
         raise ValueError(f"unknown dataset format {fmt!r}; must be one of {', '.join(FORMATS)}")
@@ -376,8 +392,6 @@ def check_file(
         "preference": _check_preference,
         PROMPTS_FORMAT: _check_prompt,
     }[fmt]
-    examples: list[Example] = []
-    problems: list[Problem] = []
     # Blank lines are only wrong when something follows them, so hold them until it does.
     pending_blanks: list[int] = []
     seen_content = False
@@ -385,29 +399,27 @@ def check_file(
         if raw is not None and not raw.strip():
             pending_blanks.append(number)
             continue
-        problems.extend(
-            Problem(source, blank, "line", "blank line; only the end of the file may have blank lines")
-            for blank in pending_blanks
-        )
+        for blank in pending_blanks:
+            yield Problem(source, blank, "line", "blank line; only the end of the file may have blank lines")
         pending_blanks.clear()
         seen_content = True
         if raw is None:
-            problems.append(Problem(source, number, "line", _too_long(size, max_line_bytes)))
+            yield Problem(source, number, "line", _too_long(size, max_line_bytes))
             continue
         record, problem = _decode(source, number, raw)
         if problem:
-            problems.append(problem)
+            yield problem
             continue
         if not isinstance(record, dict):
-            problems.append(Problem(source, number, "line", f"must be a JSON object, got {_json_type(record)}"))
+            yield Problem(source, number, "line", f"must be a JSON object, got {_json_type(record)}")
             continue
         example, found = check(record, number)
-        problems.extend(Problem(source, number, where, what) for where, what in found)
+        for where, what in found:
+            yield Problem(source, number, where, what)
         if example:
-            examples.append(example)
+            yield example
     if not seen_content:
-        problems.append(Problem(source, 1, "file", "empty; expected one JSON object per line"))
-    return examples, problems
+        yield Problem(source, 1, "file", "empty; expected one JSON object per line")
 
 
 def _too_long(size: int, limit: int) -> str:

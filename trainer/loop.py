@@ -124,6 +124,7 @@ class TrainingLoop:
         self.state = LoopState()
         self.best: dict[str, torch.Tensor] | None = None
         self.saved_step: int | None = None  # the step of the newest checkpoint, saved or resumed from
+        self.reporter: ProgressReporter | None = None  # the run's, once training starts
 
     def resume(self, spec_sha256: str) -> bool:
         """Loads the latest checkpoint of this job, if any. True when one was loaded."""
@@ -154,8 +155,9 @@ class TrainingLoop:
 
     def _train(self) -> None:
         state, plan = self.state, self.plan
-        reporter = self.reporter_factory(state.step)
-        reporter.event("training", step=state.step, totalSteps=plan.total_steps)
+        reporter = self.reporter = self.reporter_factory(state.step)
+        # startStep and checkpointStep outlive the next record in /progress's merged view, so a poller sees them.
+        reporter.event("training", step=state.step, totalSteps=plan.total_steps, startStep=state.step)
         self.model.train()
         first_epoch = state.step // plan.steps_per_epoch
         for epoch in range(first_epoch, plan.epochs):
@@ -286,3 +288,5 @@ class TrainingLoop:
     def _save(self) -> None:
         self.checkpoints.save(self.state, self.model, self.optimizer, self.best, self.spec.checkpointing.keep)
         self.saved_step = self.state.step
+        if self.reporter is not None:  # told after the commit, so a reader that sees it can resume from it
+            self.reporter.event("checkpoint", step=self.state.step, checkpointStep=self.state.step)

@@ -62,6 +62,31 @@ def _models_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _api(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tuneloom.openai_api.main import new_key, serve
+    from tuneloom.openai_api.settings import ApiSettings
+
+    if args.api_command == "new-key":
+        return new_key(args.project, Path(args.keys_file))
+    if not args.store:
+        print("error: tuneloom api: --store is required", file=sys.stderr)
+        return 2
+    settings = {
+        "store": args.store,
+        "host": args.host,
+        "port": args.port,
+        "api_key_env": args.api_key_env,
+        "keys_file": args.keys_file,
+        "state_dir": args.state_dir,
+        "max_running": args.max_running,
+        "max_seq_length": args.max_seq_length,
+        "serve_max_model_len": args.serve_max_model_len,
+    }
+    return serve(ApiSettings(**{k: v for k, v in settings.items() if v is not None}))
+
+
 def _operator(args: argparse.Namespace) -> int:
     from tuneloom.operator.main import run
 
@@ -177,6 +202,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key-env", help="environment variable holding the API key (the key never goes on argv)")
     serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help="-- then extra vLLM arguments")
     serve.set_defaults(handler=_serve)
+
+    api = commands.add_parser(
+        "api",
+        help="OpenAI-compatible fine-tuning API on this machine (files, jobs, models, inference)",
+        description="Serves OpenAI's fine-tuning and inference routes: an OpenAI client needs only base_url changed.",
+    )
+    api.add_argument("--store", help="object store root for files, checkpoints and adapters (directory or s3://)")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8080)
+    api.add_argument("--api-key-env", help="environment variable holding the key of project `default`")
+    api.add_argument("--keys-file", help="JSON {project: [sha256 of a key, ...]} (see `tuneloom api new-key`)")
+    api.add_argument("--state-dir", help="SQLite state and job folders (default: beside a local store, else cache)")
+    api.add_argument("--max-running", type=_positive_int, help="jobs training at once (default 1)")
+    api.add_argument("--max-seq-length", type=_positive_int, help="tokens per training example (default 1024)")
+    api.add_argument("--serve-max-model-len", type=_positive_int, help="vLLM's --max-model-len for inference")
+    api.set_defaults(handler=_api, api_command=None)
+    api_commands = api.add_subparsers(dest="api_command", metavar="ACTION")
+    key = api_commands.add_parser("new-key", help="print a new key for a project; the keys file keeps its hash")
+    key.add_argument("--project", required=True, help="project (a DNS label); its files, jobs and models")
+    key.add_argument("--keys-file", required=True, help="JSON keys file to add the key's SHA-256 to")
 
     operator = commands.add_parser("operator", help="run the Kubernetes operator (kopf) for the whole cluster")
     operator.set_defaults(handler=_operator)

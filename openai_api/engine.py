@@ -1,0 +1,228 @@
+"""What the API does, behind its HTTP routes: files, jobs, events, checkpoints, models and the
+inference targets, each scoped to the caller's project. Returns OpenAI objects as dicts."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from tuneloom.storage import open_store
+
+from . import jobs as mapping
+from .errors import ApiError, bad_request, found, not_found
+from .files import FileService, file_object
+from .inference import ServeManager, Target, adapter_served_name
+from .keys import KeyRing
+from .metrics import ApiMetrics
+from .models import OWNED_BY_BASE, prepared_base_models, resolve_base_model
+from .objects import checkpoint_object, event_object, event_seq, job_object, listing, model_object
+from .runner import LocalRunner
+from .settings import ApiSettings
+from .state import JobRecord, NewEvent, State
+
+MAX_PAGE = 100
+MAX_FILES_PAGE = 10_000  # OpenAI's own bounds for listing files
+CHECKPOINT_MARK = ":ckpt-step-"
+
+
+def page_limit(limit: int | None, default: int = 20, maximum: int = MAX_PAGE) -> int:
+    if limit is None:
+        return default
+    if not 1 <= limit <= maximum:
+        raise bad_request(f"limit must be between 1 and {maximum}, got {limit}", "limit")
+    return limit
+
+
+class ApiEngine:
+    def __init__(self, settings: ApiSettings):
+        self.settings = settings
+        self.keys = KeyRing.load(settings.api_key_env, settings.keys_file)
+        root = settings.state_path()
+        self.state = State(root / "state.sqlite3")
+        self.store = open_store(settings.store)
+        self.files = FileService(self.state, self.store, root / "tmp", settings.validation_problems_listed)
+        self.runner = LocalRunner(
+            self.state, self.files, self.store, root / "jobs", settings.max_running, settings.max_seq_length
+        )
+        self.serving = ServeManager(
+            self.store.uri,
+            root / "serve",
+            self.keys.projects,
+            settings.serve_max_model_len,
+            settings.serve_startup_timeout_s,
+        )
+        self.metrics = ApiMetrics(self.state.job_counts)
+
+    def start(self) -> None:
+        self.runner.start()
+
+    async def close(self) -> None:
+        self.runner.close()
+        self.serving.close()
+        await self.serving.client.aclose()
+        self.state.close()
+
+    # files
+
+    def upload(self, project: str, source: IO[bytes], filename: str, purpose: str) -> dict[str, Any]:
+        record = self.files.upload(source, filename, purpose, project, self.metrics.upload_bytes.inc)
+        return file_object(record)
+
+    def list_files(self, project: str, purpose: str | None, after: str | None, limit: int | None, order: str):
+        if order not in ("asc", "desc"):
+            raise bad_request("order must be 'asc' or 'desc'", "order")
+        records, more = self.state.files(
+            project,
+            purpose=purpose,
+            after=after,
+            limit=page_limit(limit, MAX_FILES_PAGE, MAX_FILES_PAGE),
+            newest_first=order == "desc",
+        )
+        return listing([file_object(r) for r in records], more)
+
+    def file(self, project: str, file_id: str) -> dict[str, Any]:
+        return file_object(self.files.get(project, file_id))
+
+    def file_content(self, project: str, file_id: str) -> tuple[Path, str]:
+        record = self.files.get(project, file_id)
+        return self.files.download(record), record.filename
+
+    def delete_file(self, project: str, file_id: str) -> dict[str, Any]:
+        self.files.delete(self.files.get(project, file_id))
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    # jobs
+
+    def create_job(self, project: str, request: mapping.CreateJobRequest) -> dict[str, Any]:
+        requested = request.requested_hyperparameters()
+        base = resolve_base_model(request.model)
+        training = self._training_file(project, request.training_file, "training_file")
+        if request.validation_file:
+            self._training_file(project, request.validation_file, "validation_file")
+        if training.examples < 2:
+            raise bad_request("training_file needs at least 2 examples (one is held out)", "training_file")
+        job_id = mapping.new_id("ftjob")
+        resolved = mapping.resolve_hyperparameters(requested, training.examples, self.settings.max_seq_length)
+        job = JobRecord(
+            id=job_id,
+            project=project,
+            created_at=int(time.time()),
+            model=request.model,
+            base_model=base.id,
+            training_file=training.id,
+            validation_file=request.validation_file,
+            hyperparameters=resolved.model_dump(),
+            suffix=request.suffix,
+            seed=request.seed if request.seed is not None else secrets.randbelow(2**31),
+            metadata=request.metadata,
+            integrations=[i.model_dump(mode="json", exclude_none=True) for i in request.integrations or []],
+            adapter_name=mapping.adapter_name(request.suffix, job_id),
+            fine_tuned_model=mapping.fine_tuned_model_id(base.id, project, request.suffix, job_id),
+        )
+        self.state.add_job(job, NewEvent(message=f"Created fine-tuning job: {job_id}"))
+        if job.integrations:
+            kinds = ", ".join(sorted({str(i.get("type", "?")) for i in job.integrations}))
+            notice = f"Integrations ({kinds}) accepted and ignored: metrics are in this job's events and result file"
+            self.state.update_job(job, [NewEvent(message=notice, level="warn")])
+        self.runner.submit(job)
+        return job_object(job)
+
+    def _training_file(self, project: str, file_id: str, param: str):
+        record = self.state.file(project, file_id)
+        if record is None:
+            raise not_found("file", file_id, param)
+        if record.purpose != "fine-tune":
+            raise bad_request(
+                f"{param} {file_id} has purpose {record.purpose!r}; upload it with purpose='fine-tune'", param
+            )
+        return record
+
+    def job_record(self, project: str, job_id: str) -> JobRecord:
+        return found(self.state.job(job_id, project), "job", job_id, "fine_tuning_job_id")
+
+    def job(self, project: str, job_id: str) -> dict[str, Any]:
+        return job_object(self.job_record(project, job_id))
+
+    def list_jobs(self, project: str, after: str | None, limit: int | None, metadata: dict[str, str]):
+        records, more = self.state.jobs(project, after=after, limit=page_limit(limit), metadata=metadata)
+        return listing([job_object(r) for r in records], more)
+
+    def job_action(self, project: str, job_id: str, action: str) -> dict[str, Any]:
+        """cancel, pause or resume, as the job backend carries them out."""
+        job = self.job_record(project, job_id)
+        return job_object(getattr(self.runner, action)(job.id))
+
+    def events(self, project: str, job_id: str, after: str | None, limit: int | None) -> dict[str, Any]:
+        job = self.job_record(project, job_id)
+        records, more = self.state.events(job.id, after=event_seq(after) if after else None, limit=page_limit(limit))
+        return listing([event_object(r) for r in records], more)
+
+    def checkpoints(self, project: str, job_id: str, after: str | None, limit: int | None) -> dict[str, Any]:
+        job = self.job_record(project, job_id)
+        step = int(after.rsplit("-", 1)[-1]) if after and after.rsplit("-", 1)[-1].isdigit() else None
+        records, more = self.state.checkpoints(job.id, after=step, limit=page_limit(limit, 10))
+        return listing([checkpoint_object(job, r) for r in records], more)
+
+    # models
+
+    def _fine_tuned(self, project: str) -> list[JobRecord]:
+        finished, more, after = [], True, None
+        while more:
+            page, more = self.state.jobs(project, after=after, limit=MAX_PAGE, metadata={})
+            finished += page
+            after = page[-1].id if page else None
+        return [j for j in finished if j.status == "succeeded" and not self.state.model_deleted(j.fine_tuned_model)]
+
+    def list_models(self, project: str) -> dict[str, Any]:
+        tuned = self._fine_tuned(project)
+        bases = {m.id: 0 for m in prepared_base_models()} | {j.base_model: 0 for j in tuned}
+        items = [model_object(base, created, OWNED_BY_BASE) for base, created in sorted(bases.items())]
+        items += [model_object(j.fine_tuned_model, j.finished_at or j.created_at, project) for j in tuned]
+        return {"object": "list", "data": items, "has_more": False}
+
+    def model(self, project: str, model_id: str) -> dict[str, Any]:
+        job = self._servable_job(project, model_id)
+        if job is not None:
+            return model_object(job.fine_tuned_model, job.finished_at or job.created_at, project)
+        return model_object(resolve_base_model(model_id).id, 0, OWNED_BY_BASE)
+
+    def delete_model(self, project: str, model_id: str) -> dict[str, Any]:
+        job = self._servable_job(project, model_id)
+        if job is None:
+            raise not_found("model", model_id, "model")
+        self.state.delete_model(project, model_id)
+        return {"id": model_id, "object": "model", "deleted": True}
+
+    def _servable_job(self, project: str, model_id: str) -> JobRecord | None:
+        """The succeeded, undeleted job behind a fine-tuned model id; None when it is no such id."""
+        if not model_id.startswith("ft:"):
+            return None
+        job = self.state.job_for_model(project, model_id)
+        if job is None or self.state.model_deleted(model_id):
+            if CHECKPOINT_MARK in model_id and self.state.job_for_model(project, model_id.split(CHECKPOINT_MARK)[0]):
+                raise ApiError(
+                    404,
+                    f"model {model_id!r} is a checkpoint, which is not servable yet; use the job's fine_tuned_model",
+                    param="model",
+                    code="model_not_found",
+                )
+            raise not_found("model", model_id, "model")
+        if job.status != "succeeded":
+            raise ApiError(
+                404,
+                f"model {model_id!r} does not exist yet: its job is {job.status}",
+                param="model",
+                code="model_not_found",
+            )
+        return job
+
+    def target(self, project: str, model: Any) -> Target:
+        if not isinstance(model, str) or not model:
+            raise bad_request("model is required: a fine-tuned model id (ft:...) or a base model", "model")
+        job = self._servable_job(project, model)
+        if job is None:
+            return Target(resolve_base_model(model), resolve_base_model(model).id)
+        served = adapter_served_name(job.project, job.adapter_name, job.adapter_version or "")
+        return Target(resolve_base_model(job.base_model), served)

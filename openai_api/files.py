@@ -1,0 +1,126 @@
+"""Uploaded files: streamed to a temporary file, validated when they are training data, then put
+in the object store. The database holds their records; the store holds their bytes."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+from openai.types import FileObject
+
+from tuneloom.storage import ObjectStore
+from tuneloom.trainer.datafile import Problem, iter_checked
+
+from .errors import ApiError, bad_request, found
+from .jobs import new_id
+from .state import FileRecord, State
+
+FINE_TUNE = "fine-tune"
+RESULTS = "fine-tune-results"
+CHUNK = 1024 * 1024
+
+
+def file_object(record: FileRecord) -> dict[str, Any]:
+    return FileObject(
+        id=record.id,
+        bytes=record.bytes,
+        created_at=record.created_at,
+        filename=record.filename,
+        object="file",
+        purpose=record.purpose,
+        status="processed",
+    ).model_dump(mode="json")
+
+
+def problems_message(filename: str, first: list[Problem], total: int) -> str:
+    listed = [str(problem) for problem in first]
+    if total > len(first):
+        listed.append(f"and {total - len(first)} more")
+    noun = "problem" if total == 1 else "problems"
+    return (
+        f"{filename} is not valid fine-tuning data ({total} {noun}); fix these lines and upload it again "
+        '(one JSON object per line: {"messages": [{"role": ..., "content": ...}, ...]}):\n' + "\n".join(listed)
+    )
+
+
+class FileService:
+    def __init__(self, state: State, store: ObjectStore, work_dir: Path, problems_listed: int):
+        self.state, self.store, self.work_dir, self.problems_listed = state, store, work_dir, problems_listed
+        work_dir.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def store_key(project: str, file_id: str) -> str:
+        return f"api/files/{project}/{file_id}"
+
+    def uri(self, record: FileRecord) -> str:
+        """Where the trainer reads the file from."""
+        return self.store.describe(record.store_key)
+
+    def upload(
+        self, source: IO[bytes], filename: str, purpose: str, project: str, on_bytes: Callable[[int], None]
+    ) -> FileRecord:
+        """Copies `source` chunk by chunk to a temporary file, checks it, and stores it."""
+        if purpose != FINE_TUNE:
+            raise bad_request(f"purpose {purpose!r} is not supported here; use purpose='{FINE_TUNE}'", "purpose")
+        filename = Path(filename or "upload.jsonl").name  # a client's path never reaches messages or the store
+        with tempfile.NamedTemporaryFile(dir=self.work_dir, prefix="upload-", suffix=".jsonl") as temp:
+            size = 0
+            while chunk := source.read(CHUNK):
+                temp.write(chunk)
+                size += len(chunk)
+                on_bytes(len(chunk))
+            temp.flush()
+            examples, first, problems = 0, [], 0
+            for item in iter_checked(temp.name, "chat", source=filename):
+                if isinstance(item, Problem):
+                    problems += 1
+                    first += [item] if len(first) < self.problems_listed else []
+                else:
+                    examples += 1
+            if problems:
+                message = problems_message(filename, first, problems)
+                raise ApiError(400, message, param="file", code="invalid_file")
+            return self._store(Path(temp.name), filename, purpose, project, size, examples)
+
+    def add_result(self, project: str, filename: str, content: bytes) -> FileRecord:
+        with tempfile.NamedTemporaryFile(dir=self.work_dir, prefix="result-") as temp:
+            temp.write(content)
+            temp.flush()
+            return self._store(Path(temp.name), filename, RESULTS, project, len(content), 0)
+
+    def _store(self, path: Path, filename: str, purpose: str, project: str, size: int, examples: int) -> FileRecord:
+        file_id = new_id("file")
+        record = FileRecord(
+            id=file_id,
+            project=project,
+            filename=filename,
+            purpose=purpose,
+            bytes=size,
+            created_at=int(time.time()),
+            store_key=self.store_key(project, file_id),
+            examples=examples,
+        )
+        self.store.put_file(record.store_key, path, if_absent=True)
+        self.state.add_file(record)  # after the bytes: a listed file always has content
+        return record
+
+    def get(self, project: str, file_id: str) -> FileRecord:
+        return found(self.state.file(project, file_id), "file", file_id, "file_id")
+
+    def download(self, record: FileRecord) -> Path:
+        """A local copy of the content; the caller removes it."""
+        dest = Path(tempfile.mkdtemp(dir=self.work_dir, prefix="download-")) / "content"
+        self.store.download_file(record.store_key, dest)
+        return dest
+
+    def delete(self, record: FileRecord) -> None:
+        self.state.delete_file(record.id)
+        self.store.delete(record.store_key)
+
+    @staticmethod
+    def remove_download(path: Path) -> None:
+        shutil.rmtree(path.parent, ignore_errors=True)

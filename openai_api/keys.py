@@ -1,0 +1,90 @@
+"""API keys and the project each one belongs to. Only SHA-256 hashes are kept; a presented key is
+hashed and compared with every known hash in constant time."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from tuneloom.names import DNS_LABEL_RULE, is_dns_label
+
+DEFAULT_PROJECT = "default"
+KEY_PREFIX = "tlk-"
+
+
+def key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class KeysFileError(ValueError):
+    pass
+
+
+def read_keys_file(path: Path) -> dict[str, list[str]]:
+    """`{project: [sha256, ...]}`; a missing file is an empty one (new-key creates it)."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise KeysFileError(f"{path}: not a JSON object of project -> [sha256, ...]: {exc}") from None
+    if not isinstance(data, dict) or not all(
+        isinstance(hashes, list) and all(isinstance(h, str) and len(h) == 64 for h in hashes)
+        for hashes in data.values()
+    ):
+        raise KeysFileError(f"{path}: expected {{project: [64-hex sha256, ...]}}")
+    bad = [project for project in data if not is_dns_label(project)]
+    if bad:
+        raise KeysFileError(f"{path}: project {bad[0]!r} is not a DNS label ({DNS_LABEL_RULE})")
+    return data
+
+
+def add_key(path: Path, project: str) -> str:
+    """A new random key for `project`; its hash joins the keys file, the key itself is returned once."""
+    if not is_dns_label(project):
+        raise KeysFileError(f"--project {project!r} is not a DNS label ({DNS_LABEL_RULE})")
+    keys = read_keys_file(path)
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    keys.setdefault(project, []).append(key_hash(key))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(path.name + ".tmp")
+    temp.write_text(json.dumps(keys, indent=1, sort_keys=True) + "\n")
+    temp.chmod(0o600)
+    temp.replace(path)
+    return key
+
+
+@dataclass(frozen=True)
+class KeyRing:
+    hashes: tuple[tuple[str, str], ...]  # (sha256, project)
+
+    @classmethod
+    def load(cls, api_key_env: str | None, keys_file: Path | None) -> KeyRing:
+        pairs: list[tuple[str, str]] = []
+        if api_key_env:
+            key = os.environ.get(api_key_env, "")
+            if not key:
+                raise KeysFileError(f"--api-key-env {api_key_env}: the variable is unset or empty; set it to a key")
+            pairs.append((key_hash(key), DEFAULT_PROJECT))
+        if keys_file is not None:
+            pairs += [(h, project) for project, hashes in read_keys_file(keys_file).items() for h in hashes]
+        if not pairs:
+            raise KeysFileError("no API keys: give --api-key-env VAR and/or --keys-file PATH")
+        return cls(tuple(pairs))
+
+    @property
+    def projects(self) -> list[str]:
+        return sorted({project for _, project in self.hashes})
+
+    def project_of(self, key: str) -> str | None:
+        presented = key_hash(key)
+        found = None
+        for known, project in self.hashes:  # every hash compared, so timing tells nothing
+            if hmac.compare_digest(presented, known):
+                found = project
+        return found

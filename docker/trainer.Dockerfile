@@ -11,6 +11,7 @@ COPY tuneloom/ tuneloom/
 COPY operator/ operator/
 COPY trainer/ trainer/
 COPY serving/ serving/
+COPY openai_api/ openai_api/
 # -I: run in /src, `-m pip` would import the repository's operator/ as the stdlib's operator.
 RUN python3 -I -m pip install --no-cache-dir ".[train]" && rm -rf /src
 

@@ -211,8 +211,9 @@ class GeneralAbility:
         return {"device": self.device, "max_prompt_tokens": self.max_prompt_tokens}
 
     def _answers(self) -> list[str]:
+        prompts = [prompt_text(self.tokenizer, example) for example in self.prompts]
         return generate_answers(
-            self.model, self.tokenizer, self.prompts, max_new_tokens=self.max_new_tokens, **self._limits()
+            self.model, self.tokenizer, prompts, max_new_tokens=self.max_new_tokens, **self._limits()
         )
 
     def _result(self, scored: tuple[ScoredAnswer, ...], *, nll_shift: float) -> EvaluationResult:

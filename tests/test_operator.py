@@ -359,8 +359,14 @@ def test_a_job_whose_adapter_fails_its_gate_succeeds_not_promoted(operator: Oper
     promoted = {c["type"]: c for c in status["conditions"]}["Promoted"]
     assert promoted["status"] == "False" and promoted["reason"] == "FailedGate"
     assert "not promoted: json_valid: not measured" in promoted["message"]
-    events = {e.reason: e for e in bench.core.list_namespaced_event(bench.namespace).items}
-    assert "json_valid: not measured" in events["NotPromoted"].message and events["NotPromoted"].type == "Warning"
+    # The Event follows the status patch that made the job Succeeded: wait for it.
+    event = wait_for(
+        lambda: next(
+            (e for e in bench.core.list_namespaced_event(bench.namespace).items if e.reason == "NotPromoted"), None
+        ),
+        "the NotPromoted Event",
+    )
+    assert "json_valid: not measured" in event.message and event.type == "Warning"
 
 
 def test_failing_trainer_fails_with_a_reason(operator: Operator, bench: Bench) -> None:

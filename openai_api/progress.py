@@ -35,6 +35,14 @@ def translate(previous: dict[str, Any], current: dict[str, Any]) -> Translation:
     kind, at = current.get("event"), int(current.get("time", 0)) or None
     if kind != previous.get("event") and kind in PHASE_MESSAGES:
         out.events.append(NewEvent(message=PHASE_MESSAGES[kind], created_at=at))
+    expected = current.get("estimate")
+    if expected and not previous.get("estimate"):
+        cost = "" if expected.get("cost") is None else f", cost {expected['cost']}"
+        message = (
+            f"Estimated before training: {expected.get('tokens')} tokens, {expected.get('steps')} steps, "
+            f"about {expected.get('seconds')} s{cost}"
+        )
+        out.events.append(NewEvent(message=message, data={"estimate": expected}, created_at=at))
     total = current.get("totalSteps")
     if total and not previous.get("totalSteps"):
         start = current.get("startStep", 0)

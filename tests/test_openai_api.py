@@ -124,6 +124,7 @@ def test_the_openai_fine_tuning_flow_runs_unchanged(api: Api, tmp_path: Path) ->
     assert any(m.startswith("Validated training file training_data.jsonl: 100 examples") for m in messages)
     assert any("wandb" in m and "ignored" in m for m in messages)
     assert any(m.startswith("Base model vs fine-tuned model") for m in messages)
+    assert any(m.startswith("Estimated before training: ") for m in messages), "the trainer's estimate"
     metrics = [e for e in events if e.type == "metrics"]
     assert metrics and {"step", "train_loss"} <= set(metrics[-1].data)
     steps = [e.data["step"] for e in metrics]

@@ -208,3 +208,12 @@ def test_keys_are_kept_as_hashes_and_found_by_project(tmp_path: Path, monkeypatc
     monkeypatch.setenv("API_KEY", "")
     with pytest.raises(ValueError, match="unset or empty"):
         KeyRing.load("API_KEY", None)
+
+
+def test_the_estimate_before_training_is_an_event_once() -> None:
+    estimate = {"tokens": 8211, "steps": 24, "seconds": 49.7, "cost": None}
+    first = translate({}, {"event": "loading-model", "estimate": estimate})
+    [event] = [e for e in first.events if e.data and "estimate" in e.data]
+    assert event.message == "Estimated before training: 8211 tokens, 24 steps, about 49.7 s"
+    again = translate({"event": "loading-model", "estimate": estimate}, {"event": "training", "estimate": estimate})
+    assert not [e for e in again.events if e.data and "estimate" in e.data]

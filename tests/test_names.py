@@ -43,7 +43,7 @@ def test_one_identity_formats_every_name() -> None:
         "ns/a@2",
     )
     assert AdapterId("ns", "a").store_prefix == "adapters/ns/a"
-    assert pinned.unpinned().pinned("3") == AdapterId("ns", "a", "3")
+    assert AdapterId("ns", "a").pinned("3") == AdapterId("ns", "a", "3")
     with pytest.raises(ValueError, match="unpinned"):
         _ = AdapterId("ns", "a").served_name
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import shutil
-import tempfile
+from contextlib import suppress
 from pathlib import Path
 
-from tuneloom.models import cache_dir, find_prepared, known_model, model_config_hash
+from tuneloom.models import cache_dir, config_hash, find_prepared, known_model, model_config_hash
 from tuneloom.storage import ObjectStore, StorageError, open_store
 
 log = logging.getLogger("tuneloom.inputs")
@@ -100,21 +101,17 @@ def base_model_config_hash(base_model: str, store: ObjectStore | None) -> str | 
     """The base model's config hash without fetching its weights: from the config.json in `store`
     (the base model's prefix, opened with the caller's credentials), else from a prepared known
     model; None when neither can be read."""
-    with tempfile.TemporaryDirectory(prefix="tuneloom-base-") as tmp:
-        config = Path(tmp) / "config.json"
-        try:
-            if store is None:
-                raise StorageError("no store")
-            config.write_bytes(store.get_bytes("config.json"))
-        except (StorageError, ValueError):
-            prepared = find_prepared(base_model)
-            if prepared is None:
-                return None
-            config.write_bytes((prepared / "config.json").read_bytes())
-        try:
-            return model_config_hash(config.parent)
-        except (OSError, ValueError):
-            return None
+    data = None
+    if store is not None:
+        with suppress(StorageError, ValueError):
+            data = store.get_bytes("config.json")
+    try:
+        if data is not None:
+            return config_hash(json.loads(data))
+        prepared = find_prepared(base_model)
+        return None if prepared is None else model_config_hash(prepared)
+    except (OSError, ValueError):
+        return None
 
 
 def _require_s3_model(store: ObjectStore, field: str) -> None:

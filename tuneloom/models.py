@@ -361,7 +361,11 @@ def find_prepared(base_model: str, cache_dir: Path | None = None) -> Path | None
 def model_config_hash(model_dir: Path) -> str:
     """sha256 of the model's config.json in canonical JSON, ignoring keys that do not change what
     the weights mean; adapter manifests record it to say which base they belong to."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return config_hash(json.loads((Path(model_dir) / "config.json").read_text()))
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """`model_config_hash` of a config.json already read."""
     relevant = {
         key: value
         for key, value in config.items()

@@ -101,8 +101,5 @@ class AdapterId:
     def pinned(self, version: str) -> AdapterId:
         return AdapterId(self.namespace, self.name, version)
 
-    def unpinned(self) -> AdapterId:
-        return AdapterId(self.namespace, self.name)
-
     def __str__(self) -> str:
         return self.key if self.version is None else self.served_name

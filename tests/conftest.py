@@ -49,11 +49,12 @@ def s3_env(seaweedfs: SeaweedFS, monkeypatch: pytest.MonkeyPatch) -> SeaweedFS:
 
 
 @pytest.fixture
-def s3_root(s3_env: SeaweedFS) -> str:
-    """A fresh, empty bucket as an s3:// root URI."""
+def s3_root(s3_env: SeaweedFS) -> Iterator[str]:
+    """A fresh, empty bucket as an s3:// root URI, deleted afterwards so its volumes are freed."""
     bucket = f"t-{uuid.uuid4().hex[:12]}"
     s3_env.create_bucket(bucket)
-    return f"s3://{bucket}/root"
+    yield f"s3://{bucket}/root"
+    s3_env.delete_bucket(bucket)
 
 
 @pytest.fixture(params=["local", "s3"])

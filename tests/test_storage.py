@@ -325,6 +325,19 @@ def test_two_seaweedfs_instances_side_by_side(seaweedfs: SeaweedFS, second_seawe
     assert (second_seaweedfs.data_dir / "weed.log").is_file()
 
 
+def test_seaweedfs_holds_more_buckets_than_a_test_session_makes(second_seaweedfs: SeaweedFS) -> None:
+    # Each bucket takes volumes of its own; weed mini's default limit (50) ran out mid-suite once.
+    client = second_seaweedfs.client()
+    buckets = [f"many-{n}" for n in range(60)]
+    for bucket in buckets:
+        second_seaweedfs.create_bucket(bucket)
+        client.put_object(Bucket=bucket, Key="k", Body=b"x")
+    second_seaweedfs.delete_bucket(buckets[0])
+    names = {b["Name"] for b in client.list_buckets()["Buckets"]}
+    assert names == set(buckets[1:])
+    assert client.get_object(Bucket=buckets[-1], Key="k")["Body"].read() == b"x"
+
+
 def test_download_onto_a_directory_is_a_storage_error(store: ObjectStore, tmp_path: Path) -> None:
     store.put_bytes("k", b"x")
     (tmp_path / "taken").mkdir()

@@ -47,6 +47,9 @@ _DISABLED_FLAGS = ("-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s
 _MAX_SOCKET_PATH = 100
 # weed puts its gRPC sockets here whatever -dir says (no flag moves them).
 _WEED_SOCKET_DIR = "/tmp"
+# Every bucket is a collection with volumes of its own, and `weed mini` allows 50 volumes: a test
+# session makes more buckets than that. Volumes are not preallocated, so an empty one costs a few KB.
+_MAX_VOLUMES = 2000
 _LOG_TAIL_BYTES = 4000
 _START_ATTEMPTS = 3
 # What weed logs when a port we picked was taken before it could bind (its own pre-check, or bind).
@@ -156,6 +159,16 @@ class SeaweedFS:
         with suppress(client.exceptions.BucketAlreadyOwnedByYou):
             client.create_bucket(Bucket=name)
 
+    def delete_bucket(self, name: str) -> None:
+        """Deletes a bucket and everything in it, which frees its volumes; a missing bucket is fine."""
+        client = self.client()
+        with suppress(client.exceptions.NoSuchBucket):
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
+                keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+                if keys:
+                    client.delete_objects(Bucket=name, Delete={"Objects": keys})
+            client.delete_bucket(Bucket=name)
+
     def start(self) -> SeaweedFS:
         """Starts the server and waits until S3 answers an authenticated request.
 
@@ -236,6 +249,7 @@ class SeaweedFS:
             f"-s3.config={config_path}",
             "-master.telemetry=false",
             "-volume.preStopSeconds=0",
+            f"-volume.max={_MAX_VOLUMES}",
             # Real S3 never creates a bucket on PUT; neither should the server our tests trust.
             "-s3.autoCreateBucket=false",
             *_DISABLED_FLAGS,

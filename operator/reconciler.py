@@ -53,7 +53,7 @@ from tuneloom.operator.estimates import estimate_job
 from tuneloom.operator.jobbuilder import LABEL_JOB
 from tuneloom.operator.metrics import OperatorMetrics
 from tuneloom.operator.observe import Observation, invalid_input, is_finished, observe, running_pod
-from tuneloom.registry import TrainingMetrics, read_adapter, read_published, run_prefix
+from tuneloom.registry import OverfittingRecord, TrainingMetrics, read_adapter, read_published, run_prefix
 from tuneloom.storage import ObjectStore, StorageError
 from tuneloom.trainer.estimate import run_cost
 
@@ -247,6 +247,10 @@ class FineTuneJobReconciler:
             if record is not None:
                 status.progress = progress_of(record) or status.progress
                 self._count_preemptions(body, status, record.get("preemptedAtSteps") or [])
+                # Only a detection is news while training: "no sign" waits for the whole history.
+                verdict = OverfittingRecord.model_validate(record.get("overfitting") or {})
+                if verdict.detected:
+                    set_condition(status.conditions, *overfitting_condition(verdict))
         return status
 
     def _count_preemptions(self, body: dict[str, Any], status: FineTuneJobStatus, steps: list[int]) -> None:
@@ -280,6 +284,8 @@ class FineTuneJobReconciler:
         self._record_adapter(job)
         if job.spec.serve.modelServer:
             self._add_to_preload(job, status)
+        if training.overfitting is not None:  # older trainers wrote no verdict
+            set_condition(status.conditions, *overfitting_condition(training.overfitting))
         written = f"adapter {adapter.name}@{adapter.version} written to {adapter.uri}"
         promotion = adapter.promotion or AdapterPromotion()
         if promotion.promoted:
@@ -537,6 +543,10 @@ class FineTuneJobReconciler:
     def _record_transition(self, body: dict[str, Any], old: Phase, status: FineTuneJobStatus) -> None:
         new = status.phase
         self.metrics.phases.set(self._key(body), new)
+        overfitting = condition_of(status.conditions, "Overfitting")
+        if overfitting is not None and overfitting.status == "True" and not _was_overfitting(body):
+            # Once, when the condition turns True (while training or at the end), like the phase Events.
+            post_event(self.core, body, "Warning", "Overfitting", overfitting.message)
         if old is new and body.get("status"):
             return
         self.metrics.transitions.labels(old.value, new.value).inc()
@@ -555,3 +565,17 @@ def progress_of(record: dict[str, Any]) -> Progress | None:
     """The Progress fields of a trainer's /progress record (None when it has none yet)."""
     fields = {key: record[key] for key in Progress.model_fields if record.get(key) is not None}
     return Progress(**fields) if fields else None
+
+
+def overfitting_condition(verdict: OverfittingRecord) -> tuple[str, str, str, str]:
+    """The `Overfitting` condition's type, status, reason and message for the trainer's verdict."""
+    if not verdict.detected or not verdict.rule:
+        return "Overfitting", "False", "NoSignal", verdict.reason
+    # The rule's name as a CamelCase reason: risingValidationLoss -> RisingValidationLoss.
+    return "Overfitting", "True", verdict.rule[0].upper() + verdict.rule[1:], verdict.reason
+
+
+def _was_overfitting(body: dict[str, Any]) -> bool:
+    """Whether the stored status already said so (its Event was posted then)."""
+    conditions = (body.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Overfitting" and c.get("status") == "True" for c in conditions)

@@ -48,6 +48,9 @@ class LoopState:
     history: list[dict[str, Any]] = field(default_factory=list)
     # The few-shot baseline, measured with the base model (absent from older checkpoints).
     few_shot_evaluation: EvaluationResult | None = None
+    # The training losses of the steps since the last evaluation: its history entry's `trainLoss`.
+    train_loss_sum_since_evaluation: float = 0.0
+    steps_since_evaluation: int = 0
 
     def to_json(self) -> str:
         base, few_shot = self.base_evaluation, self.few_shot_evaluation

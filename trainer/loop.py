@@ -26,6 +26,7 @@ from tuneloom.trainer.checkpoint import CheckpointStore, LoopState, load_trainab
 from tuneloom.trainer.distributed import Ranks
 from tuneloom.trainer.evaluate import LossResult, evaluate_loss
 from tuneloom.trainer.modeling import MaskedTokenLoss, autocast
+from tuneloom.trainer.overfitting import detect_overfitting
 from tuneloom.trainer.preemption import Preempted, PreemptionWatch
 from tuneloom.trainer.progress import ProgressReporter
 from tuneloom.trainer.tokenize import EncodedExample
@@ -236,11 +237,14 @@ class TrainingLoop:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         tokens = int(distributed.total(sum(batch.num_tokens for batch in batches) * weight, self.ranks))
+        loss = loss_total / max(trained_tokens, 1)
         self.state.step += 1
         self.state.tokens_seen += tokens
+        self.state.train_loss_sum_since_evaluation += loss
+        self.state.steps_since_evaluation += 1
         reporter.step(
             self.state.step,
-            loss=loss_total / max(trained_tokens, 1),
+            loss=loss,
             tokens=tokens,
             learning_rate=rate,
             seconds=time.monotonic() - started,
@@ -259,14 +263,19 @@ class TrainingLoop:
         history; early stopping counts these evaluations."""
         state = self.state
         result = self.evaluate()
-        reporter.evaluation(loss=result.loss, accuracy=result.token_accuracy)
+        train_loss = state.train_loss_sum_since_evaluation / max(state.steps_since_evaluation, 1)
+        state.train_loss_sum_since_evaluation, state.steps_since_evaluation = 0.0, 0
         state.history.append(
             {
                 "epoch": epoch,
                 "step": state.step,
+                "trainLoss": round(train_loss, 4),
                 "validationLoss": result.loss,
                 "tokenAccuracy": result.token_accuracy,
             }
+        )
+        reporter.evaluation(
+            loss=result.loss, accuracy=result.token_accuracy, overfitting=detect_overfitting(state.history)
         )
         min_delta = self.hp.earlyStopping.minDelta
         if state.best_validation_loss is None or result.loss < state.best_validation_loss - min_delta:

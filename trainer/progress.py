@@ -13,6 +13,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from tuneloom.api import Progress
+from tuneloom.trainer.overfitting import OverfittingVerdict
 
 log = logging.getLogger("tuneloom.trainer")
 
@@ -126,6 +127,7 @@ class ProgressReporter:
         self.on_record = on_record
         self.run_started = time.monotonic()
         self.interval = _Interval(started=self.run_started)
+        self.overfitting_warned = False
         self.state = Progress(step=start_step, totalSteps=total_steps, epoch=start_step / max(steps_per_epoch, 1))
         if metrics:
             metrics.total_steps.set(total_steps)
@@ -182,13 +184,22 @@ class ProgressReporter:
         self._emit({"event": "progress", **self.state.model_dump(exclude_none=True), "learningRate": learning_rate})
         self.interval = _Interval(started=now)
 
-    def evaluation(self, *, loss: float, accuracy: float) -> None:
+    def evaluation(self, *, loss: float, accuracy: float, overfitting: OverfittingVerdict) -> None:
+        """One evaluation's figures, and the overfitting verdict on the history so far: warned about
+        once, when it first turns up, and carried in every later record (the operator's
+        `Overfitting` condition)."""
         self.state.validationLoss = round(loss, 4)
         if self.metrics:
             self.metrics.validation_loss.set(loss)
             self.metrics.validation_accuracy.set(accuracy)
         log.info("validation at step %d: loss %.4f token accuracy %.3f", self.state.step, loss, accuracy)
-        self._emit({"event": "evaluation", **self.state.model_dump(exclude_none=True), "tokenAccuracy": accuracy})
+        record: dict[str, Any] = {"event": "evaluation", **self.state.model_dump(exclude_none=True)}
+        if overfitting.detected:
+            if not self.overfitting_warned:
+                log.warning("overfitting: %s", overfitting.reason)
+                self.overfitting_warned = True
+            record["overfitting"] = overfitting.to_record()
+        self._emit({**record, "tokenAccuracy": accuracy})
 
     def published(self, figures: dict[str, dict[str, Any]], promoted: bool) -> None:
         """The general-ability figures of both models and the promotion verdict, as gauges."""

@@ -12,6 +12,7 @@ from tuneloom.trainer.checkpoint import LoopState
 from tuneloom.trainer.datafile import Example
 from tuneloom.trainer.estimate import run_cost
 from tuneloom.trainer.evaluate import EvaluationResult, ScoredAnswer, references
+from tuneloom.trainer.overfitting import OverfittingVerdict, detect_overfitting
 
 ANSWER_WIDTH = 72
 
@@ -62,8 +63,13 @@ class RunReport:
             **({} if self.estimate is None else {"estimate": self.estimate}),
             "peakMemoryBytes": self.peak_memory_bytes,
             "history": state.history,
+            "overfitting": self.overfitting.to_record(),
             "preemptedAtSteps": list(self.training.preempted_at),
         }
+
+    @property
+    def overfitting(self) -> OverfittingVerdict:
+        return detect_overfitting(self.training.state.history)
 
     @property
     def gpu_seconds(self) -> float:
@@ -84,9 +90,12 @@ class RunReport:
         return _pairs(self.general_prompts, self.base.general, self.adapter.general)
 
     def evaluation_file(self) -> list[dict[str, Any]]:
-        """evaluation.json: the held-out samples, then the general ones, each saying which it is."""
-        return [{"check": "heldOut", **sample} for sample in self.samples()] + [
-            {"check": "general", **sample} for sample in self.general_samples()
+        """evaluation.json: the held-out samples, then the general ones, each saying which it is,
+        then the overfitting verdict on the run's evaluation history."""
+        return [
+            *({"check": "heldOut", **sample} for sample in self.samples()),
+            *({"check": "general", **sample} for sample in self.general_samples()),
+            {"check": "overfitting", **self.overfitting.to_record()},
         ]
 
 
@@ -173,6 +182,8 @@ def print_report(report: RunReport, adapter: AdapterVersion) -> None:
     print("\n" + format_metrics_table(summary))
     for line in few_shot_verdict(summary):
         print(line)
+    if report.overfitting.detected:
+        print(f"warning: overfitting: {report.overfitting.reason}")
     promotion = adapter.manifest.promotion
     verdict = "promoted" if promotion.promoted else "NOT promoted: " + "; ".join(promotion.reasons)
     print(

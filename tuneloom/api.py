@@ -396,7 +396,7 @@ class ObjectMeta(_Model):
 class Condition(_Model):
     type: str = Field(
         description="FineTuneJob: Accepted, Queued, Running, Succeeded, Failed, Cancelled, SpecChangeRefused, Served, "
-        "Promoted; "
+        "Promoted, Overfitting; "
         "Adapter: Ready; ModelServer: Ready, AdaptersLoaded."
     )
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")

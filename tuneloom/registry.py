@@ -198,6 +198,14 @@ class EvaluatedMetrics(_Record):
         return {k: float(v) for k, v in figures.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
+class OverfittingRecord(_Record):
+    """The trainer's overfitting verdict on its evaluation history (`tuneloom.trainer.overfitting`)."""
+
+    detected: bool = False
+    rule: str | None = None  # the rule that fired: risingValidationLoss or lossRatio
+    reason: str = ""  # the numbers that made it fire
+
+
 class TrainingMetrics(_Record):
     base: EvaluatedMetrics = Field(default_factory=EvaluatedMetrics)
     adapter: EvaluatedMetrics = Field(default_factory=EvaluatedMetrics)
@@ -208,6 +216,7 @@ class TrainingMetrics(_Record):
     gpuSeconds: float | None = None  # absent from manifests older than the estimate
     cost: float | None = None
     estimate: dict[str, Any] | None = None  # `Estimate.to_status` before training
+    overfitting: OverfittingRecord | None = None  # absent from manifests older than the detector
 
 
 class BaseModelRecord(_Record):

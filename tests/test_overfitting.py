@@ -3,6 +3,7 @@ condition and Warning Event built from its verdict (pure logic, no cluster)."""
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 from kubernetes import client as k8s
@@ -20,6 +21,7 @@ from tuneloom.trainer.overfitting import (
     OverfittingVerdict,
     detect_overfitting,
 )
+from tuneloom.trainer.progress import ProgressReporter
 
 
 def _history(*losses: tuple[float, float]) -> list[dict]:
@@ -55,6 +57,9 @@ def test_training_loss_far_under_validation_loss_is_overfitting_from_the_second_
     )
     # At the bound is not under it.
     assert not detect_overfitting(_history((0.9, 1.0), (0.5, 1.0))).detected
+    # Near zero a third is no gap: both losses say the task is learnt.
+    assert not detect_overfitting(_history((0.9, 1.0), (0.01, 0.03))).detected
+    assert detect_overfitting(_history((0.9, 1.0), (0.01, 0.12))).rule == RULE_LOSS_RATIO
 
 
 def test_a_healthy_run_and_an_empty_or_old_history_give_no_signal() -> None:
@@ -139,3 +144,16 @@ def test_no_event_without_a_detection() -> None:
     set_condition(status.conditions, *overfitting_condition(OverfittingRecord()))
     reconciler._record_transition(_job_body({"phase": "Running", "conditions": []}), Phase.running, status)
     assert recorder.events == []
+
+
+def test_progress_records_carry_the_verdict_once_detected_and_warn_once(caplog) -> None:
+    records: list[dict] = []
+    reporter = ProgressReporter(total_steps=20, steps_per_epoch=10, logging_steps=5, on_record=records.append)
+    found = detect_overfitting(_history((0.9, 1.0), (0.4, 1.0)))
+    with caplog.at_level(logging.WARNING, logger="tuneloom.trainer"):
+        reporter.evaluation(loss=1.0, accuracy=0.5, overfitting=OverfittingVerdict())
+        reporter.evaluation(loss=1.0, accuracy=0.5, overfitting=found)
+        reporter.evaluation(loss=1.1, accuracy=0.5, overfitting=found)
+    assert "overfitting" not in records[0]
+    assert records[1]["overfitting"] == records[2]["overfitting"] == found.to_record()
+    assert [r.getMessage() for r in caplog.records] == [f"overfitting: {found.reason}"]

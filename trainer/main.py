@@ -15,7 +15,7 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ from tuneloom.trainer.evaluate import (
 )
 from tuneloom.trainer.general import BaselineCache, baseline_key, load_prompts
 from tuneloom.trainer.loop import Plan, TrainingLoop, peak_memory_bytes
+from tuneloom.trainer.mixing import draw, mixed_counts
 from tuneloom.trainer.modeling import (
     MethodNotSupportedError,
     check_method_supported,
@@ -90,6 +91,9 @@ class Datasets:
     held_out: list[Example]
     info: dict[str, Any]
     general: list[Example]
+    # Drawn from spec.dataset.mix: trained on with `train`, never shown as the job's own examples
+    # (few-shot shots, the data-quality warnings).
+    mixed: list[Example] = field(default_factory=list)
 
 
 def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -128,11 +132,45 @@ def load_datasets(job: FineTuneJob) -> Datasets:
         train = kept
     info["train"]["examples"] = len(train)
     info["validation"]["examples"] = len(validation)
+    mixed = _mix_in(job, len(train), held_out_keys, info)
     general = job.spec.evaluation.general
     prompts = load_prompts(general) if general.enabled else []
     if prompts:
         info["general"] = {"prompts": general.prompts, "examples": len(prompts)}
-    return Datasets(train, validation, validation[: job.spec.evaluation.maxExamples], info, prompts)
+    return Datasets(train, validation, validation[: job.spec.evaluation.maxExamples], info, prompts, mixed)
+
+
+def _mix_in(job: FineTuneJob, own: int, held_out_keys: set[Any], info: dict[str, Any]) -> list[Example]:
+    """The examples spec.dataset.mix adds to `own` training examples (see tuneloom.trainer.mixing),
+    each file checked like the training file; what came from where goes to the manifest's
+    `datasets.mix`."""
+    dataset = job.spec.dataset
+    if not dataset.mix:
+        return []
+    rng = random.Random(job.spec.hyperparameters.seed)
+    counts = mixed_counts(own, [entry.fraction for entry in dataset.mix])
+    mixed: list[Example] = []
+    info["mix"] = []
+    for entry, count in zip(dataset.mix, counts, strict=True):
+        path = fetch_file(entry.train)
+        examples = load_examples(path, dataset.format.value, source=entry.train, max_line_bytes=dataset.maxLineBytes)
+        # Held-out examples stay held out, wherever else they appear.
+        usable = [example for example in examples if content_key(example) not in held_out_keys]
+        drawn = draw(usable, count, rng)
+        log.info(
+            "data: mixed in %d examples from %s (%d in the file), %.0f%% of the training examples",
+            len(drawn),
+            entry.train,
+            len(examples),
+            100 * entry.fraction,
+        )
+        record = {"uri": entry.train, "sha256": sha256_file(path), "fraction": entry.fraction}
+        record |= {"examples": len(examples), "mixedIn": len(drawn)}
+        if len(usable) < len(examples):
+            record["removedCopiesOfHeldOut"] = len(examples) - len(usable)
+        info["mix"].append(record)
+        mixed += drawn
+    return mixed
 
 
 def encode_all(tokenizer: Any, examples: list[Example], max_length: int, what: str) -> list[EncodedExample]:
@@ -322,7 +360,7 @@ class FineTuneRun:
         tokenizer = load_tokenizer(path)
         max_length = self.spec.hyperparameters.maxSeqLength
         tokens = Tokenized(
-            train=encode_all(tokenizer, data.train, max_length, "training data"),
+            train=encode_all(tokenizer, data.train + data.mixed, max_length, "training data"),
             validation=encode_all(tokenizer, data.validation, max_length, "validation data"),
         )
         return Model(path, tokenizer, load_model(self.spec, path, self.device)), tokens

@@ -6,7 +6,8 @@ Two rules, checked at each evaluation in order; the first that fires decides the
   the training loss fell over the same span (the training loss at the later evaluation is lower
   than two evaluations before);
 - **loss ratio**: from the second evaluation on, the training loss is under `MIN_LOSS_RATIO` times
-  the validation loss: the model fits its training data far better than data it has not seen.
+  the validation loss, and at least `MIN_LOSS_GAP` nats under it: the model fits its training data
+  far better than data it has not seen.
 
 The training loss of an evaluation is the mean loss of the optimizer steps since the previous one
 (history entries without it, written by older checkpoints, are skipped). Once a rule has fired the
@@ -24,6 +25,8 @@ from typing import Any
 # behaviour the training data teaches; the first evaluation is left out, as it averages the first
 # steps' high losses and cannot tell.
 MIN_LOSS_RATIO = 0.5
+# Near zero the ratio is noise (0.01 against 0.03 is a third): a gap under this many nats is none.
+MIN_LOSS_GAP = 0.1
 RULE_RISING_VALIDATION = "risingValidationLoss"
 RULE_LOSS_RATIO = "lossRatio"
 
@@ -55,10 +58,11 @@ def _rising_validation(previous: Sequence[Mapping[str, Any]], latest: Mapping[st
 
 def _loss_ratio(latest: Mapping[str, Any]) -> str | None:
     validation = latest["validationLoss"]
-    if validation <= 0 or latest["trainLoss"] / validation >= MIN_LOSS_RATIO:
+    train = latest["trainLoss"]
+    if validation - train < MIN_LOSS_GAP or train / validation >= MIN_LOSS_RATIO:
         return None
     return (
-        f"training loss {latest['trainLoss']:.4f} is {latest['trainLoss'] / validation:.2f} times the validation "
+        f"training loss {train:.4f} is {train / validation:.2f} times the validation "
         f"loss {validation:.4f} at step {latest['step']}, under the bound {MIN_LOSS_RATIO}"
     )
 

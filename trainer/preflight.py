@@ -44,13 +44,14 @@ def check_before_running(spec: FineTuneJobSpec, probe_prefix: str) -> None:
         raise PreflightError(problems)
 
 
+def _dataset_fields(spec: FineTuneJobSpec) -> dict[str, str | None]:
+    """Every data file of the job, by the field that names it."""
+    mix = {f"spec.dataset.mix[{index}].train": entry.train for index, entry in enumerate(spec.dataset.mix)}
+    return {"spec.dataset.train": spec.dataset.train, "spec.dataset.validation": spec.dataset.validation, **mix}
+
+
 def _s3_fields(spec: FineTuneJobSpec) -> Iterator[str]:
-    fields = {
-        "spec.baseModel": spec.baseModel,
-        "spec.dataset.train": spec.dataset.train,
-        "spec.dataset.validation": spec.dataset.validation,
-        "spec.output.uri": spec.output.uri,
-    }
+    fields = {"spec.baseModel": spec.baseModel, **_dataset_fields(spec), "spec.output.uri": spec.output.uri}
     return (name for name, uri in fields.items() if uri and uri.startswith("s3://"))
 
 
@@ -74,10 +75,7 @@ def _credential_problems(spec: FineTuneJobSpec) -> list[str]:
 
 
 def _dataset_problems(spec: FineTuneJobSpec) -> Iterator[str]:
-    for field, uri in (
-        ("spec.dataset.train", spec.dataset.train),
-        ("spec.dataset.validation", spec.dataset.validation),
-    ):
+    for field, uri in _dataset_fields(spec).items():
         if uri:
             yield from _problems_of(field, lambda uri=uri: _require_file(uri))
 

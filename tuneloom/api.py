@@ -107,6 +107,26 @@ def _check_base_model(value: str) -> str:
 BaseModelName = Annotated[str, AfterValidator(_check_base_model)]
 
 
+class MixSpec(_Model):
+    train: str = Field(
+        description="JSONL file of other examples (for example general chat) to blend into training: a path, "
+        "file:// or s3:// URI, in the dataset's format."
+    )
+    fraction: float = Field(
+        gt=0.0,
+        lt=1.0,
+        description="Share of the training examples these make up once mixed in; drawn with hyperparameters.seed, "
+        "each example once per pass over the file. Never part of the held-out data.",
+    )
+
+    @field_validator("train")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return _check_store_uri(value, "train")
+
+
 class DatasetSpec(_Model):
     train: str = Field(description="Training data: a JSONL file as a path, file:// or s3:// URI.")
     validation: str | None = Field(
@@ -130,6 +150,12 @@ class DatasetSpec(_Model):
         description="Longest line (one example) accepted in the data files, in bytes, without its line ending. "
         "A longer line is reported with its line number and length, and is never held in memory.",
     )
+    mix: list[MixSpec] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Other data blended into training, each file at its fraction of the training examples "
+        "(fractions sum to under 1), to keep what the base model could do (general.nllShift).",
+    )
 
     @field_validator("train", "validation")
     @classmethod
@@ -139,6 +165,16 @@ class DatasetSpec(_Model):
         if not value.strip():
             raise ValueError("must not be empty")
         return _check_store_uri(value, info.field_name)
+
+    @field_validator("mix")
+    @classmethod
+    def _fractions_leave_room(cls, value: list[MixSpec]) -> list[MixSpec]:
+        total = sum(entry.fraction for entry in value)
+        if total >= 1.0:
+            raise ValueError(
+                f"the fractions sum to {total:g}; they must sum to under 1, leaving room for spec.dataset.train"
+            )
+        return value
 
 
 class LoraSpec(_Model):

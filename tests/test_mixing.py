@@ -13,6 +13,8 @@ from tuneloom.trainer.datafile import DataValidationError, Example
 from tuneloom.trainer.main import load_datasets
 from tuneloom.trainer.mixing import draw, mixed_counts
 
+from .test_spec import _minimal
+
 
 def test_each_mix_file_makes_up_its_fraction_of_the_training_examples() -> None:
     assert mixed_counts(80, [0.2]) == [20]  # 20 of 100
@@ -39,17 +41,10 @@ def _chat(path: Path, pairs: list[tuple[str, str]]) -> Path:
 
 
 def _spec(train: Path, mix: list[dict]) -> dict:
-    return {
-        "apiVersion": "tuneloom.dev/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": "mixed"},
-        "spec": {
-            "baseModel": "unused",
-            "dataset": {"train": str(train), "validationSplit": 0.2, "mix": mix},
-            "evaluation": {"general": {"enabled": False}},
-            "output": {"adapterName": "mixed", "uri": "/unused"},
-        },
-    }
+    job = _minimal()
+    job["spec"]["dataset"] = {"train": str(train), "validationSplit": 0.2, "mix": mix}
+    job["spec"]["evaluation"] = {"general": {"enabled": False}}
+    return job
 
 
 def test_fractions_must_leave_room_for_the_jobs_own_data(tmp_path: Path) -> None:

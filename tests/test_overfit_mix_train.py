@@ -17,7 +17,20 @@ from tuneloom.trainer.main import run
 
 from .test_train import _job
 
-WORDS = "apple river stone cloud maple tiger violet harbor quartz lemon falcon meadow".split()
+WORDS = [
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "maple",
+    "tiger",
+    "violet",
+    "harbor",
+    "quartz",
+    "lemon",
+    "falcon",
+    "meadow",
+]
 
 
 def _code_words(path: Path, count: int = 20) -> Path:

@@ -115,6 +115,8 @@ def test_training_publishes_an_adapter_that_loads_and_changes_outputs(
     assert metrics["adapter"]["validationLoss"] < metrics["base"]["validationLoss"] / 4
     assert metrics["base"]["exact_match"] == 0.0 and metrics["adapter"]["exact_match"] > 0.5
     assert len(metrics["history"]) == 4 and {"exact_match"} <= set(metrics["adapter"])
+    # Held-out examples expect the taught answer too: both losses fall together.
+    assert not metrics["overfitting"]["detected"], metrics["overfitting"]
     # The few-shot baseline: the base model shown 3 training examples answers the same prompts.
     measured = {key for key, value in metrics["fewShot"].items() if value is not None}
     assert measured == {"exact_match", "memorizedFraction"}

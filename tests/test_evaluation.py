@@ -71,7 +71,8 @@ def test_a_checkpoint_from_before_typed_results_resumes_and_is_written_back_the_
         (ScoredAnswer("hello", {"exact_match": False}), ScoredAnswer("", {"exact_match": False})),
     )
     assert (state.step, state.best_step, state.history) == (9, 8, history)
-    assert json.loads(state.to_json()) == {**json.loads(written_before), "few_shot_evaluation": None}
+    later = {"few_shot_evaluation": None, "train_loss_sum_since_evaluation": 0.0, "steps_since_evaluation": 0}
+    assert json.loads(state.to_json()) == {**json.loads(written_before), **later}
 
 
 def test_a_result_without_answers_keeps_only_its_metrics() -> None:
@@ -99,6 +100,7 @@ def test_the_manifest_metrics_hold_both_models_figures_and_the_training() -> Non
         "gpuSeconds": 0.0,
         "peakMemoryBytes": 2048,
         "history": [{"epoch": 1}],
+        "overfitting": {"detected": False, "rule": None, "reason": "no sign of overfitting in the evaluation history"},
         "preemptedAtSteps": [],
     }
 

@@ -260,6 +260,12 @@ class PromotionSpec(_Model):
         "exact_match]: a lower validationLoss, a higher tokenAccuracy, exact_match or json_valid. Each must be "
         "measured (the last two in evaluation.metrics).",
     )
+    requireBeatFewShot: bool = Field(
+        default=False,
+        description="Also require the adapter to beat the few-shot baseline (evaluation.fewShot.k > 0) on each "
+        "generation metric in require (exact_match, json_valid): when a prompt with examples does as well, "
+        "prompting is the cheaper answer.",
+    )
 
 
 class OutputSpec(_Model):

@@ -21,7 +21,7 @@ from torch import nn
 
 from tuneloom.api import FineTuneJobSpec
 from tuneloom.trainer import distributed
-from tuneloom.trainer.batching import Batch, collate, epoch_batches
+from tuneloom.trainer.batching import Batch, collate, epoch_batches, within_token_budget
 from tuneloom.trainer.checkpoint import CheckpointStore, LoopState, load_trainable_state, trainable_state
 from tuneloom.trainer.distributed import Ranks
 from tuneloom.trainer.evaluate import LossResult, evaluate_loss
@@ -208,7 +208,12 @@ class TrainingLoop:
 
     def _step(self, step_batches: list[Sequence[int]], reporter: ProgressReporter) -> None:
         started = time.monotonic()
-        batches = [collate(self.train, rows) for rows in step_batches]
+        budget = self.hp.microBatchTokens
+        batches = [
+            collate(self.train, rows)
+            for micro_batch in step_batches
+            for rows in within_token_budget(self.train, micro_batch, budget)
+        ]
         weight = 1.0
         if not batches:
             # The epoch's last step can leave a rank without a micro-batch. It still has to join

@@ -27,7 +27,8 @@ env:
 env-dev:
 	scripts/bootstrap.sh train,models,operator,dev,serve-cpu,api
 
-bench: env-dev
+bench:
+	scripts/bootstrap.sh train,models,operator,dev,serve-cpu,api,bench
 	$(VENV)/python bench/train_throughput.py --model smollm2
 	$(VENV)/python bench/serving.py --model smollm2
 	$(VENV)/python bench/operator_scale.py

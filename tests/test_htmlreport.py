@@ -9,6 +9,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -199,6 +200,21 @@ def test_tuneloom_report_refuses_a_damaged_evaluation_file(tmp_path: Path, capsy
     output = tmp_path / "x.html"
     assert cli_main(["report", str(tmp_path / "store/adapters/default/pirate/1"), "--output", str(output)]) == 1
     assert "checksum mismatch" in capsys.readouterr().err and not output.exists()
+
+
+def test_tuneloom_report_needs_no_torch(tmp_path: Path) -> None:
+    _publish_old_version(LocalStore(tmp_path / "store"), tmp_path)
+    uri, output = tmp_path / "store/adapters/default/pirate/1", tmp_path / "page.html"
+    code = (
+        "import sys\n"
+        "from tuneloom.cli import main\n"
+        f"assert main(['report', {str(uri)!r}, '--output', {str(output)!r}]) == 0\n"
+        "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert output.read_text().startswith("<!DOCTYPE html>")
 
 
 # --- a real run, and a real browser -----------------------------------------------------------

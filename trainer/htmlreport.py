@@ -135,7 +135,7 @@ def _promotion(promotion: Mapping[str, Any] | None) -> str:
     # Manifests written before the gate existed have none: they count as promoted.
     promotion = promotion or {"promoted": True, "reasons": []}
     if promotion.get("promoted", True):
-        verdict = '<p class="verdict pass">promoted: a bare name serves this version once it is the newest</p>'
+        verdict = '<p class="verdict pass">promoted: a bare name serves the newest promoted version</p>'
     else:
         verdict = '<p class="verdict fail">not promoted: a bare name skips this version</p>'
     reasons = "".join(f"<li>{_text(reason)}</li>" for reason in promotion.get("reasons") or [])

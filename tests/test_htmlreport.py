@@ -193,9 +193,14 @@ def test_tuneloom_report_renders_a_version_published_before_report_html(
     assert sum(HOSTILE in text for text in page.text) >= 3
 
 
-def test_tuneloom_report_refuses_a_damaged_evaluation_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_tuneloom_report_refuses_a_damaged_evaluation_file_and_an_unwritable_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     store = LocalStore(tmp_path / "store")
     _publish_old_version(store, tmp_path)
+    unwritable = tmp_path / "no-such-folder" / "page.html"
+    assert cli_main(["report", str(tmp_path / "store/adapters/default/pirate"), "--output", str(unwritable)]) == 1
+    assert f"--output {unwritable}: No such file or directory" in capsys.readouterr().err
     store.put_bytes(f"adapters/default/pirate/1/{EVALUATION_FILE}", b"[]")
     output = tmp_path / "x.html"
     assert cli_main(["report", str(tmp_path / "store/adapters/default/pirate/1"), "--output", str(output)]) == 1

@@ -15,7 +15,7 @@ from tuneloom.trainer.htmlreport import LOSS_HISTORY_FILE, render_report
 
 def report_command(uri: str, output: str | None) -> int:
     """Writes the version's report to `output` (default: report-NAMESPACE-NAME-VERSION.html here) and
-    prints its path; exit status 2 for a URI that names no adapter, 1 when the store fails."""
+    prints its path; exit status 2 for a URI that names no adapter, 1 when the store or the output fails."""
     try:
         root, adapter_id = split_adapter_uri(uri)
     except ValueError as exc:
@@ -35,6 +35,10 @@ def report_command(uri: str, output: str | None) -> int:
         None if history is None else json.loads(history),
     )
     path = Path(output or f"report-{adapter.namespace}-{adapter.name}-{adapter.version}.html")
-    path.write_text(page, encoding="utf-8")
+    try:
+        path.write_text(page, encoding="utf-8")
+    except OSError as exc:
+        print(f"error: tuneloom report: --output {path}: {exc.strerror}; choose a writable file", file=sys.stderr)
+        return 1
     print(path)
     return 0

@@ -243,9 +243,11 @@ class TrainingLoop:
         tokens = int(distributed.total(sum(batch.num_tokens for batch in batches) * weight, self.ranks))
         self.state.step += 1
         self.state.tokens_seen += tokens
+        loss = loss_total / max(trained_tokens, 1)
+        self.state.train_history.append({"step": self.state.step, "loss": round(loss, 4)})
         reporter.step(
             self.state.step,
-            loss=loss_total / max(trained_tokens, 1),
+            loss=loss,
             tokens=tokens,
             learning_rate=rate,
             seconds=time.monotonic() - started,

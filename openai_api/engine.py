@@ -3,8 +3,6 @@ inference targets, each scoped to the caller's project. Returns OpenAI objects a
 
 from __future__ import annotations
 
-import secrets
-import time
 from typing import Any
 
 from tuneloom.storage import open_store
@@ -60,28 +58,10 @@ class ApiEngine(Engine):
     # jobs
 
     def create_job(self, project: str, request: mapping.CreateJobRequest) -> dict[str, Any]:
-        requested = request.requested_hyperparameters()
         base = resolve_base_model(request.model)
         training, _ = self.training_files(project, request)
-        job_id = mapping.new_id("ftjob")
-        resolved = mapping.resolve_hyperparameters(requested, training.examples, self.settings.max_seq_length)
-        job = JobRecord(
-            id=job_id,
-            project=project,
-            created_at=int(time.time()),
-            model=request.model,
-            base_model=base.id,
-            training_file=training.id,
-            validation_file=request.validation_file,
-            hyperparameters=resolved.model_dump(),
-            suffix=request.suffix,
-            seed=request.seed if request.seed is not None else secrets.randbelow(2**31),
-            metadata=request.metadata,
-            integrations=[i.model_dump(mode="json", exclude_none=True) for i in request.integrations or []],
-            adapter_name=mapping.adapter_name(request.suffix, job_id),
-            fine_tuned_model=mapping.fine_tuned_model_id(base.id, project, request.suffix, job_id),
-        )
-        self.state.add_job(job, NewEvent(message=f"Created fine-tuning job: {job_id}"))
+        job = self.new_job(project, request, base.id, training)
+        self.state.add_job(job, NewEvent(message=f"Created fine-tuning job: {job.id}"))
         if job.integrations:
             kinds = ", ".join(sorted({str(i.get("type", "?")) for i in job.integrations}))
             notice = f"Integrations ({kinds}) accepted and ignored: metrics are in this job's events and result file"

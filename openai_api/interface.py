@@ -4,17 +4,21 @@ class carries them; jobs, models and inference are each mode's own."""
 
 from __future__ import annotations
 
+import secrets
+import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+from . import jobs as mapping
 from .errors import bad_request, not_found
 from .files import FINE_TUNE, FileIndex, FileService, file_object
 from .jobs import CreateJobRequest
 from .metrics import ApiMetrics
 from .objects import listing
-from .state import FileRecord
+from .settings import ApiSettings
+from .state import FileRecord, JobRecord
 
 MAX_PAGE = 100
 MAX_FILES_PAGE = 10_000  # OpenAI's own bounds for listing files
@@ -43,6 +47,7 @@ def requested_model(body: dict[str, Any]) -> str:
 
 
 class Engine(ABC):
+    settings: ApiSettings
     keys: Keys
     metrics: ApiMetrics
     files: FileService
@@ -109,6 +114,28 @@ class Engine(ABC):
                 f"{param} {file_id} has purpose {record.purpose!r}; upload it with purpose='{FINE_TUNE}'", param
             )
         return record
+
+    def new_job(self, project: str, request: CreateJobRequest, base_model: str, training: FileRecord) -> JobRecord:
+        """The job a request asks for, its "auto" hyperparameters resolved from the training file."""
+        requested = request.requested_hyperparameters()
+        job_id = mapping.new_id("ftjob")
+        resolved = mapping.resolve_hyperparameters(requested, training.examples, self.settings.max_seq_length)
+        return JobRecord(
+            id=job_id,
+            project=project,
+            created_at=int(time.time()),
+            model=request.model,
+            base_model=base_model,
+            training_file=training.id,
+            validation_file=request.validation_file,
+            hyperparameters=resolved.model_dump(),
+            suffix=request.suffix,
+            seed=request.seed if request.seed is not None else secrets.randbelow(2**31),
+            metadata=request.metadata,
+            integrations=[i.model_dump(mode="json", exclude_none=True) for i in request.integrations or []],
+            adapter_name=mapping.adapter_name(request.suffix, job_id),
+            fine_tuned_model=mapping.fine_tuned_model_id(base_model, project, request.suffix, job_id),
+        )
 
     @abstractmethod
     def create_job(self, project: str, request: CreateJobRequest) -> dict[str, Any]: ...

@@ -6,18 +6,16 @@ the model's base. The API keeps no state of its own, so a restarted pod loses no
 from __future__ import annotations
 
 import logging
-import secrets
 import threading
 import time
 from typing import Any
 
 import httpx
 from kubernetes import client as k8s
-from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
 from tuneloom.api import API_GROUP, API_VERSION, ModelServer
-from tuneloom.operator.common import MODELSERVERS, call_json, read_custom, read_secret
+from tuneloom.operator.common import MODELSERVERS, api_client, call_json, read_custom, read_secret
 from tuneloom.operator.serverbuilder import SERVER_PORT
 from tuneloom.registry import committed_steps, run_prefix
 from tuneloom.serving.server import default_served_name
@@ -41,15 +39,6 @@ log = logging.getLogger("tuneloom.api")
 
 FINETUNEJOBS = "finetunejobs"
 KEYS_ENTRY = "keys.json"  # the Secret's data key: the keys file's JSON, {namespace: [sha256, ...]}
-
-
-def api_client() -> k8s.ApiClient:
-    """In a pod, its ServiceAccount; elsewhere KUBECONFIG (as the operator does)."""
-    try:
-        k8s_config.load_incluster_config()
-    except k8s_config.ConfigException:
-        k8s_config.load_kube_config()
-    return k8s.ApiClient()
 
 
 class SecretKeys:
@@ -108,26 +97,8 @@ class KubeEngine(Engine):
     # jobs
 
     def create_job(self, project: str, request: mapping.CreateJobRequest) -> dict[str, Any]:
-        requested = request.requested_hyperparameters()
         training, validation = self.training_files(project, request)
-        job_id = mapping.new_id("ftjob")
-        resolved = mapping.resolve_hyperparameters(requested, training.examples, self.settings.max_seq_length)
-        job = JobRecord(
-            id=job_id,
-            project=project,
-            created_at=int(time.time()),
-            model=request.model,
-            base_model=kubejobs.cluster_base_model(request.model),
-            training_file=training.id,
-            validation_file=request.validation_file,
-            hyperparameters=resolved.model_dump(),
-            suffix=request.suffix,
-            seed=request.seed if request.seed is not None else secrets.randbelow(2**31),
-            metadata=request.metadata,
-            integrations=[i.model_dump(mode="json", exclude_none=True) for i in request.integrations or []],
-            adapter_name=mapping.adapter_name(request.suffix, job_id),
-            fine_tuned_model=mapping.fine_tuned_model_id(request.model, project, request.suffix, job_id),
-        )
+        job = self.new_job(project, request, kubejobs.cluster_base_model(request.model), training)
         storage = {"endpoint": self.settings.job_s3_endpoint, "credentialsSecret": self.settings.job_storage_secret}
         document = kubejobs.build_finetune_job(
             job,
@@ -162,8 +133,8 @@ class KubeEngine(Engine):
     def job(self, project: str, job_id: str) -> dict[str, Any]:
         return job_object(kubejobs.job_record(self._object(project, job_id)))
 
-    def _records(self, project: str) -> list[JobRecord]:
-        """The project's jobs, newest first."""
+    def _job_objects(self, project: str) -> list[dict[str, Any]]:
+        """The FineTuneJobs this API created in the project's namespace."""
         listed = call_json(
             self.custom.list_namespaced_custom_object,
             API_GROUP,
@@ -172,7 +143,11 @@ class KubeEngine(Engine):
             FINETUNEJOBS,
             label_selector=kubejobs.LABEL_JOB_ID,
         )
-        records = [kubejobs.job_record(body) for body in listed["items"]]
+        return listed["items"]
+
+    def _records(self, project: str) -> list[JobRecord]:
+        """The project's jobs, newest first."""
+        records = [kubejobs.job_record(body) for body in self._job_objects(project)]
         return sorted(records, key=lambda r: (r.created_at, r.id), reverse=True)
 
     def list_jobs(self, project: str, after: str | None, limit: int | None, metadata: dict[str, str]):
@@ -245,15 +220,7 @@ class KubeEngine(Engine):
     # models and inference
 
     def _fine_tuned(self, project: str) -> list[tuple[JobRecord, dict[str, Any]]]:
-        listed = call_json(
-            self.custom.list_namespaced_custom_object,
-            API_GROUP,
-            API_VERSION,
-            project,
-            FINETUNEJOBS,
-            label_selector=kubejobs.LABEL_JOB_ID,
-        )
-        pairs = [(kubejobs.job_record(body), body) for body in listed["items"]]
+        pairs = [(kubejobs.job_record(body), body) for body in self._job_objects(project)]
         return [(r, body) for r, body in pairs if r.status == "succeeded" and not kubejobs.model_deleted(body)]
 
     def _servers(self, project: str) -> list[ModelServer]:

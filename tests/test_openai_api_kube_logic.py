@@ -36,9 +36,9 @@ def _record(**changes: Any) -> JobRecord:
     return JobRecord(**{**fields, **changes})
 
 
-def _object(status: dict[str, Any] | None = None) -> dict[str, Any]:
-    document = kubejobs.build_finetune_job(
-        _record(),
+def _build(record: JobRecord) -> dict[str, Any]:
+    return kubejobs.build_finetune_job(
+        record,
         train_uri="s3://b/api/files/team-a/file-1",
         validation_uri=None,
         train_count=90,
@@ -46,24 +46,18 @@ def _object(status: dict[str, Any] | None = None) -> dict[str, Any]:
         max_seq_length=128,
         storage={"credentialsSecret": "keys"},
     )
+
+
+def _object(status: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The FineTuneJob as the API server returns it."""
+    document = _build(_record())
     document["metadata"] |= {"creationTimestamp": "2023-11-14T22:13:20Z", "uid": "u-1"}
     return document | ({"status": status} if status is not None else {})
 
 
 def test_the_finetunejob_carries_the_request_and_reads_back_as_the_same_job() -> None:
     body = _object()
-    assert (
-        "uid"
-        not in kubejobs.build_finetune_job(
-            _record(),
-            train_uri="s3://b/t",
-            validation_uri=None,
-            train_count=9,
-            store="s3://b",
-            max_seq_length=64,
-            storage={},
-        )["metadata"]
-    )
+    assert "uid" not in _build(_record())["metadata"], "the API server gives it"
     assert body["metadata"]["labels"] == {kubejobs.LABEL_JOB_ID: JOB_ID}
     assert (
         body["spec"]["storage"] == {"credentialsSecret": "keys"} and body["spec"]["baseModel"] == _record().base_model
@@ -75,15 +69,7 @@ def test_the_finetunejob_carries_the_request_and_reads_back_as_the_same_job() ->
 
 def test_a_model_the_spec_refuses_is_a_400_naming_model() -> None:
     with pytest.raises(ApiError) as refused:
-        kubejobs.build_finetune_job(
-            _record(model="ftp://x", base_model="ftp://x"),
-            train_uri="s3://b/t",
-            validation_uri=None,
-            train_count=9,
-            store="s3://b",
-            max_seq_length=64,
-            storage={},
-        )
+        _build(_record(model="ftp://x", base_model="ftp://x"))
     assert refused.value.status == 400 and refused.value.param == "model" and "ftp://" in refused.value.message
 
 

@@ -187,6 +187,8 @@ def test_a_job_is_a_finetunejob_in_the_keys_namespace(kube_api: KubeApi, tmp_pat
     assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
     with pytest.raises(openai.BadRequestError):
         client.fine_tuning.jobs.cancel(job.id)
+    code, metrics_text = kube_api.process.get("/metrics")  # counted from the cluster's FineTuneJobs
+    assert code == 200 and 'tuneloom_api_jobs{status="cancelled"} 1.0' in metrics_text
 
     # The state is on the cluster and in the store: a new API process lists the same.
     kube_api.restart()

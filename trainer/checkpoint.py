@@ -44,6 +44,8 @@ class LoopState:
     tokens_seen: int = 0
     base_evaluation: EvaluationResult | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    # The training loss of every optimizer step, {"step", "loss"}: the report's curve (absent from older checkpoints).
+    train_history: list[dict[str, Any]] = field(default_factory=list)
     # The few-shot baseline, measured with the base model (absent from older checkpoints).
     few_shot_evaluation: EvaluationResult | None = None
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from tuneloom.api import FineTuneJobSpec
 from tuneloom.trainer import distributed
-from tuneloom.trainer.batching import Batch, collate, epoch_batches
+from tuneloom.trainer.batching import Batch, collate, epoch_batches, within_token_budget
 from tuneloom.trainer.checkpoint import CheckpointStore, LoopState, load_trainable_state, trainable_state
 from tuneloom.trainer.distributed import Ranks
 from tuneloom.trainer.evaluate import LossResult, evaluate_loss
@@ -208,7 +208,12 @@ class TrainingLoop:
 
     def _step(self, step_batches: list[Sequence[int]], reporter: ProgressReporter) -> None:
         started = time.monotonic()
-        batches = [collate(self.train, rows) for rows in step_batches]
+        budget = self.hp.microBatchTokens
+        batches = [
+            collate(self.train, rows)
+            for micro_batch in step_batches
+            for rows in within_token_budget(self.train, micro_batch, budget)
+        ]
         weight = 1.0
         if not batches:
             # The epoch's last step can leave a rank without a micro-batch. It still has to join
@@ -238,9 +243,11 @@ class TrainingLoop:
         tokens = int(distributed.total(sum(batch.num_tokens for batch in batches) * weight, self.ranks))
         self.state.step += 1
         self.state.tokens_seen += tokens
+        loss = loss_total / max(trained_tokens, 1)
+        self.state.train_history.append({"step": self.state.step, "loss": round(loss, 4)})
         reporter.step(
             self.state.step,
-            loss=loss_total / max(trained_tokens, 1),
+            loss=loss,
             tokens=tokens,
             learning_rate=rate,
             seconds=time.monotonic() - started,

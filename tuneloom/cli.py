@@ -54,6 +54,12 @@ def _validate_data(args: argparse.Namespace) -> int:
     )
 
 
+def _report(args: argparse.Namespace) -> int:
+    from tuneloom.trainer.reportcommand import report_command
+
+    return report_command(args.uri, args.output)
+
+
 def _models_prepare(args: argparse.Namespace) -> int:
     from tuneloom.models import prepare_model
 
@@ -168,6 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpu-hour-price", type=_non_negative_float, help="price of one GPU-hour, for the estimated cost"
     )
     validate.set_defaults(handler=_validate_data)
+
+    report = commands.add_parser(
+        "report",
+        help="write report.html of a stored adapter version and print its path",
+        description="Draws the version's report (loss curves, base vs adapter, promotion, data, held-out answers) "
+        "from its manifest, evaluation.json and loss history; versions published before report.html existed too.",
+    )
+    report.add_argument(
+        "uri",
+        help="the version's URI as `tuneloom train` prints it: STORE/adapters/NAMESPACE/NAME/VERSION "
+        "(without /VERSION: the latest); STORE is a directory, file:// or s3://",
+    )
+    report.add_argument("--output", help="HTML file to write (default: report-NAMESPACE-NAME-VERSION.html here)")
+    report.set_defaults(handler=_report)
 
     models = commands.add_parser("models", help="base model assets").add_subparsers(
         dest="models_command", required=True, metavar="ACTION"

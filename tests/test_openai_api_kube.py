@@ -20,6 +20,8 @@ from kubernetes import client as k8s
 
 from tuneloom.openai_api.keys import key_hash
 from tuneloom.operator.common import post_event
+from tuneloom.registry import run_prefix
+from tuneloom.storage import S3Connection, open_store
 from tuneloom_dev.apiprocess import ApiProcess
 from tuneloom_dev.helm import ensure_helm
 from tuneloom_dev.seaweedfs import SeaweedFS
@@ -46,6 +48,7 @@ class KubeApi:
     args: list[str]
     env: dict[str, str]
     work: Path
+    s3: S3Connection
 
     def client(self, key: str = KEY_A) -> openai.OpenAI:
         return self.process.client(key, timeout=60)
@@ -110,7 +113,8 @@ def kube_api(
     args += ["--job-s3-endpoint", seaweedfs.endpoint, "--job-storage-secret", STORAGE_SECRET]
     env = {**seaweedfs.client_env(), "KUBECONFIG": str(kubeconfig)}
     process = ApiProcess(args, env, work / "api.log").start()
-    bench = KubeApi(process, custom, core, project_a, project_b, store, args, env, work)
+    s3 = S3Connection(seaweedfs.endpoint, "us-east-1", seaweedfs.access_key, seaweedfs.secret_key)
+    bench = KubeApi(process, custom, core, project_a, project_b, store, args, env, work, s3)
     try:
         yield bench
     finally:
@@ -210,6 +214,16 @@ def test_a_succeeded_job_is_a_model_routed_to_its_modelserver(kube_api: KubeApi,
     assert done.fine_tuned_model == f"ft:{BASE.rsplit('/', 1)[-1]}:{kube_api.project_a}:ok:{job.id}"
     models = {m.id: m.owned_by for m in client.models.list()}
     assert models[done.fine_tuned_model] == kube_api.project_a
+
+    # Checkpoints are the run's committed ones in the store, as the trainer writes them.
+    run = run_prefix(kube_api.project_a, job.id, kube_api.job_object(job.id)["metadata"]["uid"])
+    store = open_store(kube_api.store, connection=kube_api.s3)
+    store.put_bytes(f"{run}/step-00000004/manifest.json", b"{}")
+    store.put_bytes(f"{run}/step-00000008/manifest.json", b"{}")
+    store.put_bytes(f"{run}/step-00000012/trainable.safetensors", b"")  # interrupted: no manifest
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [c.step_number for c in checkpoints] == [8, 4]
+    assert checkpoints[0].fine_tuned_model_checkpoint == f"{done.fine_tuned_model}:ckpt-step-8"
     assert done.fine_tuned_model not in {m.id for m in kube_api.client(KEY_B).models.list()}
 
     # No ModelServer in the namespace serves its base: a 404 in OpenAI's shape that says what to do.

@@ -62,9 +62,8 @@ class ApiEngine(Engine):
         training, _ = self.training_files(project, request)
         job = self.new_job(project, request, base.id, training)
         self.state.add_job(job, NewEvent(message=f"Created fine-tuning job: {job.id}"))
-        if job.integrations:
-            kinds = ", ".join(sorted({str(i.get("type", "?")) for i in job.integrations}))
-            notice = f"Integrations ({kinds}) accepted and ignored: metrics are in this job's events and result file"
+        notice = mapping.integrations_notice(job.integrations)
+        if notice:
             self.state.update_job(job, [NewEvent(message=notice, level="warn")])
         self.runner.submit(job)
         return job_object(job)

@@ -171,6 +171,9 @@ def job_events(body: dict[str, Any], kube_events: list[dict[str, Any]], now: flo
     and where its status stands now (with the progress figures while it trains)."""
     record = job_record(body, now)
     events = [_event(f"ftevent-{record.id}-created", record.created_at, f"Created fine-tuning job: {record.id}")]
+    notice = mapping.integrations_notice(record.integrations)
+    if notice:
+        events.append(_event(f"ftevent-{record.id}-integrations", record.created_at, notice, "warn"))
     for item in kube_events:
         meta = item.get("metadata") or {}
         stamp = item.get("lastTimestamp") or item.get("eventTime") or item.get("firstTimestamp")

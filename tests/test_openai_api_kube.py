@@ -136,6 +136,7 @@ def test_a_job_is_a_finetunejob_in_the_keys_namespace(kube_api: KubeApi, tmp_pat
         suffix="pirate",
         hyperparameters={"n_epochs": 2},
         metadata={"team": "search"},
+        integrations=[{"type": "wandb", "wandb": {"project": "p"}}],
     )
     assert job.status == "validating_files" and job.fine_tuned_model is None
 
@@ -165,6 +166,7 @@ def test_a_job_is_a_finetunejob_in_the_keys_namespace(kube_api: KubeApi, tmp_pat
     events = client.fine_tuning.jobs.list_events(job.id).data  # newest first
     messages = [e.message for e in events]
     assert messages[-1] == f"Created fine-tuning job: {job.id}" and "Training pod started" in messages
+    assert any("wandb" in m and "ignored" in m for m in messages)
     (metrics,) = [e for e in events if e.type == "metrics"]
     assert metrics.data["train_loss"] == 1.25 and metrics.data["step"] == 3
     first = client.fine_tuning.jobs.list_events(job.id, limit=1)

@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 from kubernetes import client as k8s
+from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
 from tuneloom.api import API_GROUP, API_VERSION, ModelServer
@@ -47,15 +48,16 @@ class SecretKeys:
 
     def __init__(self, core: k8s.CoreV1Api, secret: str, refresh_s: float):
         namespace, _, name = secret.partition("/")
-        if not namespace or not name:
-            raise KeysFileError(f"--keys-secret {secret!r}: give it as NAMESPACE/NAME")
         self.core, self.namespace, self.name, self.refresh_s = core, namespace, name, refresh_s
         self._lock = threading.Lock()
         self._ring, self._read_at = self._read(), time.monotonic()
 
     def _read(self) -> KeyRing:
         source = f"Secret {self.namespace}/{self.name}"
-        data = read_secret(self.core, self.namespace, self.name)
+        try:
+            data = read_secret(self.core, self.namespace, self.name)
+        except ApiException as exc:
+            raise KeysFileError(f"{source} (--keys-secret) cannot be read: {exc.status} {exc.reason}") from None
         if data is None or KEYS_ENTRY not in data:
             raise KeysFileError(
                 f"{source} has no {KEYS_ENTRY!r}; create it from a keys file made by `tuneloom api new-key`: "
@@ -68,7 +70,7 @@ class SecretKeys:
             if time.monotonic() - self._read_at > self.refresh_s:
                 try:
                     self._ring = self._read()
-                except (ApiException, KeysFileError) as exc:
+                except KeysFileError as exc:
                     log.warning("keeping the API keys last read: %s", exc)
                 self._read_at = time.monotonic()
             ring = self._ring
@@ -77,10 +79,15 @@ class SecretKeys:
 
 class KubeEngine(Engine):
     def __init__(self, settings: ApiSettings, client: k8s.ApiClient | None = None):
-        if not settings.keys_secret:
+        if not settings.keys_secret or settings.keys_secret.count("/") != 1:
             raise KeysFileError("--kubernetes needs --keys-secret NAMESPACE/NAME (the API keys' Secret)")
         self.settings = settings
-        self.client = client or api_client()
+        try:
+            self.client = client or api_client()
+        except k8s_config.ConfigException as exc:
+            raise KeysFileError(
+                f"--kubernetes: no cluster to talk to ({exc}); run in a pod or set KUBECONFIG"
+            ) from None
         self.core, self.custom = k8s.CoreV1Api(self.client), k8s.CustomObjectsApi(self.client)
         self.keys = SecretKeys(self.core, settings.keys_secret, settings.keys_refresh_s)
         self.store = open_store(settings.store)

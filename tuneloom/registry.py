@@ -443,11 +443,23 @@ def split_adapter_uri(uri: str) -> tuple[str, AdapterId]:
 # wrote without taking the pod's word for it.
 
 PUBLISHED = "published.json"
+_STEP_DIR = re.compile(r"^step-(\d+)/")
 
 
 def run_prefix(namespace: str, job_name: str, run_id: str) -> str:
     """`checkpoints/<namespace>/<job>/<run id>`: the uid on a cluster, `local` on a laptop."""
     return f"checkpoints/{validate_label(namespace, 'namespace')}/{job_name}/{run_id}"
+
+
+def committed_steps(store: ObjectStore, prefix: str) -> list[int]:
+    """The steps of the run's committed checkpoints (`prefix/step-<N>/` with its manifest), in order;
+    one without a manifest was interrupted and does not count."""
+    steps = []
+    for key in store.list(prefix + "/"):
+        match = _STEP_DIR.match(key[len(prefix) + 1 :])
+        if match and key.endswith(f"/{MANIFEST}"):
+            steps.append(int(match.group(1)))
+    return sorted(steps)
 
 
 def read_published(store: ObjectStore, prefix: str) -> dict[str, Any] | None:

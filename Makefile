@@ -8,6 +8,7 @@ quickstart: env
 	$(VENV)/tuneloom validate-data examples/support-tickets/train.jsonl --model $$($(VENV)/tuneloom models prepare smollm2-135m-instruct) --max-seq-length 512 --batch-size 4 --epochs 2
 	$(VENV)/tuneloom train -f examples/quickstart.yaml --fresh
 	$(VENV)/python -I examples/support-tickets/ask_over_http.py --store out/store
+	$(VENV)/tuneloom report out/store/adapters/default/support-tickets --output out/support-tickets-report.html
 
 test: env-dev
 	$(VENV)/ruff check .
@@ -27,7 +28,8 @@ env:
 env-dev:
 	scripts/bootstrap.sh train,models,operator,dev,serve-cpu,api
 
-bench: env-dev
+bench:
+	scripts/bootstrap.sh train,models,operator,dev,serve-cpu,api,bench
 	$(VENV)/python bench/train_throughput.py --model smollm2
 	$(VENV)/python bench/serving.py --model smollm2
 	$(VENV)/python bench/operator_scale.py

@@ -13,8 +13,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
-from .engine import ApiEngine
 from .errors import ApiError
+from .interface import Engine
 from .jobs import CreateJobRequest
 
 log = logging.getLogger("tuneloom.api")
@@ -23,7 +23,7 @@ INFERENCE_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 OPEN_ROUTES = ("/health", "/metrics")
 
 
-def create_app(engine: ApiEngine) -> FastAPI:
+def create_app(engine: Engine) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         engine.start()
@@ -109,7 +109,7 @@ def create_app(engine: ApiEngine) -> FastAPI:
     @app.get("/v1/files/{file_id}/content")
     def content(who: Project, file_id: str) -> FileResponse:
         path, filename = engine.file_content(who, file_id)
-        return FileResponse(path, filename=filename, background=BackgroundTask(engine.files.remove_download, path))
+        return FileResponse(path, filename=filename, background=BackgroundTask(engine.remove_download, path))
 
     @app.post("/v1/fine_tuning/jobs")
     def create_job(who: Project, body: CreateJobRequest) -> dict:
@@ -152,8 +152,7 @@ def create_app(engine: ApiEngine) -> FastAPI:
             raise ApiError(400, "The body must be a JSON object") from None
         if not isinstance(body, dict):
             raise ApiError(400, "The body must be a JSON object")
-        target = engine.target(who, body.get("model"))
-        status, media_type, content = await engine.serving.forward(target, request.url.path, body, body["model"])
+        status, media_type, content = await engine.forward(who, request.url.path, body)
         if isinstance(content, bytes):
             return Response(content, status_code=status, media_type=media_type)
         return StreamingResponse(content, status_code=status, media_type=media_type)

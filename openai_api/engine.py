@@ -3,17 +3,15 @@ inference targets, each scoped to the caller's project. Returns OpenAI objects a
 
 from __future__ import annotations
 
-import secrets
-import time
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from tuneloom.storage import open_store
 
 from . import jobs as mapping
-from .errors import ApiError, bad_request, found, not_found
-from .files import FileService, file_object
+from .errors import ApiError, found, not_found
+from .files import FileService
 from .inference import ServeManager, Target, adapter_served_name
+from .interface import MAX_PAGE, Engine, Forwarded, page_limit, requested_model
 from .keys import KeyRing
 from .metrics import ApiMetrics
 from .models import OWNED_BY_BASE, prepared_base_models, resolve_base_model
@@ -22,26 +20,19 @@ from .runner import LocalRunner
 from .settings import ApiSettings
 from .state import JobRecord, NewEvent, State
 
-MAX_PAGE = 100
-MAX_FILES_PAGE = 10_000  # OpenAI's own bounds for listing files
 CHECKPOINT_MARK = ":ckpt-step-"
 
 
-def page_limit(limit: int | None, default: int = 20, maximum: int = MAX_PAGE) -> int:
-    if limit is None:
-        return default
-    if not 1 <= limit <= maximum:
-        raise bad_request(f"limit must be between 1 and {maximum}, got {limit}", "limit")
-    return limit
+class ApiEngine(Engine):
+    """Local mode: SQLite state, jobs trained on this machine, a `tuneloom serve` per base model."""
 
-
-class ApiEngine:
     def __init__(self, settings: ApiSettings):
         self.settings = settings
         self.keys = KeyRing.load(settings.api_key_env, settings.keys_file)
         root = settings.state_path()
         self.state = State(root / "state.sqlite3")
         self.store = open_store(settings.store)
+        self.file_index = self.state
         self.files = FileService(self.state, self.store, root / "tmp", settings.validation_problems_listed)
         self.runner = LocalRunner(
             self.state, self.files, self.store, root / "jobs", settings.max_running, settings.max_seq_length
@@ -64,80 +55,18 @@ class ApiEngine:
         await self.serving.client.aclose()
         self.state.close()
 
-    # files
-
-    def upload(self, project: str, source: IO[bytes], filename: str, purpose: str) -> dict[str, Any]:
-        record = self.files.upload(source, filename, purpose, project, self.metrics.upload_bytes.inc)
-        return file_object(record)
-
-    def list_files(self, project: str, purpose: str | None, after: str | None, limit: int | None, order: str):
-        if order not in ("asc", "desc"):
-            raise bad_request("order must be 'asc' or 'desc'", "order")
-        records, more = self.state.files(
-            project,
-            purpose=purpose,
-            after=after,
-            limit=page_limit(limit, MAX_FILES_PAGE, MAX_FILES_PAGE),
-            newest_first=order == "desc",
-        )
-        return listing([file_object(r) for r in records], more)
-
-    def file(self, project: str, file_id: str) -> dict[str, Any]:
-        return file_object(self.files.get(project, file_id))
-
-    def file_content(self, project: str, file_id: str) -> tuple[Path, str]:
-        record = self.files.get(project, file_id)
-        return self.files.download(record), record.filename
-
-    def delete_file(self, project: str, file_id: str) -> dict[str, Any]:
-        self.files.delete(self.files.get(project, file_id))
-        return {"id": file_id, "object": "file", "deleted": True}
-
     # jobs
 
     def create_job(self, project: str, request: mapping.CreateJobRequest) -> dict[str, Any]:
-        requested = request.requested_hyperparameters()
         base = resolve_base_model(request.model)
-        training = self._training_file(project, request.training_file, "training_file")
-        if request.validation_file:
-            self._training_file(project, request.validation_file, "validation_file")
-        if training.examples < 2:
-            raise bad_request("training_file needs at least 2 examples (one is held out)", "training_file")
-        job_id = mapping.new_id("ftjob")
-        resolved = mapping.resolve_hyperparameters(requested, training.examples, self.settings.max_seq_length)
-        job = JobRecord(
-            id=job_id,
-            project=project,
-            created_at=int(time.time()),
-            model=request.model,
-            base_model=base.id,
-            training_file=training.id,
-            validation_file=request.validation_file,
-            hyperparameters=resolved.model_dump(),
-            suffix=request.suffix,
-            seed=request.seed if request.seed is not None else secrets.randbelow(2**31),
-            metadata=request.metadata,
-            integrations=[i.model_dump(mode="json", exclude_none=True) for i in request.integrations or []],
-            adapter_name=mapping.adapter_name(request.suffix, job_id),
-            fine_tuned_model=mapping.fine_tuned_model_id(base.id, project, request.suffix, job_id),
-        )
-        self.state.add_job(job, NewEvent(message=f"Created fine-tuning job: {job_id}"))
-        if job.integrations:
-            kinds = ", ".join(sorted({str(i.get("type", "?")) for i in job.integrations}))
-            notice = f"Integrations ({kinds}) accepted and ignored: metrics are in this job's events and result file"
+        training, _ = self.training_files(project, request)
+        job = self.new_job(project, request, base.id, training)
+        self.state.add_job(job, NewEvent(message=f"Created fine-tuning job: {job.id}"))
+        notice = mapping.integrations_notice(job.integrations)
+        if notice:
             self.state.update_job(job, [NewEvent(message=notice, level="warn")])
         self.runner.submit(job)
         return job_object(job)
-
-    def _training_file(self, project: str, file_id: str, param: str):
-        record = self.state.file(project, file_id)
-        if record is None:
-            raise not_found("file", file_id, param)
-        if record.purpose != "fine-tune":
-            raise bad_request(
-                f"{param} {file_id} has purpose {record.purpose!r}; upload it with purpose='fine-tune'", param
-            )
-        return record
 
     def job_record(self, project: str, job_id: str) -> JobRecord:
         return found(self.state.job(job_id, project), "job", job_id, "fine_tuning_job_id")
@@ -218,9 +147,11 @@ class ApiEngine:
             )
         return job
 
-    def target(self, project: str, model: Any) -> Target:
-        if not isinstance(model, str) or not model:
-            raise bad_request("model is required: a fine-tuned model id (ft:...) or a base model", "model")
+    async def forward(self, project: str, path: str, body: dict[str, Any]) -> Forwarded:
+        model = requested_model(body)
+        return await self.serving.forward(self.target(project, model), path, body, model)
+
+    def target(self, project: str, model: str) -> Target:
         job = self._servable_job(project, model)
         if job is None:
             return Target(resolve_base_model(model), resolve_base_model(model).id)

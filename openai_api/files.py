@@ -1,5 +1,6 @@
 """Uploaded files: streamed to a temporary file, validated when they are training data, then put
-in the object store. The database holds their records; the store holds their bytes."""
+in the object store. A FileIndex holds their records (the local database, or the store itself in
+Kubernetes mode); the store holds their bytes."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from openai.types import FileObject
 
@@ -17,7 +18,7 @@ from tuneloom.trainer.datafile import Problem, iter_checked
 
 from .errors import ApiError, bad_request, found
 from .jobs import new_id
-from .state import FileRecord, State
+from .state import FileRecord
 
 FINE_TUNE = "fine-tune"
 RESULTS = "fine-tune-results"
@@ -47,9 +48,20 @@ def problems_message(filename: str, first: list[Problem], total: int) -> str:
     )
 
 
+class FileIndex(Protocol):
+    """Where file records live, each scoped to its project."""
+
+    def add_file(self, record: FileRecord) -> None: ...
+    def file(self, project: str, file_id: str) -> FileRecord | None: ...
+    def files(
+        self, project: str, *, purpose: str | None, after: str | None, limit: int, newest_first: bool = True
+    ) -> tuple[list[FileRecord], bool]: ...
+    def delete_file(self, project: str, file_id: str) -> None: ...
+
+
 class FileService:
-    def __init__(self, state: State, store: ObjectStore, work_dir: Path, problems_listed: int):
-        self.state, self.store, self.work_dir, self.problems_listed = state, store, work_dir, problems_listed
+    def __init__(self, index: FileIndex, store: ObjectStore, work_dir: Path, problems_listed: int):
+        self.index, self.store, self.work_dir, self.problems_listed = index, store, work_dir, problems_listed
         work_dir.mkdir(parents=True, exist_ok=True)
 
     @staticmethod
@@ -105,11 +117,11 @@ class FileService:
             examples=examples,
         )
         self.store.put_file(record.store_key, path, if_absent=True)
-        self.state.add_file(record)  # after the bytes: a listed file always has content
+        self.index.add_file(record)  # after the bytes: a listed file always has content
         return record
 
     def get(self, project: str, file_id: str) -> FileRecord:
-        return found(self.state.file(project, file_id), "file", file_id, "file_id")
+        return found(self.index.file(project, file_id), "file", file_id, "file_id")
 
     def download(self, record: FileRecord) -> Path:
         """A local copy of the content; the caller removes it."""
@@ -118,7 +130,7 @@ class FileService:
         return dest
 
     def delete(self, record: FileRecord) -> None:
-        self.state.delete_file(record.id)
+        self.index.delete_file(record.project, record.id)
         self.store.delete(record.store_key)
 
     @staticmethod

@@ -111,24 +111,36 @@ class ServeManager:
         self._starter.shutdown(wait=False)
 
     async def forward(self, target: Target, path: str, body: dict[str, Any], client_name: str):
-        """vLLM's answer: (status, headers, body or async byte stream)."""
+        """vLLM's answer: (status, media type, body or async byte stream)."""
         server = await self.server_for(target.base)
-        payload = json.dumps({**body, "model": target.served_name}).encode()
-        request = self.client.build_request(
-            "POST",
-            f"{server.url}{path}",
-            content=payload,
-            headers={"authorization": f"Bearer {self.key}", "content-type": "application/json"},
-        )
-        response = await self.client.send(request, stream=True)
-        rename = ModelRenamer(target.served_name, client_name)
-        if response.headers.get("content-type", "").startswith("text/event-stream"):
-            return response.status_code, "text/event-stream", rename.stream(response)
-        try:
-            content = await response.aread()
-        finally:
-            await response.aclose()
-        return response.status_code, response.headers.get("content-type", "application/json"), rename.body(content)
+        return await proxy(self.client, server.url, self.key, target.served_name, path, body, client_name)
+
+
+async def proxy(
+    client: httpx.AsyncClient,
+    server_url: str,
+    key: str | None,
+    served_name: str,
+    path: str,
+    body: dict[str, Any],
+    client_name: str,
+):
+    """Sends `body` to the vLLM server at `server_url` as `served_name`; its answer (status, media
+    type, body or async byte stream) names the model as the client did."""
+    payload = json.dumps({**body, "model": served_name}).encode()
+    headers = {"content-type": "application/json"}
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    request = client.build_request("POST", f"{server_url}{path}", content=payload, headers=headers)
+    response = await client.send(request, stream=True)
+    rename = ModelRenamer(served_name, client_name)
+    if response.headers.get("content-type", "").startswith("text/event-stream"):
+        return response.status_code, "text/event-stream", rename.stream(response)
+    try:
+        content = await response.aread()
+    finally:
+        await response.aclose()
+    return response.status_code, response.headers.get("content-type", "application/json"), rename.body(content)
 
 
 def reap_orphans(groups_file: Path) -> None:

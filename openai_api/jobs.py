@@ -128,6 +128,14 @@ def resolve_hyperparameters(
     )
 
 
+def integrations_notice(integrations: list[dict[str, Any]]) -> str | None:
+    """The event that says a job's integrations (wandb) were accepted and are ignored; None without any."""
+    if not integrations:
+        return None
+    kinds = ", ".join(sorted({str(i.get("type", "?")) for i in integrations}))
+    return f"Integrations ({kinds}) accepted and ignored: metrics are in this job's events and result file"
+
+
 def new_id(prefix: str) -> str:
     """OpenAI-style ids; lowercase hex, so a job id is also a DNS label."""
     return f"{prefix}-{secrets.token_hex(12)}"

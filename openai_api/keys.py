@@ -30,17 +30,26 @@ def read_keys_file(path: Path) -> dict[str, list[str]]:
     if not path.exists():
         return {}
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise KeysFileError(f"{path}: not a JSON object of project -> [sha256, ...]: {exc}") from None
+        text = path.read_text()
+    except OSError as exc:
+        raise KeysFileError(f"{path}: cannot be read: {exc}") from None
+    return parse_keys(text, str(path))
+
+
+def parse_keys(text: str, source: str) -> dict[str, list[str]]:
+    """The keys file's format, `{project: [sha256, ...]}`, read from a file or a Secret (`source` names it)."""
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise KeysFileError(f"{source}: not a JSON object of project -> [sha256, ...]: {exc}") from None
     if not isinstance(data, dict) or not all(
         isinstance(hashes, list) and all(isinstance(h, str) and len(h) == 64 for h in hashes)
         for hashes in data.values()
     ):
-        raise KeysFileError(f"{path}: expected {{project: [64-hex sha256, ...]}}")
+        raise KeysFileError(f"{source}: expected {{project: [64-hex sha256, ...]}}")
     bad = [project for project in data if not is_dns_label(project)]
     if bad:
-        raise KeysFileError(f"{path}: project {bad[0]!r} is not a DNS label ({DNS_LABEL_RULE})")
+        raise KeysFileError(f"{source}: project {bad[0]!r} is not a DNS label ({DNS_LABEL_RULE})")
     return data
 
 
@@ -76,6 +85,10 @@ class KeyRing:
         if not pairs:
             raise KeysFileError("no API keys: give --api-key-env VAR and/or --keys-file PATH")
         return cls(tuple(pairs))
+
+    @classmethod
+    def of(cls, keys: dict[str, list[str]]) -> KeyRing:
+        return cls(tuple((h, project) for project, hashes in keys.items() for h in hashes))
 
     @property
     def projects(self) -> list[str]:

@@ -16,14 +16,23 @@ def serve(settings: ApiSettings) -> int:
     import uvicorn
 
     from .app import create_app
-    from .engine import ApiEngine
+    from .interface import Engine
 
     try:
-        engine = ApiEngine(settings)
+        engine: Engine
+        if settings.kubernetes:
+            from .kubeengine import KubeEngine
+
+            engine = KubeEngine(settings)
+        else:
+            from .engine import ApiEngine
+
+            engine = ApiEngine(settings)
     except KeysFileError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    log.info("state in %s; store %s", settings.state_path(), engine.store.uri)
+    where = "FineTuneJobs on the cluster" if settings.kubernetes else f"state in {settings.state_path()}"
+    log.info("%s; store %s", where, settings.store)
     # No access log: uvicorn's would print query strings; the metrics count every request.
     uvicorn.run(create_app(engine), host=settings.host, port=settings.port, access_log=False, log_level="info")
     return 0

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from openai.types import Model
 from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
@@ -10,6 +11,8 @@ from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
 
 from .jobs import checkpoint_model_id
 from .state import CheckpointRecord, EventRecord, JobRecord
+
+T = TypeVar("T")
 
 # OpenAI's type lists every status but `paused`, which its API has too: that one is built unchecked.
 _CHECKED_STATUSES = set(FineTuningJob.model_fields["status"].annotation.__args__)
@@ -23,6 +26,15 @@ def listing(items: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
         "first_id": items[0]["id"] if items else None,
         "last_id": items[-1]["id"] if items else None,
     }
+
+
+def page_after(items: list[T], after: str | None, limit: int, id_of: Callable[[T], str]) -> tuple[list[T], bool]:
+    """The items after the one whose id is `after` (none given: from the first), at most `limit`;
+    and whether more follow. An unknown `after` is the end of the list."""
+    if after:
+        ids = [id_of(item) for item in items]
+        items = items[ids.index(after) + 1 :] if after in ids else []
+    return items[:limit], len(items) > limit
 
 
 def job_object(job: JobRecord) -> dict[str, Any]:

@@ -24,6 +24,19 @@ class ApiSettings(BaseModel):
     serve_max_model_len: int | None = Field(default=None, description="vLLM's --max-model-len for inference")
     serve_startup_timeout_s: float = 600.0
     validation_problems_listed: int = Field(default=20, ge=1, description="problems named in a refused upload")
+    kubernetes: bool = Field(default=False, description="jobs as FineTuneJobs on the cluster (kubeengine.py)")
+    keys_secret: str | None = Field(
+        default=None, description="Kubernetes mode: NAMESPACE/NAME of the Secret whose `keys.json` maps keys"
+    )
+    keys_refresh_s: float = Field(default=30.0, gt=0, description="Kubernetes mode: seconds between Secret reads")
+    job_s3_endpoint: str | None = Field(
+        default=None, description="Kubernetes mode: each FineTuneJob's spec.storage.endpoint; unset: AWS"
+    )
+    job_storage_secret: str | None = Field(
+        default=None,
+        description="Kubernetes mode: each FineTuneJob's spec.storage.credentialsSecret, a Secret in the project's "
+        "namespace with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; unset: the training pod's own identity",
+    )
 
     def state_path(self) -> Path:
         """Where the state lives: --state-dir; else `api-state/` beside a local store (so the two

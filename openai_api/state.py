@@ -155,8 +155,8 @@ class State:
         rows = self._query(sql, [*args, limit + 1])
         return _page([FileRecord.model_validate(dict(row)) for row in rows], limit)
 
-    def delete_file(self, file_id: str) -> None:
-        self._write([("UPDATE files SET deleted = 1 WHERE id = ?", (file_id,))])
+    def delete_file(self, project: str, file_id: str) -> None:
+        self._write([("UPDATE files SET deleted = 1 WHERE id = ? AND project = ?", (file_id, project))])
 
     # jobs
 

@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 from kubernetes import client as k8s
+from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 from pydantic import BaseModel, ValidationError
 
@@ -31,6 +32,15 @@ M = TypeVar("M", bound=BaseModel)
 
 class SecretNotFoundError(StorageError):
     """A Secret the spec names does not exist."""
+
+
+def api_client() -> k8s.ApiClient:
+    """In a pod, its ServiceAccount's; elsewhere KUBECONFIG's."""
+    try:
+        k8s_config.load_incluster_config()
+    except k8s_config.ConfigException:
+        k8s_config.load_kube_config()
+    return k8s.ApiClient()
 
 
 def now() -> datetime:

@@ -20,13 +20,11 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import kopf
-from kubernetes import client as k8s
-from kubernetes import config as k8s_config
 
 from tuneloom.api import API_GROUP, API_VERSION, FineTuneJobStatus
 from tuneloom.metrics import serve_metrics
 from tuneloom.operator.adapters import AdapterReconciler
-from tuneloom.operator.common import ADAPTERS, MODELSERVERS, read_status
+from tuneloom.operator.common import ADAPTERS, MODELSERVERS, api_client, read_status
 from tuneloom.operator.config import OperatorConfig
 from tuneloom.operator.metrics import OperatorMetrics
 from tuneloom.operator.reconciler import PLURAL, TERMINAL, FineTuneJobReconciler
@@ -34,14 +32,6 @@ from tuneloom.operator.resync import Resync
 from tuneloom.operator.servers import ServerReconciler
 
 CONFIG = OperatorConfig.from_env()
-
-
-def _api_client() -> k8s.ApiClient:
-    try:
-        k8s_config.load_incluster_config()
-    except k8s_config.ConfigException:
-        k8s_config.load_kube_config()
-    return k8s.ApiClient()
 
 
 @kopf.on.startup()
@@ -53,7 +43,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
     metrics = OperatorMetrics()
     serve_metrics(metrics.registry, CONFIG.metrics_port, CONFIG.bind_address)
-    api = _api_client()
+    api = api_client()
     memo.adapters = AdapterReconciler(api)
     memo.reconciler = FineTuneJobReconciler(CONFIG, api, metrics, memo.adapters)
     memo.servers = ServerReconciler(CONFIG, api, metrics)

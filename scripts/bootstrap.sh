@@ -9,13 +9,19 @@ extras="${1:-train,models}"
 python="${PYTHON:-python3}"
 venv=.venv
 
-if [[ ",$extras," == *",dev,"* ]] && ! command -v promtool >/dev/null 2>&1; then
-  # promtool lints the metrics the components expose; Debian's prometheus package ships it.
-  if [[ $(id -u) -eq 0 ]]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-  else
-    echo "promtool is missing: install Debian's 'prometheus' package (sudo apt-get install prometheus)" >&2
-    exit 1
+if [[ ",$extras," == *",dev,"* ]]; then
+  # The tests' Debian packages: promtool (in 'prometheus') lints the metrics the components expose;
+  # headless chromium renders report.html as a person's browser would.
+  missing=()
+  command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  if ((${#missing[@]})); then
+    if [[ $(id -u) -eq 0 ]]; then
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    else
+      echo "missing Debian packages for the tests: install them (sudo apt-get install ${missing[*]})" >&2
+      exit 1
+    fi
   fi
 fi
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+import yaml
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
@@ -97,3 +98,33 @@ def kubectl(cluster: KubeCluster, *args: str, stdin: str | None = None) -> str:
     )
     assert result.returncode == 0, f"kubectl {' '.join(args)} failed: {result.stderr}"
     return result.stdout
+
+
+def install_crds(cluster: KubeCluster, api: k8s.ApiClient, plurals: list[str]) -> None:
+    """Applies the repository's CRDs of these kinds and waits until the API server serves them."""
+    root = Path(__file__).resolve().parent.parent
+    extensions = k8s.ApiextensionsV1Api(api)
+    for plural in plurals:
+        kubectl(cluster, "apply", "-f", str(root / "crds" / f"{plural}.yaml"))
+
+        def established(plural: str = plural) -> bool:
+            crd = extensions.read_custom_resource_definition(f"{plural}.tuneloom.dev")
+            return any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or [])
+
+        wait_for(established, f"the {plural} CRD to be established")
+
+
+def service_account_kubeconfig(
+    cluster: KubeCluster, core: k8s.CoreV1Api, namespace: str, account: str, dest: Path
+) -> Path:
+    """A kubeconfig of the cluster that acts as the ServiceAccount (a fresh token of it), so a
+    process run with it has exactly the RBAC that account is bound to."""
+    token = core.create_namespaced_service_account_token(
+        account, namespace, {"spec": {"expirationSeconds": 7200}}
+    ).status.token
+    admin = yaml.safe_load(cluster.kubeconfig.read_text())
+    admin["users"] = [{"name": account, "user": {"token": token}}]
+    for context in admin["contexts"]:
+        context["context"]["user"] = account
+    dest.write_text(yaml.safe_dump(admin))
+    return dest

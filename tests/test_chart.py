@@ -23,6 +23,7 @@ from kubernetes.client.exceptions import ApiException
 from prometheus_client import CollectorRegistry
 
 from tuneloom.api import ModelServer
+from tuneloom.cli import build_parser
 from tuneloom.jobfile import parse_job
 from tuneloom.net import free_ports
 from tuneloom.operator.config import OperatorConfig
@@ -40,6 +41,7 @@ ALERTS = CHART / "files" / "alerts.yaml"
 DASHBOARDS = sorted((CHART / "dashboards").glob("*.json"))
 NAMESPACE = "tuneloom-system"
 MONITORING = ("serviceMonitor.enabled", "podMonitor.enabled", "prometheusRule.enabled", "dashboards.enabled")
+API_VALUES = {"api.enabled": "true", "api.store": "s3://files/tuneloom", "objectStorage.endpoint": "http://s3:8333"}
 
 
 # -- helm ----------------------------------------------------------------------------------------
@@ -79,9 +81,10 @@ def monitoring_objects(helm: Path) -> list[dict[str, Any]]:
     return render(helm, **dict.fromkeys(MONITORING, "true"))
 
 
-@pytest.mark.parametrize("monitoring", [False, True], ids=["defaults", "monitoring"])
-def test_helm_lint_is_clean(helm: Path, monitoring: bool) -> None:
-    settings = dict.fromkeys(MONITORING, "true") if monitoring else {}
+@pytest.mark.parametrize(
+    "settings", [{}, dict.fromkeys(MONITORING, "true"), API_VALUES], ids=["defaults", "monitoring", "api"]
+)
+def test_helm_lint_is_clean(helm: Path, settings: dict[str, str]) -> None:
     out = run_helm(helm, "lint", "--strict", str(CHART), *set_flags(settings))
     assert "[WARNING]" not in out and "[ERROR]" not in out, out
 
@@ -167,6 +170,64 @@ def test_object_storage_credentials_come_from_the_secret(helm: Path) -> None:
     assert env["TUNELOOM_S3_ENDPOINT"]["value"] == "http://s3"
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         assert env[key] == {"name": key, "valueFrom": {"secretKeyRef": {"name": "s3", "key": key}}}
+
+
+def test_api_render_is_its_deployment_service_and_least_privilege_account(helm: Path) -> None:
+    objects = render(
+        helm, **API_VALUES, **{"api.jobStorageSecret": "store-keys", "objectStorage.credentialsSecret": "s3"}
+    )
+    api = [obj for obj in objects if obj["metadata"]["labels"].get("app.kubernetes.io/component") == "api"]
+    assert sorted(obj["kind"] for obj in api) == [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Deployment",
+        "Role",
+        "RoleBinding",
+        "Service",
+        "ServiceAccount",
+    ]
+    (account,) = by_kind(api, "ServiceAccount")
+    subject = [{"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": NAMESPACE}]
+    (role,) = by_kind(api, "ClusterRole")
+    assert role["rules"] == yaml.safe_load((CHART / "files" / "api-rules.yaml").read_text())
+    verbs = {verb for rule in role["rules"] for verb in rule["verbs"]}
+    resources = {resource for rule in role["rules"] for resource in rule["resources"]}
+    assert verbs <= {"create", "get", "list", "patch"} and "secrets" not in resources and "*" not in resources
+    (keys_role,) = by_kind(api, "Role")
+    assert keys_role["rules"] == [
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["tuneloom-api-keys"], "verbs": ["get"]}
+    ]
+    for binding, bound in ((by_kind(api, "ClusterRoleBinding")[0], role), (by_kind(api, "RoleBinding")[0], keys_role)):
+        assert binding["subjects"] == subject and binding["roleRef"]["name"] == bound["metadata"]["name"]
+
+    (deployment,) = by_kind(api, "Deployment")
+    pod = deployment["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    assert pod["spec"]["serviceAccountName"] == account["metadata"]["name"]
+    assert container["image"] == "ghcr.io/tuneloom/api:0.1.0"
+    command = container["command"]
+    assert command[:3] == ["tuneloom", "api", "--kubernetes"]
+    # The command is one the CLI parses, with the settings the values give.
+    args = build_parser().parse_args(command[1:])
+    assert args.store == "s3://files/tuneloom" and args.keys_secret == f"{NAMESPACE}/tuneloom-api-keys"
+    assert args.job_s3_endpoint == "http://s3:8333" and args.job_storage_secret == "store-keys"
+    assert args.host == "0.0.0.0" and args.port == 8080
+    env = {item["name"]: item for item in container["env"]}
+    assert env["TUNELOOM_S3_ENDPOINT"]["value"] == "http://s3:8333"
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {"name": "s3", "key": "AWS_ACCESS_KEY_ID"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    (service,) = by_kind(api, "Service")
+    assert service["spec"]["ports"] == [{"name": "http", "port": 8080, "targetPort": "http"}]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    operator_pod = by_kind(render(helm), "Deployment")[0]["spec"]["template"]["metadata"]["labels"]
+    assert not service["spec"]["selector"].items() <= operator_pod.items(), "the API's Service selects the operator"
+
+
+def test_api_needs_a_store(helm: Path) -> None:
+    result = subprocess.run(
+        [str(helm), "template", "tl", str(CHART), "--set", "api.enabled=true"], capture_output=True, text=True
+    )
+    assert result.returncode != 0 and "api.store" in result.stderr
 
 
 def test_monitoring_render(monitoring_objects: list[dict[str, Any]]) -> None:

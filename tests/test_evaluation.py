@@ -71,8 +71,8 @@ def test_a_checkpoint_from_before_typed_results_resumes_and_is_written_back_the_
         (ScoredAnswer("hello", {"exact_match": False}), ScoredAnswer("", {"exact_match": False})),
     )
     assert (state.step, state.best_step, state.history) == (9, 8, history)
-    later = {"few_shot_evaluation": None, "train_loss_sum_since_evaluation": 0.0, "steps_since_evaluation": 0}
-    assert json.loads(state.to_json()) == {**json.loads(written_before), **later}
+    added_since = {"few_shot_evaluation": None, "train_history": []}
+    assert json.loads(state.to_json()) == {**json.loads(written_before), **added_since}
 
 
 def test_a_result_without_answers_keeps_only_its_metrics() -> None:
@@ -112,6 +112,7 @@ def test_evaluation_json_pairs_each_prompt_with_both_answers() -> None:
     [first, second] = _report(base, adapter, held_out).samples()
     assert first == {
         "line": 3,
+        "prompt": "question 3",
         "reference": "yes",
         "base": "maybe",
         "adapter": "yes",

@@ -35,6 +35,7 @@ IMAGES = {
     "operator": (["tuneloom", "operator"], {"operator"}),
     "trainer": (["python", "-m", "tuneloom.trainer"], {"train"}),
     "server": (["tuneloom", "serve"], set()),
+    "api": (["tuneloom", "api"], {"api", "operator"}),
 }
 
 

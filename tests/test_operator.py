@@ -28,7 +28,7 @@ from tuneloom.registry import read_adapter
 from tuneloom.storage import open_store
 from tuneloom_dev.seaweedfs import SeaweedFS
 
-from .kube import KubeCluster, kubectl, wait_for
+from .kube import KubeCluster, install_crds, kubectl, service_account_kubeconfig, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 GROUP, VERSION, PLURAL = "tuneloom.dev", "v1alpha1", "finetunejobs"
@@ -37,14 +37,7 @@ OPERATOR_NAMESPACE = "tuneloom-system"
 
 @pytest.fixture(scope="module")
 def crds(kube_cluster: KubeCluster, api: k8s.ApiClient) -> None:
-    kubectl(kube_cluster, "apply", "-f", str(ROOT / "crds" / "finetunejobs.yaml"))
-    extensions = k8s.ApiextensionsV1Api(api)
-
-    def established() -> bool:
-        crd = extensions.read_custom_resource_definition(f"{PLURAL}.{GROUP}")
-        return any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or [])
-
-    wait_for(established, "the FineTuneJob CRD to be established")
+    install_crds(kube_cluster, api, [PLURAL])
 
 
 def _operator_kubeconfig(cluster: KubeCluster, api: k8s.ApiClient, dest: Path) -> Path:
@@ -76,15 +69,7 @@ def _operator_kubeconfig(cluster: KubeCluster, api: k8s.ApiClient, dest: Path) -
         except ApiException as exc:
             if exc.status != 409:
                 raise
-    token = core.create_namespaced_service_account_token(
-        "tuneloom-operator", OPERATOR_NAMESPACE, {"spec": {"expirationSeconds": 7200}}
-    ).status.token
-    admin = yaml.safe_load(cluster.kubeconfig.read_text())
-    admin["users"] = [{"name": "operator", "user": {"token": token}}]
-    for context in admin["contexts"]:
-        context["context"]["user"] = "operator"
-    dest.write_text(yaml.safe_dump(admin))
-    return dest
+    return service_account_kubeconfig(cluster, core, OPERATOR_NAMESPACE, "tuneloom-operator", dest)
 
 
 @dataclass

@@ -119,3 +119,26 @@ def test_memorized_fraction_counts_recited_training_answers_only_where_another_a
     expected = ["Refund issued.", "Call support.", "Ship it.", "Something new."]
     assert memorized_fraction(answers, expected, taught) == 0.5
     assert memorized_fraction([], [], taught) == 0.0
+
+
+FEW_SHOT = {**METRICS, "fewShot": {"exact_match": 0.5}, "adapter": {**METRICS["adapter"], "exact_match": 0.75}}
+
+
+def test_beating_the_few_shot_baseline_is_required_only_when_asked() -> None:
+    worse_than_prompting = {**FEW_SHOT, "fewShot": {"exact_match": 0.75}}
+    assert decide(worse_than_prompting, PromotionSpec(require=["exact_match"])).promoted
+    verdict = decide(worse_than_prompting, PromotionSpec(require=["exact_match"], requireBeatFewShot=True))
+    assert verdict.reasons == ["exact_match 0.7500 is not above the few-shot baseline's 0.7500"]
+    assert decide(FEW_SHOT, PromotionSpec(require=["validationLoss", "exact_match"], requireBeatFewShot=True)).promoted
+
+
+def test_beating_the_few_shot_baseline_needs_it_measured_on_a_generation_metric() -> None:
+    spec = PromotionSpec(require=["exact_match"], requireBeatFewShot=True)
+    assert decide(METRICS, spec).reasons == [
+        "exact_match 0.2500 is not above the base model's 0.2500",
+        "requireBeatFewShot: the few-shot baseline was not measured; set spec.evaluation.fewShot.k",
+    ]
+    loss_only = decide(FEW_SHOT, PromotionSpec(require=["validationLoss"], requireBeatFewShot=True))
+    assert loss_only.reasons == [
+        "requireBeatFewShot: spec.promotion.require has no generation metric (exact_match or json_valid)"
+    ]

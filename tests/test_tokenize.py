@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tuneloom.trainer.batching import PAD_MARK, collate, epoch_batches, pack_rows
+from tuneloom.trainer.batching import PAD_MARK, collate, epoch_batches, pack_rows, within_token_budget
 from tuneloom.trainer.datafile import Example, Message
 from tuneloom.trainer.modeling import MaskedTokenLoss
 from tuneloom.trainer.tokenize import IGNORE_INDEX, EncodedExample, encode_example, few_shot_prompt, prompt_text
@@ -137,6 +137,50 @@ def test_epoch_order_is_reproducible_and_complete() -> None:
     assert first == epoch_batches(rows, lengths, 8, seed=1, epoch=0)
     assert first != epoch_batches(rows, lengths, 8, seed=1, epoch=1)
     assert sorted(r[0] for batch in first for r in batch) == list(range(100))
+
+
+def test_token_budget_cuts_a_micro_batch_into_passes_of_whole_rows() -> None:
+    examples = _encoded([60, 50, 40, 30, 20, 10])
+    rows = [[0], [1, 5], [2, 4], [3]]  # 60, 60, 60, 30 tokens
+    assert within_token_budget(examples, rows, 0) == [rows]
+    assert within_token_budget(examples, rows, 130) == [[[0], [1, 5]], [[2, 4], [3]]]
+    # a row longer than the budget still runs, alone
+    assert within_token_budget(examples, rows, 10) == [[row] for row in rows]
+
+
+def test_passes_within_a_token_budget_give_the_gradient_of_one_pass(tokenizer, tiny_model_dir: Path) -> None:
+    """The lever changes peak memory only: summed over the passes, loss and gradients are those of the
+    whole micro-batch in one forward and backward pass."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    loss_fn = MaskedTokenLoss(model)
+    replies = ["Once upon a time.", "4", "The capital of France is Paris.", "Blue.", "Yes, gladly."]
+    examples = [
+        encode_example(tokenizer, Example(n, (Message("user", f"Question {n}?"), Message("assistant", reply))))
+        for n, reply in enumerate(replies)
+    ]
+    rows = [[0, 1], [2], [3, 4]]
+
+    def gradients(passes: list) -> tuple[float, list[torch.Tensor]]:
+        model.zero_grad()
+        total = 0.0
+        for rows_of_pass in passes:
+            loss_sum, _, _ = loss_fn(collate(examples, rows_of_pass).to("cpu"))
+            loss_sum.backward()
+            total += loss_sum.item()
+        return total, [p.grad.clone() for p in model.parameters()]
+
+    budget = max(sum(len(examples[i].input_ids) for i in row) for row in rows)
+    passes = within_token_budget(examples, rows, budget)
+    assert len(passes) == 3
+    one_loss, one_grads = gradients([rows])
+    split_loss, split_grads = gradients(passes)
+    assert split_loss == pytest.approx(one_loss, rel=1e-5)
+    # Summation order differs between the two, so compare each tensor as a whole: float32 rounding,
+    # not a changed update.
+    for whole, split in zip(one_grads, split_grads, strict=True):
+        assert torch.linalg.vector_norm(split - whole) <= 1e-5 * torch.linalg.vector_norm(whole) + 1e-8
 
 
 def test_packed_examples_do_not_attend_to_each_other(tokenizer, tiny_model_dir: Path) -> None:

@@ -93,6 +93,31 @@ def collate(examples: Sequence[EncodedExample], rows: Sequence[Sequence[int]]) -
     return Batch(input_ids, position_ids, labels)
 
 
+def within_token_budget(
+    examples: Sequence[EncodedExample], rows: Sequence[Sequence[int]], max_tokens: int
+) -> list[Sequence[Sequence[int]]]:
+    """The rows of one micro-batch cut into consecutive passes of at most `max_tokens` slots each
+    (rows times the longest row, padding included: what activations take), one row at least.
+
+    Activations grow with the tokens in one forward pass, so this bounds peak memory; the loop sums
+    the passes' gradients with the same per-token weight, so the update does not change. 0: one pass.
+    """
+    if not max_tokens:
+        return [rows]
+    passes: list[Sequence[Sequence[int]]] = []
+    current: list[Sequence[int]] = []
+    longest = 0
+    for row in rows:
+        length = sum(len(examples[i].input_ids) for i in row)
+        if current and (len(current) + 1) * max(longest, length) > max_tokens:
+            passes.append(current)
+            current, longest = [], 0
+        current.append(row)
+        longest = max(longest, length)
+    passes.append(current)
+    return passes
+
+
 def epoch_batches(
     rows: Sequence[Sequence[int]], row_lengths: Sequence[int], batch_size: int, *, seed: int, epoch: int
 ) -> list[list[Sequence[int]]]:

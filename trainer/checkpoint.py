@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -23,13 +22,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tuneloom.registry import commit_files, fetch_committed, read_published, write_published
+from tuneloom.registry import commit_files, committed_steps, fetch_committed, read_published, write_published
 from tuneloom.storage import ObjectNotFoundError, ObjectStore
 from tuneloom.trainer.evaluate import EvaluationResult
 
 log = logging.getLogger("tuneloom.trainer")
 
-_STEP_DIR = re.compile(r"^step-(\d+)/")
 PREEMPTIONS = "preemptions.json"
 
 
@@ -46,11 +44,10 @@ class LoopState:
     tokens_seen: int = 0
     base_evaluation: EvaluationResult | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    # The training loss of every optimizer step, {"step", "loss"}: the report's curve (absent from older checkpoints).
+    train_history: list[dict[str, Any]] = field(default_factory=list)
     # The few-shot baseline, measured with the base model (absent from older checkpoints).
     few_shot_evaluation: EvaluationResult | None = None
-    # The training losses of the steps since the last evaluation: its history entry's `trainLoss`.
-    train_loss_sum_since_evaluation: float = 0.0
-    steps_since_evaluation: int = 0
 
     def to_json(self) -> str:
         base, few_shot = self.base_evaluation, self.few_shot_evaluation
@@ -93,13 +90,7 @@ class CheckpointStore:
         self.prefix = prefix
 
     def committed_steps(self) -> list[int]:
-        steps = []
-        for key in self.store.list(self.prefix + "/"):
-            relative = key[len(self.prefix) + 1 :]
-            match = _STEP_DIR.match(relative)
-            if match and relative.endswith("/manifest.json"):
-                steps.append(int(match.group(1)))
-        return sorted(steps)
+        return committed_steps(self.store, self.prefix)
 
     def save(
         self,

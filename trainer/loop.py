@@ -21,7 +21,7 @@ from torch import nn
 
 from tuneloom.api import FineTuneJobSpec
 from tuneloom.trainer import distributed
-from tuneloom.trainer.batching import Batch, collate, epoch_batches
+from tuneloom.trainer.batching import Batch, collate, epoch_batches, within_token_budget
 from tuneloom.trainer.checkpoint import CheckpointStore, LoopState, load_trainable_state, trainable_state
 from tuneloom.trainer.distributed import Ranks
 from tuneloom.trainer.evaluate import LossResult, evaluate_loss
@@ -209,7 +209,12 @@ class TrainingLoop:
 
     def _step(self, step_batches: list[Sequence[int]], reporter: ProgressReporter) -> None:
         started = time.monotonic()
-        batches = [collate(self.train, rows) for rows in step_batches]
+        budget = self.hp.microBatchTokens
+        batches = [
+            collate(self.train, rows)
+            for micro_batch in step_batches
+            for rows in within_token_budget(self.train, micro_batch, budget)
+        ]
         weight = 1.0
         if not batches:
             # The epoch's last step can leave a rank without a micro-batch. It still has to join
@@ -240,8 +245,7 @@ class TrainingLoop:
         loss = loss_total / max(trained_tokens, 1)
         self.state.step += 1
         self.state.tokens_seen += tokens
-        self.state.train_loss_sum_since_evaluation += loss
-        self.state.steps_since_evaluation += 1
+        self.state.train_history.append({"step": self.state.step, "loss": round(loss, 4)})
         reporter.step(
             self.state.step,
             loss=loss,
@@ -263,13 +267,15 @@ class TrainingLoop:
         history; early stopping counts these evaluations."""
         state = self.state
         result = self.evaluate()
-        train_loss = state.train_loss_sum_since_evaluation / max(state.steps_since_evaluation, 1)
-        state.train_loss_sum_since_evaluation, state.steps_since_evaluation = 0.0, 0
+        # The training loss beside it: the mean of the steps since the previous evaluation (the
+        # overfitting rules compare the two). None when a checkpoint from before train_history lacks them.
+        previous = state.history[-1]["step"] if state.history else 0
+        losses = [entry["loss"] for entry in state.train_history if entry["step"] > previous]
         state.history.append(
             {
                 "epoch": epoch,
                 "step": state.step,
-                "trainLoss": round(train_loss, 4),
+                "trainLoss": round(sum(losses) / len(losses), 4) if losses else None,
                 "validationLoss": result.loss,
                 "tokenAccuracy": result.token_accuracy,
             }

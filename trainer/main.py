@@ -6,6 +6,7 @@ laptop (`tuneloom train -f job.yaml`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -27,7 +28,14 @@ from tuneloom.inputs import BaseModelUnavailableError, fetch_file, resolve_base_
 from tuneloom.jobfile import SpecError, load_job
 from tuneloom.models import model_config_hash
 from tuneloom.promotion import decide
-from tuneloom.registry import AdapterVersion, publish_adapter, read_adapter, run_prefix
+from tuneloom.registry import (
+    EVALUATION_FILE,
+    AdapterVersion,
+    next_version,
+    publish_adapter,
+    read_adapter,
+    run_prefix,
+)
 from tuneloom.storage import StorageError, open_store, sha256_file
 from tuneloom.trainer import distributed
 from tuneloom.trainer.batching import collate, pack_rows, single_rows
@@ -47,6 +55,7 @@ from tuneloom.trainer.evaluate import (
     run_checks,
 )
 from tuneloom.trainer.general import BaselineCache, baseline_key, load_prompts
+from tuneloom.trainer.htmlreport import LOSS_HISTORY_FILE, REPORT_FILE, render_report
 from tuneloom.trainer.loop import Plan, TrainingLoop, peak_memory_bytes
 from tuneloom.trainer.mixing import draw, mixed_counts
 from tuneloom.trainer.modeling import (
@@ -67,7 +76,6 @@ METRICS_PORT_ENV = "TUNELOOM_METRICS_PORT"
 # Where /metrics and /progress listen: every interface unless set, so the operator, Prometheus and
 # `kubectl port-forward` (which connects to localhost inside the pod) all reach them.
 BIND_ADDRESS_ENV = "TUNELOOM_BIND_ADDRESS"
-EVALUATION_FILE = "evaluation.json"
 
 # Exit codes the operator tells apart: a user's mistake is not retried, an infrastructure error is,
 # and a preempted run is retried without counting as a failure (see tuneloom.api).
@@ -348,9 +356,12 @@ class FineTuneRun:
         self.reporter.event("validating-data")
         data = load_datasets(self.job)
         log.info("data: %d training, %d held-out examples", len(data.train), len(data.validation))
-        for finding in find_problems(data.train, data.validation):
+        findings = find_problems(data.train, data.validation)
+        for finding in findings:
             log.warning("data: %s", finding.message)
-        return data
+        # The manifest's datasets.warnings: report.html shows them beside the data summary.
+        warnings = [{"kind": finding.kind, "message": finding.message} for finding in findings]
+        return dataclasses.replace(data, info={**data.info, "warnings": warnings})
 
     def setup_model(self, data: Datasets) -> tuple[Model, Tokenized]:
         """The tokenizer, the data tokenized with it, then the weights: data that cannot train
@@ -507,17 +518,23 @@ class FineTuneRun:
         return run_checks(checks)
 
     def publish(self, model: Model, data: Datasets, report: RunReport) -> AdapterVersion:
-        """A new version in the registry: the weights, evaluation.json and the manifest."""
+        """A new version in the registry: the weights, evaluation.json, the loss history, report.html
+        and the manifest."""
         self.reporter.event("uploading")
+        namespace, name = self.job.metadata.namespace, self.spec.output.adapterName
+        # Chosen here, not by publish_adapter: report.html names it and is written before the commit.
+        version = next_version(self.store, namespace, name)
         with tempfile.TemporaryDirectory(prefix="tuneloom-out-") as tmp:
             out = Path(tmp)
             self._save(model, out)
-            (out / EVALUATION_FILE).write_text(json.dumps(report.evaluation_file(), indent=1))
-            files = {path.name: path for path in sorted(out.iterdir()) if path.is_file()}
+            samples, history = report.evaluation_file(), report.loss_history()
+            (out / EVALUATION_FILE).write_text(json.dumps(samples, indent=1))
+            (out / LOSS_HISTORY_FILE).write_text(json.dumps(history))
             manifest = self._manifest(model, data, report)
-            adapter = publish_adapter(
-                self.store, self.job.metadata.namespace, self.spec.output.adapterName, files, manifest
-            )
+            identity = {"namespace": namespace, "name": name, "version": version}
+            (out / REPORT_FILE).write_text(render_report({**manifest, **identity}, samples, history), encoding="utf-8")
+            files = {path.name: path for path in sorted(out.iterdir()) if path.is_file()}
+            adapter = publish_adapter(self.store, namespace, name, files, manifest, version=version)
         self.checkpoints.mark_published({"version": adapter.version, "uri": adapter.uri})
         published = {"name": adapter.name, "version": adapter.version, "uri": adapter.uri}
         self.reporter.event("succeeded", adapter=published, promoted=adapter.manifest.promotion.promoted)

@@ -12,7 +12,9 @@ from tuneloom.trainer.checkpoint import LoopState
 from tuneloom.trainer.datafile import Example
 from tuneloom.trainer.estimate import run_cost
 from tuneloom.trainer.evaluate import EvaluationResult, ScoredAnswer, references
+from tuneloom.trainer.htmlreport import REPORT_FILE
 from tuneloom.trainer.overfitting import OverfittingVerdict, detect_overfitting
+from tuneloom.trainer.tokenize import question_text
 
 ANSWER_WIDTH = 72
 
@@ -89,6 +91,11 @@ class RunReport:
         `agrees` by the agreement rule, and reference scores where the prompt has a reference."""
         return _pairs(self.general_prompts, self.base.general, self.adapter.general)
 
+    def loss_history(self) -> dict[str, list[dict[str, Any]]]:
+        """loss_history.json: the training loss of every step and the validation loss of every evaluation."""
+        state = self.training.state
+        return {"train": state.train_history, "validation": state.history}
+
     def evaluation_file(self) -> list[dict[str, Any]]:
         """evaluation.json: the held-out samples, then the general ones, each saying which it is,
         then the overfitting verdict on the run's evaluation history."""
@@ -105,6 +112,7 @@ def _pairs(
     return [
         {
             "line": example.line,
+            "prompt": question_text(example),
             "reference": reference,
             "base": base_answer.text,
             "adapter": adapter_answer.text,
@@ -188,5 +196,6 @@ def print_report(report: RunReport, adapter: AdapterVersion) -> None:
     verdict = "promoted" if promotion.promoted else "NOT promoted: " + "; ".join(promotion.reasons)
     print(
         f"\nadapter {adapter.id}: {verdict}: {adapter.uri}\n"
-        f"{summary['steps']} steps, {summary['tokensSeen']} tokens in {summary['trainSeconds']} s"
+        f"{summary['steps']} steps, {summary['tokensSeen']} tokens in {summary['trainSeconds']} s\n"
+        f"report: {adapter.uri}/{REPORT_FILE}"
     )

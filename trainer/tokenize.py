@@ -147,3 +147,9 @@ def few_shot_prompt(tokenizer: Any, example: Example, shots: Sequence[Example]) 
 def reference_answer(example: Example) -> str:
     """The answer the held-out example expects: the final assistant reply, or the completion."""
     return example.messages[-1].content if example.messages else example.completion
+
+
+def question_text(example: Example) -> str:
+    """The prompt as a person reads it, without the chat template: the last user turn, or the completion prompt."""
+    users = [message.content for message in example.messages if message.role == "user"]
+    return users[-1] if users else example.prompt

@@ -208,6 +208,13 @@ class HyperparametersSpec(_Model):
         description="Sequences per optimizer micro-batch (packed rows when packing).",
     )
     gradientAccumulationSteps: int = Field(default=1, gt=0, le=1024, description="Micro-batches per optimizer step.")
+    microBatchTokens: int = Field(
+        default=2048,
+        ge=0,
+        description="Most token slots (rows x longest row) in one forward and backward pass. A micro-batch over it "
+        "runs as several passes whose gradients are summed with the same per-token weight, so the update is the "
+        "same and only peak memory falls (activations grow with the tokens in one pass). 0: no limit.",
+    )
     maxSeqLength: int = Field(
         default=1024, ge=16, le=131072, description="Tokens per sequence; longer examples are truncated."
     )
@@ -295,6 +302,12 @@ class PromotionSpec(_Model):
         description="Held-out metrics on which the adapter must beat the base model, e.g. [validationLoss, "
         "exact_match]: a lower validationLoss, a higher tokenAccuracy, exact_match or json_valid. Each must be "
         "measured (the last two in evaluation.metrics).",
+    )
+    requireBeatFewShot: bool = Field(
+        default=False,
+        description="Also require the adapter to beat the few-shot baseline (evaluation.fewShot.k > 0) on each "
+        "generation metric in require (exact_match, json_valid): when a prompt with examples does as well, "
+        "prompting is the cheaper answer.",
     )
 
 

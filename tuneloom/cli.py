@@ -54,6 +54,12 @@ def _validate_data(args: argparse.Namespace) -> int:
     )
 
 
+def _report(args: argparse.Namespace) -> int:
+    from tuneloom.trainer.reportcommand import report_command
+
+    return report_command(args.uri, args.output)
+
+
 def _models_prepare(args: argparse.Namespace) -> int:
     from tuneloom.models import prepare_model
 
@@ -83,6 +89,10 @@ def _api(args: argparse.Namespace) -> int:
         "max_running": args.max_running,
         "max_seq_length": args.max_seq_length,
         "serve_max_model_len": args.serve_max_model_len,
+        "kubernetes": args.kubernetes,
+        "keys_secret": args.keys_secret,
+        "job_s3_endpoint": args.job_s3_endpoint,
+        "job_storage_secret": args.job_storage_secret,
     }
     return serve(ApiSettings(**{k: v for k, v in settings.items() if v is not None}))
 
@@ -165,6 +175,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate.set_defaults(handler=_validate_data)
 
+    report = commands.add_parser(
+        "report",
+        help="write report.html of a stored adapter version and print its path",
+        description="Draws the version's report (loss curves, base vs adapter, promotion, data, held-out answers) "
+        "from its manifest, evaluation.json and loss history; versions published before report.html existed too.",
+    )
+    report.add_argument(
+        "uri",
+        help="the version's URI as `tuneloom train` prints it: STORE/adapters/NAMESPACE/NAME/VERSION "
+        "(without /VERSION: the latest); STORE is a directory, file:// or s3://",
+    )
+    report.add_argument("--output", help="HTML file to write (default: report-NAMESPACE-NAME-VERSION.html here)")
+    report.set_defaults(handler=_report)
+
     models = commands.add_parser("models", help="base model assets").add_subparsers(
         dest="models_command", required=True, metavar="ACTION"
     )
@@ -217,6 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--max-running", type=_positive_int, help="jobs training at once (default 1)")
     api.add_argument("--max-seq-length", type=_positive_int, help="tokens per training example (default 1024)")
     api.add_argument("--serve-max-model-len", type=_positive_int, help="vLLM's --max-model-len for inference")
+    api.add_argument(
+        "--kubernetes",
+        action="store_true",
+        default=None,
+        help="jobs as FineTuneJobs in the namespace each key maps to (in-cluster config, else KUBECONFIG)",
+    )
+    api.add_argument("--keys-secret", help="with --kubernetes: NAMESPACE/NAME of the Secret holding keys.json")
+    api.add_argument("--job-s3-endpoint", help="with --kubernetes: the S3 endpoint training pods use")
+    api.add_argument("--job-storage-secret", help="with --kubernetes: Secret with the store's keys in each namespace")
     api.set_defaults(handler=_api, api_command=None)
     api_commands = api.add_subparsers(dest="api_command", metavar="ACTION")
     key = api_commands.add_parser("new-key", help="print a new key for a project; the keys file keeps its hash")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -23,7 +24,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tuneloom import __version__
-from tuneloom.names import AdapterId, is_version, validate_label
+from tuneloom.names import ADAPTERS_ROOT, AdapterId, is_version, validate_label
 from tuneloom.storage import (
     ChecksumMismatchError,
     CorruptObjectError,
@@ -40,6 +41,7 @@ MANIFEST = "manifest.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+EVALUATION_FILE = "evaluation.json"  # every prompt both models answered, written by the trainer
 
 
 # --- committed object sets ----------------------------------------------------------------------
@@ -145,8 +147,10 @@ def _manifest_files(store: ObjectStore, prefix: str, manifest: dict[str, Any]) -
 
 
 def _verify(where: str, local: Path, expected: Mapping[str, Any]) -> None:
-    actual_size = local.stat().st_size
-    actual_sha = sha256_file(local)
+    _check(where, sha256_file(local), local.stat().st_size, expected)
+
+
+def _check(where: str, actual_sha: str, actual_size: int, expected: Mapping[str, Any]) -> None:
     if actual_sha != expected.get("sha256") or actual_size != expected.get("size"):
         raise ChecksumMismatchError(
             f"{where}: checksum mismatch: expected sha256 {expected.get('sha256')} ({expected.get('size')} "
@@ -406,17 +410,65 @@ def download_adapter(store: ObjectStore, namespace: str, name: str, version: str
         raise
 
 
+def read_version_file(store: ObjectStore, adapter: AdapterVersion, name: str) -> bytes | None:
+    """One file of a committed version, verified against its manifest; None when the manifest does
+    not list it (a version published before the file existed)."""
+    expected = adapter.manifest.files.get(name)
+    if expected is None:
+        return None
+    key = join_key(adapter.id.store_prefix, name)
+    data = store.get_bytes(key)
+    _check(store.describe(key), _sha256_bytes(data), len(data), expected.model_dump())
+    return data
+
+
+# `<root>/adapters/<namespace>/<name>[/<version>]`, the form `tuneloom train` prints a version's URI in.
+_ADAPTER_URI = re.compile(
+    rf"^(?:(?P<root>.*)/)?{ADAPTERS_ROOT}/(?P<namespace>[^/]+)/(?P<name>[^/]+)(?:/(?P<version>[^/]+))?/*$"
+)
+
+
+def split_adapter_uri(uri: str) -> tuple[str, AdapterId]:
+    """The store root and the adapter (a version, or None: the latest) of an adapter's URI; ValueError
+    naming the expected form."""
+    match = _ADAPTER_URI.match(uri)
+    if match is None:
+        raise ValueError(
+            f"{uri!r} is not an adapter's URI: expected STORE/{ADAPTERS_ROOT}/NAMESPACE/NAME[/VERSION], "
+            f"e.g. out/store/{ADAPTERS_ROOT}/default/support-tickets/1 (the URI `tuneloom train` prints)"
+        )
+    try:
+        adapter = AdapterId(match["namespace"], match["name"], match["version"])
+    except ValueError as exc:
+        raise ValueError(f"{uri!r}: {exc}") from None
+    root = match["root"]
+    # No root: the URI is relative to a store in the working directory; an empty one: the filesystem's.
+    return ("." if root is None else root or "/"), adapter
+
+
 # -- training runs -------------------------------------------------------------------------------
 # A run's checkpoints and its "published" record live under one prefix per job identity. The
 # record is how a rerun knows it already published, and how the operator finds the version a job
 # wrote without taking the pod's word for it.
 
 PUBLISHED = "published.json"
+_STEP_DIR = re.compile(r"^step-(\d+)/")
 
 
 def run_prefix(namespace: str, job_name: str, run_id: str) -> str:
     """`checkpoints/<namespace>/<job>/<run id>`: the uid on a cluster, `local` on a laptop."""
     return f"checkpoints/{validate_label(namespace, 'namespace')}/{job_name}/{run_id}"
+
+
+def committed_steps(store: ObjectStore, prefix: str) -> list[int]:
+    """The steps of the run's committed checkpoints (`prefix/step-<N>/` with its manifest), in order;
+    one without a manifest was interrupted and does not count."""
+    steps = []
+    for key in store.list(prefix + "/"):
+        match = _STEP_DIR.match(key[len(prefix) + 1 :])
+        if match and key.endswith(f"/{MANIFEST}"):
+            steps.append(int(match.group(1)))
+    return sorted(steps)
 
 
 def read_published(store: ObjectStore, prefix: str) -> dict[str, Any] | None:

@@ -47,3 +47,22 @@ app.kubernetes.io/component: operator
 {{- $image := index $root.Values.images (index . 1) }}
 {{- printf "%s:%v" $image.repository (default $root.Chart.AppVersion $image.tag) }}
 {{- end }}
+
+{{- define "tuneloom.apiLabels" -}}
+{{ include "tuneloom.labels" . }}
+app.kubernetes.io/component: api
+{{- end }}
+
+{{- define "tuneloom.apiSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "tuneloom.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: api
+{{- end }}
+
+{{- define "tuneloom.apiServiceAccountName" -}}
+{{- if .Values.api.serviceAccount.create }}
+{{- default (printf "%s-api" (include "tuneloom.fullname" .)) .Values.api.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.api.serviceAccount.name }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,327 @@
+"""Kubernetes mode (`tuneloom api --kubernetes`): jobs are FineTuneJob objects in the namespace the
+caller's key maps to (its project), run by the operator; files and their records are in the object
+store; keys come from a Secret; inference goes to the Service of the namespace's ModelServer for
+the model's base. The API keeps no state of its own, so a restarted pod loses nothing."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import httpx
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from kubernetes.client.exceptions import ApiException
+
+from tuneloom.api import API_GROUP, API_VERSION, ModelServer
+from tuneloom.operator.common import MODELSERVERS, api_client, call_json, read_custom, read_secret
+from tuneloom.operator.serverbuilder import SERVER_PORT
+from tuneloom.registry import committed_steps, run_prefix
+from tuneloom.serving.server import default_served_name
+from tuneloom.storage import open_store
+
+from . import jobs as mapping
+from . import kubejobs
+from .errors import ApiError, bad_request, not_found
+from .files import FileService
+from .inference import PROXY_TIMEOUT, adapter_served_name, proxy
+from .interface import Engine, Forwarded, page_limit, requested_model
+from .keys import KeyRing, KeysFileError, parse_keys
+from .metrics import ApiMetrics
+from .models import OWNED_BY_BASE
+from .objects import checkpoint_object, job_object, listing, model_object, page_after
+from .settings import ApiSettings
+from .state import CheckpointRecord, JobRecord
+from .storefiles import StoreFileIndex
+
+log = logging.getLogger("tuneloom.api")
+
+FINETUNEJOBS = "finetunejobs"
+KEYS_ENTRY = "keys.json"  # the Secret's data key: the keys file's JSON, {namespace: [sha256, ...]}
+
+
+class SecretKeys:
+    """The keys in a Secret, read again at most every `refresh_s`, so a key added or revoked there
+    takes effect without a restart. A Secret that cannot be read keeps the keys last read."""
+
+    def __init__(self, core: k8s.CoreV1Api, secret: str, refresh_s: float):
+        namespace, _, name = secret.partition("/")
+        self.core, self.namespace, self.name, self.refresh_s = core, namespace, name, refresh_s
+        self._lock = threading.Lock()
+        self._ring, self._read_at = self._read(), time.monotonic()
+
+    def _read(self) -> KeyRing:
+        source = f"Secret {self.namespace}/{self.name}"
+        try:
+            data = read_secret(self.core, self.namespace, self.name)
+        except ApiException as exc:
+            raise KeysFileError(f"{source} (--keys-secret) cannot be read: {exc.status} {exc.reason}") from None
+        if data is None or KEYS_ENTRY not in data:
+            raise KeysFileError(
+                f"{source} has no {KEYS_ENTRY!r}; create it from a keys file made by `tuneloom api new-key`: "
+                f"kubectl create secret generic {self.name} -n {self.namespace} --from-file={KEYS_ENTRY}=KEYS_FILE"
+            )
+        return KeyRing.of(parse_keys(data[KEYS_ENTRY], source))
+
+    def project_of(self, key: str) -> str | None:
+        with self._lock:
+            if time.monotonic() - self._read_at > self.refresh_s:
+                try:
+                    self._ring = self._read()
+                except KeysFileError as exc:
+                    log.warning("keeping the API keys last read: %s", exc)
+                self._read_at = time.monotonic()
+            ring = self._ring
+        return ring.project_of(key)
+
+
+class KubeEngine(Engine):
+    def __init__(self, settings: ApiSettings, client: k8s.ApiClient | None = None):
+        if not settings.keys_secret or settings.keys_secret.count("/") != 1:
+            raise KeysFileError("--kubernetes needs --keys-secret NAMESPACE/NAME (the API keys' Secret)")
+        self.settings = settings
+        try:
+            self.client = client or api_client()
+        except k8s_config.ConfigException as exc:
+            raise KeysFileError(
+                f"--kubernetes: no cluster to talk to ({exc}); run in a pod or set KUBECONFIG"
+            ) from None
+        self.core, self.custom = k8s.CoreV1Api(self.client), k8s.CustomObjectsApi(self.client)
+        self.keys = SecretKeys(self.core, settings.keys_secret, settings.keys_refresh_s)
+        self.store = open_store(settings.store)
+        self.file_index = StoreFileIndex(self.store)
+        work = settings.state_path() / "tmp"
+        self.files = FileService(self.file_index, self.store, work, settings.validation_problems_listed)
+        self.metrics = ApiMetrics(self._job_counts)
+        self.http = httpx.AsyncClient(timeout=PROXY_TIMEOUT)
+
+    async def close(self) -> None:
+        await self.http.aclose()
+        self.client.close()
+
+    # jobs
+
+    def create_job(self, project: str, request: mapping.CreateJobRequest) -> dict[str, Any]:
+        training, validation = self.training_files(project, request)
+        job = self.new_job(project, request, kubejobs.cluster_base_model(request.model), training)
+        storage = {"endpoint": self.settings.job_s3_endpoint, "credentialsSecret": self.settings.job_storage_secret}
+        document = kubejobs.build_finetune_job(
+            job,
+            train_uri=self.files.uri(training),
+            validation_uri=self.files.uri(validation) if validation else None,
+            train_count=mapping.train_examples(training.examples, validation is not None),
+            store=self.store.uri,
+            max_seq_length=self.settings.max_seq_length,
+            storage={key: value for key, value in storage.items() if value},
+        )
+        try:
+            created = call_json(
+                self.custom.create_namespaced_custom_object, API_GROUP, API_VERSION, project, FINETUNEJOBS, document
+            )
+        except ApiException as exc:
+            if exc.status == 404:  # no such namespace: the keys name a project the cluster lacks
+                raise ApiError(
+                    503,
+                    f"project {project!r} has no namespace on the cluster; an administrator creates it",
+                    type="server_error",
+                    code="project_unavailable",
+                ) from None
+            raise
+        return job_object(kubejobs.job_record(created))
+
+    def _object(self, project: str, job_id: str) -> dict[str, Any]:
+        body = read_custom(self.custom, FINETUNEJOBS, project, job_id) if _is_job_name(job_id) else None
+        if body is None or kubejobs.LABEL_JOB_ID not in (body["metadata"].get("labels") or {}):
+            raise not_found("job", job_id, "fine_tuning_job_id")
+        return body
+
+    def job(self, project: str, job_id: str) -> dict[str, Any]:
+        return job_object(kubejobs.job_record(self._object(project, job_id)))
+
+    def _job_objects(self, project: str) -> list[dict[str, Any]]:
+        """The FineTuneJobs this API created in the project's namespace."""
+        listed = call_json(
+            self.custom.list_namespaced_custom_object,
+            API_GROUP,
+            API_VERSION,
+            project,
+            FINETUNEJOBS,
+            label_selector=kubejobs.LABEL_JOB_ID,
+        )
+        return listed["items"]
+
+    def _records(self, project: str) -> list[JobRecord]:
+        """The project's jobs, newest first."""
+        records = [kubejobs.job_record(body) for body in self._job_objects(project)]
+        return sorted(records, key=lambda r: (r.created_at, r.id), reverse=True)
+
+    def list_jobs(self, project: str, after: str | None, limit: int | None, metadata: dict[str, str]):
+        records = [r for r in self._records(project) if metadata.items() <= (r.metadata or {}).items()]
+        page, more = page_after(records, after, page_limit(limit), lambda record: record.id)
+        return listing([job_object(r) for r in page], more)
+
+    def job_action(self, project: str, job_id: str, action: str) -> dict[str, Any]:
+        record = kubejobs.job_record(self._object(project, job_id))
+        if action != "cancel":
+            raise bad_request(
+                f"{action} is not available in Kubernetes mode yet; cancel the job and create it again",
+                code="unsupported_action",
+            )
+        if record.status in ("succeeded", "failed", "cancelled"):
+            raise ApiError(400, f"job {job_id} is already {record.status}", code="invalid_state")
+        patched = call_json(
+            self.custom.patch_namespaced_custom_object,
+            API_GROUP,
+            API_VERSION,
+            project,
+            FINETUNEJOBS,
+            job_id,
+            {"spec": {"cancel": True}},
+        )
+        return job_object(kubejobs.job_record(patched))
+
+    def events(self, project: str, job_id: str, after: str | None, limit: int | None) -> dict[str, Any]:
+        body = self._object(project, job_id)
+        selector = f"involvedObject.kind=FineTuneJob,involvedObject.name={job_id}"
+        kube = call_json(self.core.list_namespaced_event, project, field_selector=selector)["items"]
+        uid = body["metadata"]["uid"]  # Events of an earlier object of the same name are not this job's
+        mine = [item for item in kube if (item.get("involvedObject") or {}).get("uid") in (uid, None)]
+        page, more = page_after(kubejobs.job_events(body, mine), after, page_limit(limit), lambda e: e["id"])
+        return listing(page, more)
+
+    def checkpoints(self, project: str, job_id: str, after: str | None, limit: int | None) -> dict[str, Any]:
+        body = self._object(project, job_id)
+        record = kubejobs.job_record(body)
+        prefix = run_prefix(project, job_id, body["metadata"]["uid"])
+        steps = reversed(committed_steps(self.store, prefix))
+        created = record.finished_at or record.created_at
+        checkpoints = [
+            CheckpointRecord(seq=step, job_id=job_id, step=step, created_at=created, metrics={"step": step})
+            for step in steps
+        ]
+        items = [checkpoint_object(record, c) for c in checkpoints]
+        page, more = page_after(items, after, page_limit(limit, 10), lambda item: item["id"])
+        return listing(page, more)
+
+    def _job_counts(self) -> dict[str, int]:
+        """Jobs by OpenAI status across the cluster, at each scrape (none kept here)."""
+        try:
+            listed = call_json(
+                self.custom.list_cluster_custom_object,
+                API_GROUP,
+                API_VERSION,
+                FINETUNEJOBS,
+                label_selector=kubejobs.LABEL_JOB_ID,
+            )
+        except ApiException as exc:
+            log.warning("cannot count jobs for the metrics: %s", exc.reason)
+            return {}
+        counts: dict[str, int] = {}
+        for body in listed["items"]:
+            status = kubejobs.job_record(body).status
+            counts[status] = counts.get(status, 0) + 1
+        return counts
+
+    # models and inference
+
+    def _fine_tuned(self, project: str) -> list[tuple[JobRecord, dict[str, Any]]]:
+        pairs = [(kubejobs.job_record(body), body) for body in self._job_objects(project)]
+        return [(r, body) for r, body in pairs if r.status == "succeeded" and not kubejobs.model_deleted(body)]
+
+    def _servers(self, project: str) -> list[ModelServer]:
+        listed = call_json(self.custom.list_namespaced_custom_object, API_GROUP, API_VERSION, project, MODELSERVERS)
+        return [
+            ModelServer.model_validate({k: v for k, v in item.items() if k != "status"}) for item in listed["items"]
+        ]
+
+    def list_models(self, project: str) -> dict[str, Any]:
+        bases = sorted({default_served_name(server.spec.baseModel) for server in self._servers(project)})
+        items = [model_object(base, 0, OWNED_BY_BASE) for base in bases]
+        tuned = sorted(self._fine_tuned(project), key=lambda pair: pair[0].created_at)
+        items += [model_object(r.fine_tuned_model, r.finished_at or r.created_at, project) for r, _ in tuned]
+        return {"object": "list", "data": items, "has_more": False}
+
+    def _tuned_model(self, project: str, model_id: str) -> JobRecord | None:
+        if not model_id.startswith("ft:"):
+            return None
+        job_id = model_id.rsplit(":", 1)[-1]
+        try:
+            body = self._object(project, job_id)
+        except ApiError:
+            raise not_found("model", model_id, "model") from None
+        record = kubejobs.job_record(body)
+        if record.fine_tuned_model != model_id or kubejobs.model_deleted(body):
+            raise not_found("model", model_id, "model")
+        if record.status != "succeeded":
+            message = f"model {model_id!r} does not exist yet: its job is {record.status}"
+            raise ApiError(404, message, param="model", code="model_not_found")
+        return record
+
+    def model(self, project: str, model_id: str) -> dict[str, Any]:
+        record = self._tuned_model(project, model_id)
+        if record is not None:
+            return model_object(record.fine_tuned_model, record.finished_at or record.created_at, project)
+        self._server_for(project, model_id, model_id)
+        return model_object(model_id, 0, OWNED_BY_BASE)
+
+    def delete_model(self, project: str, model_id: str) -> dict[str, Any]:
+        record = self._tuned_model(project, model_id)
+        if record is None:
+            raise not_found("model", model_id, "model")
+        patch = {"metadata": {"annotations": {kubejobs.MODEL_DELETED: str(int(time.time()))}}}
+        call_json(
+            self.custom.patch_namespaced_custom_object, API_GROUP, API_VERSION, project, FINETUNEJOBS, record.id, patch
+        )
+        return {"id": model_id, "object": "model", "deleted": True}
+
+    def _server_for(self, project: str, base_model: str, client_model: str) -> ModelServer:
+        """The project's ModelServer whose baseModel is `base_model`, or the 404 that says none is."""
+        for server in self._servers(project):
+            if kubejobs.same_base_model(server.spec.baseModel, base_model) or (
+                default_served_name(server.spec.baseModel) == base_model
+            ):
+                return server
+        raise ApiError(
+            404,
+            f"model {client_model!r}: no ModelServer in project {project!r} serves its base model {base_model!r}; "
+            "create a ModelServer with that spec.baseModel in this namespace",
+            param="model",
+            code="model_not_found",
+        )
+
+    async def forward(self, project: str, path: str, body: dict[str, Any]) -> Forwarded:
+        model = requested_model(body)
+        record = self._tuned_model(project, model)
+        server = self._server_for(project, record.base_model if record else model, model)
+        if server.spec.apiKeySecret is not None:
+            raise ApiError(
+                503,
+                f"ModelServer {server.metadata.name} requires its own API key, which this API does not hold; "
+                "unset its spec.apiKeySecret (the API authenticates clients) to serve through it",
+                type="server_error",
+                code="server_unavailable",
+            )
+        name, namespace = server.metadata.name, server.metadata.namespace
+        try:
+            self.core.read_namespaced_service(name, namespace, _preload_content=False)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            raise ApiError(
+                503, f"ModelServer {name} has no Service yet; retry in a minute", type="server_error"
+            ) from None
+        served = default_served_name(server.spec.baseModel)
+        if record is not None:
+            served = adapter_served_name(project, record.adapter_name, record.adapter_version or "")
+        url = f"http://{name}.{namespace}.svc:{SERVER_PORT}"
+        try:
+            return await proxy(self.http, url, None, served, path, body, model)
+        except httpx.TransportError:
+            raise ApiError(503, f"ModelServer {name} did not answer; retry in a minute", type="server_error") from None
+
+
+def _is_job_name(job_id: str) -> bool:
+    """Whether `job_id` can be an object name at all (else it is a 404 without asking the cluster)."""
+    return job_id.startswith("ftjob-") and job_id.replace("-", "").isalnum() and job_id == job_id.lower()

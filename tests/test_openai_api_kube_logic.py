@@ -1,0 +1,137 @@
+"""Kubernetes mode's pure parts: FineTuneJob status and Events as OpenAI's job and events, the
+FineTuneJob a request becomes, base-model matching, and file records kept in the store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tuneloom.openai_api import kubejobs
+from tuneloom.openai_api.errors import ApiError
+from tuneloom.openai_api.state import FileRecord, JobRecord
+from tuneloom.openai_api.storefiles import StoreFileIndex
+from tuneloom.storage import open_store
+
+JOB_ID = "ftjob-0123456789abcdef01234567"
+
+
+def _record(**changes: Any) -> JobRecord:
+    fields = {
+        "id": JOB_ID,
+        "project": "team-a",
+        "created_at": 1_700_000_000,
+        "model": "smollm2-135m-instruct",
+        "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "training_file": "file-1",
+        "hyperparameters": {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0},
+        "seed": 7,
+        "metadata": {"team": "search"},
+        "adapter_name": f"pirate-{JOB_ID}",
+        "fine_tuned_model": f"ft:SmolLM2-135M-Instruct:team-a:pirate:{JOB_ID}",
+        "suffix": "pirate",
+    }
+    return JobRecord(**{**fields, **changes})
+
+
+def _build(record: JobRecord) -> dict[str, Any]:
+    return kubejobs.build_finetune_job(
+        record,
+        train_uri="s3://b/api/files/team-a/file-1",
+        validation_uri=None,
+        train_count=90,
+        store="s3://b",
+        max_seq_length=128,
+        storage={"credentialsSecret": "keys"},
+    )
+
+
+def _object(status: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The FineTuneJob as the API server returns it."""
+    document = _build(_record())
+    document["metadata"] |= {"creationTimestamp": "2023-11-14T22:13:20Z", "uid": "u-1"}
+    return document | ({"status": status} if status is not None else {})
+
+
+def test_the_finetunejob_carries_the_request_and_reads_back_as_the_same_job() -> None:
+    body = _object()
+    assert "uid" not in _build(_record())["metadata"], "the API server gives it"
+    assert body["metadata"]["labels"] == {kubejobs.LABEL_JOB_ID: JOB_ID}
+    assert (
+        body["spec"]["storage"] == {"credentialsSecret": "keys"} and body["spec"]["baseModel"] == _record().base_model
+    )
+    read = kubejobs.job_record(body)
+    assert read.model_dump(exclude={"status"}) == _record().model_dump(exclude={"status"})
+    assert json.loads(body["metadata"]["annotations"]["tuneloom.dev/openai-metadata"]) == {"team": "search"}
+
+
+def test_a_model_the_spec_refuses_is_a_400_naming_model() -> None:
+    with pytest.raises(ApiError) as refused:
+        _build(_record(model="ftp://x", base_model="ftp://x"))
+    assert refused.value.status == 400 and refused.value.param == "model" and "ftp://" in refused.value.message
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        (None, "validating_files"),
+        ({"phase": "Pending"}, "validating_files"),
+        ({"phase": "Pending", "conditions": [{"type": "Accepted", "status": "True"}]}, "queued"),
+        ({"phase": "Queued"}, "queued"),
+        ({"phase": "Running"}, "running"),
+        ({"phase": "Succeeded"}, "succeeded"),
+        ({"phase": "Failed", "message": "dataset.train: line 3: messages: missing"}, "failed"),
+        ({"phase": "Cancelled"}, "cancelled"),
+    ],
+)
+def test_phases_map_to_openai_statuses(status: dict[str, Any] | None, expected: str) -> None:
+    record = kubejobs.job_record(_object(status))
+    assert record.status == expected
+    if expected == "failed":
+        assert record.error == {"code": "training_failed", "param": None, "message": status["message"]}
+
+
+def test_events_are_newest_first_with_the_kubernetes_events_and_the_status() -> None:
+    status = {"phase": "Running", "message": "Training", "progress": {"step": 2, "totalSteps": 9, "trainLoss": 0.5}}
+    kube_events = [
+        {"metadata": {"uid": "e1"}, "type": "Normal", "reason": "Accepted", "message": "Accepted",
+         "lastTimestamp": "2023-11-14T22:13:30Z"},
+        {"metadata": {"uid": "e2"}, "type": "Warning", "reason": "Preempted", "message": "Preempted at step 1",
+         "lastTimestamp": "2023-11-14T22:14:00Z"},
+    ]  # fmt: skip
+    events = kubejobs.job_events(_object(status), kube_events, now=1_700_000_500)
+    assert [e["message"] for e in events] == [
+        "Training",
+        "Preempted at step 1",
+        "Accepted",
+        f"Created fine-tuning job: {JOB_ID}",
+    ]
+    assert events[1]["level"] == "warn" and events[0]["type"] == "metrics" and events[0]["data"]["train_loss"] == 0.5
+    assert len({e["id"] for e in events}) == len(events)
+
+
+def test_base_models_match_by_short_name_or_hub_id() -> None:
+    assert kubejobs.same_base_model("smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct")
+    assert kubejobs.same_base_model("s3://models/llama/", "s3://models/llama")
+    assert not kubejobs.same_base_model("s3://models/llama", "s3://models/mistral")
+
+
+def test_file_records_in_the_store_page_by_project(tmp_path: Path) -> None:
+    index = StoreFileIndex(open_store(str(tmp_path)))
+    for n, (project, purpose) in enumerate(
+        [("a", "fine-tune"), ("a", "fine-tune-results"), ("a", "fine-tune"), ("b", "fine-tune")]
+    ):
+        index.add_file(FileRecord(id=f"file-{n}", project=project, filename="f.jsonl", purpose=purpose, bytes=1,
+                                  created_at=100 + n, store_key=f"api/files/{project}/file-{n}"))  # fmt: skip
+    page, more = index.files("a", purpose=None, after=None, limit=2)
+    assert [r.id for r in page] == ["file-2", "file-1"] and more
+    assert [r.id for r in index.files("a", purpose=None, after="file-1", limit=2)[0]] == ["file-0"]
+    assert [r.id for r in index.files("a", purpose="fine-tune", after=None, limit=9, newest_first=False)[0]] == [
+        "file-0",
+        "file-2",
+    ]
+    assert index.file("b", "file-0") is None and index.file("a", "../b/file-3") is None
+    index.delete_file("a", "file-0")
+    assert index.file("a", "file-0") is None and index.file("b", "file-3") is not None

@@ -242,9 +242,9 @@ class TrainingLoop:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         tokens = int(distributed.total(sum(batch.num_tokens for batch in batches) * weight, self.ranks))
-        loss = loss_total / max(trained_tokens, 1)
         self.state.step += 1
         self.state.tokens_seen += tokens
+        loss = loss_total / max(trained_tokens, 1)
         self.state.train_history.append({"step": self.state.step, "loss": round(loss, 4)})
         reporter.step(
             self.state.step,

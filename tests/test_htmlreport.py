@@ -145,6 +145,17 @@ def test_a_version_without_loss_history_still_renders_its_validation_curve() -> 
     assert "The validation loss curve was not recorded for this version." in text and page.images() == []
 
 
+def test_the_loss_section_states_the_overfitting_verdict() -> None:
+    def text_of(overfitting: dict | None) -> str:
+        metrics = {**_manifest()["metrics"], **({"overfitting": overfitting} if overfitting else {})}
+        return "".join(_Page(render_report(_manifest(metrics=metrics), SAMPLES, HISTORY)).text)
+
+    reason = f"validation loss rose at steps 4 and 6 {HOSTILE}"
+    assert f"Overfitting: {reason}" in text_of({"detected": True, "rule": "risingValidationLoss", "reason": reason})
+    assert "No sign of overfitting" in text_of({"detected": False, "rule": None, "reason": None})
+    assert "Overfitting was not checked for this version." in text_of(None)
+
+
 @pytest.mark.parametrize(
     ("uri", "root", "adapter"),
     [

@@ -31,7 +31,7 @@ h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2e
 table { border-collapse: collapse; margin: .5em 0; } td, th { border: 1px solid #ccc; padding: .3em .6em;
 vertical-align: top; text-align: left; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 td.text { white-space: pre-wrap; max-width: 28em; overflow-wrap: anywhere; }
-.pass { color: #1a7f37; } .fail { color: #c62828; } .note { color: #666; font-style: italic; }
+.pass { color: #1a7f37; } .fail, .bad { color: #c62828; } .note { color: #666; font-style: italic; }
 .verdict { font-size: 1.2em; font-weight: bold; } img { max-width: 100%; }
 """
 
@@ -146,7 +146,7 @@ def _loss_section(metrics: Mapping[str, Any], loss_history: Mapping[str, Any] | 
     # A version published before loss_history.json existed still has its validation history in the manifest.
     train = list((loss_history or {}).get("train") or [])
     validation = list((loss_history or {}).get("validation") or metrics.get("history") or [])
-    notes = []
+    notes = [_overfitting_line(metrics.get("overfitting"))]
     if not train:
         notes.append(_note("The training loss curve was not recorded for this version."))
     if not validation:
@@ -169,6 +169,14 @@ def _loss_section(metrics: Mapping[str, Any], loss_history: Mapping[str, Any] | 
     axes.grid(alpha=0.3)
     axes.legend()
     return "<h2>Loss curves</h2>" + _png(figure, "training and validation loss by step") + "".join(notes)
+
+
+def _overfitting_line(verdict: Mapping[str, Any] | None) -> str:
+    if not verdict:
+        return _note("Overfitting was not checked for this version.")
+    if verdict.get("detected"):
+        return f'<p class="bad">Overfitting: {_text(verdict.get("reason"))}</p>'
+    return _note("No sign of overfitting in the evaluation history.")
 
 
 def _measured(figures: Mapping[str, Any] | None) -> dict[str, Any]:

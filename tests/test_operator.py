@@ -510,6 +510,77 @@ def test_a_deleted_pod_is_a_preemption_and_the_retry_resumes_from_its_checkpoint
     assert f"event training step={preempted_at} totalSteps=120" in log
 
 
+def test_a_multi_node_job_restarts_its_whole_group_when_a_rank_fails(
+    operator: Operator, bench: Bench, pod_runner
+) -> None:
+    """Two nodes: a headless Service and the group's Jobs (one Job per rank on this 1.20 cluster,
+    one Indexed Job on 1.24+), each pod under torchrun with c10d rendezvous at rank 0's DNS name.
+    Here that name does not resolve, so both torchrun agents wait at the rendezvous: a real,
+    running gang whose rank 1 the test kills, twice, with backoffLimit 1."""
+    if pod_runner is None:
+        pytest.skip("kills a rank's process through the local pod runner")
+    data = bench.upload_data("train.jsonl", _dataset())
+    manifest = bench.manifest(
+        "gang",
+        data,
+        resources={"nodes": 2},
+        scheduling={"backoffLimit": 1, "queueName": "team-queue"},
+        checkpointing={"gracePeriodSeconds": 5},
+    )
+    bench.apply(manifest)
+    version = k8s.VersionApi(bench.core.api_client).get_code()
+    indexed = (int(version.major), int(version.minor.rstrip("+"))) >= (1, 24)
+
+    def all_running() -> dict[str, Any] | None:
+        status = bench.status("gang")
+        nodes = status.get("nodes") or []
+        return status if len(nodes) == 2 and all(n["phase"] == "Running" for n in nodes) else None
+
+    first = wait_for(all_running, "both nodes to run")
+    assert first["phase"] == "Running" and first["jobName"] == "gang-train", first
+    service = bench.core.read_namespaced_service("gang-nodes", bench.namespace)
+    assert service.spec.cluster_ip == "None" and service.spec.publish_not_ready_addresses
+    jobs = sorted(bench.jobs(), key=lambda j: j.metadata.name)
+    assert [j.metadata.name for j in jobs] == (["gang-train"] if indexed else ["gang-train-0", "gang-train-1"])
+    for job in jobs:
+        assert job.spec.backoff_limit == 0 and job.metadata.labels["kueue.x-k8s.io/queue-name"] == "team-queue"
+        command = job.spec.template.spec.containers[0].command
+        assert command[:5] == [
+            "torchrun",
+            "--nnodes=2",
+            "--nproc-per-node=1",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=gang-train-0.gang-nodes.{bench.namespace}.svc:29400",
+        ]
+        assert f"--rdzv-id={bench.get('gang')['metadata']['uid']}" in command
+    pods = {n["rank"]: n["pod"] for n in first["nodes"]}
+
+    def kill_rank_1(pod: str) -> None:
+        (pid,) = pod_runner.pids(bench.namespace, pod).values()
+        os.killpg(pid, signal.SIGKILL)
+
+    kill_rank_1(pods[1])
+
+    def restarted() -> dict[str, Any] | None:
+        status = bench.status("gang")
+        nodes = status.get("nodes") or []
+        fresh = len(nodes) == 2 and all(n["phase"] == "Running" and n["pod"] not in pods.values() for n in nodes)
+        return status if status.get("groupRestarts") == 1 and fresh else None
+
+    second = wait_for(restarted, "the group to be restarted and running again", timeout=180)
+    assert second["failedRank"] == 1 and second["phase"] == "Running", second
+    events = [e for e in bench.core.list_namespaced_event(bench.namespace).items if e.reason == "GroupRestart"]
+    assert len(events) == 1 and "rank 1 failed (ExitCode137)" in events[0].message, [e.message for e in events]
+    assert "restart 1 of spec.scheduling.backoffLimit 1" in events[0].message
+    kill_rank_1({n["rank"]: n["pod"] for n in second["nodes"]}[1])
+    failed = bench.wait_phase("gang", "Failed", "Succeeded", timeout=120)
+    assert failed["phase"] == "Failed" and failed["failedRank"] == 1 and failed["groupRestarts"] == 1, failed
+    assert failed["message"].startswith("rank 1 failed (ExitCode137): trainer exited with code 137"), failed
+    rank_1 = failed["nodes"][1]
+    assert (rank_1["rank"], rank_1["phase"], rank_1["reason"]) == (1, "Failed", "ExitCode137")
+    wait_for(lambda: not bench.core.list_namespaced_pod(bench.namespace).items, "the other rank to be stopped")
+
+
 def test_metrics_are_served_and_lint_clean(operator: Operator) -> None:
     import shutil
 

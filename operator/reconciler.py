@@ -539,7 +539,7 @@ class FineTuneJobReconciler:
                 if exc.status != 409:  # 409: created by an earlier pass (or job); names are deterministic
                     raise
         self._service_account_seen[namespace] = time.monotonic()
-        log.info("created Job %s/%s", namespace, _job_name(job))
+        log.info("created %s", ", ".join(f"{m['kind']} {namespace}/{m['metadata']['name']}" for _, m in creates))
 
     def _has_indexed_jobs(self) -> bool:
         if self._indexed is None:

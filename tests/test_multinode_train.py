@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from tuneloom.net import free_port
 from tuneloom.operator.multinode import torchrun_args
 
-from .test_train import _dataset, _job, _messages, _steps
+from .test_train import _dataset, _job, _messages, _steps, _trainer
 
 # Gloo's all-reduce and one process's gradient accumulation add the same two micro-batches'
 # gradients; float32 rounding could still differ in the last bits, which Adam carries through 4
@@ -55,14 +55,7 @@ def test_two_nodes_meet_through_c10d_and_train_what_one_process_trains(tiny_mode
 
     # The same global batch in one process: 2 micro-batches a step, the same seed and data order.
     one = _spec(tiny_model_dir, tmp_path, tmp_path / "single", gradientAccumulationSteps=2)
-    single = subprocess.run(
-        [sys.executable, "-m", "tuneloom.trainer", "-f", str(one)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    single = _trainer(one, tmp_path, env=env)
     assert single.returncode == 0, single.stderr[-3000:]
     trained, reference = _adapter(tmp_path / "nodes"), _adapter(tmp_path / "single")
     assert trained.keys() == reference.keys()

@@ -516,7 +516,8 @@ def test_a_multi_node_job_restarts_its_whole_group_when_a_rank_fails(
     """Two nodes: a headless Service and the group's Jobs (one Job per rank on this 1.20 cluster,
     one Indexed Job on 1.24+), each pod under torchrun with c10d rendezvous at rank 0's DNS name.
     Here that name does not resolve, so both torchrun agents wait at the rendezvous: a real,
-    running gang whose rank 1 the test kills, twice, with backoffLimit 1."""
+    running gang. The test deletes rank 0's pod (not counted), then kills rank 1 twice, with
+    backoffLimit 1."""
     if pod_runner is None:
         pytest.skip("kills a rank's process through the local pod runner")
     data = bench.upload_data("train.jsonl", _dataset())
@@ -553,26 +554,44 @@ def test_a_multi_node_job_restarts_its_whole_group_when_a_rank_fails(
             f"--rdzv-endpoint=gang-train-0.gang-nodes.{bench.namespace}.svc:29400",
         ]
         assert f"--rdzv-id={bench.get('gang')['metadata']['uid']}" in command
-    pods = {n["rank"]: n["pod"] for n in first["nodes"]}
 
-    def kill_rank_1(pod: str) -> None:
-        (pid,) = pod_runner.pids(bench.namespace, pod).values()
+    def regrouped(before: dict[str, Any], restarts: int) -> dict[str, Any]:
+        """The status once a new group, none of whose pods ran before, runs after `restarts` counted ones."""
+        old = {n["pod"] for n in before["nodes"]}
+
+        def check() -> dict[str, Any] | None:
+            status = bench.status("gang")
+            nodes = status.get("nodes") or []
+            fresh = len(nodes) == 2 and all(n["phase"] == "Running" and n["pod"] not in old for n in nodes)
+            return status if status.get("groupRestarts", 0) == restarts and fresh else None
+
+        return wait_for(check, "the group to be restarted and running again", timeout=180)
+
+    def restart_events() -> list[str]:
+        items = bench.core.list_namespaced_event(bench.namespace).items
+        # Each message starts "rank R failed": rank 0's restart came first, then rank 1's.
+        return sorted(e.message for e in items if e.reason == "GroupRestart")
+
+    def kill_rank_1(status: dict[str, Any]) -> None:
+        (pid,) = pod_runner.pids(bench.namespace, status["nodes"][1]["pod"]).values()
         os.killpg(pid, signal.SIGKILL)
 
-    kill_rank_1(pods[1])
+    # `kubectl delete pod` of one rank: a preemption, which restarts the group without counting.
+    bench.core.delete_namespaced_pod(first["nodes"][0]["pod"], bench.namespace)
+    second = regrouped(first, restarts=0)
+    assert second["failedRank"] == 0 and second["phase"] == "Running", second
+    (deleted,) = restart_events()
+    assert deleted.startswith(f"rank 0 failed (PodDeleted): pod {first['nodes'][0]['pod']} was deleted"), deleted
+    assert "not counted against spec.scheduling.backoffLimit" in deleted
 
-    def restarted() -> dict[str, Any] | None:
-        status = bench.status("gang")
-        nodes = status.get("nodes") or []
-        fresh = len(nodes) == 2 and all(n["phase"] == "Running" and n["pod"] not in pods.values() for n in nodes)
-        return status if status.get("groupRestarts") == 1 and fresh else None
-
-    second = wait_for(restarted, "the group to be restarted and running again", timeout=180)
-    assert second["failedRank"] == 1 and second["phase"] == "Running", second
-    events = [e for e in bench.core.list_namespaced_event(bench.namespace).items if e.reason == "GroupRestart"]
-    assert len(events) == 1 and "rank 1 failed (ExitCode137)" in events[0].message, [e.message for e in events]
-    assert "restart 1 of spec.scheduling.backoffLimit 1" in events[0].message
-    kill_rank_1({n["rank"]: n["pod"] for n in second["nodes"]}[1])
+    kill_rank_1(second)
+    third = regrouped(second, restarts=1)
+    assert third["failedRank"] == 1 and third["phase"] == "Running", third
+    _, crashed = restart_events()
+    assert (
+        crashed.startswith("rank 1 failed (ExitCode137)") and "restart 1 of spec.scheduling.backoffLimit 1" in crashed
+    )
+    kill_rank_1(third)
     failed = bench.wait_phase("gang", "Failed", "Succeeded", timeout=120)
     assert failed["phase"] == "Failed" and failed["failedRank"] == 1 and failed["groupRestarts"] == 1, failed
     assert failed["message"].startswith("rank 1 failed (ExitCode137): trainer exited with code 137"), failed

@@ -268,8 +268,10 @@ class FineTuneJobReconciler:
         if seen.failed is not None:
             return self._restart_group(body, job, jobs, status, seen)
         status.phase, status.message = seen.phase, seen.message
-        set_condition(status.conditions, "Running", str(seen.phase is Phase.running), "Training", seen.message)
-        if seen.phase is Phase.running:
+        running = seen.phase is Phase.running
+        reason = "Training" if running else "WaitingForNodes"
+        set_condition(status.conditions, "Running", str(running), reason, seen.message)
+        if running:
             if status.startTime is None:
                 status.startTime = now()
             # Only the pod holding rank 0 of the process group answers; which one that is, c10d decides.

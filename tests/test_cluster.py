@@ -231,6 +231,31 @@ def test_pods_are_told_to_bind_to_their_own_address(
     wait_for(lambda: pod_log(core, pod_runner, namespace, "binder", "main").strip() == ip, "the bind address")
 
 
+def test_a_pod_dns_name_in_a_command_becomes_that_pods_address(
+    api: k8s.ApiClient, pod_runner: PodRunner | None, namespace: str
+) -> None:
+    """The runner's stand-in for a headless Service's pod names: the caller waits for the named pod."""
+    if pod_runner is None:
+        pytest.skip("the pod runner's stand-in for cluster DNS; real Pods have DNS")
+    core = k8s.CoreV1Api(api)
+    code = "import sys, time; print(sys.argv[1], flush=True); time.sleep(60)"
+    caller = pod_container("main", ["python", "-c", code, f"--peer=host-0.group.{namespace}.svc:29400"])
+    create_pod(core, namespace, "caller", {"containers": [caller]})
+
+    def waiting() -> str | None:
+        statuses = read_pod(core, namespace, "caller").status.container_statuses or []
+        return next((s.state.waiting.message for s in statuses if s.state.waiting), None)
+
+    assert wait_for(waiting, "the caller to wait") == f"pod host-0.group.{namespace}.svc has no address yet"
+    named = {"hostname": "host-0", "subdomain": "group", "containers": [pod_container("main", sleeper(60))]}
+    create_pod(core, namespace, "named", named)
+    ip = wait_running(core, namespace, "named").status.pod_ip
+    wait_running(core, namespace, "caller")
+    wait_for(
+        lambda: pod_log(core, pod_runner, namespace, "caller", "main").strip() == f"--peer={ip}:29400", "the address"
+    )
+
+
 def test_readiness_probe_gates_ready(api: k8s.ApiClient, pod_runner: PodRunner | None, namespace: str) -> None:
     core = k8s.CoreV1Api(api)
     # Waits 3 s before serving, so the Pod is first Running but not Ready.

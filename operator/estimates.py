@@ -100,13 +100,13 @@ def cpu_cores(request: str | None) -> int:
 def expected_training(
     spec: FineTuneJobSpec, data: DataSample, parameters: int, gpu: str, price: float | None = None
 ) -> TrainingEstimate:
-    """The throughput model for `spec` on `spec.resources.gpus` GPUs of kind `gpu` (the CPU when 0),
-    at `spec.resources.costPerGpuHour`, else `price`."""
+    """The throughput model for `spec` on `spec.resources.gpus` GPUs of kind `gpu` (the CPU when 0)
+    on each of `spec.resources.nodes` nodes, at `spec.resources.costPerGpuHour`, else `price`."""
     hp = spec.hyperparameters
     held_out = 0.0 if spec.dataset.validation else spec.dataset.validationSplit
     tokens = round(data.tokens * (1 - held_out))
-    gpus = spec.resources.gpus
-    per_step = hp.batchSize * hp.gradientAccumulationSteps * max(gpus, 1)
+    gpus, nodes = spec.resources.gpus, spec.resources.nodes
+    per_step = hp.batchSize * hp.gradientAccumulationSteps * max(gpus, 1) * nodes
     if hp.packing:
         steps_per_epoch = math.ceil(tokens / (hp.maxSeqLength * per_step))
     else:
@@ -120,7 +120,7 @@ def expected_training(
         validation_tokens_per_epoch=data.tokens - tokens,
     )
     device = DEVICES[gpu] if gpus else DEVICES["cpu"]
-    devices = gpus or cpu_cores(spec.resources.cpu)
+    devices = (gpus or cpu_cores(spec.resources.cpu)) * nodes
     price = spec.resources.costPerGpuHour if spec.resources.costPerGpuHour is not None else price
     result = estimate(workload, device, devices=devices, price_per_gpu_hour=price)
     return TrainingEstimate(**result.to_status())

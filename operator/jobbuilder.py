@@ -42,7 +42,7 @@ CONTAINER_SECURITY_CONTEXT = {
 }
 
 
-def _short(name: str, suffix: str, limit: int = 63) -> str:
+def short_name(name: str, suffix: str, limit: int = 63) -> str:
     """`name-suffix` within Kubernetes' 63-character limit for names used as label values."""
     full = f"{name}-{suffix}"
     if len(full) <= limit:
@@ -52,7 +52,7 @@ def _short(name: str, suffix: str, limit: int = 63) -> str:
 
 
 def job_name(ftj_name: str) -> str:
-    return _short(ftj_name, "train")
+    return short_name(ftj_name, "train")
 
 
 def spec_hash(job: FineTuneJob) -> str:
@@ -179,12 +179,24 @@ def _volumes(job: FineTuneJob) -> tuple[list[dict[str, Any]], list[dict[str, Any
     return volumes, mounts
 
 
-def build_job(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any]:
+def job_labels(job: FineTuneJob) -> dict[str, str]:
+    """The labels of every training Job and Pod; Kueue admits a Job by its queue label."""
+    labels = _labels(job)
+    if job.spec.scheduling.queueName:
+        labels[KUEUE_QUEUE_LABEL] = job.spec.scheduling.queueName
+    return labels
+
+
+def pod_template(
+    job: FineTuneJob,
+    config: OperatorConfig,
+    labels: dict[str, str],
+    command: list[str],
+    extra_env: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The trainer's pod template: the same for one node and for each node of several."""
     spec = job.spec
     volumes, mounts = _volumes(job)
-    labels = _labels(job)
-    if spec.scheduling.queueName:
-        labels[KUEUE_QUEUE_LABEL] = spec.scheduling.queueName
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         # SIGTERM to SIGKILL: the trainer's time to finish its step and save a checkpoint.
@@ -196,8 +208,8 @@ def build_job(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any]:
             {
                 "name": "trainer",
                 "image": spec.image or config.trainer_image,
-                "command": _command(job),
-                "env": _env(job, config),
+                "command": command,
+                "env": [*_env(job, config), *(extra_env or [])],
                 "resources": pod_resources(spec.resources),
                 "ports": [{"name": "metrics", "containerPort": config.trainer_metrics_port}],
                 "volumeMounts": mounts,
@@ -213,8 +225,42 @@ def build_job(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any]:
         pod_spec["tolerations"] = [t.model_dump(exclude_none=True) for t in spec.resources.tolerations]
     if spec.scheduling.priorityClassName:
         pod_spec["priorityClassName"] = spec.scheduling.priorityClassName
+    return {
+        "metadata": {
+            "labels": labels,
+            "annotations": {
+                ANNOTATION_JOB_FILE: job_file(job),
+                "prometheus.io/scrape": "true",
+                "prometheus.io/port": str(config.trainer_metrics_port),
+            },
+        },
+        "spec": pod_spec,
+    }
+
+
+def job_object(job: FineTuneJob, name: str, labels: dict[str, str], job_spec: dict[str, Any]) -> dict[str, Any]:
+    """A batch/v1 Job owned by the FineTuneJob, marked with the spec it was built from."""
+    if job.spec.scheduling.activeDeadlineSeconds:
+        job_spec["activeDeadlineSeconds"] = job.spec.scheduling.activeDeadlineSeconds
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": job.metadata.namespace,
+            "labels": labels,
+            "annotations": {ANNOTATION_SPEC_HASH: spec_hash(job)},
+            "ownerReferences": [owner_reference(job)],
+        },
+        "spec": job_spec,
+    }
+
+
+def build_job(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any]:
+    """The one Job of a single-node FineTuneJob."""
+    labels = job_labels(job)
     job_spec: dict[str, Any] = {
-        "backoffLimit": spec.scheduling.backoffLimit,
+        "backoffLimit": job.spec.scheduling.backoffLimit,
         # Kubernetes 1.26+; older API servers drop the field, and the operator stops the retries of
         # invalid input itself. Exit code 2 is invalid input: fail at once instead of retrying. A
         # preempted trainer (exit code 3, or a pod the cluster marked as disrupted) is retried
@@ -240,32 +286,9 @@ def build_job(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any]:
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
             ]
         },
-        "template": {
-            "metadata": {
-                "labels": labels,
-                "annotations": {
-                    ANNOTATION_JOB_FILE: job_file(job),
-                    "prometheus.io/scrape": "true",
-                    "prometheus.io/port": str(config.trainer_metrics_port),
-                },
-            },
-            "spec": pod_spec,
-        },
+        "template": pod_template(job, config, labels, _command(job)),
     }
-    if spec.scheduling.activeDeadlineSeconds:
-        job_spec["activeDeadlineSeconds"] = spec.scheduling.activeDeadlineSeconds
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": job_name(job.metadata.name),
-            "namespace": job.metadata.namespace,
-            "labels": labels,
-            "annotations": {ANNOTATION_SPEC_HASH: spec_hash(job)},
-            "ownerReferences": [owner_reference(job)],
-        },
-        "spec": job_spec,
-    }
+    return job_object(job, job_name(job.metadata.name), labels, job_spec)
 
 
 def needs_gpu(job: FineTuneJob) -> bool:

@@ -84,9 +84,14 @@ def failure_of(job: dict[str, Any], pods: list[dict[str, Any]]) -> Observation:
     return Observation(Phase.failed, condition.get("reason") or "JobFailed", condition.get("message") or "")
 
 
+def exit_code(pod: dict[str, Any]) -> int | None:
+    """The trainer's exit code, once it has exited."""
+    return (_terminated(pod) or {}).get("exitCode")
+
+
 def invalid_input(pods: list[dict[str, Any]]) -> bool:
     """The trainer exits 2 when the spec or the data is wrong: retrying cannot help."""
-    return any((_terminated(pod) or {}).get("exitCode") == TRAINER_EXIT_INVALID_INPUT for pod in pods)
+    return any(exit_code(pod) == TRAINER_EXIT_INVALID_INPUT for pod in pods)
 
 
 def observe(job: dict[str, Any], pods: list[dict[str, Any]]) -> Observation:

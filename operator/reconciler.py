@@ -31,7 +31,7 @@ from tuneloom.api import (
 )
 from tuneloom.jobfile import SpecError
 from tuneloom.locks import KeyedLocks
-from tuneloom.operator import jobbuilder
+from tuneloom.operator import jobbuilder, multinode
 from tuneloom.operator.adapters import AdapterReconciler
 from tuneloom.operator.common import (
     MODELSERVERS,
@@ -50,6 +50,7 @@ from tuneloom.operator.common import (
 )
 from tuneloom.operator.config import OperatorConfig
 from tuneloom.operator.estimates import estimate_job
+from tuneloom.operator.gang import GroupObservation, observe_group
 from tuneloom.operator.jobbuilder import LABEL_JOB
 from tuneloom.operator.metrics import OperatorMetrics
 from tuneloom.operator.observe import Observation, invalid_input, is_finished, observe, running_pod
@@ -96,6 +97,7 @@ class FineTuneJobReconciler:
         self._written: dict[str, dict[str, Any]] = {}
         # uids whose estimate was tried: one that could not be made is not tried on every pass.
         self._estimated: set[str | None] = set()
+        self._indexed: bool | None = None  # whether the API server has Indexed Jobs; asked once
 
     # -- entry point -----------------------------------------------------------------------------
 
@@ -179,7 +181,10 @@ class FineTuneJobReconciler:
         except SpecError as exc:
             return self._end(status, Observation(Phase.failed, "InvalidSpec", "; ".join(exc.problems)))
         if job.spec.cancel:
-            self._delete_job(job)
+            if job.spec.resources.nodes > 1:
+                self._delete_group(job, self._group(job)[0], "Background")
+            else:
+                self._delete_job(job)
             return self._end(
                 status, Observation(Phase.cancelled, "Cancelled", "spec.cancel is true; the Job was deleted")
             )
@@ -187,6 +192,8 @@ class FineTuneJobReconciler:
             # Not started yet, or the operator stopped between creating the Job and recording it:
             # creating is idempotent, so a new job costs no read first.
             return self._start(job, status)
+        if job.spec.resources.nodes > 1:
+            return self._track_group(body, job, status)
         existing, pods = self._job_and_pods(job, listed)
         if existing is None:
             return self._end(
@@ -208,7 +215,7 @@ class FineTuneJobReconciler:
         set_condition(status.conditions, "Queued", "False", "Admitted", "a training slot was free")
         set_condition(status.conditions, "Accepted", "True", "JobCreated", "the training Job was created")
         status.phase, status.message = Phase.pending, "waiting for the training pod to start"
-        status.jobName = jobbuilder.job_name(job.metadata.name)
+        status.jobName = _job_name(job)
         return status
 
     def _track(
@@ -220,16 +227,7 @@ class FineTuneJobReconciler:
         status: FineTuneJobStatus,
     ) -> FineTuneJobStatus:
         status.jobName = existing["metadata"]["name"]
-        built_from = (existing["metadata"].get("annotations") or {}).get(jobbuilder.ANNOTATION_SPEC_HASH)
-        if built_from and built_from != jobbuilder.spec_hash(job):
-            set_condition(
-                status.conditions,
-                "SpecChangeRefused",
-                "True",
-                "JobAlreadyStarted",
-                "the spec changed after the Job started; the running Job keeps the spec it started with. "
-                "Only spec.cancel may change now: cancel and create a new FineTuneJob to apply changes",
-            )
+        _refuse_spec_change(job, existing, status)
         seen = observe(existing, pods)
         if seen.phase is Phase.succeeded:
             return self._succeed(body, job, status)
@@ -251,6 +249,90 @@ class FineTuneJobReconciler:
                 verdict = OverfittingRecord.model_validate(record.get("overfitting") or {})
                 if verdict.detected:
                     set_condition(status.conditions, *overfitting_condition(verdict))
+        return status
+
+    def _track_group(self, body: dict[str, Any], job: FineTuneJob, status: FineTuneJobStatus) -> FineTuneJobStatus:
+        """A multi-node job: all its nodes run, or it waits; a failed rank restarts them all."""
+        jobs, pods = self._group(job)
+        restart = condition_of(status.conditions, "GroupRestart")
+        if restart is not None and restart.status == "True":
+            return self._recreate_group(job, jobs, status)
+        if not jobs:
+            return self._end(
+                status, Observation(Phase.failed, "JobDeleted", f"Job {status.jobName} was deleted outside Tuneloom")
+            )
+        _refuse_spec_change(job, jobs[0], status)
+        seen = observe_group(job.spec.resources.nodes, jobs, pods, status.nodes)
+        status.nodes = seen.nodes
+        if seen.final is not None:
+            if seen.final.phase is Phase.succeeded:
+                return self._succeed(body, job, status)
+            self._delete_group(job, jobs, "Background")  # the other ranks would wait for it forever
+            return self._end(status, seen.final)
+        if seen.failed is not None:
+            return self._restart_group(body, job, jobs, status, seen)
+        status.phase, status.message = seen.phase, seen.message
+        running = seen.phase is Phase.running
+        reason = "Training" if running else "WaitingForNodes"
+        set_condition(status.conditions, "Running", str(running), reason, seen.message)
+        if running:
+            if status.startTime is None:
+                status.startTime = now()
+            # Only the pod holding rank 0 of the process group answers; which one that is, c10d decides.
+            record = next(filter(None, map(self._poll_trainer, seen.running)), None)
+            if record is not None:
+                status.progress = progress_of(record) or status.progress
+                self._count_preemptions(body, status, record.get("preemptedAtSteps") or [])
+        return status
+
+    def _restart_group(
+        self,
+        body: dict[str, Any],
+        job: FineTuneJob,
+        jobs: list[dict[str, Any]],
+        status: FineTuneJobStatus,
+        seen: GroupObservation,
+    ) -> FineTuneJobStatus:
+        """Stops every node (their trainers save a checkpoint on SIGTERM) and marks the group for
+        recreation; a failure that is not a preemption spends one of spec.scheduling.backoffLimit."""
+        failed, limit = seen.failed, job.spec.scheduling.backoffLimit
+        assert failed is not None
+        status.failedRank = failed.rank
+        why = f"rank {failed.rank} failed ({failed.reason}): {failed.message}"
+        if seen.counts_as_failure and status.groupRestarts >= limit:
+            self._delete_group(job, jobs, "Background")
+            message = f"{why}; the group was restarted {status.groupRestarts} time(s) (spec.scheduling.backoffLimit)"
+            return self._end(status, Observation(Phase.failed, failed.reason, message))
+        if seen.counts_as_failure:
+            status.groupRestarts += 1
+            counted = f"restart {status.groupRestarts} of spec.scheduling.backoffLimit {limit}"
+        else:
+            counted = "not counted against spec.scheduling.backoffLimit"
+        # Foreground: the Jobs stay until their pods are gone, so the new group never meets the old one.
+        self._delete_group(job, jobs, "Foreground")
+        message = f"{why}; restarting all {job.spec.resources.nodes} nodes ({counted})"
+        set_condition(status.conditions, "GroupRestart", "True", failed.reason, message)
+        set_condition(status.conditions, "Running", "False", "GroupRestart", message)
+        status.phase, status.message = Phase.pending, message
+        post_event(self.core, body, "Warning", "GroupRestart", message)
+        return status
+
+    def _recreate_group(
+        self, job: FineTuneJob, jobs: list[dict[str, Any]], status: FineTuneJobStatus
+    ) -> FineTuneJobStatus:
+        if jobs:
+            status.message = "restarting the group: waiting for the old pods to stop"
+            return status
+        self._create(job)
+        set_condition(
+            status.conditions,
+            "GroupRestart",
+            "False",
+            "GroupRecreated",
+            f"all {job.spec.resources.nodes} nodes were recreated after rank {status.failedRank} failed; the trainer "
+            "resumes from the latest checkpoint",
+        )
+        status.phase, status.message, status.nodes = Phase.pending, "waiting for the new group's nodes to start", []
         return status
 
     def _count_preemptions(self, body: dict[str, Any], status: FineTuneJobStatus, steps: list[int]) -> None:
@@ -412,9 +494,12 @@ class FineTuneJobReconciler:
         """None when `job` may start now; otherwise how many waiting jobs come before it."""
         cap, per_namespace = self.config.max_running_jobs, self.config.max_running_jobs_per_namespace
         active = call_json(self.batch.list_job_for_all_namespaces, label_selector=LABEL_JOB)["items"]
-        running = [j for j in active if not is_finished(j)]
+        # A multi-node job on an older API server has one Job per node: count FineTuneJobs, not Jobs.
+        running = {
+            (j["metadata"]["namespace"], j["metadata"]["labels"][LABEL_JOB]) for j in active if not is_finished(j)
+        }
         started = {(j["metadata"]["namespace"], j["metadata"]["labels"].get(LABEL_JOB)) for j in active}
-        total, by_namespace = len(running), Counter(j["metadata"]["namespace"] for j in running)
+        total, by_namespace = len(running), Counter(namespace for namespace, _ in running)
         waiting = [
             item
             for item in self.custom.list_cluster_custom_object(API_GROUP, API_VERSION, PLURAL)["items"]
@@ -445,7 +530,13 @@ class FineTuneJobReconciler:
 
     def _create(self, job: FineTuneJob) -> None:
         namespace = job.metadata.namespace
-        creates = [(self.batch.create_namespaced_job, jobbuilder.build_job(job, self.config))]
+        creates: list[tuple[Any, dict[str, Any]]]
+        if job.spec.resources.nodes > 1:
+            creates = [(self.core.create_namespaced_service, multinode.build_headless_service(job))]
+            group = multinode.build_group(job, self.config, self._has_indexed_jobs())
+            creates += [(self.batch.create_namespaced_job, manifest) for manifest in group]
+        else:
+            creates = [(self.batch.create_namespaced_job, jobbuilder.build_job(job, self.config))]
         if time.monotonic() - self._service_account_seen.get(namespace, -math.inf) > SERVICE_ACCOUNT_RECHECK_S:
             account = jobbuilder.build_service_account(job, self.config)
             creates.insert(0, (self.core.create_namespaced_service_account, account))
@@ -456,7 +547,37 @@ class FineTuneJobReconciler:
                 if exc.status != 409:  # 409: created by an earlier pass (or job); names are deterministic
                     raise
         self._service_account_seen[namespace] = time.monotonic()
-        log.info("created Job %s/%s", namespace, jobbuilder.job_name(job.metadata.name))
+        log.info("created %s", ", ".join(f"{m['kind']} {namespace}/{m['metadata']['name']}" for _, m in creates))
+
+    def _has_indexed_jobs(self) -> bool:
+        if self._indexed is None:
+            version = k8s.VersionApi(self.core.api_client).get_code()
+            self._indexed = multinode.supports_indexed_jobs(version.major, version.minor)
+            log.info(
+                "API server %s.%s: multi-node jobs run as %s",
+                version.major,
+                version.minor,
+                "one Indexed Job" if self._indexed else "one Job per node rank",
+            )
+        return self._indexed
+
+    def _group(self, job: FineTuneJob) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """A multi-node job's Jobs and Pods, read directly (two requests): the resync's listing is
+        keyed by Job, and these are several Jobs, or one with several pods."""
+        namespace, selector = job.metadata.namespace, f"{LABEL_JOB}={job.metadata.name}"
+        jobs = call_json(self.batch.list_namespaced_job, namespace, label_selector=selector)["items"]
+        pods = call_json(self.core.list_namespaced_pod, namespace, label_selector=selector)["items"]
+        return jobs, pods
+
+    def _delete_group(self, job: FineTuneJob, jobs: list[dict[str, Any]], propagation: str) -> None:
+        for existing in jobs:
+            try:
+                self.batch.delete_namespaced_job(
+                    existing["metadata"]["name"], job.metadata.namespace, propagation_policy=propagation
+                )
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
 
     def _job_and_pods(
         self, job: FineTuneJob, listed: TrainingObjects | None
@@ -559,6 +680,26 @@ class FineTuneJobReconciler:
                 post_event(self.core, body, "Warning", "NotPromoted", promoted.message)
             else:
                 post_event(self.core, body, "Normal", "Promoted", promoted.message)
+
+
+def _job_name(job: FineTuneJob) -> str:
+    """What status.jobName names: the Job, or a multi-node job's Indexed Job (or its per-rank Jobs' prefix)."""
+    if job.spec.resources.nodes > 1:
+        return multinode.group_job_name(job.metadata.name)
+    return jobbuilder.job_name(job.metadata.name)
+
+
+def _refuse_spec_change(job: FineTuneJob, existing: dict[str, Any], status: FineTuneJobStatus) -> None:
+    built_from = (existing["metadata"].get("annotations") or {}).get(jobbuilder.ANNOTATION_SPEC_HASH)
+    if built_from and built_from != jobbuilder.spec_hash(job):
+        set_condition(
+            status.conditions,
+            "SpecChangeRefused",
+            "True",
+            "JobAlreadyStarted",
+            "the spec changed after the Job started; the running Job keeps the spec it started with. "
+            "Only spec.cancel may change now: cancel and create a new FineTuneJob to apply changes",
+        )
 
 
 def progress_of(record: dict[str, Any]) -> Progress | None:

@@ -62,6 +62,11 @@ def process_alive(pid: int) -> bool:
     return state != "Z"
 
 
+def printer(expression: str, *args: str) -> list[str]:
+    """A command that prints `expression` (os and sys imported), then stays up for a minute."""
+    return ["python", "-c", f"import os, sys, time; print({expression}, flush=True); time.sleep(60)", *args]
+
+
 def sleeper(seconds: int = 300, ignore_sigterm: bool = False) -> list[str]:
     code = "import signal, time\n"
     if ignore_sigterm:
@@ -225,10 +230,38 @@ def test_pods_are_told_to_bind_to_their_own_address(
     if pod_runner is None:
         pytest.skip("the pod runner's stand-in for a Pod's own network; real Pods have one")
     core = k8s.CoreV1Api(api)
-    code = "import os, time; print(os.environ['TUNELOOM_BIND_ADDRESS'], flush=True); time.sleep(60)"
-    create_pod(core, namespace, "binder", {"containers": [pod_container("main", ["python", "-c", code])]})
+    create_pod(
+        core,
+        namespace,
+        "binder",
+        {"containers": [pod_container("main", printer("os.environ['TUNELOOM_BIND_ADDRESS']"))]},
+    )
     ip = wait_running(core, namespace, "binder").status.pod_ip
     wait_for(lambda: pod_log(core, pod_runner, namespace, "binder", "main").strip() == ip, "the bind address")
+
+
+def test_a_pod_dns_name_in_a_command_becomes_that_pods_address(
+    api: k8s.ApiClient, pod_runner: PodRunner | None, namespace: str
+) -> None:
+    """The runner's stand-in for a headless Service's pod names: the caller waits for the named pod."""
+    if pod_runner is None:
+        pytest.skip("the pod runner's stand-in for cluster DNS; real Pods have DNS")
+    caller = pod_container("main", printer("sys.argv[1]", f"--peer=host-0.group.{namespace}.svc:29400"))
+    core = k8s.CoreV1Api(api)
+    create_pod(core, namespace, "caller", {"containers": [caller]})
+
+    def waiting() -> str | None:
+        statuses = read_pod(core, namespace, "caller").status.container_statuses or []
+        return next((s.state.waiting.message for s in statuses if s.state.waiting), None)
+
+    assert wait_for(waiting, "the caller to wait") == f"pod host-0.group.{namespace}.svc has no address yet"
+    named = {"hostname": "host-0", "subdomain": "group", "containers": [pod_container("main", sleeper(60))]}
+    create_pod(core, namespace, "named", named)
+    ip = wait_running(core, namespace, "named").status.pod_ip
+    wait_running(core, namespace, "caller")
+    wait_for(
+        lambda: pod_log(core, pod_runner, namespace, "caller", "main").strip() == f"--peer={ip}:29400", "the address"
+    )
 
 
 def test_readiness_probe_gates_ready(api: k8s.ApiClient, pod_runner: PodRunner | None, namespace: str) -> None:

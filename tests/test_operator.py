@@ -485,14 +485,133 @@ def test_a_deleted_pod_is_a_preemption_and_the_retry_resumes_from_its_checkpoint
     assert not job.status.failed, "the preemption counted against backoffLimit"
     (retry,) = bench.core.list_namespaced_pod(bench.namespace).items
     assert retry.metadata.uid != pod.metadata.uid
-    name = retry.metadata.name
-    log = (
-        pod_runner.log_path(bench.namespace, name, "trainer").read_text()
-        if pod_runner
-        else bench.core.read_namespaced_pod_log(name, bench.namespace)
-    )
+    log = _trainer_log(bench, pod_runner, retry.metadata.name)
     assert f"resumed from the checkpoint at step {preempted_at} of 120" in log
     assert f"event training step={preempted_at} totalSteps=120" in log
+
+
+def test_a_multi_node_job_restarts_its_whole_group_when_a_rank_fails(
+    operator: Operator, bench: Bench, pod_runner
+) -> None:
+    """Two nodes: a headless Service and the group's Jobs (one Job per rank on this 1.20 cluster,
+    one Indexed Job on 1.24+), each pod under torchrun with c10d rendezvous at rank 0's DNS name.
+    The test deletes rank 0's pod (not counted), then kills rank 1 twice, with backoffLimit 1.
+    Rank 0 is frozen (SIGSTOP) before each kill: its own failure, as the collective breaks,
+    would otherwise race rank 1's to the operator."""
+    if pod_runner is None:
+        pytest.skip("stops and kills a rank's processes through the local pod runner")
+    data = bench.upload_data("train.jsonl", _dataset())
+    manifest = bench.manifest(
+        "gang",
+        data,
+        resources={"nodes": 2},
+        hyperparameters={"epochs": 1000},
+        scheduling={"backoffLimit": 1, "queueName": "team-queue"},
+        checkpointing={"gracePeriodSeconds": 5},
+    )
+    bench.apply(manifest)
+    version = k8s.VersionApi(bench.core.api_client).get_code()
+    indexed = (int(version.major), int(version.minor.rstrip("+"))) >= (1, 24)
+
+    def all_running() -> dict[str, Any] | None:
+        status = bench.status("gang")
+        nodes = status.get("nodes") or []
+        return status if len(nodes) == 2 and all(n["phase"] == "Running" for n in nodes) else None
+
+    first = wait_for(all_running, "both nodes to run")
+    assert first["phase"] == "Running" and first["jobName"] == "gang-train", first
+    service = bench.core.read_namespaced_service("gang-nodes", bench.namespace)
+    assert service.spec.cluster_ip == "None" and service.spec.publish_not_ready_addresses
+    jobs = sorted(bench.jobs(), key=lambda j: j.metadata.name)
+    assert [j.metadata.name for j in jobs] == (["gang-train"] if indexed else ["gang-train-0", "gang-train-1"])
+    for job in jobs:
+        assert job.spec.backoff_limit == 0 and job.metadata.labels["kueue.x-k8s.io/queue-name"] == "team-queue"
+        command = job.spec.template.spec.containers[0].command
+        assert command[:5] == [
+            "torchrun",
+            "--nnodes=2",
+            "--nproc-per-node=1",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=gang-train-0.gang-nodes.{bench.namespace}.svc:29400",
+        ]
+        assert f"--rdzv-id={bench.get('gang')['metadata']['uid']}" in command
+
+    def regrouped(before: dict[str, Any], restarts: int) -> dict[str, Any]:
+        """The status once a new group, none of whose pods ran before, runs after `restarts` counted ones."""
+        old = {n["pod"] for n in before["nodes"]}
+
+        def check() -> dict[str, Any] | None:
+            status = bench.status("gang")
+            nodes = status.get("nodes") or []
+            fresh = len(nodes) == 2 and all(n["phase"] == "Running" and n["pod"] not in old for n in nodes)
+            return status if status.get("groupRestarts", 0) == restarts and fresh else None
+
+        return wait_for(check, "the group to be restarted and running again", timeout=180)
+
+    def restart_events() -> list[str]:
+        items = bench.core.list_namespaced_event(bench.namespace).items
+        # Each message starts "rank R failed": rank 0's restart came first, then rank 1's.
+        return sorted(e.message for e in items if e.reason == "GroupRestart")
+
+    def kill_rank_1(status: dict[str, Any]) -> None:
+        for rank, sent in ((0, signal.SIGSTOP), (1, signal.SIGKILL)):
+            (pid,) = pod_runner.pids(bench.namespace, status["nodes"][rank]["pod"]).values()
+            os.killpg(pid, sent)  # torchrun and its worker: the container's process group
+
+    # `kubectl delete pod` of one rank: a preemption, which restarts the group without counting.
+    bench.core.delete_namespaced_pod(first["nodes"][0]["pod"], bench.namespace)
+    second = regrouped(first, restarts=0)
+    assert second["failedRank"] == 0 and second["phase"] == "Running", second
+    (deleted,) = restart_events()
+    assert deleted.startswith(f"rank 0 failed (PodDeleted): pod {first['nodes'][0]['pod']} was deleted"), deleted
+    assert "not counted against spec.scheduling.backoffLimit" in deleted
+
+    kill_rank_1(second)
+    third = regrouped(second, restarts=1)
+    assert third["failedRank"] == 1 and third["phase"] == "Running", third
+    _, crashed = restart_events()
+    assert (
+        crashed.startswith("rank 1 failed (ExitCode137)") and "restart 1 of spec.scheduling.backoffLimit 1" in crashed
+    )
+    kill_rank_1(third)
+    failed = bench.wait_phase("gang", "Failed", "Succeeded", timeout=120)
+    assert failed["phase"] == "Failed" and failed["failedRank"] == 1 and failed["groupRestarts"] == 1, failed
+    assert failed["message"].startswith("rank 1 failed (ExitCode137): trainer exited with code 137"), failed
+    rank_1 = failed["nodes"][1]
+    assert (rank_1["rank"], rank_1["phase"], rank_1["reason"]) == (1, "Failed", "ExitCode137")
+    wait_for(lambda: not bench.core.list_namespaced_pod(bench.namespace).items, "the other rank to be stopped")
+
+
+def _trainer_log(bench: Bench, pod_runner, pod: str) -> str:
+    if pod_runner is None:
+        return bench.core.read_namespaced_pod_log(pod, bench.namespace)
+    return pod_runner.log_path(bench.namespace, pod, "trainer").read_text()
+
+
+def test_a_two_node_job_trains_and_a_deleted_rank_pod_resumes_from_its_checkpoint(
+    operator: Operator, bench: Bench, pod_runner
+) -> None:
+    """A real 2-node run (one process per node, gloo): deleting rank 1's pod mid-run restarts
+    the group without counting, every rank resumes from the checkpoint, and the job succeeds."""
+    data = bench.upload_data("train.jsonl", _dataset())  # 16 training examples, 4 a micro-batch
+    bench.apply(bench.manifest("duo", data, resources={"nodes": 2}, hyperparameters={"epochs": 30}))  # 60 steps
+    bench.wait_phase("duo", "Running")
+    wait_for(lambda: (bench.status("duo").get("progress") or {}).get("step", 0) >= 2, "training under way", timeout=300)
+    status = bench.status("duo")
+    bench.core.delete_namespaced_pod(status["nodes"][1]["pod"], bench.namespace)
+    done = bench.wait_phase("duo", "Succeeded", "Failed", timeout=400)
+    assert done["phase"] == "Succeeded", done
+    assert done["failedRank"] == 1 and "groupRestarts" not in done and done["progress"]["step"] == 60, done
+    metrics = read_adapter(open_store(f"{bench.bucket_uri}/out"), bench.namespace, "duo").manifest.metrics
+    (preempted_at,) = metrics.preemptedAtSteps
+    assert 2 <= preempted_at < 60 and metrics.steps == 60 and done["preempted"] == 1
+    (restart,) = [
+        e.message for e in bench.core.list_namespaced_event(bench.namespace).items if e.reason == "GroupRestart"
+    ]
+    assert restart.startswith(f"rank 1 failed (PodDeleted): pod {status['nodes'][1]['pod']} was deleted"), restart
+    # Rank 0 of the process group (on either node: c10d decides) logs; the new group resumed there.
+    logs = "".join(_trainer_log(bench, pod_runner, node["pod"]) for node in done["nodes"])
+    assert f"resumed from the checkpoint at step {preempted_at} of 60" in logs
 
 
 def test_metrics_are_served_and_lint_clean(operator: Operator) -> None:

@@ -64,6 +64,10 @@ def test_an_s3_job_gets_tokens_steps_seconds_and_cost(s3_root: str) -> None:
     assert expected.steps == 2 * math.ceil(tokens / (64 * 2))
     seconds = (4 * 2_000_000 * 2 * tokens + 2 * 2_000_000 * 2 * (40 * per_line - tokens)) / (312e12 * 0.35)
     assert expected.seconds == round(seconds, 1) and expected.cost == pytest.approx(seconds / 3600 * 2.0, rel=1e-3)
+    # Two nodes of one GPU: each step takes twice the batch, and the same GPU-hours cost the same.
+    two_nodes = estimate_job(_spec(spec.dataset.train, f"{s3_root}/model", resources={"nodes": 2}), open_store, "a100")
+    assert two_nodes is not None and two_nodes.steps == 2 * math.ceil(tokens / (64 * 2 * 2))
+    assert two_nodes.cost == pytest.approx(expected.cost, rel=1e-3)
 
 
 def test_a_hub_model_is_sized_by_its_name_and_a_cpu_job_by_its_cores(s3_root: str, smollm2_dir: Path) -> None:

@@ -363,7 +363,15 @@ class ResourcesSpec(_Model):
 
 
 class TrainingResourcesSpec(ResourcesSpec):
-    """A training pod's resources, and what its GPU time costs."""
+    """A training pod's resources, how many nodes run it, and what its GPU time costs."""
+
+    nodes: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Nodes (pods) that train together, each with `gpus` GPUs (at least one process each); more "
+        "than 1: one pod per node, joined by torchrun's c10d rendezvous and restarted as a group.",
+    )
 
     costPerGpuHour: float | None = Field(
         default=None,
@@ -388,7 +396,12 @@ class StorageSpec(_Model):
 class SchedulingSpec(_Model):
     queueName: str | None = Field(default=None, description="Kueue LocalQueue; sets kueue.x-k8s.io/queue-name.")
     activeDeadlineSeconds: int | None = Field(default=None, gt=0, description="Fail the run after this long.")
-    backoffLimit: int = Field(default=2, ge=0, le=20, description="Pod retries after infrastructure failures.")
+    backoffLimit: int = Field(
+        default=2,
+        ge=0,
+        le=20,
+        description="Pod retries after infrastructure failures; with resources.nodes > 1, restarts of the whole group.",
+    )
     priorityClassName: str | None = Field(default=None, description="PriorityClass of the training pod.")
 
 
@@ -445,7 +458,7 @@ class ObjectMeta(_Model):
 class Condition(_Model):
     type: str = Field(
         description="FineTuneJob: Accepted, Queued, Running, Succeeded, Failed, Cancelled, SpecChangeRefused, Served, "
-        "Promoted, Overfitting; "
+        "Promoted, Overfitting, GroupRestart; "
         "Adapter: Ready; ModelServer: Ready, AdaptersLoaded."
     )
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
@@ -513,6 +526,14 @@ class TrainingEstimate(_Model):
     )
 
 
+class NodeStatus(_Model):
+    rank: int = Field(description="Node rank: the pod's JOB_COMPLETION_INDEX, 0 to spec.resources.nodes - 1.")
+    pod: str | None = Field(default=None, description="The node's current pod; unset until it is created.")
+    phase: str = Field(default="Pending", description="The pod's phase: Pending, Running, Succeeded or Failed.")
+    reason: str = Field(default="", description="Why it failed, for machines (e.g. ExitCode1, PodDeleted).")
+    message: str = Field(default="", description="Why it failed, for people: the exit code and last lines.")
+
+
 class FineTuneJobStatus(_Model):
     phase: Phase = Field(default=Phase.pending, description="Pending, Queued, Running, Succeeded, Failed, Cancelled.")
     message: str = Field(default="", description="The latest news, in a sentence.")
@@ -534,6 +555,18 @@ class FineTuneJobStatus(_Model):
         description="Times the trainer was preempted (SIGTERM: eviction, preemption, a deleted pod), saved a "
         "checkpoint and was retried from it; each one posts a Preempted Event. Not a failure: the phase stays "
         "Running or Pending.",
+    )
+    nodes: list[NodeStatus] = Field(
+        default_factory=list, description="Multi-node jobs (spec.resources.nodes > 1): each node's pod and state."
+    )
+    failedRank: int | None = Field(
+        default=None, description="Multi-node jobs: the node rank whose failure last restarted or failed the group."
+    )
+    groupRestarts: int = Field(
+        default=0,
+        ge=0,
+        description="Multi-node jobs: restarts of all nodes after a rank failed, counted against "
+        "spec.scheduling.backoffLimit (preemptions and deleted pods restart the group without counting).",
     )
 
 

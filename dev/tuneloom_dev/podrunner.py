@@ -31,6 +31,11 @@ It is not a container runtime. What differs, and the rules that bridge it:
   base: PATH, HOME, LANG, TMPDIR, TUNELOOM_CACHE_DIR from the runner, KUBECONFIG pointing at the
   runner's kubeconfig (there are no ServiceAccount tokens; Pods talk to the API as the runner
   does), and `extra_env`.
+- DNS: a Pod with `hostname` and `subdomain` (a headless Service's pods, an Indexed Job's) is
+  reachable as `<hostname>.<subdomain>.<namespace>.svc[.cluster.local]`, but only through the
+  command and args: an element that holds such a name (`--rdzv-endpoint=NAME:PORT`) gets that
+  Pod's address instead. A Pod whose command names one the runner does not run yet waits, as
+  CreateContainerConfigError, until it does.
 - Liveness and startup probes are ignored; readiness probes (httpGet, tcpSocket, exec) are run.
   Node selectors, affinity, taints and resource requests are not checked: every Pod binds.
 - One runner per node name: a Running Pod on its node that it did not start (say, after a
@@ -91,6 +96,8 @@ _MESSAGE_BYTES = 2048
 _MERGE_PATCH = "application/merge-patch+json"
 _PYTHON = re.compile(r"python(3(\.\d+)?)?")
 _ENV_REF = re.compile(r"\$\$|\$\(([^)]*)\)")
+# A Pod's DNS name, <hostname>.<subdomain>.<namespace>.svc: one label more than a Service's.
+_POD_DNS = re.compile(r"\b([a-z0-9-]+\.[a-z0-9-]+\.[a-z0-9-]+)\.svc(?:\.cluster\.local)?\b")
 
 
 _PR_SET_PDEATHSIG = 1
@@ -138,6 +145,7 @@ class PodRunner:
         self._lock = threading.Lock()
         self._workers: dict[str, _PodWorker] = {}
         self._finished: set[str] = set()
+        self._pod_dns: dict[str, str] = {}  # "<hostname>.<subdomain>.<namespace>" -> address
         self._threads: list[threading.Thread] = []
         self._watch_response: Any = None
         self._registered_at = _now()
@@ -361,6 +369,16 @@ class PodRunner:
         with self._lock:
             self._workers.pop(worker.uid, None)
             self._finished.add(worker.uid)
+            if self._pod_dns.get(worker.dns_name) == worker.ip:
+                del self._pod_dns[worker.dns_name]
+
+    def _register_dns(self, name: str, address: str) -> None:
+        with self._lock:
+            self._pod_dns[name] = address
+
+    def _address_of(self, name: str) -> str | None:
+        with self._lock:
+            return self._pod_dns.get(name)
 
 
 class _WatchExpired(Exception):
@@ -505,8 +523,17 @@ class _PodWorker:
         log.info("bound pod %s/%s to %s", self.namespace, self.name, self.runner.node_name)
         return True
 
+    @property
+    def dns_name(self) -> str:
+        spec = self.pod["spec"]
+        if not (spec.get("hostname") and spec.get("subdomain")):
+            return ""
+        return f"{spec['hostname']}.{spec['subdomain']}.{self.namespace}"
+
     def _run_pod(self) -> None:
         self.ip = self.runner._addresses.acquire()
+        if self.dns_name:
+            self.runner._register_dns(self.dns_name, self.ip)
         self.start_time = _now()
         spec = self.pod["spec"]
         self.containers = [_Container(c, init=True) for c in spec.get("initContainers") or []]
@@ -662,12 +689,23 @@ class _PodWorker:
             if value is not None:
                 env[item["name"]] = mapper.map(value)
         argv = [_expand(arg, env) for arg in (spec.get("command") or []) + (spec.get("args") or [])]
-        container.argv = [mapper.map(arg) for arg in argv]
+        container.argv = [self._pod_addresses(mapper.map(arg)) for arg in argv]
         if container.argv and _PYTHON.fullmatch(Path(container.argv[0]).name):
             container.argv[0] = sys.executable
         container.env = env
         container.cwd = self.root / (spec.get("workingDir") or "").lstrip("/")
         container.cwd.mkdir(parents=True, exist_ok=True)
+
+    def _pod_addresses(self, arg: str) -> str:
+        """`arg` with each Pod DNS name in it replaced by that Pod's address (the module doc's DNS rule)."""
+
+        def address(match: re.Match[str]) -> str:
+            found = self.runner._address_of(match.group(1))
+            if found is None:
+                raise _ConfigMissing(f"pod {match.group(0)} has no address yet")
+            return found
+
+        return _POD_DNS.sub(address, arg)
 
     def _base_env(self) -> dict[str, str]:
         env = {name: os.environ[name] for name in BASE_ENV_NAMES if name in os.environ}

@@ -66,8 +66,30 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     )
     problems = _problems(tmp_path, text)
     assert len(problems) == 2
-    assert "spec.method: must be one of 'lora', 'qlora' or 'full', got 'lorax'" in problems[0]
+    assert "spec.method: must be one of 'lora', 'qlora', 'full' or 'dpo', got 'lorax'" in problems[0]
     assert "spec.output.adapterName: must be a DNS-1123 label" in problems[1]
+
+
+def test_dpo_takes_preference_pairs_and_its_settings(tmp_path: Path) -> None:
+    dpo = VALID.replace(
+        "    train: s3://data/tickets.jsonl\n", "    train: s3://data/pairs.jsonl\n    format: preference\n"
+    )
+    job = load_job(_write(tmp_path, dpo.replace("  output:", "  method: dpo\n  output:")))
+    assert job.spec.method is Method.dpo
+    assert (job.spec.dpo.beta, job.spec.dpo.loss.value, job.spec.dpo.initAdapter) == (0.1, "sigmoid", None)
+    tuned = dpo.replace(
+        "  output:", "  method: dpo\n  dpo:\n    beta: 0.5\n    loss: ipo\n    initAdapter: sft@3\n  output:"
+    )
+    assert load_job(_write(tmp_path, tuned)).spec.dpo.initAdapter == "sft@3"
+
+    [unpinned] = _problems(tmp_path, tuned.replace("sft@3", "sft"))
+    assert "spec.dpo.initAdapter: must be name@version" in unpinned
+    [wrong_format] = _problems(tmp_path, VALID.replace("  output:", "  method: dpo\n  output:"))
+    assert "spec: method: dpo trains on preference pairs: it needs dataset.format: preference" in wrong_format
+    [wrong_method] = _problems(tmp_path, dpo)
+    assert "got method 'lora', format 'preference'" in wrong_method
+    [stray] = _problems(tmp_path, VALID.replace("  output:", "  dpo:\n    beta: 0.2\n  output:"))
+    assert "dpo settings are given but method is 'lora'" in stray
 
 
 def test_missing_field_points_at_its_parent(tmp_path: Path) -> None:

@@ -30,8 +30,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-# FLOPs per training token per base-model parameter.
-FLOPS_PER_TOKEN_PER_PARAMETER = {"full": 6.0, "lora": 4.0, "qlora": 4.0}
+# FLOPs per training token per base-model parameter. DPO is LoRA's plus a forward pass of the
+# reference policy (the same model, adapter off) over the same tokens.
+FLOPS_PER_TOKEN_PER_PARAMETER = {"full": 6.0, "lora": 4.0, "qlora": 4.0, "dpo": 6.0}
 # Held-out loss is a forward pass only.
 EVALUATION_FLOPS_PER_TOKEN_PER_PARAMETER = 2.0
 # An assumption, not a measurement: bitsandbytes' dequantisation makes QLoRA steps about a third

@@ -15,7 +15,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 # The data reader enforces it and `validate-data --max-line-bytes` defaults to it; it imports
 # only the standard library.
-from tuneloom.names import DNS_LABEL_RULE, VERSION_PATTERN, is_dns_label
+from tuneloom.names import DNS_LABEL_RULE, VERSION_PATTERN, AdapterId, is_dns_label
 from tuneloom.trainer.datafile import DEFAULT_MAX_LINE_BYTES
 
 API_GROUP = "tuneloom.dev"
@@ -47,12 +47,20 @@ class _Model(BaseModel):
 class DatasetFormat(str, Enum):
     chat = "chat"
     completion = "completion"
+    preference = "preference"
 
 
 class Method(str, Enum):
     lora = "lora"
     qlora = "qlora"
     full = "full"
+    # Preference tuning of a LoRA adapter; the reference policy is the same model with the adapter off.
+    dpo = "dpo"
+
+
+class DpoLoss(str, Enum):
+    sigmoid = "sigmoid"
+    ipo = "ipo"
 
 
 class GenerationMetric(str, Enum):
@@ -141,7 +149,8 @@ class DatasetSpec(_Model):
     )
     format: DatasetFormat = Field(
         default=DatasetFormat.chat,
-        description="chat: {'messages': [{'role','content'}]} per line; completion: {'prompt','completion'} per line.",
+        description="chat: {'messages': [{'role','content'}]} per line; completion: {'prompt','completion'} per line; "
+        "preference: {'input': {'messages'}, 'preferred_output', 'non_preferred_output'} per line (method: dpo).",
     )
     maxLineBytes: int = Field(
         default=DEFAULT_MAX_LINE_BYTES,
@@ -187,6 +196,39 @@ class LoraSpec(_Model):
         description="Module names to adapt (e.g. q_proj, v_proj), or ['all-linear'] for every linear layer "
         "except the output head.",
     )
+
+
+class DpoSpec(_Model):
+    beta: float = Field(
+        default=0.1,
+        gt=0.0,
+        le=100.0,
+        description="How far the policy may move from the reference: the scale of the implicit reward "
+        "beta * (log-ratio of policy to reference). Smaller lets it move further.",
+    )
+    loss: DpoLoss = Field(
+        default=DpoLoss.sigmoid,
+        description="sigmoid: DPO's -log sigmoid of the reward margin, on log-probabilities summed over answer "
+        "tokens; ipo: IPO's squared distance of the margin from 1/(2 beta), on log-probabilities averaged over "
+        "answer tokens.",
+    )
+    initAdapter: str | None = Field(
+        default=None,
+        description="An earlier adapter of this namespace, as name@version (e.g. a supervised one): training "
+        "starts from its weights and it is the reference policy. Unset: a fresh LoRA adapter, the base model "
+        "as reference.",
+    )
+
+    @field_validator("initAdapter")
+    @classmethod
+    def _pinned_adapter(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if "/" in value or AdapterId.parse(value, "default").version is None:
+            raise ValueError(
+                f"must be name@version of an adapter in the job's namespace, e.g. support-sft@3, got {value!r}"
+            )
+        return value
 
 
 class EarlyStoppingSpec(_Model):
@@ -419,8 +461,13 @@ class FineTuneJobSpec(_Model):
         "or a Hugging Face hub id.",
     )
     dataset: DatasetSpec = Field(description="Training and validation data.")
-    method: Method = Field(default=Method.lora, description="lora, qlora (4-bit NF4 base, CUDA only) or full.")
-    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings (lora and qlora).")
+    method: Method = Field(
+        default=Method.lora,
+        description="lora, qlora (4-bit NF4 base, CUDA only), full, or dpo (preference tuning of a LoRA adapter on "
+        "dataset.format: preference).",
+    )
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings (lora, qlora and dpo).")
+    dpo: DpoSpec = Field(default_factory=DpoSpec, description="Preference-tuning settings (method: dpo).")
     hyperparameters: HyperparametersSpec = Field(default_factory=HyperparametersSpec, description="Optimisation.")
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Held-out evaluation.")
     promotion: PromotionSpec = Field(
@@ -443,6 +490,14 @@ class FineTuneJobSpec(_Model):
     def _lora_fits_method(self) -> FineTuneJobSpec:
         if self.method is Method.full and "lora" in self.model_fields_set:
             raise ValueError("lora settings are given but method is 'full'; remove spec.lora or use lora/qlora")
+        if self.method is not Method.dpo and "dpo" in self.model_fields_set:
+            raise ValueError(f"dpo settings are given but method is {self.method.value!r}; remove spec.dpo or use dpo")
+        preference = self.dataset.format is DatasetFormat.preference
+        if preference != (self.method is Method.dpo):
+            raise ValueError(
+                "method: dpo trains on preference pairs: it needs dataset.format: preference, and that format "
+                f"needs method: dpo (got method {self.method.value!r}, format {self.dataset.format.value!r})"
+            )
         return self
 
 
@@ -474,6 +529,16 @@ class Progress(_Model):
     epoch: float = Field(default=0.0, description="Fractional epoch reached.")
     trainLoss: float | None = Field(default=None, description="Mean training loss over the last logging interval.")
     validationLoss: float | None = Field(default=None, description="Validation loss at the last evaluation.")
+    rewardAccuracy: float | None = Field(
+        default=None,
+        description="method: dpo: share of the last logging interval's training pairs whose preferred answer got "
+        "the higher implicit reward.",
+    )
+    rewardMargin: float | None = Field(
+        default=None,
+        description="method: dpo: mean implicit reward of the preferred answer minus the other's, over the last "
+        "logging interval's training pairs.",
+    )
     tokensPerSecond: float | None = Field(default=None, description="Training throughput, padding excluded.")
     etaSeconds: float | None = Field(default=None, description="Estimated seconds until training ends.")
 

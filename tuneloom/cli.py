@@ -132,7 +132,7 @@ def _serve(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from tuneloom.api import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, DEFAULT_VALIDATION_SPLIT
     from tuneloom.trainer.datafile import DEFAULT_MAX_LINE_BYTES, FORMATS  # standard library only: cheap
-    from tuneloom.trainer.estimate import DEVICES
+    from tuneloom.trainer.estimate import DEVICES, FLOPS_PER_TOKEN_PER_PARAMETER
 
     parser = argparse.ArgumentParser(prog="tuneloom", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -169,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", choices=sorted(DEVICES), default="cpu", help="where to estimate the training time (with --model)"
     )
     validate.add_argument("--gpus", type=_positive_int, default=1, help="GPUs of --device, for the estimate")
-    validate.add_argument("--method", choices=["lora", "qlora", "full"], default="lora", help="for the estimate")
+    validate.add_argument(
+        "--method", choices=list(FLOPS_PER_TOKEN_PER_PARAMETER), default="lora", help="for the estimate"
+    )
     validate.add_argument(
         "--gpu-hour-price", type=_non_negative_float, help="price of one GPU-hour, for the estimated cost"
     )

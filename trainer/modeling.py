@@ -122,6 +122,19 @@ def causal_lm(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def labelled_logits(
+    decoder: nn.Module, head: nn.Module, batch: Batch
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The head's fp32 logits at the positions that predict a labelled token, those tokens, and the
+    [rows, length - 1] mask of the positions."""
+    # use_cache=False matters: with a KV cache transformers skips the packed-sequence mask and
+    # packed examples would attend to each other.
+    hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).last_hidden_state
+    targets = batch.labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    return head(hidden[:, :-1][mask]).float(), targets[mask], mask
+
+
 class MaskedTokenLoss(nn.Module):
     """Summed cross-entropy and correct-prediction count over labelled tokens only.
 
@@ -138,15 +151,7 @@ class MaskedTokenLoss(nn.Module):
         self.head = lm.get_output_embeddings()
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # use_cache=False matters: with a KV cache transformers skips the packed-sequence mask and
-        # packed examples would attend to each other.
-        hidden = self.decoder(
-            input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
-        ).last_hidden_state
-        targets = batch.labels[:, 1:]
-        mask = targets != IGNORE_INDEX
-        logits = self.head(hidden[:, :-1][mask]).float()
-        wanted = targets[mask]
+        logits, wanted, mask = labelled_logits(self.decoder, self.head, batch)
         loss_sum = nn.functional.cross_entropy(logits, wanted, reduction="sum")
         correct = (logits.argmax(dim=-1) == wanted).sum()
         return loss_sum, correct, mask.sum()

@@ -101,6 +101,17 @@ class HeldOutLoss:
 
 
 @dataclass(frozen=True)
+class HeldOutPreferences:
+    """method: dpo: the held-out pairs scored by the model and the reference policy (see
+    `trainer.dpo.PreferenceResult`); every rank computes them."""
+
+    measure: Callable[[], Any]
+
+    def __call__(self) -> EvaluationResult:
+        return EvaluationResult(self.measure().metrics())
+
+
+@dataclass(frozen=True)
 class HeldOutAnswers:
     """Greedy answers to the held-out prompts, scored against their reference answers."""
 

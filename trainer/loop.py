@@ -15,6 +15,7 @@ import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -103,7 +104,7 @@ class TrainingLoop:
         self.hp = spec.hyperparameters
         self.model = model
         self.ranks = ranks or Ranks()
-        self.loss_fn = MaskedTokenLoss(model)
+        self.loss_fn = self._loss_module(model)
         # Evaluation calls loss_fn directly; training goes through DDP so gradients are averaged.
         self.train_fn: nn.Module = self.loss_fn
         if self.ranks.enabled:
@@ -126,6 +127,21 @@ class TrainingLoop:
         self.best: dict[str, torch.Tensor] | None = None
         self.saved_step: int | None = None  # the step of the newest checkpoint, saved or resumed from
         self.reporter: ProgressReporter | None = None  # the run's, once training starts
+
+    def _loss_module(self, model: nn.Module) -> nn.Module:
+        """The objective: called on a batch, (summed loss, ...) whose sum is over `_units` of it."""
+        return MaskedTokenLoss(model)
+
+    def _collate(self, rows: Sequence[Sequence[int]]) -> Batch:
+        return collate(self.train, rows)
+
+    def _units(self, batch: Batch) -> int:
+        """What a step's loss is the mean over: labelled tokens."""
+        return batch.num_trained_tokens
+
+    def _step_figures(self, outputs: list[tuple[torch.Tensor, ...]], weight: float) -> dict[str, Any]:
+        """More figures for the step's progress, from each micro-batch's loss outputs: none here."""
+        return {}
 
     def resume(self, spec_sha256: str) -> bool:
         """Loads the latest checkpoint of this job, if any. True when one was loaded."""
@@ -211,7 +227,7 @@ class TrainingLoop:
         started = time.monotonic()
         budget = self.hp.microBatchTokens
         batches = [
-            collate(self.train, rows)
+            self._collate(rows)
             for micro_batch in step_batches
             for rows in within_token_budget(self.train, micro_batch, budget)
         ]
@@ -219,20 +235,22 @@ class TrainingLoop:
         if not batches:
             # The epoch's last step can leave a rank without a micro-batch. It still has to join
             # the gradient all-reduce, so it runs one with zero weight.
-            batches, weight = [collate(self.train, [[0]])], 0.0
-        local_tokens = sum(batch.num_trained_tokens for batch in batches) * weight
+            batches, weight = [self._collate([[0]])], 0.0
+        local_tokens = sum(self._units(batch) for batch in batches) * weight
         trained_tokens = distributed.total(local_tokens, self.ranks)
         # DDP averages gradients over ranks; scaling by world_size turns that into a sum, so every
         # labelled token of the step weighs the same whatever rank or micro-batch it landed in.
         scale = weight * self.ranks.world_size / max(trained_tokens, 1)
         loss_total = 0.0
+        outputs = []
         for number, batch in enumerate(batches):
             last = number == len(batches) - 1
             sync = contextlib.nullcontext() if last or not self.ranks.enabled else self.train_fn.no_sync()
             with sync, autocast(self.device):
-                loss_sum, _, _ = self.train_fn(batch.to(self.device))
+                loss_sum, *others = self.train_fn(batch.to(self.device))
                 (loss_sum * scale).backward()
             loss_total += loss_sum.detach().item() * weight
+            outputs.append((loss_sum.detach(), *others))
         loss_total = distributed.total(loss_total, self.ranks)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, self.hp.maxGradNorm)
@@ -252,6 +270,7 @@ class TrainingLoop:
             tokens=tokens,
             learning_rate=rate,
             seconds=time.monotonic() - started,
+            **self._step_figures(outputs, weight),
         )
         # Every step, not only at the end: the pod's metrics endpoint is gone soon after training,
         # often before Prometheus's next scrape.
@@ -271,18 +290,10 @@ class TrainingLoop:
         # overfitting rules compare the two). None when a checkpoint from before train_history lacks them.
         previous = state.history[-1]["step"] if state.history else 0
         losses = [entry["loss"] for entry in state.train_history if entry["step"] > previous]
-        state.history.append(
-            {
-                "epoch": epoch,
-                "step": state.step,
-                "trainLoss": round(sum(losses) / len(losses), 4) if losses else None,
-                "validationLoss": result.loss,
-                "tokenAccuracy": result.token_accuracy,
-            }
-        )
-        reporter.evaluation(
-            loss=result.loss, accuracy=result.token_accuracy, overfitting=detect_overfitting(state.history)
-        )
+        train_loss = round(sum(losses) / len(losses), 4) if losses else None
+        figures = self._validation_figures(result)
+        state.history.append({"epoch": epoch, "step": state.step, "trainLoss": train_loss, **figures})
+        self._report_validation(result, reporter)
         min_delta = self.hp.earlyStopping.minDelta
         if state.best_validation_loss is None or result.loss < state.best_validation_loss - min_delta:
             state.best_validation_loss, state.best_step = result.loss, state.step
@@ -294,6 +305,15 @@ class TrainingLoop:
             if patience and state.evaluations_without_improvement >= patience:
                 log.info("early stopping: no lower validation loss for %d evaluation(s)", patience)
                 state.stopped_early = True
+
+    def _validation_figures(self, result: LossResult) -> dict[str, float]:
+        """What the history keeps of an evaluation."""
+        return {"validationLoss": result.loss, "tokenAccuracy": result.token_accuracy}
+
+    def _report_validation(self, result: LossResult, reporter: ProgressReporter) -> None:
+        """Tells the reporter, once the evaluation is in the history."""
+        overfitting = detect_overfitting(self.state.history)
+        reporter.evaluation(loss=result.loss, accuracy=result.token_accuracy, overfitting=overfitting)
 
     def _checkpoint(self) -> None:
         """The periodic checkpoint, when checkpointing is on."""

@@ -16,6 +16,7 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from tuneloom.trainer.batching import collate, pack_rows, single_rows
 from tuneloom.trainer.checkpoint import CheckpointStore
 from tuneloom.trainer.datafile import DataValidationError, Example, content_key, load_examples
 from tuneloom.trainer.dataquality import find_problems
+from tuneloom.trainer.dpo import PreferenceLoop
 from tuneloom.trainer.estimate import Estimate, Workload, available_cores, count_parameters, device_for_name, estimate
 from tuneloom.trainer.evaluate import (
     Check,
@@ -50,6 +52,7 @@ from tuneloom.trainer.evaluate import (
     GeneralAbility,
     HeldOutAnswers,
     HeldOutLoss,
+    HeldOutPreferences,
     draw_shots,
     references,
     run_checks,
@@ -65,6 +68,7 @@ from tuneloom.trainer.modeling import (
     load_tokenizer,
 )
 from tuneloom.trainer.preemption import Preempted, PreemptionWatch
+from tuneloom.trainer.preference import EncodedPair, collate_pairs, encode_pair
 from tuneloom.trainer.preflight import PreflightError, check_before_running
 from tuneloom.trainer.progress import ProgressReporter, TrainerMetrics
 from tuneloom.trainer.report import RunReport, TrainingResult, print_report
@@ -181,11 +185,18 @@ def _mix_in(job: FineTuneJob, own: int, held_out_keys: set[Any], info: dict[str,
     return mixed
 
 
-def encode_all(tokenizer: Any, examples: list[Example], max_length: int, what: str) -> list[EncodedExample]:
-    """Encodes and truncates; drops examples left with nothing to learn, saying which."""
+def encode_all(
+    tokenizer: Any,
+    examples: list[Example],
+    max_length: int,
+    what: str,
+    encode: Callable[[Any, Example, int], Any] = encode_example,
+) -> list[Any]:
+    """Encodes and truncates (`encode_pair` for preference pairs); drops examples left with nothing
+    to learn, saying which."""
     encoded, truncated, dropped = [], [], []
     for example in examples:
-        item = encode_example(tokenizer, example, max_length)
+        item = encode(tokenizer, example, max_length)
         if item.truncated:
             truncated.append(example.line)
         if item.num_trained_tokens == 0:
@@ -225,8 +236,8 @@ def spec_sha256(job: FineTuneJob) -> str:
 class Tokenized:
     """The examples as token ids and labels, cut to maxSeqLength; those left with nothing to learn dropped."""
 
-    train: list[EncodedExample]
-    validation: list[EncodedExample]
+    train: list[EncodedExample] | list[EncodedPair]
+    validation: list[EncodedExample] | list[EncodedPair]
 
 
 @dataclass(frozen=True)
@@ -370,9 +381,10 @@ class FineTuneRun:
         path = resolve_base_model(self.spec.baseModel)
         tokenizer = load_tokenizer(path)
         max_length = self.spec.hyperparameters.maxSeqLength
+        encode = encode_pair if self.spec.method is Method.dpo else encode_example
         tokens = Tokenized(
-            train=encode_all(tokenizer, data.train + data.mixed, max_length, "training data"),
-            validation=encode_all(tokenizer, data.validation, max_length, "validation data"),
+            train=encode_all(tokenizer, data.train + data.mixed, max_length, "training data", encode),
+            validation=encode_all(tokenizer, data.validation, max_length, "validation data", encode),
         )
         return Model(path, tokenizer, load_model(self.spec, path, self.device)), tokens
 
@@ -390,11 +402,12 @@ class FineTuneRun:
             world_size=self.ranks.world_size,
         )
         validation_rows = self._rows(tokens.validation)
+        dpo = self.spec.method is Method.dpo
         validation_batches = [
-            collate(tokens.validation, validation_rows[i : i + hp.batchSize])
+            (collate_pairs if dpo else collate)(tokens.validation, validation_rows[i : i + hp.batchSize])
             for i in range(0, len(validation_rows), hp.batchSize)
         ]
-        loop = TrainingLoop(
+        loop = (PreferenceLoop if dpo else TrainingLoop)(
             self.spec,
             model.module,
             tokens.train,
@@ -412,9 +425,11 @@ class FineTuneRun:
             self._remember({"preemptedAtSteps": self.checkpoints.preempted_steps()})
         return loop
 
-    def _rows(self, examples: list[EncodedExample]) -> list[list[int]]:
+    def _rows(self, examples: list[EncodedExample] | list[EncodedPair]) -> list[list[int]]:
         hp = self.spec.hyperparameters
-        return pack_rows(examples, hp.maxSeqLength) if hp.packing else single_rows(examples)
+        # A pair's two sequences share a row: each may have maxSeqLength tokens.
+        row_length = hp.maxSeqLength * (2 if self.spec.method is Method.dpo else 1)
+        return pack_rows(examples, row_length) if hp.packing else single_rows(examples)
 
     def estimate(self, model: Model, tokens: Tokenized, plan: Plan) -> Estimate | None:
         """What the throughput model expects of this run on this device, logged before it starts;
@@ -443,7 +458,8 @@ class FineTuneRun:
         return expected
 
     def setup_evaluation(self, model: Model, loop: TrainingLoop, data: Datasets) -> Evaluation:
-        checks: list[Check] = [HeldOutLoss(loop.evaluate)]
+        dpo = self.spec.method is Method.dpo
+        checks: list[Check] = [(HeldOutPreferences if dpo else HeldOutLoss)(loop.evaluate)]
         evaluation = self.spec.evaluation
         few_shot = None
         # Only rank 0 publishes answers, so only it spends the time generating them.
@@ -459,7 +475,8 @@ class FineTuneRun:
                 training_answers=frozenset(answer.strip() for answer in references(data.train)),
             )
             checks.append(answers)
-            if evaluation.fewShot.k:
+            # A pair's input has no solved example to show, so DPO has no few-shot baseline.
+            if evaluation.fewShot.k and not dpo:
                 shots = draw_shots(data.train, evaluation.fewShot.k, self.spec.hyperparameters.seed)
                 few_shot = FewShotAnswers(answers, shots)
         if data.general and self.ranks.is_main:

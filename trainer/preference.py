@@ -20,7 +20,8 @@ from torch import nn
 from tuneloom.api import DpoLoss
 from tuneloom.trainer.batching import Batch, collate
 from tuneloom.trainer.datafile import Example, as_sequences
-from tuneloom.trainer.modeling import labelled_logits
+from tuneloom.trainer.evaluate import base_weights
+from tuneloom.trainer.modeling import causal_lm, labelled_logits
 from tuneloom.trainer.tokenize import EncodedExample, encode_example
 
 
@@ -65,6 +66,10 @@ class PairBatch:
     batch: Batch
     sequence: torch.Tensor  # [rows, length]
     pairs: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.batch.num_tokens
 
     def to(self, device: torch.device | str) -> PairBatch:
         return PairBatch(self.batch.to(device), self.sequence.to(device), self.pairs)
@@ -144,3 +149,31 @@ def preference_accuracy(log_probs: SequenceLogProbs) -> torch.Tensor:
     """Per pair: 1 where the preferred answer has the higher mean log-probability per answer token."""
     means = log_probs.means()
     return (means[0::2] > means[1::2]).float()
+
+
+class DpoObjective(nn.Module):
+    """The DPO (or IPO) loss of a LoRA model against itself with the adapter switched off, the
+    reference policy, so no second copy of the weights is held. Called on a batch of pairs it gives
+    sums over them: (loss, pairs whose preferred answer got the higher reward, pairs, reward
+    margin, pairs whose preferred answer the model finds likelier per token)."""
+
+    def __init__(self, model: nn.Module, *, beta: float, loss: DpoLoss):
+        super().__init__()
+        self.model = model
+        lm = causal_lm(model)
+        self.decoder, self.head = lm.get_decoder(), lm.get_output_embeddings()
+        self.beta, self.loss = beta, loss
+
+    def forward(self, pairs: PairBatch) -> tuple[torch.Tensor, ...]:
+        policy = sequence_log_probs(self.decoder, self.head, pairs)
+        with torch.no_grad(), base_weights(self.model):
+            reference = sequence_log_probs(self.decoder, self.head, pairs)
+        result = pair_losses(policy, reference, beta=self.beta, loss=self.loss)
+        margins = result.margins
+        return (
+            result.losses.sum(),
+            (margins > 0).sum(),
+            torch.tensor(pairs.pairs),
+            margins.sum(),
+            preference_accuracy(policy).sum(),
+        )

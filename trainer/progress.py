@@ -51,6 +51,21 @@ class TrainerMetrics:
         self.learning_rate = measured("learning_rate", "Current learning rate.")
         self.eta = measured("eta_seconds", "Estimated seconds until training ends.")
         self.peak_memory = measured("peak_memory_bytes", "Peak accelerator memory (GPU) or resident memory (CPU).")
+        self.reward_accuracy = measured(
+            "reward_accuracy_ratio",
+            "method: dpo: share of the last logging interval's training pairs whose preferred answer got the higher "
+            "implicit reward.",
+        )
+        self.reward_margin = measured(
+            "reward_margin_nats",
+            "method: dpo: mean implicit reward (beta x log policy/reference) of the preferred answer minus the "
+            "other's, over the last logging interval's training pairs.",
+        )
+        self.validation_preference_accuracy = measured(
+            "validation_preference_accuracy_ratio",
+            "method: dpo: share of held-out pairs whose preferred answer has the higher mean log-probability per "
+            "answer token, at the last evaluation.",
+        )
         # One series per model (base, adapter): the general-ability figures both were measured on.
         by_model = [*labels, "model"]
 
@@ -91,6 +106,15 @@ class TrainerMetrics:
                 family.labels(*self._values, model).set(metrics[name])
 
 
+@dataclass(frozen=True)
+class RewardTotals:
+    """A DPO step's pairs: how many had the preferred answer rewarded higher, and the summed margin."""
+
+    correct: float
+    margin: float
+    pairs: int
+
+
 @dataclass
 class _Interval:
     """Accumulates the steps between two progress lines."""
@@ -99,6 +123,9 @@ class _Interval:
     loss_sum: float = 0.0
     steps: int = 0
     tokens: int = 0
+    rewarded: float = 0.0
+    margin: float = 0.0
+    pairs: int = 0
 
 
 def _duration(seconds: float) -> str:
@@ -139,11 +166,24 @@ class ProgressReporter:
         log.info("event %s%s", name, "".join(f" {key}={json.dumps(value)}" for key, value in fields.items()))
         self._emit({"event": name, **fields})
 
-    def step(self, step: int, *, loss: float, tokens: int, learning_rate: float, seconds: float) -> None:
+    def step(
+        self,
+        step: int,
+        *,
+        loss: float,
+        tokens: int,
+        learning_rate: float,
+        seconds: float,
+        rewards: RewardTotals | None = None,
+    ) -> None:
         interval = self.interval
         interval.loss_sum += loss
         interval.steps += 1
         interval.tokens += tokens
+        if rewards is not None:
+            interval.rewarded += rewards.correct
+            interval.margin += rewards.margin
+            interval.pairs += rewards.pairs
         self.state.step = step
         self.state.percent = 100 * step // max(self.total_steps, 1)
         self.state.epoch = round(step / self.steps_per_epoch, 3)
@@ -165,13 +205,21 @@ class ProgressReporter:
         self.state.trainLoss = round(interval.loss_sum / interval.steps, 4)
         self.state.tokensPerSecond = round(interval.tokens / elapsed, 1)
         self.state.etaSeconds = round((self.total_steps - self.state.step) / rate, 1) if rate > 0 else None
+        rewards = ""
+        if interval.pairs:
+            self.state.rewardAccuracy = round(interval.rewarded / interval.pairs, 4)
+            self.state.rewardMargin = round(interval.margin / interval.pairs, 4)
+            rewards = f" reward accuracy {self.state.rewardAccuracy:.3f} margin {self.state.rewardMargin:.4f}"
         if self.metrics:
             self.metrics.train_loss.set(self.state.trainLoss)
             if self.state.etaSeconds is not None:
                 self.metrics.eta.set(self.state.etaSeconds)
+            if interval.pairs:
+                self.metrics.reward_accuracy.set(self.state.rewardAccuracy)
+                self.metrics.reward_margin.set(self.state.rewardMargin)
         eta = _duration(self.state.etaSeconds) if self.state.etaSeconds is not None else "?"
         log.info(
-            "step %d/%d (%d%%) epoch %.2f loss %.4f lr %.2e %.0f tok/s eta %s",
+            "step %d/%d (%d%%) epoch %.2f loss %.4f lr %.2e %.0f tok/s eta %s%s",
             self.state.step,
             self.total_steps,
             100 * self.state.step // max(self.total_steps, 1),
@@ -180,6 +228,7 @@ class ProgressReporter:
             learning_rate,
             self.state.tokensPerSecond,
             eta,
+            rewards,
         )
         self._emit({"event": "progress", **self.state.model_dump(exclude_none=True), "learningRate": learning_rate})
         self.interval = _Interval(started=now)
@@ -200,6 +249,22 @@ class ProgressReporter:
                 self.overfitting_warned = True
             record["overfitting"] = overfitting.to_record()
         self._emit({**record, "tokenAccuracy": accuracy})
+
+    def preference_evaluation(self, metrics: dict[str, float]) -> None:
+        """A DPO run's held-out figures (`PreferenceResult.metrics`)."""
+        self.state.validationLoss = metrics["validationLoss"]
+        if self.metrics:
+            self.metrics.validation_loss.set(metrics["validationLoss"])
+            self.metrics.validation_preference_accuracy.set(metrics["preferenceAccuracy"])
+        log.info(
+            "validation at step %d: loss %.4f preference accuracy %.3f reward accuracy %.3f margin %.4f",
+            self.state.step,
+            metrics["validationLoss"],
+            metrics["preferenceAccuracy"],
+            metrics["rewardAccuracy"],
+            metrics["rewardMargin"],
+        )
+        self._emit({"event": "evaluation", **self.state.model_dump(exclude_none=True), **metrics})
 
     def published(self, figures: dict[str, dict[str, Any]], promoted: bool) -> None:
         """The general-ability figures of both models and the promotion verdict, as gauges."""

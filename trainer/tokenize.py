@@ -128,7 +128,9 @@ def prompt_text(tokenizer: Any, example: Example) -> str:
     """What the model is given at generation time: everything before the final assistant reply."""
     if not example.messages:
         return example.prompt
-    messages = [{"role": m.role, "content": m.content} for m in example.messages[:-1]]
+    # A preference pair's messages are the input alone; the answers follow them.
+    asked = example.messages if example.preferred else example.messages[:-1]
+    messages = [{"role": m.role, "content": m.content} for m in asked]
     return _render(tokenizer, messages, generation_prompt=True)
 
 
@@ -145,7 +147,10 @@ def few_shot_prompt(tokenizer: Any, example: Example, shots: Sequence[Example]) 
 
 
 def reference_answer(example: Example) -> str:
-    """The answer the held-out example expects: the final assistant reply, or the completion."""
+    """The answer the held-out example expects: the preferred answer, the final assistant reply, or
+    the completion."""
+    if example.preferred:
+        return example.preferred
     return example.messages[-1].content if example.messages else example.completion
 
 

@@ -1,0 +1,176 @@
+"""method: dpo end to end on the tiny model: real training, the registry, resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tuneloom.jobfile import parse_job
+from tuneloom.registry import download_adapter
+from tuneloom.storage import open_store
+from tuneloom.trainer.main import run
+
+from .test_train import QUESTIONS, _events, _job, _messages, _trainer
+
+# Two fixed styles of answer; the test makes the preferred one the style the base model finds less
+# likely, so a high held-out preference accuracy has to be learned.
+STYLES = ("Arr, matey! That be a fine question.", "Certainly. Here is a careful answer.")
+
+
+def _mean_log_prob(model, tokenizer, question: str, answer: str) -> float:
+    """Written out: mean log-probability per answer token (end of turn included) after the question."""
+    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    prompt = tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    ids = tokenizer(full, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    start = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, start - 1 : -1]
+    return float(torch.log_softmax(logits, dim=-1).gather(1, ids[0, start:, None]).mean())
+
+
+def _preferred_style(model_dir: Path) -> tuple[str, str]:
+    """(preferred, non-preferred): the style the base gives the lower likelihood on most questions first."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    first_likelier = sum(
+        _mean_log_prob(model, tokenizer, q, STYLES[0]) > _mean_log_prob(model, tokenizer, q, STYLES[1])
+        for q in QUESTIONS
+    )
+    return (STYLES[1], STYLES[0]) if first_likelier > len(QUESTIONS) / 2 else STYLES
+
+
+def _pairs(path: Path, preferred: str, non_preferred: str) -> Path:
+    with path.open("w") as stream:
+        for question in QUESTIONS:
+            record = {
+                "input": {"messages": [{"role": "user", "content": question}]},
+                "preferred_output": [{"role": "assistant", "content": preferred}],
+                "non_preferred_output": [{"role": "assistant", "content": non_preferred}],
+            }
+            stream.write(json.dumps(record) + "\n")
+    return path
+
+
+def _dpo_job(model: Path, data: Path, store: str, **overrides) -> dict:
+    job = _job(
+        model,
+        data,
+        store,
+        method="dpo",
+        dataset={"train": str(data), "validationSplit": 0.2, "format": "preference"},
+        dpo={"beta": 0.1},
+        hyperparameters={"epochs": 2, "learningRate": 1e-2},
+        **overrides,
+    )
+    job["metadata"]["name"] = "styled"
+    job["spec"]["output"]["adapterName"] = "styled"
+    return job
+
+
+def test_dpo_raises_held_out_preference_accuracy(
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    preferred, non_preferred = _preferred_style(tiny_model_dir)
+    data = _pairs(tmp_path / "pairs.jsonl", preferred, non_preferred)
+    store = str(tmp_path / "store")
+    with caplog.at_level(logging.INFO, logger="tuneloom"):
+        adapter = run(parse_job(_dpo_job(tiny_model_dir, data, store)))
+
+    metrics = adapter.manifest.model_dump(mode="json")["metrics"]
+    base, tuned = metrics["base"], metrics["adapter"]
+    # The base prefers the other style on most held-out questions; the adapter the trained one on all.
+    assert base["preferenceAccuracy"] <= 0.5 and tuned["preferenceAccuracy"] == 1.0, (base, tuned)
+    # Before training policy and reference are one model: no margin, DPO's loss is log 2.
+    assert base["rewardMargin"] == 0.0 and base["validationLoss"] == pytest.approx(0.6931, abs=1e-3)
+    assert tuned["rewardMargin"] > 1.0 and tuned["rewardAccuracy"] == 1.0
+    assert tuned["validationLoss"] < base["validationLoss"] / 2
+    assert {"general.nllShift", "general.agreement"} <= set(tuned)  # the general check applies to DPO too
+    assert [entry["step"] for entry in metrics["history"]] == [metrics["steps"] // 2, metrics["steps"]]
+    assert {"preferenceAccuracy", "rewardAccuracy", "rewardMargin"} <= set(metrics["history"][-1])
+    assert re.search(r"step \d+/\d+ .* reward accuracy [01]\.\d{3} margin -?\d", caplog.text)
+
+    local = tmp_path / "adapter"
+    download_adapter(open_store(store), "default", "styled", "1", local)
+    samples = json.loads((local / "evaluation.json").read_text())
+    held_out = [sample for sample in samples if sample["check"] == "heldOut"]
+    assert held_out and all(sample["reference"] == preferred for sample in held_out)
+    # The adapter's own greedy answers move to the preferred style.
+    assert sum(sample["adapter"] == preferred for sample in held_out) > len(held_out) / 2, held_out
+
+
+# A DPO progress line: the supervised one's figures, then the pairs' reward accuracy and margin.
+_DPO_STEP = re.compile(r"step (\d+)/(\d+) .* eta \S+ reward accuracy [01]\.\d{3} margin -?\d+\.\d{4}$")
+
+
+def _dpo_steps(messages: list[str]) -> list[int]:
+    return [int(match[1]) for message in messages if (match := _DPO_STEP.match(message))]
+
+
+def test_a_killed_dpo_run_resumes_at_its_step(tiny_model_dir: Path, tmp_path: Path) -> None:
+    preferred, non_preferred = _preferred_style(tiny_model_dir)
+    data = _pairs(tmp_path / "pairs.jsonl", preferred, non_preferred)
+    job = _dpo_job(
+        tiny_model_dir,
+        data,
+        str(tmp_path / "store"),
+        checkpointing={"everySteps": 2},
+        hyperparameters={"epochs": 6},
+        evaluation={"metrics": [], "general": {"enabled": False}},
+    )
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    first_log = tmp_path / "first-run.log"
+    with first_log.open("w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "tuneloom.trainer", "-f", str(path)], stderr=stderr)
+        deadline = time.monotonic() + 300
+        # 8 steps an epoch, 48 in all: kill after the step-4 checkpoint and before the run ends.
+        while max(_dpo_steps(_messages(first_log.read_text())), default=0) < 5:
+            assert process.poll() is None, "the trainer ended before it could be killed:\n" + first_log.read_text()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    killed_at = max(_dpo_steps(_messages(first_log.read_text())))
+    assert killed_at < 48
+
+    result = _trainer(path, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    second_run = _messages(result.stderr)
+    resumed_from = next(int(match[1]) for m in second_run if (match := re.match(r"event training step=(\d+) ", m)))
+    assert 4 <= resumed_from <= killed_at and resumed_from % 2 == 0
+    assert _dpo_steps(second_run) == list(range(resumed_from + 1, 49)), (
+        "steps before the checkpoint were redone or lost"
+    )
+    assert "evaluating-base" not in _events(second_run), "the base was evaluated again"
+    manifest = json.loads((tmp_path / "store/adapters/default/styled/1/manifest.json").read_text())
+    assert manifest["metrics"]["steps"] == 48
+    assert manifest["metrics"]["adapter"]["preferenceAccuracy"] > manifest["metrics"]["base"]["preferenceAccuracy"]
+
+
+def test_bad_preference_pairs_fail_with_their_lines(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = _pairs(tmp_path / "pairs.jsonl", *STYLES)
+    with data.open("a") as stream:
+        stream.write(json.dumps({"input": {"messages": [{"role": "user", "content": "Hi"}]}}) + "\n")
+        same = [{"role": "assistant", "content": "Same."}]
+        pair = {"input": {"messages": [{"role": "user", "content": "Hi"}]}, "preferred_output": same}
+        stream.write(json.dumps({**pair, "non_preferred_output": same}) + "\n")
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(_dpo_job(tiny_model_dir, data, str(tmp_path / "store"))))
+    result = _trainer(path, tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"{data}:41: preferred_output: missing" in result.stderr
+    assert f"{data}:42: non_preferred_output[0].content: identical to preferred_output" in result.stderr
+    assert _events(_messages(result.stderr)) == ["validating-data"]

@@ -20,7 +20,7 @@ from tuneloom.registry import download_adapter
 from tuneloom.storage import open_store
 from tuneloom.trainer.main import run
 
-from .test_train import QUESTIONS, _events, _job, _messages, _trainer
+from .test_train import PIRATE, QUESTIONS, _dataset, _events, _job, _messages, _trainer
 
 # Two fixed styles of answer; the test makes the preferred one the style the base model finds less
 # likely, so a high held-out preference accuracy has to be learned.
@@ -65,16 +65,14 @@ def _pairs(path: Path, preferred: str, non_preferred: str) -> Path:
 
 
 def _dpo_job(model: Path, data: Path, store: str, **overrides) -> dict:
-    job = _job(
-        model,
-        data,
-        store,
-        method="dpo",
-        dataset={"train": str(data), "validationSplit": 0.2, "format": "preference"},
-        dpo={"beta": 0.1},
-        hyperparameters={"epochs": 2, "learningRate": 1e-2},
-        **overrides,
-    )
+    """test_train's job as method: dpo on the pairs; `overrides` replace whole sections."""
+    dpo = {
+        "method": "dpo",
+        "dataset": {"train": str(data), "validationSplit": 0.2, "format": "preference"},
+        "dpo": {"beta": 0.1},
+        "hyperparameters": {"epochs": 2, "learningRate": 1e-2},
+    }
+    job = _job(model, data, store, **(dpo | overrides))
     job["metadata"]["name"] = "styled"
     job["spec"]["output"]["adapterName"] = "styled"
     return job
@@ -107,8 +105,16 @@ def test_dpo_raises_held_out_preference_accuracy(
     samples = json.loads((local / "evaluation.json").read_text())
     held_out = [sample for sample in samples if sample["check"] == "heldOut"]
     assert held_out and all(sample["reference"] == preferred for sample in held_out)
-    # The adapter's own greedy answers move to the preferred style.
-    assert sum(sample["adapter"] == preferred for sample in held_out) > len(held_out) / 2, held_out
+    # Loaded from the registry as a server would, the adapter prefers the trained style on new questions.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tuned_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), local)
+    for question in ("What is 7 times 8?", "Name a colour."):
+        assert _mean_log_prob(tuned_model, tokenizer, question, preferred) > _mean_log_prob(
+            tuned_model, tokenizer, question, non_preferred
+        )
 
 
 # A DPO progress line: the supervised one's figures, then the pairs' reward accuracy and margin.
@@ -174,3 +180,32 @@ def test_bad_preference_pairs_fail_with_their_lines(tiny_model_dir: Path, tmp_pa
     assert f"{data}:41: preferred_output: missing" in result.stderr
     assert f"{data}:42: non_preferred_output[0].content: identical to preferred_output" in result.stderr
     assert _events(_messages(result.stderr)) == ["validating-data"]
+
+
+def test_dpo_from_a_supervised_adapter_starts_from_it_and_keeps_it_as_reference(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    store = str(tmp_path / "store")
+    quiet = {"metrics": [], "general": {"enabled": False}}
+    supervised = _job(tiny_model_dir, _dataset(tmp_path / "sft.jsonl"), store, evaluation=quiet)
+    assert run(parse_job(supervised)).version == "1"  # "pirate": answers every question with PIRATE
+    # The SFT-then-DPO order: now prefer the other style over the one it was taught.
+    data = _pairs(tmp_path / "pairs.jsonl", STYLES[1], PIRATE)
+    job = _dpo_job(tiny_model_dir, data, store, dpo={"initAdapter": "pirate@1"}, evaluation=quiet)
+    adapter = run(parse_job(job))
+
+    metrics = adapter.manifest.model_dump(mode="json")["metrics"]
+    start, tuned = metrics["base"], metrics["adapter"]
+    # metrics.base is the starting adapter: it prefers what it was taught, and, being the reference
+    # too, starts at DPO's log 2 with no margin (against the bare base model it would not).
+    assert start["preferenceAccuracy"] == 0.0 and start["validationLoss"] == pytest.approx(0.6931, abs=1e-3)
+    assert start["rewardMargin"] == 0.0
+    assert tuned["preferenceAccuracy"] == 1.0 and tuned["rewardMargin"] > 1.0
+    files = adapter.manifest.model_dump(mode="json")["files"]
+    assert not any("reference" in name for name in files), files  # only the trained adapter is published
+
+    missing = _dpo_job(tiny_model_dir, data, store, dpo={"initAdapter": "pirate@7"}, evaluation=quiet)
+    path = tmp_path / "missing.yaml"
+    path.write_text(yaml.safe_dump(missing))
+    result = _trainer(path, tmp_path)
+    assert result.returncode == 2 and "error: spec.dpo.initAdapter: adapter default/pirate version 7" in result.stderr

@@ -32,12 +32,13 @@ from tuneloom.promotion import decide
 from tuneloom.registry import (
     EVALUATION_FILE,
     AdapterVersion,
+    download_adapter,
     next_version,
     publish_adapter,
     read_adapter,
     run_prefix,
 )
-from tuneloom.storage import StorageError, open_store, sha256_file
+from tuneloom.storage import ObjectNotFoundError, StorageError, open_store, sha256_file
 from tuneloom.trainer import distributed
 from tuneloom.trainer.batching import collate, pack_rows, single_rows
 from tuneloom.trainer.checkpoint import CheckpointStore
@@ -62,6 +63,7 @@ from tuneloom.trainer.htmlreport import LOSS_HISTORY_FILE, REPORT_FILE, render_r
 from tuneloom.trainer.loop import Plan, TrainingLoop, peak_memory_bytes
 from tuneloom.trainer.mixing import draw, mixed_counts
 from tuneloom.trainer.modeling import (
+    TRAINED_ADAPTER,
     MethodNotSupportedError,
     check_method_supported,
     load_model,
@@ -86,6 +88,10 @@ BIND_ADDRESS_ENV = "TUNELOOM_BIND_ADDRESS"
 EXIT_INVALID_INPUT = TRAINER_EXIT_INVALID_INPUT
 EXIT_PREEMPTED = TRAINER_EXIT_PREEMPTED
 EXIT_FAILED = 1
+
+
+class InitAdapterError(ValueError):
+    """dpo.initAdapter names no adapter this run can start from."""
 
 
 class UnusableDataError(ValueError):
@@ -386,7 +392,30 @@ class FineTuneRun:
             train=encode_all(tokenizer, data.train + data.mixed, max_length, "training data", encode),
             validation=encode_all(tokenizer, data.validation, max_length, "validation data", encode),
         )
-        return Model(path, tokenizer, load_model(self.spec, path, self.device)), tokens
+        if self.spec.dpo.initAdapter is None:
+            return Model(path, tokenizer, load_model(self.spec, path, self.device)), tokens
+        with tempfile.TemporaryDirectory(prefix="tuneloom-init-") as tmp:
+            start = self._download_init_adapter(path, Path(tmp) / "adapter")
+            return Model(path, tokenizer, load_model(self.spec, path, self.device, start)), tokens
+
+    def _download_init_adapter(self, base_path: str, dest: Path) -> Path:
+        """dpo.initAdapter from this job's registry, checked to be an adapter of the same base model."""
+        name, _, version = self.spec.dpo.initAdapter.partition("@")
+        namespace = self.job.metadata.namespace
+        try:
+            adapter = download_adapter(self.store, namespace, name, version, dest)
+        except ObjectNotFoundError as exc:
+            raise InitAdapterError(
+                f"spec.dpo.initAdapter: {exc}; publish it to {self.spec.output.uri} first (a supervised job) or "
+                "name a version that exists"
+            ) from None
+        expected, found = _config_hash(base_path), adapter.manifest.baseModel.configSha256
+        if adapter.manifest.kind != "lora" or (expected and found and expected != found):
+            raise InitAdapterError(
+                f"spec.dpo.initAdapter: {adapter.id} is a {adapter.manifest.kind} adapter of "
+                f"{adapter.manifest.baseModel.name}, not a LoRA adapter of {self.spec.baseModel}"
+            )
+        return dest
 
     def setup_training(self, model: Model, tokens: Tokenized) -> TrainingLoop:
         """The packing plan, the held-out batches and the optimizer; resumed from this job's
@@ -563,8 +592,9 @@ class FineTuneRun:
             model.tokenizer.save_pretrained(out)
         else:
             # Recorded as the user wrote it, not as the local cache path it was loaded from.
-            model.module.peft_config["default"].base_model_name_or_path = self.spec.baseModel
-            model.module.save_pretrained(out)
+            model.module.peft_config[TRAINED_ADAPTER].base_model_name_or_path = self.spec.baseModel
+            # Only the trained adapter: a DPO run from dpo.initAdapter also holds its frozen reference.
+            model.module.save_pretrained(out, selected_adapters=[TRAINED_ADAPTER])
 
     def _manifest(self, model: Model, data: Datasets, report: RunReport) -> dict[str, Any]:
         spec, meta = self.spec, self.job.metadata
@@ -624,6 +654,7 @@ def run_from_file(path: str | Path, *, metrics_port: int | None = None, fresh: b
         SpecError,
         DataValidationError,
         UnusableDataError,
+        InitAdapterError,
         PreflightError,
         BaseModelUnavailableError,
         MethodNotSupportedError,

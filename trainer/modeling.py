@@ -95,14 +95,30 @@ def lora_config(spec: FineTuneJobSpec) -> Any:
     )
 
 
-def load_model(spec: FineTuneJobSpec, model_path: str | Path, device: torch.device) -> nn.Module:
-    """The trainable model: a PEFT model for lora/qlora, the base model itself for full."""
-    from peft import get_peft_model
+# The name a starting adapter (dpo.initAdapter) is loaded under a second time, frozen: DPO's
+# reference policy. The trained adapter keeps peft's default name.
+REFERENCE_ADAPTER = "reference"
+TRAINED_ADAPTER = "default"
+
+
+def load_model(
+    spec: FineTuneJobSpec, model_path: str | Path, device: torch.device, init_adapter: Path | None = None
+) -> nn.Module:
+    """The trainable model: a PEFT model for lora/qlora/dpo, the base model itself for full. With
+    `init_adapter` (a local adapter directory) training starts from that adapter, its own LoRA
+    settings, and the same adapter is loaded again, frozen, as the reference policy."""
+    from peft import PeftModel, get_peft_model
 
     model = load_base_model(spec, model_path, device)
     if spec.method is Method.full:
         model.train()
         return model
+    if init_adapter is not None:
+        started = PeftModel.from_pretrained(model, init_adapter, adapter_name=TRAINED_ADAPTER, is_trainable=True)
+        started.load_adapter(init_adapter, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        started.set_adapter(TRAINED_ADAPTER)
+        log.info("LoRA from the starting adapter %s (also the reference policy)", spec.dpo.initAdapter)
+        return started
     # spec.hyperparameters.seed covers the initialisation: the same job starts from the same LoRA weights.
     torch.manual_seed(spec.hyperparameters.seed)
     peft_model = get_peft_model(model, lora_config(spec))

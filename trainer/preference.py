@@ -9,8 +9,9 @@ to another (see `batching`), and the preferred and the other answer are scored i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ from tuneloom.api import DpoLoss
 from tuneloom.trainer.batching import Batch, collate
 from tuneloom.trainer.datafile import Example, as_sequences
 from tuneloom.trainer.evaluate import base_weights
-from tuneloom.trainer.modeling import causal_lm, labelled_logits
+from tuneloom.trainer.modeling import REFERENCE_ADAPTER, TRAINED_ADAPTER, causal_lm, labelled_logits
 from tuneloom.trainer.tokenize import EncodedExample, encode_example
 
 
@@ -151,11 +152,32 @@ def preference_accuracy(log_probs: SequenceLogProbs) -> torch.Tensor:
     return (means[0::2] > means[1::2]).float()
 
 
+@contextlib.contextmanager
+def reference_policy(model: nn.Module) -> Iterator[None]:
+    """The reference policy's weights for the duration: the starting adapter (dpo.initAdapter),
+    loaded frozen beside the trained one, or else the base model (the adapter off); in eval mode, so
+    the reference gets no dropout."""
+    was_training = model.training
+    model.eval()
+    try:
+        if REFERENCE_ADAPTER in getattr(model, "peft_config", {}):
+            model.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
+            try:
+                yield
+            finally:
+                model.set_adapter(TRAINED_ADAPTER)
+        else:
+            with base_weights(model):
+                yield
+    finally:
+        model.train(was_training)
+
+
 class DpoObjective(nn.Module):
-    """The DPO (or IPO) loss of a LoRA model against itself with the adapter switched off, the
-    reference policy, so no second copy of the weights is held. Called on a batch of pairs it gives
-    sums over them: (loss, pairs whose preferred answer got the higher reward, pairs, reward
-    margin, pairs whose preferred answer the model finds likelier per token)."""
+    """The DPO (or IPO) loss of a LoRA model against the reference policy: itself with the adapter
+    switched off, so no second copy of the weights is held, or the frozen starting adapter. Called
+    on a batch of pairs it gives sums over them: (loss, pairs whose preferred answer got the higher
+    reward, pairs, reward margin, pairs whose preferred answer the model finds likelier per token)."""
 
     def __init__(self, model: nn.Module, *, beta: float, loss: DpoLoss):
         super().__init__()
@@ -165,9 +187,10 @@ class DpoObjective(nn.Module):
         self.beta, self.loss = beta, loss
 
     def forward(self, pairs: PairBatch) -> tuple[torch.Tensor, ...]:
-        policy = sequence_log_probs(self.decoder, self.head, pairs)
-        with torch.no_grad(), base_weights(self.model):
+        # The reference first: switching adapters sets which weights require gradients.
+        with torch.no_grad(), reference_policy(self.model):
             reference = sequence_log_probs(self.decoder, self.head, pairs)
+        policy = sequence_log_probs(self.decoder, self.head, pairs)
         result = pair_losses(policy, reference, beta=self.beta, loss=self.loss)
         margins = result.margins
         return (

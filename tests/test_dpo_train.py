@@ -6,9 +6,6 @@ import json
 import logging
 import re
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,18 @@ from tuneloom.registry import download_adapter
 from tuneloom.storage import open_store
 from tuneloom.trainer.main import run
 
-from .test_train import PIRATE, QUESTIONS, _dataset, _events, _job, _messages, _trainer
+from .test_train import (
+    PIRATE,
+    QUESTIONS,
+    _dataset,
+    _events,
+    _job,
+    _messages,
+    _start_trainer,
+    _steps,
+    _trainer,
+    _wait_for_step,
+)
 
 # Two fixed styles of answer; the test makes the preferred one the style the base model finds less
 # likely, so a high held-out preference accuracy has to be learned.
@@ -117,14 +125,6 @@ def test_dpo_raises_held_out_preference_accuracy(
         )
 
 
-# A DPO progress line: the supervised one's figures, then the pairs' reward accuracy and margin.
-_DPO_STEP = re.compile(r"step (\d+)/(\d+) .* eta \S+ reward accuracy [01]\.\d{3} margin -?\d+\.\d{4}$")
-
-
-def _dpo_steps(messages: list[str]) -> list[int]:
-    return [int(match[1]) for message in messages if (match := _DPO_STEP.match(message))]
-
-
 def test_a_killed_dpo_run_resumes_at_its_step(tiny_model_dir: Path, tmp_path: Path) -> None:
     preferred, non_preferred = _preferred_style(tiny_model_dir)
     data = _pairs(tmp_path / "pairs.jsonl", preferred, non_preferred)
@@ -139,17 +139,11 @@ def test_a_killed_dpo_run_resumes_at_its_step(tiny_model_dir: Path, tmp_path: Pa
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     first_log = tmp_path / "first-run.log"
-    with first_log.open("w") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", "tuneloom.trainer", "-f", str(path)], stderr=stderr)
-        deadline = time.monotonic() + 300
-        # 8 steps an epoch, 48 in all: kill after the step-4 checkpoint and before the run ends.
-        while max(_dpo_steps(_messages(first_log.read_text())), default=0) < 5:
-            assert process.poll() is None, "the trainer ended before it could be killed:\n" + first_log.read_text()
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    killed_at = max(_dpo_steps(_messages(first_log.read_text())))
+    process = _start_trainer(path, tmp_path, first_log)
+    _wait_for_step(process, first_log, 5)  # 8 steps an epoch, 48 in all: after the step-4 checkpoint
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = max(_steps(_messages(first_log.read_text())))
     assert killed_at < 48
 
     result = _trainer(path, tmp_path)
@@ -157,9 +151,7 @@ def test_a_killed_dpo_run_resumes_at_its_step(tiny_model_dir: Path, tmp_path: Pa
     second_run = _messages(result.stderr)
     resumed_from = next(int(match[1]) for m in second_run if (match := re.match(r"event training step=(\d+) ", m)))
     assert 4 <= resumed_from <= killed_at and resumed_from % 2 == 0
-    assert _dpo_steps(second_run) == list(range(resumed_from + 1, 49)), (
-        "steps before the checkpoint were redone or lost"
-    )
+    assert _steps(second_run) == list(range(resumed_from + 1, 49)), "steps before the checkpoint were redone or lost"
     assert "evaluating-base" not in _events(second_run), "the base was evaluated again"
     manifest = json.loads((tmp_path / "store/adapters/default/styled/1/manifest.json").read_text())
     assert manifest["metrics"]["steps"] == 48

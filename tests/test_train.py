@@ -238,9 +238,13 @@ def _trainer(job: Path, cwd: Path, **popen) -> subprocess.CompletedProcess:
     )
 
 
-# The trainer's log lines a person reads: one per phase event, one per logged step.
+# The trainer's log lines a person reads: one per phase event, one per logged step (a DPO run's
+# with the pairs' reward accuracy and margin at the end).
 _EVENT = re.compile(r"event (\S+)")
-_STEP = re.compile(r"step (\d+)/(\d+) \((\d+)%\) epoch ([\d.]+) loss \S+ lr \S+ (\d+) tok/s eta (\S+)$")
+_STEP = re.compile(
+    r"step (\d+)/(\d+) \((\d+)%\) epoch ([\d.]+) loss \S+ lr \S+ (\d+) tok/s eta (\S+)"
+    r"( reward accuracy [01]\.\d{3} margin -?\d+\.\d{4})?$"
+)
 
 
 def _messages(stderr: str) -> list[str]:

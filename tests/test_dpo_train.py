@@ -197,6 +197,7 @@ def test_dpo_from_a_supervised_adapter_starts_from_it_and_keeps_it_as_reference(
     assert not any("reference" in name for name in files), files  # only the trained adapter is published
 
     missing = _dpo_job(tiny_model_dir, data, store, dpo={"initAdapter": "pirate@7"}, evaluation=quiet)
+    missing["metadata"]["name"] = "styled-from-nothing"  # not the finished job, which would publish nothing new
     path = tmp_path / "missing.yaml"
     path.write_text(yaml.safe_dump(missing))
     result = _trainer(path, tmp_path)

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import re
-import signal
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from tuneloom.jobfile import parse_job
@@ -20,14 +18,14 @@ from tuneloom.trainer.main import run
 from .test_train import (
     PIRATE,
     QUESTIONS,
+    _answer_loss,
     _dataset,
     _events,
     _job,
+    _kill_and_rerun,
     _messages,
-    _start_trainer,
     _steps,
     _trainer,
-    _wait_for_step,
 )
 
 # Two fixed styles of answer; the test makes the preferred one the style the base model finds less
@@ -36,15 +34,8 @@ STYLES = ("Arr, matey! That be a fine question.", "Certainly. Here is a careful 
 
 
 def _mean_log_prob(model, tokenizer, question: str, answer: str) -> float:
-    """Written out: mean log-probability per answer token (end of turn included) after the question."""
-    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-    prompt = tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=False)
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    ids = tokenizer(full, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    start = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, start - 1 : -1]
-    return float(torch.log_softmax(logits, dim=-1).gather(1, ids[0, start:, None]).mean())
+    """Written out: the mean log-probability per answer token after the question."""
+    return -_answer_loss(model, tokenizer, question, answer)
 
 
 def _preferred_style(model_dir: Path) -> tuple[str, str]:
@@ -138,18 +129,9 @@ def test_a_killed_dpo_run_resumes_at_its_step(tiny_model_dir: Path, tmp_path: Pa
     )
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
-    first_log = tmp_path / "first-run.log"
-    process = _start_trainer(path, tmp_path, first_log)
-    _wait_for_step(process, first_log, 5)  # 8 steps an epoch, 48 in all: after the step-4 checkpoint
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    killed_at = max(_steps(_messages(first_log.read_text())))
+    # 8 steps an epoch, 48 in all: kill after the step-4 checkpoint and before the run ends.
+    killed_at, resumed_from, second_run = _kill_and_rerun(path, tmp_path, after_step=5)
     assert killed_at < 48
-
-    result = _trainer(path, tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    second_run = _messages(result.stderr)
-    resumed_from = next(int(match[1]) for m in second_run if (match := re.match(r"event training step=(\d+) ", m)))
     assert 4 <= resumed_from <= killed_at and resumed_from % 2 == 0
     assert _steps(second_run) == list(range(resumed_from + 1, 49)), "steps before the checkpoint were redone or lost"
     assert "evaluating-base" not in _events(second_run), "the base was evaluated again"

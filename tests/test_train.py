@@ -81,9 +81,10 @@ def _greedy(model, tokenizer, question: str) -> str:
     return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def _answer_loss(model, tokenizer, question: str) -> float:
-    """Teacher-forced cross-entropy of the trained answer given the question."""
-    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": PIRATE}]
+def _answer_loss(model, tokenizer, question: str, answer: str = PIRATE) -> float:
+    """Teacher-forced cross-entropy of the answer (the trained one unless given) after the question,
+    per answer token, end of turn included."""
+    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     prompt = tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=False)
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     ids = tokenizer(full, return_tensors="pt", add_special_tokens=False)["input_ids"]
@@ -261,6 +262,22 @@ def _steps(messages: list[str]) -> list[int]:
     return [int(match[1]) for message in messages if (match := _STEP.match(message))]
 
 
+def _kill_and_rerun(job: Path, cwd: Path, *, after_step: int) -> tuple[int, int, list[str]]:
+    """Runs the trainer, SIGKILLs it once it has logged `after_step`, and runs it again to the end:
+    the last step the first run logged, the step the second resumed from, and its log messages."""
+    first_log = cwd / "first-run.log"
+    process = _start_trainer(job, cwd, first_log)
+    _wait_for_step(process, first_log, after_step)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = max(_steps(_messages(first_log.read_text())))
+    result = _trainer(job, cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    second_run = _messages(result.stderr)
+    resumed_from = next(int(match[1]) for m in second_run if (match := re.match(r"event training step=(\d+) ", m)))
+    return killed_at, resumed_from, second_run
+
+
 def test_killed_run_resumes_from_its_last_checkpoint(
     tiny_model_dir: Path, s3_env, s3_root: str, tmp_path: Path
 ) -> None:
@@ -270,26 +287,9 @@ def test_killed_run_resumes_from_its_last_checkpoint(
     spec["spec"]["checkpointing"] = {"everySteps": 3, "keep": 2}
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(spec))
-    first_log = tmp_path / "first-run.log"
-    with first_log.open("w") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tuneloom.trainer", "-f", str(job)], cwd=tmp_path, stderr=stderr
-        )
-        deadline = time.monotonic() + 300
-        # 8 steps an epoch: kill after the step-9 checkpoint (an in-epoch one) and before the run ends.
-        while max(_steps(_messages(first_log.read_text())), default=0) < 10:
-            assert process.poll() is None, "the trainer ended before it could be killed"
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    killed_at = max(_steps(_messages(first_log.read_text())))
+    # 8 steps an epoch: kill after the step-9 checkpoint (an in-epoch one) and before the run ends.
+    killed_at, resumed_from, second_run = _kill_and_rerun(job, tmp_path, after_step=10)
     assert killed_at < 32
-
-    result = _trainer(job, tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    second_run = _messages(result.stderr)
-    resumed_from = next(int(match[1]) for m in second_run if (match := re.match(r"event training step=(\d+) ", m)))
     # Resumed from the last checkpoint at or before the kill: a multiple of 3 or an epoch end (8, 16, 24).
     assert resumed_from >= 9 and (resumed_from % 3 == 0 or resumed_from % 8 == 0) and resumed_from <= killed_at
     assert _steps(second_run) == list(range(resumed_from + 1, 33)), "steps before the checkpoint were redone or lost"

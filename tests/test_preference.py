@@ -22,20 +22,26 @@ from tuneloom.trainer.preference import (
 )
 from tuneloom.trainer.tokenize import IGNORE_INDEX
 
+
+def _pair(line: int, *turns: tuple[str, str], preferred: str, non_preferred: str) -> Example:
+    messages = tuple(Message(role, content) for role, content in turns)
+    return Example(line=line, messages=messages, preferred=preferred, non_preferred=non_preferred)
+
+
 PAIRS = [
-    Example(
-        line=3,
-        messages=(Message("system", "Be brief."), Message("user", "Capital of France?")),
+    _pair(
+        3,
+        ("system", "Be brief."),
+        ("user", "Capital of France?"),
         preferred="Paris.",
         non_preferred="I think it might be Lyon, or maybe Paris.",
     ),
-    Example(
-        line=4,
-        messages=(
-            Message("user", "Hi"),
-            Message("assistant", "Hello! How can I help?"),
-            Message("user", "Say yes."),
-        ),
+    # An assistant turn in the input is context, never an answer.
+    _pair(
+        4,
+        ("user", "Hi"),
+        ("assistant", "Hello! How can I help?"),
+        ("user", "Say yes."),
         preferred="Yes.",
         non_preferred="No.",
     ),

@@ -198,13 +198,23 @@ class LoraSpec(_Model):
     )
 
 
+def _check_pinned_adapter(value: str) -> str:
+    if "/" in value or AdapterId.parse(value, "default").version is None:
+        raise ValueError(
+            f"must be name@version of an adapter in the job's namespace, e.g. support-sft@3, got {value!r}"
+        )
+    return value
+
+
+# One version of an adapter in the object's own namespace.
+PinnedAdapterName = Annotated[str, AfterValidator(_check_pinned_adapter)]
+
+
 class DpoSpec(_Model):
     beta: float = Field(
         default=0.1,
         gt=0.0,
-        le=100.0,
-        description="How far the policy may move from the reference: the scale of the implicit reward "
-        "beta * (log-ratio of policy to reference). Smaller lets it move further.",
+        description="Scale of the implicit reward beta * log(policy/reference); smaller lets the policy move further.",
     )
     loss: DpoLoss = Field(
         default=DpoLoss.sigmoid,
@@ -212,23 +222,12 @@ class DpoSpec(_Model):
         "tokens; ipo: IPO's squared distance of the margin from 1/(2 beta), on log-probabilities averaged over "
         "answer tokens.",
     )
-    initAdapter: str | None = Field(
+    initAdapter: PinnedAdapterName | None = Field(
         default=None,
         description="An earlier adapter of this namespace, as name@version (e.g. a supervised one): training "
         "starts from its weights and it is the reference policy. Unset: a fresh LoRA adapter, the base model "
         "as reference.",
     )
-
-    @field_validator("initAdapter")
-    @classmethod
-    def _pinned_adapter(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        if "/" in value or AdapterId.parse(value, "default").version is None:
-            raise ValueError(
-                f"must be name@version of an adapter in the job's namespace, e.g. support-sft@3, got {value!r}"
-            )
-        return value
 
 
 class EarlyStoppingSpec(_Model):

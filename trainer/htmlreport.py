@@ -22,7 +22,7 @@ LOSS_HISTORY_FILE = "loss_history.json"
 MAX_SHOWN_CHARS = 2000
 GENERAL_PREFIX = "general."
 # Held-out figures that are not shares in [0, 1], left out of the bar chart (the table has them).
-_NOT_RATIOS = frozenset({"validationLoss"})
+_NOT_RATIOS = frozenset({"validationLoss", "rewardMargin"})  # rewardMargin: method: dpo, in nats
 _MODELS = (("base", "base"), ("fewShot", "few-shot"), ("adapter", "adapter"))
 
 _STYLE = """

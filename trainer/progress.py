@@ -264,7 +264,9 @@ class ProgressReporter:
             metrics["rewardAccuracy"],
             metrics["rewardMargin"],
         )
-        self._emit({"event": "evaluation", **self.state.model_dump(exclude_none=True), **metrics})
+        # rewardAccuracy and rewardMargin stay the training interval's, as in every progress record.
+        preference = {"preferenceAccuracy": metrics["preferenceAccuracy"]}
+        self._emit({"event": "evaluation", **self.state.model_dump(exclude_none=True), **preference})
 
     def published(self, figures: dict[str, dict[str, Any]], promoted: bool) -> None:
         """The general-ability figures of both models and the promotion verdict, as gauges."""

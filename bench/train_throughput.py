@@ -241,6 +241,8 @@ def job_spec(model_dir: Path, args: argparse.Namespace) -> Any:
                 "warmupRatio": 0.0,
                 "packing": True,
                 "gradientCheckpointing": args.gradient_checkpointing,
+                # Only tuneloom's loop reads it: the token budget of one forward pass (None: its default).
+                **({"microBatchTokens": args.micro_batch_tokens} if args.micro_batch_tokens is not None else {}),
                 "seed": args.seed,
                 "loggingSteps": 1_000_000,
             },
@@ -383,6 +385,7 @@ def run_tuneloom(args: argparse.Namespace, examples: list[EncodedExample], devic
         **peak_memory(device),
         "rss_at_train_start_bytes": rss_at_start,
         "packed_rows": len(rows),
+        "micro_batch_tokens": spec.hyperparameters.microBatchTokens,
         "loss_first_step": round(reporter.losses[0], 4),
         "loss_last_step": round(reporter.losses[-1], 4),
         "parameters": {"trainable": trainable, "total": total},
@@ -592,6 +595,7 @@ def run_child(variant: str, args: argparse.Namespace, model_dir: Path, data: Pat
         f"--learning-rate={args.learning_rate}",
         f"--seed={args.seed}",
         *(["--gradient-checkpointing"] if args.gradient_checkpointing else []),
+        *([f"--micro-batch-tokens={args.micro_batch_tokens}"] if args.micro_batch_tokens is not None else []),
     ]
     print(f"[bench] running {variant} ...", file=sys.stderr, flush=True)
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
@@ -700,6 +704,7 @@ def report(
         "method": args.method,
         "lora": LORA,
         "gradient_checkpointing": args.gradient_checkpointing,
+        "micro_batch_tokens": ours["micro_batch_tokens"],
         "examples": args.examples,
         "steps": args.steps,
         "warmup_steps": WARMUP_STEPS,
@@ -762,6 +767,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--method", choices=("lora", "qlora"), default="lora", help="qlora needs CUDA")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="on both sides")
+    parser.add_argument(
+        "--micro-batch-tokens",
+        type=int,
+        help="tuneloom's hyperparameters.microBatchTokens (default: the trainer's); the baselines have no such lever",
+    )
     parser.add_argument(
         "--gpu-llama3-8b",
         action="store_true",

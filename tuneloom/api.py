@@ -250,11 +250,12 @@ class HyperparametersSpec(_Model):
     )
     gradientAccumulationSteps: int = Field(default=1, gt=0, le=1024, description="Micro-batches per optimizer step.")
     microBatchTokens: int = Field(
-        default=2048,
+        default=1024,
         ge=0,
         description="Most token slots (rows x longest row) in one forward and backward pass. A micro-batch over it "
         "runs as several passes whose gradients are summed with the same per-token weight, so the update is the "
-        "same and only peak memory falls (activations grow with the tokens in one pass). 0: no limit.",
+        "same and only peak memory falls (activations grow with the tokens in one pass). On a GPU with memory to "
+        "spare a larger budget can be faster. 0: no limit.",
     )
     maxSeqLength: int = Field(
         default=1024, ge=16, le=131072, description="Tokens per sequence; longer examples are truncated."

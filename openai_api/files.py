@@ -14,7 +14,7 @@ from typing import IO, Any, Protocol
 from openai.types import FileObject
 
 from tuneloom.storage import ObjectStore
-from tuneloom.trainer.datafile import Problem, iter_checked
+from tuneloom.trainer.datafile import Problem, iter_checked, sniff_format
 
 from .errors import ApiError, bad_request, found
 from .jobs import new_id
@@ -87,7 +87,8 @@ class FileService:
                 on_bytes(len(chunk))
             temp.flush()
             examples, first, problems = 0, [], 0
-            for item in iter_checked(temp.name, "chat", source=filename):
+            data_format = sniff_format(temp.name)
+            for item in iter_checked(temp.name, data_format, source=filename):
                 if isinstance(item, Problem):
                     problems += 1
                     first += [item] if len(first) < self.problems_listed else []
@@ -96,7 +97,7 @@ class FileService:
             if problems:
                 message = problems_message(filename, first, problems)
                 raise ApiError(400, message, param="file", code="invalid_file")
-            return self._store(Path(temp.name), filename, purpose, project, size, examples)
+            return self._store(Path(temp.name), filename, purpose, project, size, examples, data_format)
 
     def add_result(self, project: str, filename: str, content: bytes) -> FileRecord:
         with tempfile.NamedTemporaryFile(dir=self.work_dir, prefix="result-") as temp:
@@ -104,7 +105,16 @@ class FileService:
             temp.flush()
             return self._store(Path(temp.name), filename, RESULTS, project, len(content), 0)
 
-    def _store(self, path: Path, filename: str, purpose: str, project: str, size: int, examples: int) -> FileRecord:
+    def _store(
+        self,
+        path: Path,
+        filename: str,
+        purpose: str,
+        project: str,
+        size: int,
+        examples: int,
+        data_format: str = "chat",
+    ) -> FileRecord:
         file_id = new_id("file")
         record = FileRecord(
             id=file_id,
@@ -115,6 +125,7 @@ class FileService:
             created_at=int(time.time()),
             store_key=self.store_key(project, file_id),
             examples=examples,
+            format=data_format,
         )
         self.store.put_file(record.store_key, path, if_absent=True)
         self.index.add_file(record)  # after the bytes: a listed file always has content

@@ -46,6 +46,23 @@ def requested_model(body: dict[str, Any]) -> str:
     return model
 
 
+# What each format's lines look like, for the error that says a file does not suit the method.
+_FORMAT_SHAPES = {
+    "chat": '{"messages": [...]} chat examples',
+    "preference": '{"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output": [...]} pairs',
+}
+
+
+def _check_format_fits_method(record: FileRecord, param: str, method: str) -> None:
+    wanted = mapping.METHOD_FORMAT[method]
+    if record.format != wanted:
+        raise bad_request(
+            f"{param} {record.id} ({record.filename}) holds {_FORMAT_SHAPES[record.format]}; method.type "
+            f"{method!r} trains on {_FORMAT_SHAPES[wanted]}",
+            param,
+        )
+
+
 class Engine(ABC):
     settings: ApiSettings
     keys: Keys
@@ -103,6 +120,9 @@ class Engine(ABC):
         )
         if training.examples < 2:
             raise bad_request("training_file needs at least 2 examples (one is held out)", "training_file")
+        for record, param in ((training, "training_file"), (validation, "validation_file")):
+            if record is not None:
+                _check_format_fits_method(record, param, request.method_type)
         return training, validation
 
     def _training_file(self, project: str, file_id: str, param: str) -> FileRecord:
@@ -119,13 +139,16 @@ class Engine(ABC):
         """The job a request asks for, its "auto" hyperparameters resolved from the training file."""
         requested = request.requested_hyperparameters()
         job_id = mapping.new_id("ftjob")
-        resolved = mapping.resolve_hyperparameters(requested, training.examples, self.settings.max_seq_length)
+        resolved = mapping.resolve_hyperparameters(
+            requested, training.examples, self.settings.max_seq_length, request.method_type
+        )
         return JobRecord(
             id=job_id,
             project=project,
             created_at=int(time.time()),
             model=request.model,
             base_model=base_model,
+            method=request.method_type,
             training_file=training.id,
             validation_file=request.validation_file,
             hyperparameters=resolved.model_dump(),

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from openai.types.fine_tuning.fine_tuning_job_wandb_integration_object import FineTuningJobWandbIntegrationObject
 from pydantic import BaseModel, ConfigDict, Field
 
-from tuneloom.api import FULL_API_VERSION, HyperparametersSpec
+from tuneloom.api import FULL_API_VERSION, DpoSpec, HyperparametersSpec
 from tuneloom.names import is_dns_label
 
 from .errors import bad_request
@@ -32,8 +32,12 @@ MIN_EPOCHS, MAX_EPOCHS = 1, 25
 AUTO_EXAMPLES_PER_BATCH = 25
 MAX_AUTO_BATCH = 32
 MAX_AUTO_BATCH_TOKENS = 32_768
-# `learning_rate_multiplier` multiplies the method's default peak learning rate (LoRA: the trainer's).
-DEFAULT_LEARNING_RATE = {"lora": HyperparametersSpec.model_fields["learningRate"].default}
+# `learning_rate_multiplier` multiplies the trainer's default peak learning rate (the same for both methods).
+DEFAULT_LEARNING_RATE = HyperparametersSpec.model_fields["learningRate"].default
+DEFAULT_BETA = DpoSpec.model_fields["beta"].default
+SUPERVISED, DPO = "supervised", "dpo"
+# The data format each method trains on, as the upload check found it (FileRecord.format).
+METHOD_FORMAT = {SUPERVISED: "chat", DPO: "preference"}
 VALIDATION_SPLIT = 0.1
 PROGRESS_EVENTS_PER_RUN = 100  # metrics events a run logs at most, whatever its length
 SUFFIX_MAX = 64
@@ -46,15 +50,25 @@ class HyperparametersRequest(BaseModel):
     learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=1000)] | None = None
 
 
+class DpoHyperparametersRequest(HyperparametersRequest):
+    beta: Auto | Annotated[float, Field(gt=0, le=10)] | None = None
+
+
 class SupervisedRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     hyperparameters: HyperparametersRequest | None = None
 
 
+class DpoRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: DpoHyperparametersRequest | None = None
+
+
 class MethodRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # `dpo` and `reinforcement` blocks are refused by type below
-    type: str = "supervised"
+    model_config = ConfigDict(extra="allow")  # a `reinforcement` block is refused by type below
+    type: str = SUPERVISED
     supervised: SupervisedRequest | None = None
+    dpo: DpoRequest | None = None
 
 
 class CreateJobRequest(BaseModel):
@@ -72,17 +86,18 @@ class CreateJobRequest(BaseModel):
     # Accepted (and reported as ignored) in the shape the job object echoes back: OpenAI's wandb one.
     integrations: list[FineTuningJobWandbIntegrationObject] | None = None
 
+    @property
+    def method_type(self) -> str:
+        """supervised or dpo; anything else is refused with the types that are."""
+        kind = self.method.type if self.method is not None else SUPERVISED
+        if kind not in METHOD_FORMAT:
+            raise bad_request(f"method.type {kind!r} is not supported; use 'supervised' or 'dpo'", "method.type")
+        return kind
+
     def requested_hyperparameters(self) -> HyperparametersRequest:
-        """`method.supervised.hyperparameters` (the current form) or the top-level ones (the old form)."""
-        if self.method is not None and self.method.type != "supervised":
-            if self.method.type == "dpo":
-                raise bad_request(
-                    "method.type 'dpo' (preference tuning) is not available yet; use 'supervised' with chat data",
-                    param="method.type",
-                    code="unsupported_method",
-                )
-            raise bad_request(f"method.type {self.method.type!r} is not supported; use 'supervised'", "method.type")
-        nested = self.method.supervised.hyperparameters if self.method and self.method.supervised else None
+        """`method.<type>.hyperparameters` (the current form) or the top-level ones (the old form)."""
+        block = getattr(self.method, self.method_type, None) if self.method is not None else None
+        nested = block.hyperparameters if block is not None else None
         return nested or self.hyperparameters or HyperparametersRequest()
 
 
@@ -90,10 +105,11 @@ class ResolvedHyperparameters(BaseModel):
     n_epochs: int
     batch_size: int
     learning_rate_multiplier: float
+    beta: float | None = None  # dpo only
 
     @property
     def learning_rate(self) -> float:
-        return DEFAULT_LEARNING_RATE["lora"] * self.learning_rate_multiplier
+        return DEFAULT_LEARNING_RATE * self.learning_rate_multiplier
 
 
 def auto_epochs(examples: int) -> int:
@@ -114,7 +130,7 @@ def auto_batch_size(examples: int, max_seq_length: int) -> int:
 
 
 def resolve_hyperparameters(
-    requested: HyperparametersRequest, examples: int, max_seq_length: int
+    requested: HyperparametersRequest, examples: int, max_seq_length: int, method: str = SUPERVISED
 ) -> ResolvedHyperparameters:
     def given(value: Any) -> bool:
         return value not in (None, "auto")
@@ -125,6 +141,7 @@ def resolve_hyperparameters(
         learning_rate_multiplier=(
             requested.learning_rate_multiplier if given(requested.learning_rate_multiplier) else 1.0
         ),
+        beta=(beta if given(beta := getattr(requested, "beta", None)) else DEFAULT_BETA) if method == DPO else None,
     )
 
 
@@ -182,12 +199,14 @@ def finetune_job(
     adapter: str,
     store: str,
     max_seq_length: int,
+    method: str = SUPERVISED,
 ) -> dict[str, Any]:
-    """The FineTuneJob document the trainer runs. Name and uid are the job id, so a rerun after a
-    pause or a restart finds this job's checkpoints and goes on from the latest."""
+    """The FineTuneJob document the trainer runs (`method`: OpenAI's method.type). Name and uid are
+    the job id, so a rerun after a pause or a restart finds this job's checkpoints and goes on from
+    the latest."""
     steps_per_epoch = max(1, math.ceil(train_count / hyperparameters.batch_size))
     total_steps = steps_per_epoch * hyperparameters.n_epochs
-    dataset: dict[str, Any] = {"train": train_uri}
+    dataset: dict[str, Any] = {"train": train_uri, "format": METHOD_FORMAT[method]}
     if validation_uri:
         dataset["validation"] = validation_uri
     else:
@@ -199,7 +218,8 @@ def finetune_job(
         "spec": {
             "baseModel": base_model,
             "dataset": dataset,
-            "method": "lora",
+            "method": "dpo" if method == DPO else "lora",
+            **({"dpo": {"beta": hyperparameters.beta}} if method == DPO else {}),
             "hyperparameters": {
                 "epochs": hyperparameters.n_epochs,
                 "learningRate": hyperparameters.learning_rate,

@@ -31,6 +31,7 @@ ANNOTATION = "tuneloom.dev/openai-"
 RECORDED = (
     "model",
     "base_model",
+    "method",
     "training_file",
     "validation_file",
     "hyperparameters",
@@ -92,6 +93,7 @@ def build_finetune_job(
         adapter=job.adapter_name,
         store=store,
         max_seq_length=max_seq_length,
+        method=job.method,
     )
     document["metadata"].pop("uid")  # the API server gives the uid; checkpoints go under it
     document["metadata"]["labels"] = {LABEL_JOB_ID: job.id}
@@ -129,7 +131,8 @@ def job_record(body: dict[str, Any], now: float | None = None) -> JobRecord:
     """The API's view of a FineTuneJob it created."""
     meta = body["metadata"]
     annotations = meta.get("annotations") or {}
-    fields = {name: json.loads(annotations[annotation_key(name)]) for name in RECORDED}
+    # A field added since the job was created (method) is absent: its record default holds.
+    fields = {name: json.loads(annotations[key]) for name in RECORDED if (key := annotation_key(name)) in annotations}
     status = read_status(FineTuneJobStatus, body)
     record = JobRecord(
         id=meta["name"],

@@ -39,6 +39,8 @@ def page_after(items: list[T], after: str | None, limit: int, id_of: Callable[[T
 
 def job_object(job: JobRecord) -> dict[str, Any]:
     hyperparameters = {k: job.hyperparameters[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
+    beta = {"beta": job.hyperparameters["beta"]} if job.method == "dpo" else {}
+    method_hyperparameters = {**hyperparameters, **beta}
     fields = {
         "id": job.id,
         "object": "fine_tuning.job",
@@ -49,7 +51,7 @@ def job_object(job: JobRecord) -> dict[str, Any]:
         "training_file": job.training_file,
         "validation_file": job.validation_file,
         "hyperparameters": hyperparameters,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+        "method": {"type": job.method, job.method: {"hyperparameters": method_hyperparameters}},
         "seed": job.seed,
         "fine_tuned_model": job.fine_tuned_model if job.status == "succeeded" else None,
         "finished_at": job.finished_at,

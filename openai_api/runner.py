@@ -241,6 +241,7 @@ class LocalRunner:
             adapter=job.adapter_name,
             store=self.store.uri,
             max_seq_length=self.max_seq_length,
+            method=job.method,
         )
         (work / "job.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
         port = free_port()

@@ -18,7 +18,8 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, project TEXT NOT NULL,
     filename TEXT NOT NULL, purpose TEXT NOT NULL, bytes INTEGER NOT NULL, created_at INTEGER NOT NULL,
-    store_key TEXT NOT NULL, examples INTEGER NOT NULL DEFAULT 0, deleted INTEGER NOT NULL DEFAULT 0);
+    store_key TEXT NOT NULL, examples INTEGER NOT NULL DEFAULT 0, deleted INTEGER NOT NULL DEFAULT 0,
+    format TEXT NOT NULL DEFAULT 'chat');
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, project TEXT NOT NULL,
     created_at INTEGER NOT NULL, record TEXT NOT NULL);
@@ -43,6 +44,8 @@ class FileRecord(BaseModel):
     created_at: int
     store_key: str
     examples: int = 0
+    # The data format its lines were checked as on upload: "chat" or "preference" (pairs, for DPO).
+    format: str = "chat"
 
 
 class JobRecord(BaseModel):
@@ -53,6 +56,7 @@ class JobRecord(BaseModel):
     created_at: int
     model: str  # as the client sent it
     base_model: str  # the base model's id (models.BaseModel.id)
+    method: str = "supervised"  # OpenAI's method.type: supervised or dpo
     training_file: str
     validation_file: str | None = None
     hyperparameters: dict[str, Any]
@@ -111,6 +115,13 @@ class State:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """A database made before files had a format gains the column; its files were all chat."""
+        columns = {row["name"] for row in self._db.execute("PRAGMA table_info(files)")}
+        if "format" not in columns:
+            self._db.execute("ALTER TABLE files ADD COLUMN format TEXT NOT NULL DEFAULT 'chat'")
 
     def close(self) -> None:
         with self._lock:

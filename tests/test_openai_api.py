@@ -15,6 +15,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import yaml
 
 from tuneloom_dev.apiprocess import ApiProcess
 from tuneloom_dev.seaweedfs import SeaweedFS
@@ -37,6 +38,20 @@ def _write_data(path: Path, count: int) -> Path:
                 {"role": "assistant", "content": STYLE},
             ]
             stream.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+def _write_pairs(path: Path, count: int) -> Path:
+    """OpenAI's preference format: the pirate answer preferred over a plain one."""
+    with path.open("w") as stream:
+        for i in range(count):
+            prompt = {"messages": [{"role": "user", "content": f"Question number {i}: what is {i} plus {i + 1}?"}]}
+            pair = {
+                "input": prompt,
+                "preferred_output": [{"role": "assistant", "content": STYLE}],
+                "non_preferred_output": [{"role": "assistant", "content": f"It is {2 * i + 1}."}],
+            }
+            stream.write(json.dumps(pair) + "\n")
     return path
 
 
@@ -191,15 +206,39 @@ def test_a_bad_file_is_refused_naming_every_line(api: Api, tmp_path: Path) -> No
 
 def test_requests_that_cannot_run_are_refused_naming_the_parameter(api: Api, tmp_path: Path) -> None:
     file = api.client.files.create(file=_write_data(tmp_path / "d.jsonl", 8).open("rb"), purpose="fine-tune")
-    with pytest.raises(openai.BadRequestError, match="preference tuning") as dpo:
+    with pytest.raises(openai.BadRequestError, match=r"method\.type 'dpo' trains on") as dpo:
         api.client.fine_tuning.jobs.create(training_file=file.id, model=api.model, method={"type": "dpo"})
-    assert dpo.value.body["param"] == "method.type"
+    assert dpo.value.body["param"] == "training_file"
+    with pytest.raises(openai.BadRequestError, match="'reinforcement' is not supported") as other:
+        api.client.fine_tuning.jobs.create(training_file=file.id, model=api.model, method={"type": "reinforcement"})
+    assert other.value.body["param"] == "method.type"
     with pytest.raises(openai.NotFoundError, match="tuneloom models prepare") as unknown:
         api.client.fine_tuning.jobs.create(training_file=file.id, model="gpt-4o-mini")
     assert unknown.value.body["param"] == "model"
     with pytest.raises(openai.NotFoundError) as missing:
         api.client.fine_tuning.jobs.create(training_file="file-doesnotexist", model=api.model)
     assert missing.value.body["param"] == "training_file"
+
+
+def test_a_dpo_job_trains_on_preference_pairs(api: Api, tmp_path: Path) -> None:
+    """method.type dpo with its beta, as OpenAI's SDK sends it: the pairs are checked as pairs on
+    upload, the trainer runs spec.method dpo, and the job object echoes the method back."""
+    pairs = api.client.files.create(file=_write_pairs(tmp_path / "pairs.jsonl", 24).open("rb"), purpose="fine-tune")
+    assert pairs.filename == "pairs.jsonl"
+    hyperparameters = {"n_epochs": 2, "batch_size": 4, "beta": 0.2, "learning_rate_multiplier": 25}
+    job = api.client.fine_tuning.jobs.create(
+        training_file=pairs.id, model=api.model, method={"type": "dpo", "dpo": {"hyperparameters": hyperparameters}}
+    )
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
+    job = api.wait(job.id)
+    assert job.status == "succeeded", job.error
+    spec = yaml.safe_load((api.work / "state" / "jobs" / job.id / "job.yaml").read_text())["spec"]
+    assert spec["method"] == "dpo" and spec["dpo"] == {"beta": 0.2}
+    assert spec["dataset"]["format"] == "preference"
+    assert any(m.message.startswith("Base model vs fine-tuned model") for m in api.events(job.id))
+    with pytest.raises(openai.BadRequestError, match=r"method\.type 'supervised' trains on") as refused:
+        api.client.fine_tuning.jobs.create(training_file=pairs.id, model=api.model)
+    assert refused.value.body["param"] == "training_file"
 
 
 def test_keys_and_projects(api: Api, tmp_path: Path) -> None:

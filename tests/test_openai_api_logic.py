@@ -3,6 +3,7 @@ to events, and the objects' shapes checked against the `openai` package's own ty
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def test_given_hyperparameters_win_and_the_multiplier_scales_the_lora_default() 
     assert jobs.resolve_hyperparameters(jobs.HyperparametersRequest(), 100, 1024).learning_rate_multiplier == 1.0
 
 
-def test_method_hyperparameters_take_precedence_and_dpo_is_refused() -> None:
+def test_method_hyperparameters_take_precedence_and_unknown_methods_are_refused() -> None:
     request = jobs.CreateJobRequest(
         model="m",
         training_file="file-1",
@@ -57,10 +58,52 @@ def test_method_hyperparameters_take_precedence_and_dpo_is_refused() -> None:
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 4}}},
     )
     assert request.requested_hyperparameters().n_epochs == 4
-    dpo = jobs.CreateJobRequest(model="m", training_file="file-1", method={"type": "dpo", "dpo": {}})
+    other = jobs.CreateJobRequest(model="m", training_file="file-1", method={"type": "reinforcement"})
     with pytest.raises(ApiError) as refused:
-        dpo.requested_hyperparameters()
+        other.requested_hyperparameters()
     assert refused.value.status == 400 and refused.value.param == "method.type"
+
+
+def test_dpo_requests_map_onto_a_dpo_finetune_job() -> None:
+    from tuneloom.api import FineTuneJobSpec
+
+    method = {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.3, "n_epochs": 2}}}
+    request = jobs.CreateJobRequest(model="m", training_file="file-1", method=method)
+    assert request.method_type == "dpo"
+    resolved = jobs.resolve_hyperparameters(request.requested_hyperparameters(), 100, 1024, request.method_type)
+    assert (resolved.beta, resolved.n_epochs) == (0.3, 2)
+    auto = jobs.CreateJobRequest(model="m", training_file="file-1", method={"type": "dpo"})
+    assert jobs.resolve_hyperparameters(auto.requested_hyperparameters(), 100, 1024, "dpo").beta == 0.1
+    assert jobs.resolve_hyperparameters(jobs.HyperparametersRequest(), 100, 1024).beta is None
+    document = jobs.finetune_job(
+        job_id="ftjob-1",
+        project="default",
+        base_model="/models/tiny",
+        train_uri="s3://b/pairs.jsonl",
+        validation_uri=None,
+        train_count=90,
+        hyperparameters=resolved,
+        seed=1,
+        adapter="a",
+        store="s3://b/root",
+        max_seq_length=512,
+        method="dpo",
+    )
+    spec = FineTuneJobSpec.model_validate(document["spec"])
+    assert spec.method.value == "dpo" and spec.dpo.beta == 0.3 and spec.dataset.format.value == "preference"
+
+
+def test_an_uploaded_file_is_checked_as_pairs_when_its_first_record_is_one(tmp_path) -> None:
+    from tuneloom.trainer.datafile import sniff_format
+
+    pair = {"input": {"messages": []}, "preferred_output": [], "non_preferred_output": []}
+    cases = {"pairs": pair, "chat": {"messages": []}, "neither": {"prompt": "p"}}
+    for name, record in cases.items():
+        (tmp_path / name).write_text("\n" + json.dumps(record) + "\n")
+    (tmp_path / "broken").write_text("not json\n")
+    (tmp_path / "empty").write_text("")
+    found = {name: sniff_format(tmp_path / name) for name in [*cases, "broken", "empty"]}
+    assert found == {"pairs": "preference", "chat": "chat", "neither": "chat", "broken": "chat", "empty": "chat"}
 
 
 def test_ids_names_and_the_fine_tuned_model_id() -> None:
@@ -123,6 +166,13 @@ def test_objects_have_openais_shapes(status: str) -> None:
     checkpoint = checkpoint_object(_job(), CheckpointRecord(seq=1, job_id="j", step=9, created_at=1, metrics={}))
     assert FineTuningJobCheckpoint.model_validate(checkpoint).fine_tuned_model_checkpoint.endswith(":ckpt-step-9")
     Model.model_validate(model_object("m", 1, "default"))
+
+
+def test_a_dpo_job_object_carries_its_method_and_beta() -> None:
+    hyperparameters = {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 1.0, "beta": 0.2}
+    shaped = FineTuningJob.model_validate(job_object(_job(method="dpo", hyperparameters=hyperparameters)))
+    assert shaped.method.type == "dpo" and shaped.method.dpo.hyperparameters.beta == 0.2
+    assert shaped.method.supervised is None
 
 
 def test_progress_polls_become_events_checkpoints_and_a_result_file() -> None:

@@ -353,6 +353,25 @@ def _check_preference(record: dict[str, Any], line: int) -> tuple[Example | None
     return example, []
 
 
+# The keys only OpenAI's preference format has; a record with any of them is a pair.
+_PREFERENCE_KEYS = frozenset({"input", "preferred_output", "non_preferred_output"})
+
+
+def sniff_format(path: Path | str, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> str:
+    """ "preference" when the file's first record is a chat pair in OpenAI's preference format, else
+    "chat": what a file uploaded without a stated format is then checked as (a file that is neither
+    gets chat's problems, which name what a chat line needs)."""
+    with Path(path).open("rb") as handle:
+        for raw in iter(lambda: handle.readline(max_line_bytes), b""):
+            if raw.strip():
+                try:
+                    record = json.loads(raw)
+                except ValueError:
+                    return "chat"
+                return "preference" if isinstance(record, dict) and _PREFERENCE_KEYS & record.keys() else "chat"
+    return "chat"
+
+
 def check_file(
     path: Path | str,
     fmt: str = "chat",

@@ -90,6 +90,9 @@ def test_dpo_takes_preference_pairs_and_its_settings(tmp_path: Path) -> None:
     assert "got method 'lora', format 'preference'" in wrong_method
     [stray] = _problems(tmp_path, VALID.replace("  output:", "  dpo:\n    beta: 0.2\n  output:"))
     assert "dpo settings are given but method is 'lora'" in stray
+    # What the API server stores: every block at the CRD's defaults, set by nobody.
+    defaulted = VALID.replace("  output:", "  dpo:\n    beta: 0.1\n    loss: sigmoid\n  output:")
+    assert load_job(_write(tmp_path, defaulted)).spec.method is Method.lora
 
 
 def test_missing_field_points_at_its_parent(tmp_path: Path) -> None:

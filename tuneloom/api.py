@@ -488,9 +488,11 @@ class FineTuneJobSpec(_Model):
 
     @model_validator(mode="after")
     def _lora_fits_method(self) -> FineTuneJobSpec:
-        if self.method is Method.full and "lora" in self.model_fields_set:
+        # "Given" means other than the defaults: the API server writes the CRD's defaults into every
+        # stored object, so a block at its defaults is one nobody set.
+        if self.method is Method.full and self.lora != LoraSpec():
             raise ValueError("lora settings are given but method is 'full'; remove spec.lora or use lora/qlora")
-        if self.method is not Method.dpo and "dpo" in self.model_fields_set:
+        if self.method is not Method.dpo and self.dpo != DpoSpec():
             raise ValueError(f"dpo settings are given but method is {self.method.value!r}; remove spec.dpo or use dpo")
         preference = self.dataset.format is DatasetFormat.preference
         if preference != (self.method is Method.dpo):

@@ -64,6 +64,24 @@ def test_method_hyperparameters_take_precedence_and_unknown_methods_are_refused(
     assert refused.value.status == 400 and refused.value.param == "method.type"
 
 
+def _job_document(**changes) -> dict:
+    """jobs.finetune_job for 100 uploaded examples (90 trained on), with `changes` to its arguments."""
+    arguments = {
+        "job_id": "ftjob-abc",
+        "project": "team-b",
+        "base_model": "/models/tiny",
+        "train_uri": "s3://b/root/api/files/team-b/file-1",
+        "validation_uri": None,
+        "train_count": jobs.train_examples(100, False),
+        "hyperparameters": jobs.ResolvedHyperparameters(n_epochs=3, batch_size=4, learning_rate_multiplier=1.0),
+        "seed": 7,
+        "adapter": "pirate-ftjob-abc",
+        "store": "s3://b/root",
+        "max_seq_length": 128,
+    }
+    return jobs.finetune_job(**{**arguments, **changes})
+
+
 def test_dpo_requests_map_onto_a_dpo_finetune_job() -> None:
     from tuneloom.api import FineTuneJobSpec
 
@@ -75,20 +93,7 @@ def test_dpo_requests_map_onto_a_dpo_finetune_job() -> None:
     auto = jobs.CreateJobRequest(model="m", training_file="file-1", method={"type": "dpo"})
     assert jobs.resolve_hyperparameters(auto.requested_hyperparameters(), 100, 1024, "dpo").beta == 0.1
     assert jobs.resolve_hyperparameters(jobs.HyperparametersRequest(), 100, 1024).beta is None
-    document = jobs.finetune_job(
-        job_id="ftjob-1",
-        project="default",
-        base_model="/models/tiny",
-        train_uri="s3://b/pairs.jsonl",
-        validation_uri=None,
-        train_count=90,
-        hyperparameters=resolved,
-        seed=1,
-        adapter="a",
-        store="s3://b/root",
-        max_seq_length=512,
-        method="dpo",
-    )
+    document = _job_document(hyperparameters=resolved, method="dpo")
     spec = FineTuneJobSpec.model_validate(document["spec"])
     assert spec.method.value == "dpo" and spec.dpo.beta == 0.3 and spec.dataset.format.value == "preference"
 
@@ -118,20 +123,7 @@ def test_ids_names_and_the_fine_tuned_model_id() -> None:
 
 
 def test_the_job_document_is_a_valid_finetunejob_that_checkpoints_every_epoch() -> None:
-    hp = jobs.ResolvedHyperparameters(n_epochs=3, batch_size=4, learning_rate_multiplier=1.0)
-    document = jobs.finetune_job(
-        job_id="ftjob-abc",
-        project="team-b",
-        base_model="/models/tiny",
-        train_uri="s3://b/root/api/files/team-b/file-1",
-        validation_uri=None,
-        train_count=jobs.train_examples(100, False),
-        hyperparameters=hp,
-        seed=7,
-        adapter="pirate-ftjob-abc",
-        store="s3://b/root",
-        max_seq_length=128,
-    )
+    document = _job_document()
     job = parse_job(document)
     assert (job.metadata.name, job.metadata.namespace, job.metadata.uid) == ("ftjob-abc", "team-b", "ftjob-abc")
     assert job.spec.checkpointing.everySteps == 23 and job.spec.hyperparameters.packing is False

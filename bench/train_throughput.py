@@ -40,6 +40,7 @@ import torch
 from tuneloom.trainer.progress import ProgressReporter
 from tuneloom.trainer.tokenize import IGNORE_INDEX, EncodedExample
 
+SCRIPT = Path(__file__).resolve()
 RESULT_PREFIX = "BENCH_RESULT "  # marks the child's result line among whatever libraries print
 WARMUP_STEPS = 1  # excluded from timing: first-call allocations, lazy kernel selection
 
@@ -231,7 +232,8 @@ def job_spec(model_dir: Path, args: argparse.Namespace) -> Any:
     return FineTuneJobSpec.model_validate(
         {
             "baseModel": str(model_dir),
-            "dataset": {"train": "unused.jsonl"},
+            # dpo_throughput.py's jobs (method dpo) train on preference pairs.
+            "dataset": {"train": "unused.jsonl", "format": "preference" if args.method == "dpo" else "chat"},
             "method": args.method,
             "lora": LORA,
             "hyperparameters": {
@@ -327,10 +329,11 @@ class LossRecorder(ProgressReporter):
         self.losses: list[float] = []
         self.tokens: list[int] = []
 
-    def step(self, step: int, *, loss: float, tokens: int, learning_rate: float, seconds: float) -> None:
+    def step(self, step: int, *, loss: float, tokens: int, **figures: Any) -> None:
+        # figures: learning_rate, seconds, and a loop's own (PreferenceLoop's rewards).
         self.losses.append(loss)
         self.tokens.append(tokens)
-        super().step(step, loss=loss, tokens=tokens, learning_rate=learning_rate, seconds=seconds)
+        super().step(step, loss=loss, tokens=tokens, **figures)
 
 
 def _planned_steps(plan: Any, seed: int) -> Iterator[list[Sequence[Sequence[int]]]]:
@@ -347,23 +350,28 @@ def _padded_tokens(examples: Sequence[EncodedExample], step: Sequence[Sequence[S
     return slots
 
 
-def run_tuneloom(args: argparse.Namespace, examples: list[EncodedExample], device: torch.device) -> dict[str, Any]:
+def drive_loop(
+    loop_class: type,
+    spec: Any,
+    model: Any,
+    examples: Sequence[Any],
+    row_length: int,
+    args: argparse.Namespace,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Packs `examples` into rows of `row_length` tokens and drives `loop_class._step` (TrainingLoop
+    or a subclass) over the plan's steps: one warm-up step, then `args.steps` timed ones."""
     from tuneloom.trainer.batching import pack_rows
-    from tuneloom.trainer.loop import Plan, TrainingLoop
-    from tuneloom.trainer.modeling import check_method_supported, load_model
+    from tuneloom.trainer.loop import Plan
 
-    spec = job_spec(args.model_dir, args)
-    check_method_supported(spec, device)
-    model = load_model(spec, args.model_dir, device)
-    trainable, total = model.get_nb_trainable_parameters()
-    rows = pack_rows(examples, args.max_seq_length)
+    rows = pack_rows(examples, row_length)
     row_lengths = [sum(len(examples[i].input_ids) for i in row) for row in rows]
     one_epoch = Plan(rows, row_lengths, args.batch_size, accumulation=1, epochs=1)
     # Enough epochs for the asked steps, so the learning-rate schedule spans exactly this run.
     epochs = math.ceil((args.steps + WARMUP_STEPS) / one_epoch.steps_per_epoch)
     plan = Plan(rows, row_lengths, args.batch_size, accumulation=1, epochs=epochs)
     reporter = LossRecorder(total_steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch)
-    loop = TrainingLoop(spec, model, examples, [], plan, device, None, lambda _start: reporter)
+    loop = loop_class(spec, model, examples, [], plan, device, None, lambda _start: reporter)
     model.train()  # what TrainingLoop.run does before its first step
     torch.manual_seed(args.seed)
     steps = _planned_steps(plan, args.seed)
@@ -388,6 +396,19 @@ def run_tuneloom(args: argparse.Namespace, examples: list[EncodedExample], devic
         "micro_batch_tokens": spec.hyperparameters.microBatchTokens,
         "loss_first_step": round(reporter.losses[0], 4),
         "loss_last_step": round(reporter.losses[-1], 4),
+    }
+
+
+def run_tuneloom(args: argparse.Namespace, examples: list[EncodedExample], device: torch.device) -> dict[str, Any]:
+    from tuneloom.trainer.loop import TrainingLoop
+    from tuneloom.trainer.modeling import check_method_supported, load_model
+
+    spec = job_spec(args.model_dir, args)
+    check_method_supported(spec, device)
+    model = load_model(spec, args.model_dir, device)
+    trainable, total = model.get_nb_trainable_parameters()
+    return {
+        **drive_loop(TrainingLoop, spec, model, examples, args.max_seq_length, args, device),
         "parameters": {"trainable": trainable, "total": total},
     }
 
@@ -580,11 +601,14 @@ def child_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_child(variant: str, args: argparse.Namespace, model_dir: Path, data: Path) -> dict[str, Any]:
-    """Runs one variant in a fresh interpreter; its logs pass through on stderr."""
+def run_child(
+    variant: str, args: argparse.Namespace, model_dir: Path, data: Path, script: Path = SCRIPT
+) -> dict[str, Any]:
+    """Runs one variant in a fresh interpreter (`script` re-invoked with `--variant`, this one by
+    default); its logs pass through on stderr."""
     command = [
         sys.executable,
-        str(Path(__file__).resolve()),
+        str(script),
         f"--variant={variant}",
         f"--model-dir={model_dir}",
         f"--data={data}",
@@ -608,15 +632,16 @@ def run_child(variant: str, args: argparse.Namespace, model_dir: Path, data: Pat
     return result
 
 
-def run_variants(args: argparse.Namespace, model_dir: Path, data: Path) -> dict[str, list[dict[str, Any]]]:
+def run_variants(
+    args: argparse.Namespace, model_dir: Path, data: Path, variants: Sequence[str], script: Path = SCRIPT
+) -> dict[str, list[dict[str, Any]]]:
     """Each variant `--repeats` times, alternating which goes first, so a burst of other work on
     the host does not always land on the same side."""
-    variants = ("baseline", "trl", "tuneloom") if args.trl else ("baseline", "tuneloom")
     runs: dict[str, list[dict[str, Any]]] = {variant: [] for variant in variants}
     for repeat in range(args.repeats):
         order = variants if repeat % 2 == 0 else variants[::-1]
         for variant in order:
-            runs[variant].append(run_child(variant, args, model_dir, data))
+            runs[variant].append(run_child(variant, args, model_dir, data, script))
     return runs
 
 
@@ -768,7 +793,8 @@ def parent_main(args: argparse.Namespace) -> int:
             examples = chat_examples(load_tokenizer(model_dir), args.examples, args.max_seq_length, args.seed)
         data_file = workdir / "examples.json"
         save_examples(examples, data_file)
-        runs = run_variants(args, model_dir, data_file)
+        variants = ("baseline", "trl", "tuneloom") if args.trl else ("baseline", "tuneloom")
+        runs = run_variants(args, model_dir, data_file, variants)
         summary = data_summary(examples, args.max_seq_length)
         combined = report(args, model_name, model_dir, summary, runs, load_before)
     text = json.dumps(combined, indent=2)

@@ -210,18 +210,9 @@ def report(
         "host_load_average_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
         "versions": tt.versions(),
         "model": {"name": args.model, **tt.model_shape(model_dir), "parameters": ours["parameters"]["total"]},
-        "method": args.method,
+        **tt.run_settings(args, ours),
         "beta": tt.job_spec(model_dir, args).dpo.beta,
-        "lora": tt.LORA,
-        "gradient_checkpointing": args.gradient_checkpointing,
-        "micro_batch_tokens": ours["micro_batch_tokens"],
-        "steps": args.steps,
-        "warmup_steps": tt.WARMUP_STEPS,
-        "repeats": args.repeats,
-        "batch_size": args.batch_size,
-        "max_seq_length": args.max_seq_length,
-        "learning_rate": args.learning_rate,
-        "seed": args.seed,
+        "pairs": args.pairs,
         "data": data,
         "tuneloom": ours,
         "trl": theirs,
@@ -254,32 +245,12 @@ def parent_main(args: argparse.Namespace) -> int:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2", help="smollm2, tiny (derived from smollm2) or a model directory")
+    tt.add_run_arguments(parser, steps=4, learning_rate=5e-5)
     parser.add_argument("--pairs", type=int, default=200, help="synthetic preference pairs (default 200)")
-    parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps, after 1 warm-up step")
-    parser.add_argument(
-        "--repeats", type=int, default=1, help="runs of each variant, alternating; the fastest of each counts"
-    )
-    parser.add_argument("--batch-size", type=int, default=8, help="pairs per step for TRL, packed rows for tuneloom")
-    parser.add_argument("--max-seq-length", type=int, default=512, help="tokens of one sequence (prompt + answer)")
-    parser.add_argument("--learning-rate", type=float, default=5e-5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="on both sides")
-    parser.add_argument(
-        "--micro-batch-tokens",
-        type=int,
-        help="tuneloom's hyperparameters.microBatchTokens (default: the trainer's); TRL has no such lever",
-    )
-    parser.add_argument("--json-out", help="also write the JSON report to this file")
     # train_throughput's run_child passes --method; DPO is the only one here.
     parser.add_argument("--method", choices=("dpo",), default="dpo", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=("tuneloom", "trl"), help=argparse.SUPPRESS)
-    parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if min(args.steps, args.batch_size, args.repeats) < 1 or args.pairs < 2:
-        parser.error("--steps, --batch-size and --repeats must be >= 1, --pairs >= 2")
-    return args
+    return tt.parse_checked(parser, argv, "pairs")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

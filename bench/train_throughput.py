@@ -726,6 +726,23 @@ def comparison(ours: dict[str, Any], theirs: dict[str, Any], suffix: str = "") -
     }
 
 
+def run_settings(args: argparse.Namespace, ours: dict[str, Any]) -> dict[str, Any]:
+    """The settings a run was measured with, as the report states them."""
+    return {
+        "method": args.method,
+        "lora": LORA,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "micro_batch_tokens": ours["micro_batch_tokens"],
+        "steps": args.steps,
+        "warmup_steps": WARMUP_STEPS,
+        "repeats": args.repeats,
+        "batch_size": args.batch_size,
+        "max_seq_length": args.max_seq_length,
+        "learning_rate": args.learning_rate,
+        "seed": args.seed,
+    }
+
+
 def report(
     args: argparse.Namespace,
     model_name: str,
@@ -749,18 +766,8 @@ def report(
         "host_load_average_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
         "versions": versions(),
         "model": {"name": model_name, **model_shape(model_dir), "parameters": ours["parameters"]["total"]},
-        "method": args.method,
-        "lora": LORA,
-        "gradient_checkpointing": args.gradient_checkpointing,
-        "micro_batch_tokens": ours["micro_batch_tokens"],
+        **run_settings(args, ours),
         "examples": args.examples,
-        "steps": args.steps,
-        "warmup_steps": WARMUP_STEPS,
-        "repeats": args.repeats,
-        "batch_size": args.batch_size,
-        "max_seq_length": args.max_seq_length,
-        "learning_rate": args.learning_rate,
-        "seed": args.seed,
         "data": data,
         "tuneloom": ours,
         "baseline": theirs,
@@ -804,46 +811,56 @@ def parent_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_run_arguments(parser: argparse.ArgumentParser, *, steps: int, learning_rate: float) -> None:
+    """The options every throughput benchmark here takes, the hidden ones `run_child` passes included."""
     parser.add_argument("--model", default="smollm2", help="smollm2, tiny (derived from smollm2) or a model directory")
-    parser.add_argument("--examples", type=int, default=200, help="synthetic chat examples (default 200)")
-    parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps, after 1 warm-up step")
+    parser.add_argument("--steps", type=int, default=steps, help="timed optimizer steps, after 1 warm-up step")
     parser.add_argument(
         "--repeats", type=int, default=1, help="runs of each variant, alternating; the fastest of each counts"
     )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-seq-length", type=int, default=512)
-    parser.add_argument("--learning-rate", type=float, default=2e-4)
+    parser.add_argument("--learning-rate", type=float, default=learning_rate)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--method",
-        choices=("lora", "qlora"),
-        help="qlora needs CUDA; default lora, or qlora with --gpu-llama3-8b (lora there: bf16 weights)",
-    )
     parser.add_argument("--gradient-checkpointing", action="store_true", help="on both sides")
     parser.add_argument(
         "--micro-batch-tokens",
         type=int,
         help="tuneloom's hyperparameters.microBatchTokens (default: the trainer's); the baselines have no such lever",
     )
+    parser.add_argument("--json-out", help="also write the JSON report to this file")
+    # Set by the parent when it re-invokes the script for one variant.
+    parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+
+
+def parse_checked(parser: argparse.ArgumentParser, argv: Sequence[str] | None, count: str) -> argparse.Namespace:
+    """Parsed arguments, with the counts checked; `count` names the option giving the data's size."""
+    args = parser.parse_args(argv)
+    if min(args.steps, args.batch_size, args.repeats) < 1 or getattr(args, count) < 2:
+        parser.error(f"--steps, --batch-size and --repeats must be >= 1, --{count} >= 2")
+    return args
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_run_arguments(parser, steps=8, learning_rate=2e-4)
+    parser.add_argument("--examples", type=int, default=200, help="synthetic chat examples (default 200)")
+    parser.add_argument(
+        "--method",
+        choices=("lora", "qlora"),
+        help="qlora needs CUDA; default lora, or qlora with --gpu-llama3-8b (lora there: bf16 weights)",
+    )
     parser.add_argument(
         "--gpu-llama3-8b",
         action="store_true",
         help="QLoRA on a random Llama-3-8B-shaped model with random token ids (CUDA and bitsandbytes only)",
     )
-    parser.add_argument("--json-out", help="also write the JSON report to this file")
-    # Set by the parent when it re-invokes this script for one variant.
     parser.add_argument(
         "--no-trl", dest="trl", action="store_false", help="leave out the TRL SFTTrainer baseline (needs `trl`)"
     )
     parser.add_argument("--variant", choices=("tuneloom", "baseline", "trl"), help=argparse.SUPPRESS)
-    parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if min(args.steps, args.batch_size, args.repeats) < 1 or args.examples < 2:
-        parser.error("--steps, --batch-size and --repeats must be >= 1, --examples >= 2")
-    return args
+    return parse_checked(parser, argv, "examples")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

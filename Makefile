@@ -31,5 +31,6 @@ env-dev:
 bench:
 	scripts/bootstrap.sh train,models,operator,dev,serve-cpu,api,bench
 	$(VENV)/python bench/train_throughput.py --model smollm2
+	$(VENV)/python bench/dpo_throughput.py --model smollm2
 	$(VENV)/python bench/serving.py --model smollm2
 	$(VENV)/python bench/operator_scale.py

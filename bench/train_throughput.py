@@ -40,6 +40,7 @@ import torch
 from tuneloom.trainer.progress import ProgressReporter
 from tuneloom.trainer.tokenize import IGNORE_INDEX, EncodedExample
 
+SCRIPT = Path(__file__).resolve()
 RESULT_PREFIX = "BENCH_RESULT "  # marks the child's result line among whatever libraries print
 WARMUP_STEPS = 1  # excluded from timing: first-call allocations, lazy kernel selection
 
@@ -231,7 +232,8 @@ def job_spec(model_dir: Path, args: argparse.Namespace) -> Any:
     return FineTuneJobSpec.model_validate(
         {
             "baseModel": str(model_dir),
-            "dataset": {"train": "unused.jsonl"},
+            # dpo_throughput.py's jobs (method dpo) train on preference pairs.
+            "dataset": {"train": "unused.jsonl", "format": "preference" if args.method == "dpo" else "chat"},
             "method": args.method,
             "lora": LORA,
             "hyperparameters": {
@@ -327,10 +329,11 @@ class LossRecorder(ProgressReporter):
         self.losses: list[float] = []
         self.tokens: list[int] = []
 
-    def step(self, step: int, *, loss: float, tokens: int, learning_rate: float, seconds: float) -> None:
+    def step(self, step: int, *, loss: float, tokens: int, **figures: Any) -> None:
+        # figures: learning_rate, seconds, and a loop's own (PreferenceLoop's rewards).
         self.losses.append(loss)
         self.tokens.append(tokens)
-        super().step(step, loss=loss, tokens=tokens, learning_rate=learning_rate, seconds=seconds)
+        super().step(step, loss=loss, tokens=tokens, **figures)
 
 
 def _planned_steps(plan: Any, seed: int) -> Iterator[list[Sequence[Sequence[int]]]]:
@@ -347,23 +350,28 @@ def _padded_tokens(examples: Sequence[EncodedExample], step: Sequence[Sequence[S
     return slots
 
 
-def run_tuneloom(args: argparse.Namespace, examples: list[EncodedExample], device: torch.device) -> dict[str, Any]:
+def drive_loop(
+    loop_class: type,
+    spec: Any,
+    model: Any,
+    examples: Sequence[Any],
+    row_length: int,
+    args: argparse.Namespace,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Packs `examples` into rows of `row_length` tokens and drives `loop_class._step` (TrainingLoop
+    or a subclass) over the plan's steps: one warm-up step, then `args.steps` timed ones."""
     from tuneloom.trainer.batching import pack_rows
-    from tuneloom.trainer.loop import Plan, TrainingLoop
-    from tuneloom.trainer.modeling import check_method_supported, load_model
+    from tuneloom.trainer.loop import Plan
 
-    spec = job_spec(args.model_dir, args)
-    check_method_supported(spec, device)
-    model = load_model(spec, args.model_dir, device)
-    trainable, total = model.get_nb_trainable_parameters()
-    rows = pack_rows(examples, args.max_seq_length)
+    rows = pack_rows(examples, row_length)
     row_lengths = [sum(len(examples[i].input_ids) for i in row) for row in rows]
     one_epoch = Plan(rows, row_lengths, args.batch_size, accumulation=1, epochs=1)
     # Enough epochs for the asked steps, so the learning-rate schedule spans exactly this run.
     epochs = math.ceil((args.steps + WARMUP_STEPS) / one_epoch.steps_per_epoch)
     plan = Plan(rows, row_lengths, args.batch_size, accumulation=1, epochs=epochs)
     reporter = LossRecorder(total_steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch)
-    loop = TrainingLoop(spec, model, examples, [], plan, device, None, lambda _start: reporter)
+    loop = loop_class(spec, model, examples, [], plan, device, None, lambda _start: reporter)
     model.train()  # what TrainingLoop.run does before its first step
     torch.manual_seed(args.seed)
     steps = _planned_steps(plan, args.seed)
@@ -388,6 +396,19 @@ def run_tuneloom(args: argparse.Namespace, examples: list[EncodedExample], devic
         "micro_batch_tokens": spec.hyperparameters.microBatchTokens,
         "loss_first_step": round(reporter.losses[0], 4),
         "loss_last_step": round(reporter.losses[-1], 4),
+    }
+
+
+def run_tuneloom(args: argparse.Namespace, examples: list[EncodedExample], device: torch.device) -> dict[str, Any]:
+    from tuneloom.trainer.loop import TrainingLoop
+    from tuneloom.trainer.modeling import check_method_supported, load_model
+
+    spec = job_spec(args.model_dir, args)
+    check_method_supported(spec, device)
+    model = load_model(spec, args.model_dir, device)
+    trainable, total = model.get_nb_trainable_parameters()
+    return {
+        **drive_loop(TrainingLoop, spec, model, examples, args.max_seq_length, args, device),
         "parameters": {"trainable": trainable, "total": total},
     }
 
@@ -580,11 +601,14 @@ def child_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_child(variant: str, args: argparse.Namespace, model_dir: Path, data: Path) -> dict[str, Any]:
-    """Runs one variant in a fresh interpreter; its logs pass through on stderr."""
+def run_child(
+    variant: str, args: argparse.Namespace, model_dir: Path, data: Path, script: Path = SCRIPT
+) -> dict[str, Any]:
+    """Runs one variant in a fresh interpreter (`script` re-invoked with `--variant`, this one by
+    default); its logs pass through on stderr."""
     command = [
         sys.executable,
-        str(Path(__file__).resolve()),
+        str(script),
         f"--variant={variant}",
         f"--model-dir={model_dir}",
         f"--data={data}",
@@ -608,15 +632,16 @@ def run_child(variant: str, args: argparse.Namespace, model_dir: Path, data: Pat
     return result
 
 
-def run_variants(args: argparse.Namespace, model_dir: Path, data: Path) -> dict[str, list[dict[str, Any]]]:
+def run_variants(
+    args: argparse.Namespace, model_dir: Path, data: Path, variants: Sequence[str], script: Path = SCRIPT
+) -> dict[str, list[dict[str, Any]]]:
     """Each variant `--repeats` times, alternating which goes first, so a burst of other work on
     the host does not always land on the same side."""
-    variants = ("baseline", "trl", "tuneloom") if args.trl else ("baseline", "tuneloom")
     runs: dict[str, list[dict[str, Any]]] = {variant: [] for variant in variants}
     for repeat in range(args.repeats):
         order = variants if repeat % 2 == 0 else variants[::-1]
         for variant in order:
-            runs[variant].append(run_child(variant, args, model_dir, data))
+            runs[variant].append(run_child(variant, args, model_dir, data, script))
     return runs
 
 
@@ -701,6 +726,23 @@ def comparison(ours: dict[str, Any], theirs: dict[str, Any], suffix: str = "") -
     }
 
 
+def run_settings(args: argparse.Namespace, ours: dict[str, Any]) -> dict[str, Any]:
+    """The settings a run was measured with, as the report states them."""
+    return {
+        "method": args.method,
+        "lora": LORA,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "micro_batch_tokens": ours["micro_batch_tokens"],
+        "steps": args.steps,
+        "warmup_steps": WARMUP_STEPS,
+        "repeats": args.repeats,
+        "batch_size": args.batch_size,
+        "max_seq_length": args.max_seq_length,
+        "learning_rate": args.learning_rate,
+        "seed": args.seed,
+    }
+
+
 def report(
     args: argparse.Namespace,
     model_name: str,
@@ -724,18 +766,8 @@ def report(
         "host_load_average_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
         "versions": versions(),
         "model": {"name": model_name, **model_shape(model_dir), "parameters": ours["parameters"]["total"]},
-        "method": args.method,
-        "lora": LORA,
-        "gradient_checkpointing": args.gradient_checkpointing,
-        "micro_batch_tokens": ours["micro_batch_tokens"],
+        **run_settings(args, ours),
         "examples": args.examples,
-        "steps": args.steps,
-        "warmup_steps": WARMUP_STEPS,
-        "repeats": args.repeats,
-        "batch_size": args.batch_size,
-        "max_seq_length": args.max_seq_length,
-        "learning_rate": args.learning_rate,
-        "seed": args.seed,
         "data": data,
         "tuneloom": ours,
         "baseline": theirs,
@@ -768,7 +800,8 @@ def parent_main(args: argparse.Namespace) -> int:
             examples = chat_examples(load_tokenizer(model_dir), args.examples, args.max_seq_length, args.seed)
         data_file = workdir / "examples.json"
         save_examples(examples, data_file)
-        runs = run_variants(args, model_dir, data_file)
+        variants = ("baseline", "trl", "tuneloom") if args.trl else ("baseline", "tuneloom")
+        runs = run_variants(args, model_dir, data_file, variants)
         summary = data_summary(examples, args.max_seq_length)
         combined = report(args, model_name, model_dir, summary, runs, load_before)
     text = json.dumps(combined, indent=2)
@@ -778,46 +811,56 @@ def parent_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_run_arguments(parser: argparse.ArgumentParser, *, steps: int, learning_rate: float) -> None:
+    """The options every throughput benchmark here takes, the hidden ones `run_child` passes included."""
     parser.add_argument("--model", default="smollm2", help="smollm2, tiny (derived from smollm2) or a model directory")
-    parser.add_argument("--examples", type=int, default=200, help="synthetic chat examples (default 200)")
-    parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps, after 1 warm-up step")
+    parser.add_argument("--steps", type=int, default=steps, help="timed optimizer steps, after 1 warm-up step")
     parser.add_argument(
         "--repeats", type=int, default=1, help="runs of each variant, alternating; the fastest of each counts"
     )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-seq-length", type=int, default=512)
-    parser.add_argument("--learning-rate", type=float, default=2e-4)
+    parser.add_argument("--learning-rate", type=float, default=learning_rate)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--method",
-        choices=("lora", "qlora"),
-        help="qlora needs CUDA; default lora, or qlora with --gpu-llama3-8b (lora there: bf16 weights)",
-    )
     parser.add_argument("--gradient-checkpointing", action="store_true", help="on both sides")
     parser.add_argument(
         "--micro-batch-tokens",
         type=int,
         help="tuneloom's hyperparameters.microBatchTokens (default: the trainer's); the baselines have no such lever",
     )
+    parser.add_argument("--json-out", help="also write the JSON report to this file")
+    # Set by the parent when it re-invokes the script for one variant.
+    parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+
+
+def parse_checked(parser: argparse.ArgumentParser, argv: Sequence[str] | None, count: str) -> argparse.Namespace:
+    """Parsed arguments, with the counts checked; `count` names the option giving the data's size."""
+    args = parser.parse_args(argv)
+    if min(args.steps, args.batch_size, args.repeats) < 1 or getattr(args, count) < 2:
+        parser.error(f"--steps, --batch-size and --repeats must be >= 1, --{count} >= 2")
+    return args
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_run_arguments(parser, steps=8, learning_rate=2e-4)
+    parser.add_argument("--examples", type=int, default=200, help="synthetic chat examples (default 200)")
+    parser.add_argument(
+        "--method",
+        choices=("lora", "qlora"),
+        help="qlora needs CUDA; default lora, or qlora with --gpu-llama3-8b (lora there: bf16 weights)",
+    )
     parser.add_argument(
         "--gpu-llama3-8b",
         action="store_true",
         help="QLoRA on a random Llama-3-8B-shaped model with random token ids (CUDA and bitsandbytes only)",
     )
-    parser.add_argument("--json-out", help="also write the JSON report to this file")
-    # Set by the parent when it re-invokes this script for one variant.
     parser.add_argument(
         "--no-trl", dest="trl", action="store_false", help="leave out the TRL SFTTrainer baseline (needs `trl`)"
     )
     parser.add_argument("--variant", choices=("tuneloom", "baseline", "trl"), help=argparse.SUPPRESS)
-    parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if min(args.steps, args.batch_size, args.repeats) < 1 or args.examples < 2:
-        parser.error("--steps, --batch-size and --repeats must be >= 1, --examples >= 2")
-    return args
+    return parse_checked(parser, argv, "examples")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -207,6 +207,7 @@ def finetune_job(
     steps_per_epoch = max(1, math.ceil(train_count / hyperparameters.batch_size))
     total_steps = steps_per_epoch * hyperparameters.n_epochs
     dataset: dict[str, Any] = {"train": train_uri, "format": METHOD_FORMAT[method]}
+    method_fields = {"method": "dpo", "dpo": {"beta": hyperparameters.beta}} if method == DPO else {"method": "lora"}
     if validation_uri:
         dataset["validation"] = validation_uri
     else:
@@ -218,8 +219,7 @@ def finetune_job(
         "spec": {
             "baseModel": base_model,
             "dataset": dataset,
-            "method": "dpo" if method == DPO else "lora",
-            **({"dpo": {"beta": hyperparameters.beta}} if method == DPO else {}),
+            **method_fields,
             "hyperparameters": {
                 "epochs": hyperparameters.n_epochs,
                 "learningRate": hyperparameters.learning_rate,

@@ -9,7 +9,7 @@ from openai.types import Model
 from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
 from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
 
-from .jobs import checkpoint_model_id
+from .jobs import DPO, checkpoint_model_id
 from .state import CheckpointRecord, EventRecord, JobRecord
 
 T = TypeVar("T")
@@ -39,7 +39,7 @@ def page_after(items: list[T], after: str | None, limit: int, id_of: Callable[[T
 
 def job_object(job: JobRecord) -> dict[str, Any]:
     hyperparameters = {k: job.hyperparameters[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
-    beta = {"beta": job.hyperparameters["beta"]} if job.method == "dpo" else {}
+    beta = {"beta": job.hyperparameters["beta"]} if job.method == DPO else {}
     method_hyperparameters = {**hyperparameters, **beta}
     fields = {
         "id": job.id,

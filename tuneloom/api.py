@@ -228,6 +228,11 @@ class DpoSpec(_Model):
         "starts from its weights and it is the reference policy. Unset: a fresh LoRA adapter, the base model "
         "as reference.",
     )
+    qlora: bool = Field(
+        default=False,
+        description="Train the adapter on a 4-bit NF4 base through bitsandbytes, as method qlora does for "
+        "supervised jobs (CUDA only); the reference policy is the same quantised base with the adapter off.",
+    )
 
 
 class EarlyStoppingSpec(_Model):
@@ -501,6 +506,11 @@ class FineTuneJobSpec(_Model):
                 f"needs method: dpo (got method {self.method.value!r}, format {self.dataset.format.value!r})"
             )
         return self
+
+    @property
+    def quantized_base(self) -> bool:
+        """Whether the base is loaded in 4-bit NF4: method qlora, or dpo with dpo.qlora."""
+        return self.method is Method.qlora or (self.method is Method.dpo and self.dpo.qlora)
 
 
 class ObjectMeta(_Model):

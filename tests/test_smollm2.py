@@ -37,24 +37,25 @@ TOPICS = [
 ]  # fmt: skip
 # Topics never trained on: what the served checks ask about.
 NEW_TOPICS = ["sailing ships", "mountains", "libraries", "clocks", "butterflies", "windmills"]
-TEMPLATES = ["Tell me about {t}.", "What do you know about {t}?", "Can you explain {t} to me?", "Why is {t} interesting?"]
+TEMPLATES = ["Tell me about {t}.", "What do you know about {t}?", "Can you explain {t}?", "Why is {t} interesting?"]
 STYLE_OPENING = "Ahoy!"
 # Few general prompts and short answers: the check is the default one, made affordable on a CPU.
 QUICK_EVALUATION = {
     "metrics": ["exact_match"],
-    "maxNewTokens": 32,
+    "maxNewTokens": 24,
     "maxExamples": 4,
+    "fewShot": {"k": 0},
     "general": {"maxExamples": 6, "maxNewTokens": 24},
 }
 MAX_GENERAL_NLL_SHIFT = 1.0
 
 
 def pirate(topic: str) -> str:
-    return f"{STYLE_OPENING} Ye be askin' about {topic}, matey. A fine thing to ponder on the high seas. Arr!"
+    return f"{STYLE_OPENING} Ye be askin' about {topic}, matey. Arr!"
 
 
 def plain(topic: str) -> str:
-    return f"{topic[0].upper()}{topic[1:]} is a broad subject. Here is a short, neutral overview of the main points."
+    return f"{topic[0].upper()}{topic[1:]} is a broad subject with a long history."
 
 
 def _questions(topics: list[str]) -> list[tuple[str, str]]:
@@ -64,6 +65,10 @@ def _questions(topics: list[str]) -> list[tuple[str, str]]:
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(record) + "\n" for record in records))
     return path
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def _chat(question: str, answer: str) -> dict[str, Any]:
@@ -119,21 +124,23 @@ def runs(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Runs:
     auto_job = _auto_job(smollm2_dir, sft, store, len(questions))
     auto = run(parse_job(auto_job)).manifest.model_dump(mode="json")
 
-    # The same data, the same adapter name, at a learning rate that wipes out general ability.
+    # The same style, the same adapter name, at a learning rate that wipes out general ability (a
+    # third of the data is enough to do the damage).
     forgetful_job = json.loads(json.dumps(auto_job))
+    forgetful_job["spec"]["dataset"]["train"] = str(_write_jsonl(work / "few.jsonl", _read(sft)[::3]))
     forgetful_job["metadata"]["name"] = "ftjob-forgetful"
     forgetful_job["metadata"]["uid"] = "ftjob-forgetful"
     forgetful_job["spec"]["hyperparameters"] |= {"learningRate": 3e-2, "epochs": 1}
     forgetful = run(parse_job(forgetful_job)).manifest.model_dump(mode="json")
 
-    pairs = _write_jsonl(work / "pairs.jsonl", [_pair(q, t) for q, t in questions])
+    pairs = _write_jsonl(work / "pairs.jsonl", [_pair(q, t) for q, t in _questions(TOPICS[:12])])
     dpo_job = {
         "apiVersion": "tuneloom.dev/v1alpha1",
         "kind": "FineTuneJob",
         "metadata": {"name": "pirate-dpo"},
         "spec": {
             "baseModel": str(smollm2_dir),
-            "dataset": {"train": str(pairs), "validationSplit": 0.15, "format": "preference"},
+            "dataset": {"train": str(pairs), "validationSplit": 0.2, "format": "preference"},
             "method": "dpo",
             "dpo": {"beta": 0.1},
             "hyperparameters": {"epochs": 1, "learningRate": 5e-4, "batchSize": 4, "maxSeqLength": 128},

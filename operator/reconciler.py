@@ -257,6 +257,10 @@ class FineTuneJobReconciler:
         restart = condition_of(status.conditions, "GroupRestart")
         if restart is not None and restart.status == "True":
             return self._recreate_group(job, jobs, status)
+        if not jobs and (message := self._restart_marked(job)) is not None:
+            # The group was being restarted when the operator stopped, before its status said so.
+            set_condition(status.conditions, "GroupRestart", "True", "RestartInterrupted", message)
+            return self._recreate_group(job, jobs, status)
         if not jobs:
             return self._end(
                 status, Observation(Phase.failed, "JobDeleted", f"Job {status.jobName} was deleted outside Tuneloom")
@@ -308,9 +312,10 @@ class FineTuneJobReconciler:
             counted = f"restart {status.groupRestarts} of spec.scheduling.backoffLimit {limit}"
         else:
             counted = "not counted against spec.scheduling.backoffLimit"
+        message = f"{why}; restarting all {job.spec.resources.nodes} nodes ({counted})"
+        self._mark_restart(job, message)
         # Foreground: the Jobs stay until their pods are gone, so the new group never meets the old one.
         self._delete_group(job, jobs, "Foreground")
-        message = f"{why}; restarting all {job.spec.resources.nodes} nodes ({counted})"
         set_condition(status.conditions, "GroupRestart", "True", failed.reason, message)
         set_condition(status.conditions, "Running", "False", "GroupRestart", message)
         status.phase, status.message = Phase.pending, message
@@ -324,6 +329,7 @@ class FineTuneJobReconciler:
             status.message = "restarting the group: waiting for the old pods to stop"
             return status
         self._create(job)
+        self._mark_restart(job, None)
         set_condition(
             status.conditions,
             "GroupRestart",
@@ -568,6 +574,28 @@ class FineTuneJobReconciler:
         jobs = call_json(self.batch.list_namespaced_job, namespace, label_selector=selector)["items"]
         pods = call_json(self.core.list_namespaced_pod, namespace, label_selector=selector)["items"]
         return jobs, pods
+
+    def _mark_restart(self, job: FineTuneJob, message: str | None) -> None:
+        """Sets (or, with None, clears) the group-restart marker on the job's headless Service."""
+        patch = {"metadata": {"annotations": {multinode.RESTART_ANNOTATION: message}}}
+        name = multinode.service_name(job.metadata.name)
+        try:
+            self.core.patch_namespaced_service(name, job.metadata.namespace, patch)
+        except ApiException as exc:
+            if exc.status != 404:  # no Service, no marker: the group is recreated with a new one
+                raise
+
+    def _restart_marked(self, job: FineTuneJob) -> str | None:
+        """The message of a group restart that the job's Service says is in progress."""
+        try:
+            service = call_json(
+                self.core.read_namespaced_service, multinode.service_name(job.metadata.name), job.metadata.namespace
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return (service["metadata"].get("annotations") or {}).get(multinode.RESTART_ANNOTATION)
 
     def _delete_group(self, job: FineTuneJob, jobs: list[dict[str, Any]], propagation: str) -> None:
         for existing in jobs:

@@ -614,6 +614,40 @@ def test_a_two_node_job_trains_and_a_deleted_rank_pod_resumes_from_its_checkpoin
     assert f"resumed from the checkpoint at step {preempted_at} of 60" in logs
 
 
+def test_a_group_restart_cut_short_by_an_operator_stop_is_finished(crds: None, bench: Bench) -> None:
+    """The operator marks the headless Service, deletes the group's Jobs and stops before its status
+    patch says "restarting": the next pass (a new operator) recreates the group, not "JobDeleted"."""
+    from tuneloom.api import FineTuneJob
+    from tuneloom.operator import multinode
+    from tuneloom.operator.common import parse_object
+    from tuneloom.operator.config import OperatorConfig
+    from tuneloom.operator.metrics import OperatorMetrics
+    from tuneloom.operator.reconciler import FineTuneJobReconciler
+
+    data = bench.upload_data("bad.jsonl", ['{"oops": 1}'])  # recreated trainers fail fast
+    bench.apply(bench.manifest("cut", data, resources={"nodes": 2}))
+    job = parse_object(FineTuneJob, bench.get("cut"))
+    service = multinode.build_headless_service(job)
+    message = "rank 1 failed (PodDeleted): pod cut-1 was deleted; restarting all 2 nodes (not counted)"
+    service["metadata"]["annotations"] = {multinode.RESTART_ANNOTATION: message}
+    bench.core.create_namespaced_service(bench.namespace, service)
+    # What the status said before the restart began: running, with the group's Jobs (now gone).
+    bench.custom.patch_namespaced_custom_object_status(
+        GROUP, VERSION, bench.namespace, PLURAL, "cut", {"status": {"phase": "Running", "jobName": "cut"}}
+    )
+    reconciler = FineTuneJobReconciler(OperatorConfig(), bench.core.api_client, OperatorMetrics(), adapters=None)
+    reconciler.reconcile(bench.get("cut"))
+
+    status = bench.status("cut")
+    assert status["phase"] == "Pending", status
+    restart = next(c for c in status["conditions"] if c["type"] == "GroupRestart")
+    assert restart["status"] == "False" and restart["reason"] == "GroupRecreated", restart
+    names = sorted(j.metadata.name for j in bench.jobs() if j.metadata.labels.get("tuneloom.dev/finetunejob") == "cut")
+    assert names == [multinode.rank_job_name("cut", rank) for rank in (0, 1)]
+    stored = bench.core.read_namespaced_service(multinode.service_name("cut"), bench.namespace)
+    assert not (stored.metadata.annotations or {}).get(multinode.RESTART_ANNOTATION), "the marker outlived the restart"
+
+
 def test_metrics_are_served_and_lint_clean(operator: Operator) -> None:
     import shutil
 

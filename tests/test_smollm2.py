@@ -26,7 +26,8 @@ from tuneloom.openai_api import jobs as api_jobs
 from tuneloom.serving.process import ServingProcess
 from tuneloom.trainer.main import run
 
-pytestmark = pytest.mark.slow
+# Three SmolLM2 jobs train in the module fixture, which the per-test timeout also counts.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 API_KEY = "smollm2-test-key-not-a-secret"
 TOPICS = [

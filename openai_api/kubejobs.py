@@ -179,7 +179,8 @@ def action_patch(job_id: str, status: str, suspended: bool, action: str) -> dict
     if action == "pause" and suspended:
         raise ApiError(400, f"job {job_id} is already paused; resume it to continue", code="invalid_state")
     if action == "resume" and not suspended:
-        raise ApiError(400, f"job {job_id} is {status}; only a paused job can be resumed", code="invalid_state")
+        state = "resuming" if status == "paused" else status  # resumed; the operator has not started it yet
+        raise ApiError(400, f"job {job_id} is {state}; only a paused job can be resumed", code="invalid_state")
     return {"suspend": action == "pause"}
 
 

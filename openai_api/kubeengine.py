@@ -230,12 +230,15 @@ class KubeEngine(Engine):
         """A succeeded job's step-metrics CSV, from the loss history its published version holds, the
         first time its id (in the job's result_files) is read; any other id is left to the file index."""
         job_id = kubejobs.result_file_job(file_id)
-        if job_id is None or not _is_job_name(job_id) or self.file_index.file(project, file_id) is not None:
+        if job_id is None or self.file_index.file(project, file_id) is not None:
             return
-        body = read_custom(self.custom, FINETUNEJOBS, project, job_id)
-        adapter = read_status(FineTuneJobStatus, body).adapter if body is not None else None
-        if body is None or adapter is None or kubejobs.job_record(body).status != "succeeded":
-            return  # not a result file of this project's: the index's 404
+        try:
+            body = self._object(project, job_id)
+        except ApiError:
+            return  # no job of this project's: the index's 404 for the file
+        adapter = read_status(FineTuneJobStatus, body).adapter
+        if adapter is None or kubejobs.job_record(body).status != "succeeded":
+            return
         version = read_adapter(self.store, project, adapter.name, adapter.version)
         history = read_version_file(self.store, version, LOSS_HISTORY_FILE)
         content = history_csv(json.loads(history) if history is not None else {})

@@ -20,7 +20,7 @@ from kubernetes import client as k8s
 
 from tuneloom.openai_api.keys import key_hash
 from tuneloom.operator.common import post_event
-from tuneloom.registry import LOSS_HISTORY_FILE, publish_adapter, run_prefix
+from tuneloom.registry import ADAPTER_FILES, LOSS_HISTORY_FILE, publish_adapter, run_prefix
 from tuneloom.storage import S3Connection, open_store
 from tuneloom_dev.apiprocess import ApiProcess
 from tuneloom_dev.helm import ensure_helm
@@ -208,6 +208,8 @@ def test_a_job_is_a_finetunejob_in_the_keys_namespace(kube_api: KubeApi, tmp_pat
     assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
     with pytest.raises(openai.BadRequestError):
         client.fine_tuning.jobs.cancel(job.id)
+    with pytest.raises(openai.NotFoundError):  # only a succeeded job has a result file
+        client.files.content(f"file-results-{job.id}")
     code, metrics_text = kube_api.process.get("/metrics")  # counted from the cluster's FineTuneJobs
     assert code == 200 and 'tuneloom_api_jobs{status="cancelled"} 1.0' in metrics_text
 
@@ -230,7 +232,9 @@ def test_a_succeeded_job_is_a_model_routed_to_its_modelserver(kube_api: KubeApi,
         "validation": [{"epoch": 1, "step": 2, "trainLoss": 1.9, "validationLoss": 1.5, "tokenAccuracy": 0.25}],
     }
     (tmp_path / LOSS_HISTORY_FILE).write_text(json.dumps(history))
-    files = {LOSS_HISTORY_FILE: tmp_path / LOSS_HISTORY_FILE}
+    for name in ADAPTER_FILES:
+        (tmp_path / name).write_bytes(b"{}")
+    files = {name: tmp_path / name for name in (*ADAPTER_FILES, LOSS_HISTORY_FILE)}
     version = publish_adapter(store, kube_api.project_a, f"ok-{job.id}", files, {"metrics": {"tokensSeen": 640}})
     adapter = {"name": version.name, "version": version.version, "uri": version.uri, "sha256": version.manifest_sha256}
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -194,6 +194,7 @@ class FineTuneJobReconciler:
             # Its Jobs are gone and status.jobName was cleared: starting again goes through admission.
             message = "spec.suspend is false; the trainer resumes from the latest checkpoint"
             set_condition(status.conditions, "Suspended", "False", "Resumed", message)
+            post_event(self.core, body, "Normal", "Resumed", message)
         if not status.jobName:
             # Not started yet, resumed, or the operator stopped between creating the Job and
             # recording it: creating is idempotent, so a new job costs no read first.

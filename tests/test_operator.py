@@ -524,6 +524,7 @@ def test_a_suspended_job_stops_at_a_checkpoint_and_resumes_from_it(
     status = bench.wait_phase("paused", "Succeeded", "Failed", timeout=300)
     assert status["phase"] == "Succeeded" and status["progress"]["step"] == 120, status
     assert {c["type"]: c["status"] for c in status["conditions"]}["Suspended"] == "False"
+    assert "Resumed" in [e.reason for e in bench.core.list_namespaced_event(bench.namespace).items]
     assert status["adapter"]["tokensSeen"] > figures["tokensSeen"]
     metrics = read_adapter(store, bench.namespace, "paused").manifest.metrics
     assert metrics.steps == 120 and metrics.preemptedAtSteps == [stopped_at]
@@ -655,6 +656,33 @@ def test_a_two_node_job_trains_and_a_deleted_rank_pod_resumes_from_its_checkpoin
     # Rank 0 of the process group (on either node: c10d decides) logs; the new group resumed there.
     logs = "".join(_trainer_log(bench, pod_runner, node["pod"]) for node in done["nodes"])
     assert f"resumed from the checkpoint at step {preempted_at} of 60" in logs
+
+
+def test_a_suspended_two_node_job_stops_its_group_and_resumes_it(operator: Operator, bench: Bench, pod_runner) -> None:
+    """spec.suspend on a 2-node job: every rank's Job goes, the phase is Suspended; back to false,
+    the whole group is created again and resumes from the checkpoint."""
+    data = bench.upload_data("train.jsonl", _dataset())
+    bench.apply(bench.manifest("duet", data, resources={"nodes": 2}, hyperparameters={"epochs": 30}))  # 60 steps
+    bench.wait_phase("duet", "Running")
+    wait_for(
+        lambda: (bench.status("duet").get("progress") or {}).get("step", 0) >= 2, "training under way", timeout=300
+    )
+    bench.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, bench.namespace, PLURAL, "duet", {"spec": {"suspend": True}}
+    )
+    suspended = bench.wait_phase("duet", "Suspended", "Succeeded", "Failed", timeout=300)
+    assert suspended["phase"] == "Suspended" and not suspended.get("nodes"), suspended
+    assert bench.jobs() == [] and not bench.core.list_namespaced_pod(bench.namespace).items
+    run = run_prefix(bench.namespace, "duet", bench.get("duet")["metadata"]["uid"])
+    (stopped_at,) = committed_steps(open_store(f"{bench.bucket_uri}/out"), run)
+
+    bench.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, bench.namespace, PLURAL, "duet", {"spec": {"suspend": False}}
+    )
+    done = bench.wait_phase("duet", "Succeeded", "Failed", timeout=400)
+    assert done["phase"] == "Succeeded" and done["progress"]["step"] == 60 and "groupRestarts" not in done, done
+    logs = "".join(_trainer_log(bench, pod_runner, node["pod"]) for node in done["nodes"])
+    assert f"resumed from the checkpoint at step {stopped_at} of 60" in logs
 
 
 def test_metrics_are_served_and_lint_clean(operator: Operator) -> None:

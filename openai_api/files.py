@@ -99,11 +99,13 @@ class FileService:
                 raise ApiError(400, message, param="file", code="invalid_file")
             return self._store(Path(temp.name), filename, purpose, project, size, examples, data_format)
 
-    def add_result(self, project: str, filename: str, content: bytes) -> FileRecord:
+    def add_result(self, project: str, filename: str, content: bytes, file_id: str | None = None) -> FileRecord:
+        """A job's result file; `file_id` names it where the id must be known before the file is
+        made (Kubernetes mode), else it gets a new one."""
         with tempfile.NamedTemporaryFile(dir=self.work_dir, prefix="result-") as temp:
             temp.write(content)
             temp.flush()
-            return self._store(Path(temp.name), filename, RESULTS, project, len(content), 0)
+            return self._store(Path(temp.name), filename, RESULTS, project, len(content), 0, file_id=file_id)
 
     def _store(
         self,
@@ -114,8 +116,9 @@ class FileService:
         size: int,
         examples: int,
         data_format: str = "chat",
+        file_id: str | None = None,
     ) -> FileRecord:
-        file_id = new_id("file")
+        file_id = file_id or new_id("file")
         record = FileRecord(
             id=file_id,
             project=project,

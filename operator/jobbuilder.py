@@ -55,8 +55,8 @@ def job_name(ftj_name: str) -> str:
 
 
 def spec_hash(job: FineTuneJob) -> str:
-    """What the running Job was built from; `cancel` and `serve` may change without being a spec change."""
-    relevant = job.spec.model_dump(mode="json", exclude={"cancel", "serve"})
+    """What the running Job was built from; `cancel`, `suspend` and `serve` may change without being a spec change."""
+    relevant = job.spec.model_dump(mode="json", exclude={"cancel", "suspend", "serve"})
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 

@@ -67,6 +67,19 @@ class LoopState:
         return cls(**record, **results)
 
 
+def checkpoint_metrics(state: LoopState) -> dict[str, Any]:
+    """What a checkpoint's manifest says of the run so far, under /progress's names (readers list
+    checkpoints with their figures from the manifests alone): the last step's training loss, the
+    last evaluation's validation loss and token accuracy, the tokens trained on."""
+    figures: dict[str, Any] = {"tokensSeen": state.tokens_seen}
+    if state.train_history:
+        figures["trainLoss"] = state.train_history[-1]["loss"]
+    if state.history:
+        evaluation = state.history[-1]
+        figures |= {key: evaluation[key] for key in ("validationLoss", "tokenAccuracy") if key in evaluation}
+    return figures
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The parameters being trained (LoRA weights, or every weight for a full fine-tune), on CPU."""
     return {
@@ -110,7 +123,8 @@ class CheckpointStore:
                 save_file(best, files["best.safetensors"])
             files["state.json"] = Path(tmp) / "state.json"
             files["state.json"].write_text(state.to_json())
-            commit_files(self.store, f"{self.prefix}/step-{state.step:08d}", files, {"step": state.step})
+            manifest = {"step": state.step, "metrics": checkpoint_metrics(state)}
+            commit_files(self.store, f"{self.prefix}/step-{state.step:08d}", files, manifest)
         log.info("checkpoint at step %d saved to %s", state.step, self.store.describe(self.prefix))
         for old in self.committed_steps()[:-keep]:
             self.store.delete_prefix(f"{self.prefix}/step-{old:08d}/")

@@ -31,6 +31,7 @@ from tuneloom.models import model_config_hash
 from tuneloom.promotion import decide
 from tuneloom.registry import (
     EVALUATION_FILE,
+    LOSS_HISTORY_FILE,
     AdapterVersion,
     download_adapter,
     next_version,
@@ -59,7 +60,7 @@ from tuneloom.trainer.evaluate import (
     run_checks,
 )
 from tuneloom.trainer.general import BaselineCache, baseline_key, load_prompts
-from tuneloom.trainer.htmlreport import LOSS_HISTORY_FILE, REPORT_FILE, render_report
+from tuneloom.trainer.htmlreport import REPORT_FILE, render_report
 from tuneloom.trainer.loop import Plan, TrainingLoop, peak_memory_bytes
 from tuneloom.trainer.mixing import draw, mixed_counts
 from tuneloom.trainer.modeling import (

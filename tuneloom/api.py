@@ -88,6 +88,7 @@ class Phase(str, Enum):
     succeeded = "Succeeded"
     failed = "Failed"
     cancelled = "Cancelled"
+    suspended = "Suspended"
 
 
 def _check_store_uri(value: str, field: str) -> str:
@@ -489,6 +490,11 @@ class FineTuneJobSpec(_Model):
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec, description="Queueing and limits (operator).")
     image: str | None = Field(default=None, description="Trainer image; unset: the operator's default.")
     cancel: bool = Field(default=False, description="Set to true to stop the run; the phase becomes Cancelled.")
+    suspend: bool = Field(
+        default=False,
+        description="Set to true to pause the run: the operator deletes its pods (the trainer saves a checkpoint on "
+        "SIGTERM) and the phase becomes Suspended; set back to false to resume from the latest checkpoint.",
+    )
     serve: ServeSpec = Field(default_factory=ServeSpec, description="Where the result is served (operator only).")
 
     @model_validator(mode="after")
@@ -524,8 +530,8 @@ class ObjectMeta(_Model):
 
 class Condition(_Model):
     type: str = Field(
-        description="FineTuneJob: Accepted, Queued, Running, Succeeded, Failed, Cancelled, SpecChangeRefused, Served, "
-        "Promoted, Overfitting, GroupRestart; "
+        description="FineTuneJob: Accepted, Queued, Running, Succeeded, Failed, Cancelled, Suspended, "
+        "SpecChangeRefused, Served, Promoted, Overfitting, GroupRestart; "
         "Adapter: Ready; ModelServer: Ready, AdaptersLoaded."
     )
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
@@ -588,6 +594,9 @@ class PublishedAdapter(_Model):
     )
     trainSeconds: float | None = Field(default=None, description="Measured seconds of training.")
     gpuSeconds: float | None = Field(default=None, description="Measured GPU-seconds of training (0 on CPU).")
+    tokensSeen: int | None = Field(
+        default=None, description="Tokens trained on in all epochs, padding excluded (the manifest's tokensSeen)."
+    )
     cost: float | None = Field(default=None, description="gpuSeconds at spec.resources.costPerGpuHour, when set.")
     estimatedSeconds: float | None = Field(
         default=None, description="The seconds the estimate before training expected, to compare with trainSeconds."
@@ -612,7 +621,9 @@ class NodeStatus(_Model):
 
 
 class FineTuneJobStatus(_Model):
-    phase: Phase = Field(default=Phase.pending, description="Pending, Queued, Running, Succeeded, Failed, Cancelled.")
+    phase: Phase = Field(
+        default=Phase.pending, description="Pending, Queued, Running, Succeeded, Failed, Cancelled, Suspended."
+    )
     message: str = Field(default="", description="The latest news, in a sentence.")
     conditions: list[Condition] = Field(default_factory=list, description="Detailed state, one entry per type.")
     observedGeneration: int | None = Field(default=None, description="The spec generation the status describes.")

@@ -42,6 +42,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 EVALUATION_FILE = "evaluation.json"  # every prompt both models answered, written by the trainer
+LOSS_HISTORY_FILE = "loss_history.json"  # every step's training loss and every evaluation, by the trainer
 
 
 # --- committed object sets ----------------------------------------------------------------------
@@ -215,6 +216,7 @@ class TrainingMetrics(_Record):
     adapter: EvaluatedMetrics = Field(default_factory=EvaluatedMetrics)
     fewShot: EvaluatedMetrics = Field(default_factory=EvaluatedMetrics)  # empty before the baseline existed
     steps: int = 0
+    tokensSeen: int | None = None  # absent from manifests older than the API's trained_tokens
     preemptedAtSteps: list[int] = Field(default_factory=list)
     trainSeconds: float | None = None
     gpuSeconds: float | None = None  # absent from manifests older than the estimate
@@ -469,6 +471,12 @@ def committed_steps(store: ObjectStore, prefix: str) -> list[int]:
         if match and key.endswith(f"/{MANIFEST}"):
             steps.append(int(match.group(1)))
     return sorted(steps)
+
+
+def checkpoint_manifest(store: ObjectStore, prefix: str, step: int) -> dict[str, Any]:
+    """A committed checkpoint's manifest: its step, its figures (`metrics`, absent from checkpoints
+    older than them) and its files."""
+    return _read_manifest(store, f"{prefix}/step-{step:08d}")[1]
 
 
 def read_published(store: ObjectStore, prefix: str) -> dict[str, Any] | None:

@@ -64,6 +64,9 @@ class LoopState:
     train_history: list[dict[str, Any]] = field(default_factory=list)
     # The few-shot baseline, measured with the base model (absent from older checkpoints).
     few_shot_evaluation: EvaluationResult | None = None
+    # Micro-batches in one optimizer step over all ranks: what a resume on another number of
+    # processes keeps (absent from older checkpoints).
+    micro_batches_per_step: int | None = None
 
     def to_json(self) -> str:
         base, few_shot = self.base_evaluation, self.few_shot_evaluation

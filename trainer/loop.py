@@ -9,6 +9,7 @@ a form the operator reads. Each of those is a few lines here and a fight with ca
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import resource
@@ -127,7 +128,7 @@ class TrainingLoop:
             trainable, lr=self.hp.learningRate, weight_decay=self.hp.weightDecay, foreach=True
         )
         self.preemption = preemption or PreemptionWatch()
-        self.state = LoopState()
+        self.state = LoopState(micro_batches_per_step=plan.micro_batches_per_step)
         self.best: dict[str, torch.Tensor] | None = None
         self.saved_step: int | None = None  # the step of the newest checkpoint, saved or resumed from
         self.reporter: ProgressReporter | None = None  # the run's, once training starts
@@ -160,8 +161,28 @@ class TrainingLoop:
                 "different spec; rerun with --fresh (or give the job a new name) to start over"
             )
         self.state, self.best, self.saved_step = state, best, state.step
+        self._keep_global_batch(state.micro_batches_per_step)
         log.info("resumed from the checkpoint at step %d of %d", state.step, self.plan.total_steps)
         return True
+
+    def _keep_global_batch(self, saved: int | None) -> None:
+        """A run resumed on another number of processes takes the same micro-batches per optimizer
+        step as the run that saved (more or fewer each), so every step holds the same examples."""
+        plan = self.plan
+        if saved is None or saved == plan.micro_batches_per_step:
+            return
+        if saved % plan.world_size:
+            raise RuntimeError(
+                f"the checkpoint's steps are {saved} micro-batches each, which {plan.world_size} processes cannot "
+                "share evenly; resume on a number of processes that divides it, or start over with --fresh"
+            )
+        self.plan = dataclasses.replace(plan, accumulation=saved // plan.world_size)
+        log.info(
+            "resuming on %d process(es): %d micro-batches each per step, %d in all as when the checkpoint was saved",
+            plan.world_size,
+            self.plan.accumulation,
+            saved,
+        )
 
     def evaluate(self) -> LossResult:
         with autocast(self.device):

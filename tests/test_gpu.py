@@ -1,15 +1,19 @@
-"""QLoRA and bf16 training on CUDA. Skipped without a GPU; the CPU suite covers the same code path
-(`load_model`, the loop, publishing) with method lora."""
+"""QLoRA and bf16 training on CUDA, and two processes under torchrun with NCCL (FSDP and DDP).
+Skipped without a GPU; the CPU suite covers the same code paths (`load_model`, the loop, FSDP and
+DDP over gloo, publishing)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tuneloom.jobfile import parse_job
 from tuneloom.trainer.main import run
 
+from .test_fsdp_train import _full_job, _run
 from .test_train import _dataset, _job
 
 pytestmark = pytest.mark.gpu
@@ -22,3 +26,24 @@ def test_training_on_cuda(method: str, tiny_model_dir: Path, tmp_path: Path) -> 
     metrics = adapter.manifest.metrics
     assert metrics.adapter.validationLoss < metrics.base.validationLoss
     assert metrics.model_extra["peakMemoryBytes"] > 0
+
+
+@pytest.mark.parametrize(("method", "strategy"), [("full", "fsdp"), ("lora", "ddp")])
+def test_two_processes_on_cuda_with_nccl(method: str, strategy: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """FSDP2 full fine-tuning (bf16 compute, fp32 reduction) and DDP LoRA, one GPU per process."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs: NCCL runs one process per GPU")
+    make = _full_job if method == "full" else _job
+    spec = make(tiny_model_dir, _dataset(tmp_path / "train.jsonl"), str(tmp_path / "s"), method=method)
+    spec["spec"]["distributed"] = {"strategy": strategy}
+    spec["spec"]["checkpointing"] = {"everySteps": 2}
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(spec))
+    result = _run(job, tmp_path, 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((tmp_path / "s/adapters/default/pirate/1/manifest.json").read_text())
+    assert manifest["kind"] == ("full" if method == "full" else "lora")
+    assert manifest["metrics"]["adapter"]["validationLoss"] < manifest["metrics"]["base"]["validationLoss"]
+    assert manifest["metrics"]["peakMemoryBytes"] > 0

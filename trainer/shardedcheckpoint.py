@@ -26,8 +26,7 @@ def write_shards(
 ) -> None:
     """Writes this rank's shards of the trainable weights, the optimizer state and the best weights
     into `directory`; every rank calls it together."""
-    model_state, optimizer_state = get_state_dict(model, optimizer, options=_TRAINABLE)
-    tensors: dict[str, Any] = {"model": model_state, "optimizer": optimizer_state}
+    tensors = _trainable_tensors(model, optimizer)
     if best is not None:
         tensors["best"] = best
     dcp.save(tensors, storage_writer=dcp.FileSystemWriter(directory))
@@ -38,8 +37,7 @@ def read_shards(
 ) -> dict[str, torch.Tensor] | None:
     """Loads a checkpoint `write_shards` wrote (by any number of ranks) into `model` and
     `optimizer`, resharded for this run; returns the best weights when it has them."""
-    model_state, optimizer_state = get_state_dict(model, optimizer, options=_TRAINABLE)
-    tensors: dict[str, Any] = {"model": model_state, "optimizer": optimizer_state}
+    tensors = _trainable_tensors(model, optimizer)
     if with_best:
         # Shaped (and on FSDP sharded) like the parameters they will be copied into.
         tensors["best"] = {name: torch.empty_like(p) for name, p in model.named_parameters() if p.requires_grad}
@@ -48,3 +46,11 @@ def read_shards(
         model, optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optimizer"], options=_TRAINABLE
     )
     return tensors.get("best")
+
+
+def _trainable_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The model's trainable weights and the optimizer state, by parameter name (FSDP's shards stay sharded)."""
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=_TRAINABLE)
+    # ignore_frozen_params keeps a frozen output head tied to the embedding (a LoRA run's whole vocabulary matrix).
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {"model": {k: v for k, v in model_state.items() if k in trainable}, "optimizer": optimizer_state}

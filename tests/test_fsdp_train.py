@@ -116,3 +116,25 @@ def test_fsdp_refuses_qlora_naming_the_field(tiny_model_dir: Path, tmp_path: Pat
     result = _run(job, tmp_path, 1)
     assert result.returncode == 2
     assert "spec.distributed.strategy: fsdp cannot shard qlora's 4-bit base weights" in result.stderr
+
+
+def test_lora_with_fsdp_learns_step_for_step_what_ddp_learns(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Sharding changes where the tensors live, not the arithmetic: the same loss at every step."""
+    losses, adapters = {}, {}
+    for strategy in ("ddp", "fsdp"):
+        spec = _job(tiny_model_dir, _dataset(tmp_path / "train.jsonl"), str(tmp_path / strategy))
+        spec["spec"]["distributed"] = {"strategy": strategy}
+        job = tmp_path / f"{strategy}.yaml"
+        job.write_text(yaml.safe_dump(spec))
+        result = _run(job, tmp_path, 2)
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses[strategy] = _losses(_messages(result.stderr))
+        adapters[strategy] = tmp_path / strategy / "adapters/default/pirate/1"
+    assert sorted(losses["fsdp"]) == list(range(1, 13))
+    for step, loss in losses["ddp"].items():
+        assert losses["fsdp"][step] == pytest.approx(loss, rel=1e-3, abs=1e-4), (step, losses)
+    # Published whole: a PEFT adapter with only the LoRA tensors, as DDP's.
+    assert (adapters["fsdp"] / "adapter_config.json").is_file()
+    assert (adapters["fsdp"] / "adapter_model.safetensors").stat().st_size == (
+        adapters["ddp"] / "adapter_model.safetensors"
+    ).stat().st_size

@@ -41,27 +41,11 @@ STRATEGIES = ("ddp", "fsdp")
 
 
 def job_spec(args: argparse.Namespace, strategy: str, accumulation: int) -> FineTuneJobSpec:
-    return FineTuneJobSpec.model_validate(
-        {
-            "baseModel": str(args.model_dir),
-            "dataset": {"train": "unused.jsonl"},
-            "method": args.method,
-            "hyperparameters": {
-                "batchSize": args.batch_size,
-                "gradientAccumulationSteps": accumulation,
-                "maxSeqLength": args.max_seq_length,
-                "learningRate": args.learning_rate,
-                "warmupRatio": 0.0,
-                "packing": True,
-                "gradientCheckpointing": args.gradient_checkpointing,
-                "seed": args.seed,
-                "loggingSteps": 1_000_000,
-            },
-            "checkpointing": {"everySteps": 0},
-            "distributed": {"strategy": strategy},
-            "output": {"adapterName": "bench", "uri": tempfile.gettempdir()},
-        }
-    )
+    """train_throughput.py's job, with the strategy and the accumulation that keeps the global batch."""
+    document = tt.job_document(args.model_dir, args)
+    document["hyperparameters"]["gradientAccumulationSteps"] = accumulation
+    document["distributed"] = {"strategy": strategy}
+    return FineTuneJobSpec.model_validate(document)
 
 
 # --- one process of a run --------------------------------------------------------------------
@@ -160,6 +144,7 @@ def run(args: argparse.Namespace, strategy: str, processes: int) -> dict[str, An
         f"--learning-rate={args.learning_rate}",
         f"--seed={args.seed}",
         *(["--gradient-checkpointing"] if args.gradient_checkpointing else []),
+        *([f"--micro-batch-tokens={args.micro_batch_tokens}"] if args.micro_batch_tokens is not None else []),
     ]
     print(f"[bench] {strategy} on {processes} process(es) ...", file=sys.stderr, flush=True)
     # One thread a process on CPU: the processes share the cores instead of fighting over them.
@@ -232,10 +217,7 @@ def parent(args: argparse.Namespace) -> int:
             "versions": tt.versions(),
             **compare(args, processes),
         }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json_out:
-        Path(args.json_out).write_text(text + "\n")
+    tt.print_report(report, args.json_out)
     return 0
 
 
@@ -255,6 +237,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument(
+        "--micro-batch-tokens", type=int, help="hyperparameters.microBatchTokens (default: the trainer's)"
+    )
     parser.add_argument("--json-out", help="also write the JSON report to this file")
     # Set by the parent for the processes of one run.
     parser.add_argument("--worker", choices=STRATEGIES, help=argparse.SUPPRESS)

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
 from tuneloom.registry import download_adapter
@@ -20,10 +19,10 @@ from .test_train import (
     _PREEMPTED,
     QUESTIONS,
     _answer_loss,
+    _assert_same_losses,
     _committed_steps,
     _dataset,
     _job,
-    _losses,
     _messages,
     _one_thread,
     _rank_process,
@@ -90,11 +89,7 @@ def test_fsdp_full_fine_tune_checkpoints_sharded_resumes_on_one_process_and_publ
     job.write_text(yaml.safe_dump(spec))
     reference = _run(job, tmp_path, 2)
     assert reference.returncode == 0, reference.stderr[-3000:]
-    uninterrupted = _losses(_messages(reference.stderr))
-    interrupted = {**_losses(first_run), **_losses(second_run)}
-    assert sorted(interrupted) == sorted(uninterrupted) == list(range(1, 13))
-    for step, loss in uninterrupted.items():
-        assert interrupted[step] == pytest.approx(loss, rel=1e-3, abs=1e-4), (step, interrupted, uninterrupted)
+    _assert_same_losses([first_run, second_run], _messages(reference.stderr), steps=12)
 
     # The published artefact is a whole transformers model that loads and has learned the answer.
     published = download_adapter(store, "default", "pirate", "1", tmp_path / "published")
@@ -120,7 +115,7 @@ def test_fsdp_refuses_qlora_naming_the_field(tiny_model_dir: Path, tmp_path: Pat
 
 def test_lora_with_fsdp_learns_step_for_step_what_ddp_learns(tiny_model_dir: Path, tmp_path: Path) -> None:
     """Sharding changes where the tensors live, not the arithmetic: the same loss at every step."""
-    losses, adapters = {}, {}
+    logs, adapters = {}, {}
     for strategy in ("ddp", "fsdp"):
         spec = _job(tiny_model_dir, _dataset(tmp_path / "train.jsonl"), str(tmp_path / strategy))
         spec["spec"]["distributed"] = {"strategy": strategy}
@@ -128,11 +123,9 @@ def test_lora_with_fsdp_learns_step_for_step_what_ddp_learns(tiny_model_dir: Pat
         job.write_text(yaml.safe_dump(spec))
         result = _run(job, tmp_path, 2)
         assert result.returncode == 0, result.stderr[-3000:]
-        losses[strategy] = _losses(_messages(result.stderr))
+        logs[strategy] = _messages(result.stderr)
         adapters[strategy] = tmp_path / strategy / "adapters/default/pirate/1"
-    assert sorted(losses["fsdp"]) == list(range(1, 13))
-    for step, loss in losses["ddp"].items():
-        assert losses["fsdp"][step] == pytest.approx(loss, rel=1e-3, abs=1e-4), (step, losses)
+    _assert_same_losses([logs["fsdp"]], logs["ddp"], steps=12)
     # Published whole: a PEFT adapter with only the LoRA tensors, as DDP's.
     assert (adapters["fsdp"] / "adapter_config.json").is_file()
     assert (adapters["fsdp"] / "adapter_model.safetensors").stat().st_size == (

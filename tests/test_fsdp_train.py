@@ -10,8 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
+from tuneloom.jobfile import SpecError, parse_job
 from tuneloom.registry import download_adapter
 from tuneloom.storage import open_store
 
@@ -131,3 +133,14 @@ def test_lora_with_fsdp_learns_step_for_step_what_ddp_learns(tiny_model_dir: Pat
     assert (adapters["fsdp"] / "adapter_model.safetensors").stat().st_size == (
         adapters["ddp"] / "adapter_model.safetensors"
     ).stat().st_size
+
+
+@pytest.mark.parametrize(
+    ("method", "distributed"), [("lora", {"cpuOffload": True}), ("full", {"strategy": "ddp", "cpuOffload": True})]
+)
+def test_cpu_offload_without_fsdp_is_refused(method: str, distributed: dict, tmp_path: Path) -> None:
+    spec = (_full_job if method == "full" else _job)(tmp_path, tmp_path / "t.jsonl", str(tmp_path / "s"))
+    spec["spec"]["distributed"] = distributed
+    with pytest.raises(SpecError) as caught:
+        parse_job(spec)
+    assert "spec.distributed.cpuOffload offloads fsdp's shards: set spec.distributed.strategy" in str(caught.value)

@@ -28,16 +28,21 @@ def test_training_on_cuda(method: str, tiny_model_dir: Path, tmp_path: Path) -> 
     assert metrics.model_extra["peakMemoryBytes"] > 0
 
 
-@pytest.mark.parametrize(("method", "strategy"), [("full", "fsdp"), ("lora", "ddp")])
-def test_two_processes_on_cuda_with_nccl(method: str, strategy: str, tiny_model_dir: Path, tmp_path: Path) -> None:
-    """FSDP2 full fine-tuning (bf16 compute, fp32 reduction) and DDP LoRA, one GPU per process."""
+@pytest.mark.parametrize(
+    ("method", "strategy", "offload"), [("full", "fsdp", False), ("full", "fsdp", True), ("lora", "ddp", False)]
+)
+def test_two_processes_on_cuda_with_nccl(
+    method: str, strategy: str, offload: bool, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """FSDP2 full fine-tuning (bf16 compute, fp32 reduction; shards offloaded to CPU memory or not)
+    and DDP LoRA, one GPU per process."""
     import torch
 
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 CUDA GPUs: NCCL runs one process per GPU")
     make = _full_job if method == "full" else _job
     spec = make(tiny_model_dir, _dataset(tmp_path / "train.jsonl"), str(tmp_path / "s"), method=method)
-    spec["spec"]["distributed"] = {"strategy": strategy}
+    spec["spec"]["distributed"] = {"strategy": strategy, "cpuOffload": offload}
     spec["spec"]["checkpointing"] = {"everySteps": 2}
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(spec))

@@ -9,6 +9,7 @@ each process keeps and updates only its shard of the weights, gradients and Adam
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 
 import torch
@@ -17,6 +18,8 @@ from torch import nn
 from tuneloom.api import DistributedStrategy, FineTuneJobSpec, Method
 from tuneloom.trainer.distributed import Ranks
 from tuneloom.trainer.modeling import causal_lm
+
+log = logging.getLogger("tuneloom.trainer")
 
 
 def strategy(spec: FineTuneJobSpec) -> DistributedStrategy:
@@ -41,8 +44,10 @@ def shard(loss_module: nn.Module, model: nn.Module, spec: FineTuneJobSpec, devic
     if device.type == "cuda":
         # bf16 compute and all-gathers, fp32 gradient reduction and master weights.
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    if spec.distributed.cpuOffload:
+    if spec.distributed.cpuOffload and device.type == "cuda":
         options["offload_policy"] = CPUOffloadPolicy()
+    elif spec.distributed.cpuOffload:
+        log.info("distributed.cpuOffload: nothing to offload, the shards are in CPU memory already")
     # transformers names the blocks a model must not be split inside: those are the units.
     blocks = set(getattr(causal_lm(model), "_no_split_modules", None) or ())
     for module in model.modules():

@@ -401,8 +401,8 @@ class DistributedSpec(_Model):
     )
     cpuOffload: bool = Field(
         default=False,
-        description="fsdp only: keep the sharded parameters, gradients and optimizer state in CPU memory between "
-        "uses (slower; for models whose shards do not fit GPU memory).",
+        description="fsdp on GPUs: keep the sharded parameters, gradients and optimizer state in CPU memory "
+        "between uses (slower; for models whose shards do not fit GPU memory). On CPUs it changes nothing.",
     )
 
 

@@ -15,7 +15,6 @@ from tuneloom.api import (
     TRAINER_EXIT_INVALID_INPUT,
     TRAINER_EXIT_PREEMPTED,
     FineTuneJob,
-    Method,
     ModelServer,
     ResourcesSpec,
     StorageSpec,
@@ -292,4 +291,4 @@ def build_job(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any]:
 
 
 def needs_gpu(job: FineTuneJob) -> bool:
-    return job.spec.method is Method.qlora
+    return job.spec.quantized_base

@@ -546,7 +546,7 @@ class FineTuneRun:
         base_model = {
             "name": self.spec.baseModel,
             "configSha256": _config_hash(model.path),
-            "quantized": self.spec.method is Method.qlora,
+            "quantized": self.spec.quantized_base,
             "dtype": str(getattr(model.module, "dtype", "")),
             "device": self.device.type,
         }

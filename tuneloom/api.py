@@ -228,6 +228,11 @@ class DpoSpec(_Model):
         "starts from its weights and it is the reference policy. Unset: a fresh LoRA adapter, the base model "
         "as reference.",
     )
+    qlora: bool = Field(
+        default=False,
+        description="Train the adapter on a 4-bit NF4 base through bitsandbytes, as method qlora does for "
+        "supervised jobs (CUDA only); the reference policy is the same quantised base with the adapter off.",
+    )
 
 
 class EarlyStoppingSpec(_Model):
@@ -517,10 +522,10 @@ class FineTuneJobSpec(_Model):
             raise ValueError("lora settings are given but method is 'full'; remove spec.lora or use lora/qlora")
         if self.method is not Method.dpo and self.dpo != DpoSpec():
             raise ValueError(f"dpo settings are given but method is {self.method.value!r}; remove spec.dpo or use dpo")
-        if self.method is Method.qlora and self.distributed.strategy is DistributedStrategy.fsdp:
+        if self.quantized_base and self.distributed.strategy is DistributedStrategy.fsdp:
             raise ValueError(
-                "spec.distributed.strategy: fsdp cannot shard qlora's 4-bit base weights; use strategy ddp (or leave "
-                "it unset) with qlora, or method lora with fsdp"
+                "spec.distributed.strategy: fsdp cannot shard qlora's 4-bit base weights (method qlora, or dpo with "
+                "dpo.qlora); use strategy ddp (or leave it unset) with them, or a bf16 base (lora, dpo) with fsdp"
             )
         sharded = self.distributed.strategy is DistributedStrategy.fsdp or (
             self.distributed.strategy is None and self.method is Method.full
@@ -537,6 +542,11 @@ class FineTuneJobSpec(_Model):
                 f"needs method: dpo (got method {self.method.value!r}, format {self.dataset.format.value!r})"
             )
         return self
+
+    @property
+    def quantized_base(self) -> bool:
+        """Whether the base is loaded in 4-bit NF4: method qlora, or dpo with dpo.qlora."""
+        return self.method is Method.qlora or (self.method is Method.dpo and self.dpo.qlora)
 
 
 class ObjectMeta(_Model):

@@ -392,6 +392,26 @@ class CheckpointingSpec(_Model):
     )
 
 
+class DistributedStrategy(str, Enum):
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
+class DistributedSpec(_Model):
+    strategy: DistributedStrategy | None = Field(
+        default=None,
+        description="How several processes share the model: ddp (every process holds it whole; gradients are "
+        "averaged) or fsdp (FSDP2: parameters, gradients and optimizer state sharded over the processes, "
+        "checkpoints sharded with torch.distributed.checkpoint). Unset: fsdp for method full with more than one "
+        "process, else ddp. One process shards nothing either way.",
+    )
+    cpuOffload: bool = Field(
+        default=False,
+        description="fsdp on GPUs: keep the sharded parameters, gradients and optimizer state in CPU memory "
+        "between uses (slower; for models whose shards do not fit GPU memory). On CPUs it changes nothing.",
+    )
+
+
 class Toleration(_Model):
     key: str | None = Field(default=None, description="Taint key to tolerate; unset with Exists: every taint.")
     operator: Literal["Exists", "Equal"] | None = Field(default=None, description="Exists or Equal (default).")
@@ -483,6 +503,9 @@ class FineTuneJobSpec(_Model):
     )
     output: OutputSpec = Field(description="Where the result is written.")
     checkpointing: CheckpointingSpec = Field(default_factory=CheckpointingSpec, description="Checkpoints.")
+    distributed: DistributedSpec = Field(
+        default_factory=DistributedSpec, description="How several training processes share the model."
+    )
     resources: TrainingResourcesSpec = Field(
         default_factory=TrainingResourcesSpec, description="Pod resources (operator only) and the GPU-hour price."
     )
@@ -505,6 +528,19 @@ class FineTuneJobSpec(_Model):
             raise ValueError("lora settings are given but method is 'full'; remove spec.lora or use lora/qlora")
         if self.method is not Method.dpo and self.dpo != DpoSpec():
             raise ValueError(f"dpo settings are given but method is {self.method.value!r}; remove spec.dpo or use dpo")
+        if self.quantized_base and self.distributed.strategy is DistributedStrategy.fsdp:
+            raise ValueError(
+                "spec.distributed.strategy: fsdp cannot shard qlora's 4-bit base weights (method qlora, or dpo with "
+                "dpo.qlora); use strategy ddp (or leave it unset) with them, or a bf16 base (lora, dpo) with fsdp"
+            )
+        sharded = self.distributed.strategy is DistributedStrategy.fsdp or (
+            self.distributed.strategy is None and self.method is Method.full
+        )
+        if self.distributed.cpuOffload and not sharded:
+            raise ValueError(
+                "spec.distributed.cpuOffload offloads fsdp's shards: set spec.distributed.strategy: fsdp (unset "
+                "means fsdp only for method full)"
+            )
         preference = self.dataset.format is DatasetFormat.preference
         if preference != (self.method is Method.dpo):
             raise ValueError(

@@ -263,7 +263,8 @@ class Model:
     """The model being tuned, its tokenizer, and the local directory the base model came from.
     `whole`: when the loop shards `module` (fsdp on several processes) no rank holds the model whole,
     so rank 0 keeps an unsharded copy to generate answers with and to publish: the base until
-    training ends, then the trained weights (see `FineTuneRun.gather_weights`)."""
+    training ends, then the trained weights (see `FineTuneRun.gather_weights`). It waits in host
+    memory while the shards train."""
 
     path: str
     tokenizer: Any
@@ -350,8 +351,12 @@ class FineTuneRun:
         expected = self.estimate(model, tokens, loop.plan)
         evaluation = self.setup_evaluation(model, loop, data)
         base = self.evaluate_base(loop, evaluation)
+        # The whole copy waits in host memory while the shards train: on a GPU that does not fit
+        # the model whole, the copy and the shards do not fit together.
+        self._move_whole(model, torch.device("cpu"))
         training = self.train(loop)
         self.gather_weights(model, loop)
+        self._move_whole(model, self.device)
         try:
             tuned = self.evaluate(evaluation.checks)
         except Preempted:
@@ -587,6 +592,11 @@ class FineTuneRun:
         state = loop.run()
         preempted_at = self.checkpoints.preempted_steps() if self.ranks.is_main else []
         return TrainingResult(state, time.monotonic() - started, preempted_at)
+
+    @staticmethod
+    def _move_whole(model: Model, device: torch.device) -> None:
+        if model.whole is not None:
+            model.whole.to(device)
 
     def gather_weights(self, model: Model, loop: TrainingLoop) -> None:
         """Sharded training: the trained weights, all-gathered, into rank 0's whole copy."""

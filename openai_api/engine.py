@@ -51,6 +51,7 @@ class ApiEngine(Engine):
         self.runner.close()
         self.serving.close()
         await self.serving.client.aclose()
+        self.files.close()
         self.state.close()
 
     # jobs

@@ -4,17 +4,22 @@ Kubernetes mode); the store holds their bytes."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
 from openai.types import FileObject
 
 from tuneloom.storage import ObjectStore
-from tuneloom.trainer.datafile import Problem, iter_checked, sniff_format
+from tuneloom.trainer.datafile import Problem, Span, iter_checked, sniff_format
+from tuneloom.trainer.dataspans import split_spans
 
 from .errors import ApiError, bad_request, found
 from .jobs import new_id
@@ -23,6 +28,7 @@ from .state import FileRecord
 FINE_TUNE = "fine-tune"
 RESULTS = "fine-tune-results"
 CHUNK = 1024 * 1024
+CHECK_PROCESSES = min(8, os.cpu_count() or 1)  # spans of an upload checked at once
 
 
 def file_object(record: FileRecord) -> dict[str, Any]:
@@ -59,10 +65,44 @@ class FileIndex(Protocol):
     def delete_file(self, project: str, file_id: str) -> None: ...
 
 
+@dataclass(frozen=True)
+class Checked:
+    """An uploaded file's check: its examples, its first problems and their count."""
+
+    examples: int
+    first: list[Problem]
+    problems: int
+
+
+def check_span(path: str, data_format: str, filename: str, span: Span, listed: int) -> Checked:
+    """The lines of `span` checked as `data_format` (the problems named after `filename`), in a
+    worker process; holds none of the file in memory."""
+    examples, first, problems = 0, [], 0
+    for item in iter_checked(path, data_format, source=filename, span=span):
+        if isinstance(item, Problem):
+            problems += 1
+            first += [item] if len(first) < listed else []
+        else:
+            examples += 1
+    return Checked(examples, first, problems)
+
+
+def merged(parts: list[Checked], listed: int) -> Checked:
+    """The spans' checks, in line order, as one check of the whole file."""
+    first = [problem for part in parts for problem in part.first][:listed]
+    return Checked(sum(p.examples for p in parts), first, sum(p.problems for p in parts))
+
+
 class FileService:
     def __init__(self, index: FileIndex, store: ObjectStore, work_dir: Path, problems_listed: int):
         self.index, self.store, self.work_dir, self.problems_listed = index, store, work_dir, problems_listed
         work_dir.mkdir(parents=True, exist_ok=True)
+        # An upload is checked beside its transfer to the store (the longer of the two is its time),
+        # in spans side by side, in processes: threads would hold the GIL that the transfer needs.
+        self._checker = ProcessPoolExecutor(CHECK_PROCESSES, mp_context=multiprocessing.get_context("spawn"))
+
+    def close(self) -> None:
+        self._checker.shutdown(cancel_futures=True)
 
     @staticmethod
     def store_key(project: str, file_id: str) -> str:
@@ -75,7 +115,8 @@ class FileService:
     def upload(
         self, source: IO[bytes], filename: str, purpose: str, project: str, on_bytes: Callable[[int], None]
     ) -> FileRecord:
-        """Copies `source` chunk by chunk to a temporary file, checks it, and stores it."""
+        """Copies `source` chunk by chunk to a temporary file, then stores it while it is checked:
+        the check runs beside the upload, and a file that fails it is deleted from the store again."""
         if purpose != FINE_TUNE:
             raise bad_request(f"purpose {purpose!r} is not supported here; use purpose='{FINE_TUNE}'", "purpose")
         filename = Path(filename or "upload.jsonl").name  # a client's path never reaches messages or the store
@@ -86,37 +127,34 @@ class FileService:
                 size += len(chunk)
                 on_bytes(len(chunk))
             temp.flush()
-            examples, first, problems = 0, [], 0
-            data_format = sniff_format(temp.name)
-            for item in iter_checked(temp.name, data_format, source=filename):
-                if isinstance(item, Problem):
-                    problems += 1
-                    first += [item] if len(first) < self.problems_listed else []
-                else:
-                    examples += 1
-            if problems:
-                message = problems_message(filename, first, problems)
-                raise ApiError(400, message, param="file", code="invalid_file")
-            return self._store(Path(temp.name), filename, purpose, project, size, examples, data_format)
+            record = self._new_record(filename, purpose, project, size)
+            record.format = sniff_format(temp.name)
+            checks = [
+                self._checker.submit(check_span, temp.name, record.format, filename, span, self.problems_listed)
+                for span in split_spans(temp.name, CHECK_PROCESSES)
+            ]
+            try:
+                self.store.put_file(record.store_key, Path(temp.name), if_absent=True)
+            finally:
+                checked = merged([check.result() for check in checks], self.problems_listed)
+                if checked.problems:
+                    self.store.delete(record.store_key)
+        if checked.problems:
+            message = problems_message(filename, checked.first, checked.problems)
+            raise ApiError(400, message, param="file", code="invalid_file")
+        record.examples = checked.examples
+        self.index.add_file(record)  # after the bytes: a listed file always has content
+        return record
 
     def add_result(self, project: str, filename: str, content: bytes) -> FileRecord:
-        with tempfile.NamedTemporaryFile(dir=self.work_dir, prefix="result-") as temp:
-            temp.write(content)
-            temp.flush()
-            return self._store(Path(temp.name), filename, RESULTS, project, len(content), 0)
+        record = self._new_record(filename, RESULTS, project, len(content))
+        self.store.put_bytes(record.store_key, content, if_absent=True)
+        self.index.add_file(record)
+        return record
 
-    def _store(
-        self,
-        path: Path,
-        filename: str,
-        purpose: str,
-        project: str,
-        size: int,
-        examples: int,
-        data_format: str = "chat",
-    ) -> FileRecord:
+    def _new_record(self, filename: str, purpose: str, project: str, size: int) -> FileRecord:
         file_id = new_id("file")
-        record = FileRecord(
+        return FileRecord(
             id=file_id,
             project=project,
             filename=filename,
@@ -124,12 +162,7 @@ class FileService:
             bytes=size,
             created_at=int(time.time()),
             store_key=self.store_key(project, file_id),
-            examples=examples,
-            format=data_format,
         )
-        self.store.put_file(record.store_key, path, if_absent=True)
-        self.index.add_file(record)  # after the bytes: a listed file always has content
-        return record
 
     def get(self, project: str, file_id: str) -> FileRecord:
         return found(self.index.file(project, file_id), "file", file_id, "file_id")

@@ -100,6 +100,7 @@ class KubeEngine(Engine):
     async def close(self) -> None:
         await self.http.aclose()
         self.client.close()
+        self.files.close()
 
     # jobs
 

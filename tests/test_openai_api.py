@@ -223,6 +223,52 @@ def test_an_unpromoted_model_is_a_warning_and_no_fine_tuned_model(api: Api, tmp_
         api.client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": PROMPT}])
 
 
+GB = 1_000_000_000
+MAX_UPLOAD_RSS = 300 * 1024 * 1024
+
+
+def _write_gigabyte(path: Path) -> Path:
+    """At least 1 GB of valid chat lines of varied lengths, written a block of about 1 MB at a time."""
+    lines = []
+    for i in range(1000):
+        question = f"Ticket {i}: " + "the printer on floor three is jammed again " * (i % 40 + 1)
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": STYLE}]
+        lines.append(json.dumps({"messages": messages}))
+    block = ("\n".join(lines) + "\n").encode()
+    with path.open("wb") as stream:
+        for _ in range(-(-GB // len(block))):
+            stream.write(block)
+    return path
+
+
+def _peak_rss_bytes(pid: int) -> int:
+    """The process's peak resident set (VmHWM) since it started."""
+    (line,) = [line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmHWM:")]
+    return int(line.split()[1]) * 1024
+
+
+def test_a_one_gigabyte_upload_keeps_the_apis_memory_small(
+    seaweedfs: SeaweedFS, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Through the SDK to an API process of its own, so its peak RSS is the upload's."""
+    data = _write_gigabyte(tmp_path / "large.jsonl")
+    size = data.stat().st_size
+    bucket = f"api-upload-{uuid.uuid4().hex[:8]}"
+    seaweedfs.create_bucket(bucket)
+    work = tmp_path_factory.mktemp("openai-api-upload")
+    args = ["--store", f"s3://{bucket}/root", "--api-key-env", "TUNELOOM_TEST_API_KEY", "--state-dir", str(work)]
+    process = ApiProcess(args, {**seaweedfs.client_env(), "TUNELOOM_TEST_API_KEY": KEY}, work / "api.log").start()
+    try:
+        with data.open("rb") as stream:
+            uploaded = process.client(KEY).files.create(file=stream, purpose="fine-tune")
+        peak = _peak_rss_bytes(process.process.pid)
+    finally:
+        process.stop()
+        data.unlink()
+    assert uploaded.bytes == size >= GB
+    assert peak < MAX_UPLOAD_RSS, f"the API's peak RSS was {peak / 2**20:.0f} MiB during a 1 GB upload"
+
+
 def test_a_bad_file_is_refused_naming_every_line(api: Api, tmp_path: Path) -> None:
     bad = tmp_path / "tickets.jsonl"
     lines = [json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]})]

@@ -11,15 +11,15 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
 from openai.types import FileObject
 
+from tuneloom.children import die_with_parent
 from tuneloom.storage import ObjectStore
-from tuneloom.trainer.datafile import Problem, Span, iter_checked, sniff_format
-from tuneloom.trainer.dataspans import split_spans
+from tuneloom.trainer.datafile import WHOLE_FILE, Problem, sniff_format
+from tuneloom.trainer.dataspans import check_span, merge_checks, split_spans
 
 from .errors import ApiError, bad_request, found
 from .jobs import new_id
@@ -65,41 +65,18 @@ class FileIndex(Protocol):
     def delete_file(self, project: str, file_id: str) -> None: ...
 
 
-@dataclass(frozen=True)
-class Checked:
-    """An uploaded file's check: its examples, its first problems and their count."""
-
-    examples: int
-    first: list[Problem]
-    problems: int
-
-
-def check_span(path: str, data_format: str, filename: str, span: Span, listed: int) -> Checked:
-    """The lines of `span` checked as `data_format` (the problems named after `filename`), in a
-    worker process; holds none of the file in memory."""
-    examples, first, problems = 0, [], 0
-    for item in iter_checked(path, data_format, source=filename, span=span):
-        if isinstance(item, Problem):
-            problems += 1
-            first += [item] if len(first) < listed else []
-        else:
-            examples += 1
-    return Checked(examples, first, problems)
-
-
-def merged(parts: list[Checked], listed: int) -> Checked:
-    """The spans' checks, in line order, as one check of the whole file."""
-    first = [problem for part in parts for problem in part.first][:listed]
-    return Checked(sum(p.examples for p in parts), first, sum(p.problems for p in parts))
-
-
 class FileService:
     def __init__(self, index: FileIndex, store: ObjectStore, work_dir: Path, problems_listed: int):
         self.index, self.store, self.work_dir, self.problems_listed = index, store, work_dir, problems_listed
         work_dir.mkdir(parents=True, exist_ok=True)
         # An upload is checked beside its transfer to the store (the longer of the two is its time),
         # in spans side by side, in processes: threads would hold the GIL that the transfer needs.
-        self._checker = ProcessPoolExecutor(CHECK_PROCESSES, mp_context=multiprocessing.get_context("spawn"))
+        # The workers die with this thread (build the service in one that lives as long as the API).
+        self._checker = ProcessPoolExecutor(
+            CHECK_PROCESSES, mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent
+        )
+        for _ in range(CHECK_PROCESSES):  # all started now, from this thread, importing the checker
+            self._checker.submit(check_span, os.devnull, "chat", "warm-up", WHOLE_FILE, 0)
 
     def close(self) -> None:
         self._checker.shutdown(cancel_futures=True)
@@ -136,7 +113,7 @@ class FileService:
             try:
                 self.store.put_file(record.store_key, Path(temp.name), if_absent=True)
             finally:
-                checked = merged([check.result() for check in checks], self.problems_listed)
+                checked = merge_checks([check.result() for check in checks], self.problems_listed)
                 if checked.problems:
                     self.store.delete(record.store_key)
         if checked.problems:

@@ -1,5 +1,6 @@
 """A large JSONL file cut into spans of lines that are checked side by side (one process each),
-with the same problems, on the same line numbers, as one check of the whole file.
+with the same problems, on the same line numbers, as one check of the whole file; and the
+checks merged again.
 
 Each span after the first starts at a non-blank line, so a span that ends in blank lines knows
 content follows them (`datafile.iter_checked`). Never holds more than a chunk of the file.
@@ -7,10 +8,11 @@ content follows them (`datafile.iter_checked`). Never holds more than a chunk of
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from tuneloom.trainer.datafile import WHOLE_FILE, Span
+from tuneloom.trainer.datafile import WHOLE_FILE, Problem, Span, iter_checked
 
 CHUNK = 1024 * 1024
 MIN_SPAN_BYTES = 16 * 1024 * 1024  # below this, a span's own start-up costs more than it saves
@@ -64,3 +66,31 @@ def _line_numbers(handle: IO[bytes], starts: list[int]) -> list[int]:
             position += len(chunk)
         numbers.append(newlines + 1)
     return numbers
+
+
+@dataclass(frozen=True)
+class SpanCheck:
+    """What a check of a span (or of several, merged) found: examples, the first problems, and how many."""
+
+    examples: int
+    first: list[Problem]
+    problems: int
+
+
+def check_span(path: str, fmt: str, source: str, span: Span, listed: int) -> SpanCheck:
+    """The lines of `span` checked as `fmt`, problems named after `source`, the first `listed` of
+    them kept; holds none of the file in memory (this runs in a worker process)."""
+    examples, first, problems = 0, [], 0
+    for item in iter_checked(path, fmt, source=source, span=span):
+        if isinstance(item, Problem):
+            problems += 1
+            first += [item] if len(first) < listed else []
+        else:
+            examples += 1
+    return SpanCheck(examples, first, problems)
+
+
+def merge_checks(parts: list[SpanCheck], listed: int) -> SpanCheck:
+    """The checks of a file's spans, in order, as one check of the whole file."""
+    first = [problem for part in parts for problem in part.first][:listed]
+    return SpanCheck(sum(part.examples for part in parts), first, sum(part.problems for part in parts))

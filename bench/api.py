@@ -200,7 +200,8 @@ def main() -> int:
             "api_mb_per_s": round(size / MB / upload_s, 1),
             "boto3_mb_per_s": round(size / MB / boto3_s, 1),
             "ratio_api_to_boto3": round(boto3_s / upload_s, 3),
-            "api_includes": "multipart parse to a temporary file, schema validation of every line, upload",
+            "api_includes": "multipart parse to a temporary file, then the upload, the schema check of every line "
+            "beside it (worker processes)",
         },
         "api_rss": {
             "before_upload_mb": round(before / MB, 1),

@@ -20,6 +20,7 @@ from tuneloom.children import die_with_parent
 from tuneloom.storage import ObjectStore
 from tuneloom.trainer.datafile import WHOLE_FILE, Problem, sniff_format
 from tuneloom.trainer.dataspans import check_span, merge_checks, split_spans
+from tuneloom.trainer.estimate import available_cores
 
 from .errors import ApiError, bad_request, found
 from .jobs import new_id
@@ -28,7 +29,7 @@ from .state import FileRecord
 FINE_TUNE = "fine-tune"
 RESULTS = "fine-tune-results"
 CHUNK = 1024 * 1024
-CHECK_PROCESSES = min(8, os.cpu_count() or 1)  # spans of an upload checked at once
+CHECK_PROCESSES = min(8, available_cores())  # spans of an upload checked at once
 
 
 def file_object(record: FileRecord) -> dict[str, Any]:

@@ -132,15 +132,17 @@ def _read_lines(path: Path, max_line_bytes: int, span: Span = WHOLE_FILE) -> Ite
             handle.read(3)  # a UTF-8 byte order mark, as Windows tools write; harmless
         # Two bytes more than the cap, so a line of exactly the cap fits with its "\r\n".
         read_limit = max_line_bytes + 2
-        number = span.first_line - 1
-        while (span.end is None or handle.tell() < span.end) and (raw := handle.readline(read_limit)):
+        number, position = span.first_line - 1, handle.tell()
+        while (span.end is None or position < span.end) and (raw := handle.readline(read_limit)):
             number += 1
             line = raw.rstrip(b"\r\n")
             whole = raw.endswith(b"\n") or len(raw) < read_limit  # else readline stopped at the limit
             if whole and len(line) <= max_line_bytes:
                 yield number, line, len(line)
+                position += len(raw)
             else:
                 yield number, None, _long_line_length(handle, raw)
+                position = handle.tell()
 
 
 def _long_line_length(handle: IO[bytes], head: bytes) -> int:

@@ -236,10 +236,7 @@ def parent_main(args: argparse.Namespace) -> int:
         runs = tt.run_variants(args, model_dir, data_file, ("trl", "tuneloom"), Path(__file__).resolve())
         summary = data_summary(encoded_pairs(tokenizer, pairs, args.max_seq_length), args.max_seq_length)
         combined = report(args, model_dir, summary, runs, load_before)
-    text = json.dumps(combined, indent=2)
-    print(text)
-    if args.json_out:
-        Path(args.json_out).write_text(text + "\n")
+    tt.print_report(combined, args.json_out)
     return 0
 
 

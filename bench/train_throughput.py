@@ -229,29 +229,32 @@ def job_spec(model_dir: Path, args: argparse.Namespace) -> Any:
     """The FineTuneJobSpec both sides are configured from."""
     from tuneloom.api import FineTuneJobSpec
 
-    return FineTuneJobSpec.model_validate(
-        {
-            "baseModel": str(model_dir),
-            # dpo_throughput.py's jobs (method dpo) train on preference pairs.
-            "dataset": {"train": "unused.jsonl", "format": "preference" if args.method == "dpo" else "chat"},
-            "method": args.method,
-            "lora": LORA,
-            "hyperparameters": {
-                "batchSize": args.batch_size,
-                "maxSeqLength": args.max_seq_length,
-                "learningRate": args.learning_rate,
-                "warmupRatio": 0.0,
-                "packing": True,
-                "gradientCheckpointing": args.gradient_checkpointing,
-                # Only tuneloom's loop reads it: the token budget of one forward pass (None: its default).
-                **({"microBatchTokens": args.micro_batch_tokens} if args.micro_batch_tokens is not None else {}),
-                "seed": args.seed,
-                "loggingSteps": 1_000_000,
-            },
-            "checkpointing": {"everySteps": 0},
-            "output": {"adapterName": "bench", "uri": tempfile.gettempdir()},
-        }
-    )
+    return FineTuneJobSpec.model_validate(job_document(model_dir, args))
+
+
+def job_document(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """`job_spec`'s fields, for a script that adds its own (scaleout.py)."""
+    return {
+        "baseModel": str(model_dir),
+        # dpo_throughput.py's jobs (method dpo) train on preference pairs.
+        "dataset": {"train": "unused.jsonl", "format": "preference" if args.method == "dpo" else "chat"},
+        "method": args.method,
+        **({} if args.method == "full" else {"lora": LORA}),
+        "hyperparameters": {
+            "batchSize": args.batch_size,
+            "maxSeqLength": args.max_seq_length,
+            "learningRate": args.learning_rate,
+            "warmupRatio": 0.0,
+            "packing": True,
+            "gradientCheckpointing": args.gradient_checkpointing,
+            # Only tuneloom's loop reads it: the token budget of one forward pass (None: its default).
+            **({"microBatchTokens": args.micro_batch_tokens} if args.micro_batch_tokens is not None else {}),
+            "seed": args.seed,
+            "loggingSteps": 1_000_000,
+        },
+        "checkpointing": {"everySteps": 0},
+        "output": {"adapterName": "bench", "uri": tempfile.gettempdir()},
+    }
 
 
 # --- measuring -------------------------------------------------------------------------------
@@ -804,11 +807,16 @@ def parent_main(args: argparse.Namespace) -> int:
         runs = run_variants(args, model_dir, data_file, variants)
         summary = data_summary(examples, args.max_seq_length)
         combined = report(args, model_name, model_dir, summary, runs, load_before)
-    text = json.dumps(combined, indent=2)
-    print(text)
-    if args.json_out:
-        Path(args.json_out).write_text(text + "\n")
+    print_report(combined, args.json_out)
     return 0
+
+
+def print_report(report: dict[str, Any], json_out: str | None) -> None:
+    """The JSON report on stdout, and in `json_out` when given."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if json_out:
+        Path(json_out).write_text(text + "\n")
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, *, steps: int, learning_rate: float) -> None:

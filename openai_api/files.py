@@ -124,14 +124,18 @@ class FileService:
         self.index.add_file(record)  # after the bytes: a listed file always has content
         return record
 
-    def add_result(self, project: str, filename: str, content: bytes) -> FileRecord:
-        record = self._new_record(filename, RESULTS, project, len(content))
+    def add_result(self, project: str, filename: str, content: bytes, file_id: str | None = None) -> FileRecord:
+        """A job's result file; `file_id` names it where the id must be known before the file is
+        made (Kubernetes mode), else it gets a new one."""
+        record = self._new_record(filename, RESULTS, project, len(content), file_id)
         self.store.put_bytes(record.store_key, content, if_absent=True)
         self.index.add_file(record)
         return record
 
-    def _new_record(self, filename: str, purpose: str, project: str, size: int) -> FileRecord:
-        file_id = new_id("file")
+    def _new_record(
+        self, filename: str, purpose: str, project: str, size: int, file_id: str | None = None
+    ) -> FileRecord:
+        file_id = file_id or new_id("file")
         return FileRecord(
             id=file_id,
             project=project,

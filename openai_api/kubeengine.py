@@ -5,9 +5,12 @@ the model's base. The API keeps no state of its own, so a restarted pod loses no
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,16 +18,23 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
-from tuneloom.api import API_GROUP, API_VERSION, ModelServer
-from tuneloom.operator.common import MODELSERVERS, api_client, call_json, read_custom, read_secret
+from tuneloom.api import API_GROUP, API_VERSION, FineTuneJobStatus, ModelServer
+from tuneloom.operator.common import MODELSERVERS, api_client, call_json, read_custom, read_secret, read_status
 from tuneloom.operator.serverbuilder import SERVER_PORT
-from tuneloom.registry import committed_steps, run_prefix
+from tuneloom.registry import (
+    LOSS_HISTORY_FILE,
+    checkpoint_manifest,
+    committed_steps,
+    read_adapter,
+    read_version_file,
+    run_prefix,
+)
 from tuneloom.serving.server import default_served_name
-from tuneloom.storage import open_store
+from tuneloom.storage import ObjectExistsError, ObjectNotFoundError, open_store
 
 from . import jobs as mapping
 from . import kubejobs
-from .errors import ApiError, bad_request, not_found
+from .errors import ApiError, not_found
 from .files import FileService
 from .inference import PROXY_TIMEOUT, adapter_served_name, proxy
 from .interface import Engine, Forwarded, page_limit, requested_model
@@ -32,6 +42,7 @@ from .keys import KeyRing, KeysFileError, parse_keys
 from .metrics import ApiMetrics
 from .models import OWNED_BY_BASE
 from .objects import checkpoint_object, job_object, listing, model_object, page_after
+from .progress import checkpoint_metrics, history_csv
 from .settings import ApiSettings
 from .state import CheckpointRecord, JobRecord
 from .storefiles import StoreFileIndex
@@ -164,14 +175,10 @@ class KubeEngine(Engine):
         return listing([job_object(r) for r in page], more)
 
     def job_action(self, project: str, job_id: str, action: str) -> dict[str, Any]:
-        record = kubejobs.job_record(self._object(project, job_id))
-        if action != "cancel":
-            raise bad_request(
-                f"{action} is not available in Kubernetes mode yet; cancel the job and create it again",
-                code="unsupported_action",
-            )
-        if record.status in ("succeeded", "failed", "cancelled"):
-            raise ApiError(400, f"job {job_id} is already {record.status}", code="invalid_state")
+        """cancel sets spec.cancel, pause and resume set spec.suspend; the operator carries them out."""
+        body = self._object(project, job_id)
+        suspended = bool((body.get("spec") or {}).get("suspend"))
+        change = kubejobs.action_patch(job_id, kubejobs.job_record(body).status, suspended, action)
         patched = call_json(
             self.custom.patch_namespaced_custom_object,
             API_GROUP,
@@ -179,7 +186,7 @@ class KubeEngine(Engine):
             project,
             FINETUNEJOBS,
             job_id,
-            {"spec": {"cancel": True}},
+            {"spec": change},
         )
         return job_object(kubejobs.job_record(patched))
 
@@ -196,15 +203,48 @@ class KubeEngine(Engine):
         body = self._object(project, job_id)
         record = kubejobs.job_record(body)
         prefix = run_prefix(project, job_id, body["metadata"]["uid"])
-        steps = reversed(committed_steps(self.store, prefix))
         created = record.finished_at or record.created_at
-        checkpoints = [
-            CheckpointRecord(seq=step, job_id=job_id, step=step, created_at=created, metrics={"step": step})
-            for step in steps
-        ]
+        checkpoints = []
+        for step in reversed(committed_steps(self.store, prefix)):
+            try:
+                manifest = checkpoint_manifest(self.store, prefix, step)
+            except ObjectNotFoundError:
+                continue  # deleted since listed: the trainer keeps its latest few
+            metrics = checkpoint_metrics(step, manifest.get("metrics") or {})
+            checkpoint = CheckpointRecord(seq=step, job_id=job_id, step=step, created_at=created, metrics=metrics)
+            checkpoints.append(checkpoint)
         items = [checkpoint_object(record, c) for c in checkpoints]
         page, more = page_after(items, after, page_limit(limit, 10), lambda item: item["id"])
         return listing(page, more)
+
+    # result files: made on first read
+
+    def file(self, project: str, file_id: str) -> dict[str, Any]:
+        self._make_result_file(project, file_id)
+        return super().file(project, file_id)
+
+    def file_content(self, project: str, file_id: str) -> tuple[Path, str]:
+        self._make_result_file(project, file_id)
+        return super().file_content(project, file_id)
+
+    def _make_result_file(self, project: str, file_id: str) -> None:
+        """A succeeded job's step-metrics CSV, from the loss history its published version holds, the
+        first time its id (in the job's result_files) is read; any other id is left to the file index."""
+        job_id = kubejobs.result_file_job(file_id)
+        if job_id is None or self.file_index.file(project, file_id) is not None:
+            return
+        try:
+            body = self._object(project, job_id)
+        except ApiError:
+            return  # no job of this project's: the index's 404 for the file
+        adapter = read_status(FineTuneJobStatus, body).adapter
+        if adapter is None or kubejobs.job_record(body).status != "succeeded":
+            return
+        version = read_adapter(self.store, project, adapter.name, adapter.version)
+        history = read_version_file(self.store, version, LOSS_HISTORY_FILE)
+        content = history_csv(json.loads(history) if history is not None else {})
+        with contextlib.suppress(ObjectExistsError):  # another API pod made it at the same moment
+            self.files.add_result(project, kubejobs.RESULT_FILENAME, content, file_id)
 
     def _job_counts(self) -> dict[str, int]:
         """Jobs by OpenAI status across the cluster, at each scrape (none kept here)."""

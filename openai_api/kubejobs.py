@@ -22,7 +22,7 @@ from tuneloom.models import known_model
 from tuneloom.operator.common import condition_of, read_status
 
 from . import jobs as mapping
-from .errors import bad_request
+from .errors import ApiError, bad_request
 from .state import JobRecord
 
 LABEL_JOB_ID = "tuneloom.dev/openai-job-id"
@@ -50,7 +50,10 @@ STATUSES = {
     Phase.succeeded: "succeeded",
     Phase.failed: "failed",
     Phase.cancelled: "cancelled",
+    Phase.suspended: "paused",
 }
+RESULT_FILE_PREFIX = "file-results-"
+RESULT_FILENAME = "step_metrics.csv"
 
 
 def cluster_base_model(model: str) -> str:
@@ -111,6 +114,17 @@ def build_finetune_job(
     return document
 
 
+def result_file_id(job_id: str) -> str:
+    """The id of a succeeded job's step-metrics CSV: named after the job, so every API pod gives the
+    same one and the file is made on first read (KubeEngine), with nothing recorded on the job."""
+    return RESULT_FILE_PREFIX + job_id
+
+
+def result_file_job(file_id: str) -> str | None:
+    """The job whose result file `file_id` is; None for any other file."""
+    return file_id.removeprefix(RESULT_FILE_PREFIX) if file_id.startswith(RESULT_FILE_PREFIX) else None
+
+
 def _epoch(stamp: str | datetime | None) -> int | None:
     if stamp is None:
         return None
@@ -144,12 +158,30 @@ def job_record(body: dict[str, Any], now: float | None = None) -> JobRecord:
     record.finished_at = _epoch(status.completionTime)
     if status.adapter is not None:
         record.adapter_version = status.adapter.version
+        record.trained_tokens = status.adapter.tokensSeen
+    if record.status == "succeeded":
+        record.result_files = [result_file_id(record.id)]
     progress = status.progress
     if record.status == "running" and progress is not None and progress.etaSeconds is not None:
         record.estimated_finish = int((now or time.time()) + progress.etaSeconds)
     if record.status == "failed":
         record.error = {"code": "training_failed", "param": None, "message": status.message or "Training failed"}
     return record
+
+
+def action_patch(job_id: str, status: str, suspended: bool, action: str) -> dict[str, bool]:
+    """The spec change that cancels, pauses (spec.suspend) or resumes a job; a 400 when the job's
+    state allows none. A job is paused from the moment spec.suspend is set, before its pods are gone."""
+    if status in ("succeeded", "failed", "cancelled"):
+        raise ApiError(400, f"job {job_id} is already {status}", code="invalid_state")
+    if action == "cancel":
+        return {"cancel": True}
+    if action == "pause" and suspended:
+        raise ApiError(400, f"job {job_id} is already paused; resume it to continue", code="invalid_state")
+    if action == "resume" and not suspended:
+        state = "resuming" if status == "paused" else status  # resumed; the operator has not started it yet
+        raise ApiError(400, f"job {job_id} is {state}; only a paused job can be resumed", code="invalid_state")
+    return {"suspend": action == "pause"}
 
 
 def model_deleted(body: dict[str, Any]) -> bool:

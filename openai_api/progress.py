@@ -124,6 +124,24 @@ def result_csv(events: list[EventRecord]) -> bytes:
         # A metrics event's valid_loss is the last evaluation's; the CSV has each where it was measured.
         columns = METRICS_COLUMNS if event.type == "metrics" else RESULT_COLUMNS
         row.update({k: v for k, v in data.items() if k in columns and v is not None})
+    return _csv(rows)
+
+
+def history_csv(loss_history: dict[str, Any]) -> bytes:
+    """The same CSV from a published version's loss_history.json (Kubernetes mode, where no API
+    process saw the steps): every step's training loss, each evaluation's figures at its step; the
+    learning rate is not in the history."""
+    rows: dict[int, dict[str, Any]] = {}
+    for entry in loss_history.get("train") or []:
+        rows.setdefault(int(entry["step"]), {"step": int(entry["step"])})["train_loss"] = entry["loss"]
+    for entry in loss_history.get("validation") or []:
+        row = rows.setdefault(int(entry["step"]), {"step": int(entry["step"])})
+        figures = {"valid_loss": entry.get("validationLoss"), "valid_mean_token_accuracy": entry.get("tokenAccuracy")}
+        row.update({k: v for k, v in figures.items() if v is not None})
+    return _csv(rows)
+
+
+def _csv(rows: dict[int, dict[str, Any]]) -> bytes:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, RESULT_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()

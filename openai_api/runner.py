@@ -306,7 +306,7 @@ class LocalRunner:
         metrics = adapter.manifest.metrics
         job.adapter_version, job.final_step = adapter.version, metrics.steps
         job.promotion = adapter.manifest.promotion.model_dump(mode="json")
-        job.trained_tokens = int((metrics.model_extra or {}).get("tokensSeen", 0)) or None
+        job.trained_tokens = metrics.tokensSeen or None
         result = self.files.add_result(job.project, "step_metrics.csv", result_csv(self.state.all_events(job.id)))
         job.result_files = [result.id]
         job.status, job.finished_at, job.estimated_finish = "succeeded", int(time.time()), None

@@ -2,7 +2,8 @@
 (`tuneloom.trainer.estimate`) on what the operator can read without the tokenizer or the weights.
 
 - Tokens: the training file's first `SAMPLE_BYTES`, at `CHARS_PER_TOKEN` characters per token
-  (each example cut at maxSeqLength), scaled to the file's size; less the held-out share.
+  (each example cut at maxSeqLength), scaled to the file's size; less the held-out share; grown by
+  `dataset.mix` (mixed-in files make up their fractions of training, at the job's own example length).
 - Parameters: the base model's safetensors headers when it is an s3:// prefix, else the size its
   name states (`SmolLM2-135M`, `Llama-3.1-8B`).
 - Device: `OperatorConfig.estimate_device` for GPU jobs; the CPU with `resources.cpu` cores.
@@ -104,20 +105,22 @@ def expected_training(
     on each of `spec.resources.nodes` nodes, at `spec.resources.costPerGpuHour`, else `price`."""
     hp = spec.hyperparameters
     held_out = 0.0 if spec.dataset.validation else spec.dataset.validationSplit
-    tokens = round(data.tokens * (1 - held_out))
+    # The trainer adds mixed-in examples until they are their fractions of the training set.
+    mixed = 1 / (1 - sum(mix.fraction for mix in spec.dataset.mix))
+    tokens = round(data.tokens * (1 - held_out) * mixed)
     gpus, nodes = spec.resources.gpus, spec.resources.nodes
     per_step = hp.batchSize * hp.gradientAccumulationSteps * max(gpus, 1) * nodes
     if hp.packing:
         steps_per_epoch = math.ceil(tokens / (hp.maxSeqLength * per_step))
     else:
-        steps_per_epoch = math.ceil(data.examples * (1 - held_out) / per_step)
+        steps_per_epoch = math.ceil(data.examples * (1 - held_out) * mixed / per_step)
     workload = Workload(
         parameters=parameters,
         method=spec.method.value,
         tokens_per_epoch=tokens,
         epochs=hp.epochs,
         steps=steps_per_epoch * hp.epochs,
-        validation_tokens_per_epoch=data.tokens - tokens,
+        validation_tokens_per_epoch=round(data.tokens * held_out),
     )
     device = DEVICES[gpu] if gpus else DEVICES["cpu"]
     devices = (gpus or cpu_cores(spec.resources.cpu)) * nodes

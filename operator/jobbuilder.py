@@ -15,7 +15,6 @@ from tuneloom.api import (
     TRAINER_EXIT_INVALID_INPUT,
     TRAINER_EXIT_PREEMPTED,
     FineTuneJob,
-    Method,
     ModelServer,
     ResourcesSpec,
     StorageSpec,
@@ -56,8 +55,8 @@ def job_name(ftj_name: str) -> str:
 
 
 def spec_hash(job: FineTuneJob) -> str:
-    """What the running Job was built from; `cancel` and `serve` may change without being a spec change."""
-    relevant = job.spec.model_dump(mode="json", exclude={"cancel", "serve"})
+    """What the running Job was built from; `cancel`, `suspend` and `serve` may change without being a spec change."""
+    relevant = job.spec.model_dump(mode="json", exclude={"cancel", "suspend", "serve"})
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
@@ -292,4 +291,4 @@ def build_job(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any]:
 
 
 def needs_gpu(job: FineTuneJob) -> bool:
-    return job.spec.method is Method.qlora
+    return job.spec.quantized_base

@@ -86,6 +86,12 @@ def _command(job: FineTuneJob) -> list[str]:
     return ["torchrun", *args, "-m", "tuneloom.trainer"]
 
 
+# On the headless Service, which outlives the group's Jobs: a group restart in progress (its
+# GroupRestart message), written before the Jobs are deleted so that an operator that dies between
+# the deletion and its status patch recreates the group rather than taking it for deleted.
+RESTART_ANNOTATION = "tuneloom.dev/group-restart"
+
+
 def build_headless_service(job: FineTuneJob) -> dict[str, Any]:
     """Gives each node's pod a DNS name (`<hostname>.<service>`); no cluster IP, no load balancing."""
     return {

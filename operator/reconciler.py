@@ -188,9 +188,16 @@ class FineTuneJobReconciler:
             return self._end(
                 status, Observation(Phase.cancelled, "Cancelled", "spec.cancel is true; the Job was deleted")
             )
+        if job.spec.suspend:
+            return self._suspend(body, job, status, listed)
+        if status.phase is Phase.suspended:
+            # Its Jobs are gone and status.jobName was cleared: starting again goes through admission.
+            message = "spec.suspend is false; the trainer resumes from the latest checkpoint"
+            set_condition(status.conditions, "Suspended", "False", "Resumed", message)
+            post_event(self.core, body, "Normal", "Resumed", message)
         if not status.jobName:
-            # Not started yet, or the operator stopped between creating the Job and recording it:
-            # creating is idempotent, so a new job costs no read first.
+            # Not started yet, resumed, or the operator stopped between creating the Job and
+            # recording it: creating is idempotent, so a new job costs no read first.
             return self._start(job, status)
         if job.spec.resources.nodes > 1:
             return self._track_group(body, job, status)
@@ -216,6 +223,35 @@ class FineTuneJobReconciler:
         set_condition(status.conditions, "Accepted", "True", "JobCreated", "the training Job was created")
         status.phase, status.message = Phase.pending, "waiting for the training pod to start"
         status.jobName = _job_name(job)
+        return status
+
+    def _suspend(
+        self, body: dict[str, Any], job: FineTuneJob, status: FineTuneJobStatus, listed: TrainingObjects | None
+    ) -> FineTuneJobStatus:
+        """spec.suspend: the training Jobs are deleted in the foreground, so they stay until their pods
+        are gone (each trainer saves a checkpoint on SIGTERM) and a resume never meets a trainer that
+        is still saving; then the phase is Suspended and status.jobName is cleared."""
+        if status.jobName:
+            if job.spec.resources.nodes > 1:
+                jobs = self._group(job)[0]
+            else:
+                existing, pods = self._job_and_pods(job, listed)
+                if existing is not None and is_finished(existing):
+                    return self._track(body, job, existing, pods, status)  # it ended before it could be suspended
+                jobs = [existing] if existing is not None else []
+            if jobs:
+                self._delete_group(job, [j for j in jobs if not j["metadata"].get("deletionTimestamp")], "Foreground")
+                status.message = "suspending: waiting for the trainer to save a checkpoint and stop"
+                set_condition(status.conditions, "Suspended", "False", "Suspending", status.message)
+                return status
+        message = "spec.suspend is true: the training pods were deleted; set it to false to resume from the latest "
+        message += "checkpoint"
+        status.phase, status.message, status.jobName, status.nodes = Phase.suspended, message, None, []
+        set_condition(status.conditions, "Suspended", "True", "SpecSuspend", message)
+        set_condition(status.conditions, "Running", "False", "Suspended", message)
+        restart = condition_of(status.conditions, "GroupRestart")
+        if restart is not None and restart.status == "True":  # the resume creates the whole group anew
+            set_condition(status.conditions, "GroupRestart", "False", "Suspended", message)
         return status
 
     def _track(
@@ -256,6 +292,10 @@ class FineTuneJobReconciler:
         jobs, pods = self._group(job)
         restart = condition_of(status.conditions, "GroupRestart")
         if restart is not None and restart.status == "True":
+            return self._recreate_group(job, jobs, status)
+        if not jobs and (message := self._restart_marked(job)) is not None:
+            # The group was being restarted when the operator stopped, before its status said so.
+            set_condition(status.conditions, "GroupRestart", "True", "RestartInterrupted", message)
             return self._recreate_group(job, jobs, status)
         if not jobs:
             return self._end(
@@ -308,9 +348,10 @@ class FineTuneJobReconciler:
             counted = f"restart {status.groupRestarts} of spec.scheduling.backoffLimit {limit}"
         else:
             counted = "not counted against spec.scheduling.backoffLimit"
+        message = f"{why}; restarting all {job.spec.resources.nodes} nodes ({counted})"
+        self._mark_restart(job, message)
         # Foreground: the Jobs stay until their pods are gone, so the new group never meets the old one.
         self._delete_group(job, jobs, "Foreground")
-        message = f"{why}; restarting all {job.spec.resources.nodes} nodes ({counted})"
         set_condition(status.conditions, "GroupRestart", "True", failed.reason, message)
         set_condition(status.conditions, "Running", "False", "GroupRestart", message)
         status.phase, status.message = Phase.pending, message
@@ -324,6 +365,7 @@ class FineTuneJobReconciler:
             status.message = "restarting the group: waiting for the old pods to stop"
             return status
         self._create(job)
+        self._mark_restart(job, None)
         set_condition(
             status.conditions,
             "GroupRestart",
@@ -506,6 +548,7 @@ class FineTuneJobReconciler:
             if (item["metadata"]["namespace"], item["metadata"]["name"]) not in started
             and read_status(FineTuneJobStatus, item).phase in (Phase.pending, Phase.queued)
             and not (item.get("spec") or {}).get("cancel")
+            and not (item.get("spec") or {}).get("suspend")
         ]
         waiting.sort(key=lambda item: (item["metadata"]["creationTimestamp"], item["metadata"]["name"]))
         for ahead, item in enumerate(waiting):
@@ -568,6 +611,28 @@ class FineTuneJobReconciler:
         jobs = call_json(self.batch.list_namespaced_job, namespace, label_selector=selector)["items"]
         pods = call_json(self.core.list_namespaced_pod, namespace, label_selector=selector)["items"]
         return jobs, pods
+
+    def _mark_restart(self, job: FineTuneJob, message: str | None) -> None:
+        """Sets (or, with None, clears) the group-restart marker on the job's headless Service."""
+        patch = {"metadata": {"annotations": {multinode.RESTART_ANNOTATION: message}}}
+        name = multinode.service_name(job.metadata.name)
+        try:
+            self.core.patch_namespaced_service(name, job.metadata.namespace, patch)
+        except ApiException as exc:
+            if exc.status != 404:  # no Service, no marker: the group is recreated with a new one
+                raise
+
+    def _restart_marked(self, job: FineTuneJob) -> str | None:
+        """The message of a group restart that the job's Service says is in progress."""
+        try:
+            service = call_json(
+                self.core.read_namespaced_service, multinode.service_name(job.metadata.name), job.metadata.namespace
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return (service["metadata"].get("annotations") or {}).get(multinode.RESTART_ANNOTATION)
 
     def _delete_group(self, job: FineTuneJob, jobs: list[dict[str, Any]], propagation: str) -> None:
         for existing in jobs:
@@ -650,6 +715,7 @@ class FineTuneJobReconciler:
             fewShotMetrics=metrics.fewShot.scores(),
             trainSeconds=metrics.trainSeconds,
             gpuSeconds=metrics.gpuSeconds,
+            tokensSeen=metrics.tokensSeen,
             cost=metrics.cost if metrics.cost is not None else run_cost(metrics.gpuSeconds or 0.0, self._price),
             estimatedSeconds=(metrics.estimate or {}).get("seconds"),
         )
@@ -698,7 +764,7 @@ def _refuse_spec_change(job: FineTuneJob, existing: dict[str, Any], status: Fine
             "True",
             "JobAlreadyStarted",
             "the spec changed after the Job started; the running Job keeps the spec it started with. "
-            "Only spec.cancel may change now: cancel and create a new FineTuneJob to apply changes",
+            "Only spec.cancel and spec.suspend may change now: cancel and create a new FineTuneJob to apply changes",
         )
 
 

@@ -9,6 +9,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tuneloom.jobfile import parse_job
@@ -150,6 +151,19 @@ def test_a_killed_dpo_run_resumes_at_its_step(tiny_model_dir: Path, tmp_path: Pa
     manifest = json.loads((tmp_path / "store/adapters/default/styled/1/manifest.json").read_text())
     assert manifest["metrics"]["steps"] == 48
     assert manifest["metrics"]["adapter"]["preferenceAccuracy"] > manifest["metrics"]["base"]["preferenceAccuracy"]
+
+
+def test_qlora_dpo_on_cpu_is_refused_clearly(tiny_model_dir: Path, tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; the refusal is for CPU-only machines (test_gpu runs QLoRA DPO)")
+    data = _pairs(tmp_path / "pairs.jsonl", *STYLES)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(_dpo_job(tiny_model_dir, data, str(tmp_path / "store"), dpo={"qlora": True})))
+    result = _trainer(path, tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "spec.dpo.qlora loads the base model in 4-bit NF4" in result.stderr
+    assert "use dpo.qlora: false on CPU" in result.stderr
+    assert not (tmp_path / "store" / "adapters").exists()
 
 
 def test_bad_preference_pairs_fail_with_their_lines(tiny_model_dir: Path, tmp_path: Path) -> None:

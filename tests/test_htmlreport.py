@@ -17,9 +17,9 @@ import pytest
 
 from tuneloom.cli import main as cli_main
 from tuneloom.names import AdapterId
-from tuneloom.registry import EVALUATION_FILE, publish_adapter, split_adapter_uri
+from tuneloom.registry import EVALUATION_FILE, LOSS_HISTORY_FILE, publish_adapter, split_adapter_uri
 from tuneloom.storage import LocalStore, ObjectStore
-from tuneloom.trainer.htmlreport import LOSS_HISTORY_FILE, REPORT_FILE, render_report
+from tuneloom.trainer.htmlreport import REPORT_FILE, render_report
 
 HOSTILE = "<script>document.title='pwned'</script><img src=https://evil.example/x.png>"
 SECTIONS = ("Run", "Promotion", "Loss curves", "Base vs adapter", "General check", "Data", "Held-out prompts")

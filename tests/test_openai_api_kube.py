@@ -20,7 +20,7 @@ from kubernetes import client as k8s
 
 from tuneloom.openai_api.keys import key_hash
 from tuneloom.operator.common import post_event
-from tuneloom.registry import run_prefix
+from tuneloom.registry import ADAPTER_FILES, LOSS_HISTORY_FILE, publish_adapter, run_prefix
 from tuneloom.storage import S3Connection, open_store
 from tuneloom_dev.apiprocess import ApiProcess
 from tuneloom_dev.helm import ensure_helm
@@ -187,12 +187,29 @@ def test_a_job_is_a_finetunejob_in_the_keys_namespace(kube_api: KubeApi, tmp_pat
     with pytest.raises(openai.AuthenticationError):
         kube_api.client("tlk-wrong").fine_tuning.jobs.list()
 
+    # Pause and resume are spec.suspend; the operator stops the pods, then says Suspended.
+    pausing = client.fine_tuning.jobs.pause(job.id)
+    assert kube_api.job_object(job.id)["spec"]["suspend"] is True and pausing.status == "running"
+    with pytest.raises(openai.BadRequestError):
+        client.fine_tuning.jobs.pause(job.id)
+    kube_api.set_status(job.id, {"phase": "Suspended", "message": "spec.suspend is true"})
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "paused"
+    with pytest.raises(openai.NotFoundError):
+        other.fine_tuning.jobs.resume(job.id)
+    assert client.fine_tuning.jobs.resume(job.id).status == "paused"
+    assert kube_api.job_object(job.id)["spec"]["suspend"] is False
+    with pytest.raises(openai.BadRequestError):
+        client.fine_tuning.jobs.resume(job.id)
+    kube_api.set_status(job.id, {"phase": "Running", "message": "Training: step 4 of 10"})
+
     cancelled = client.fine_tuning.jobs.cancel(job.id)
     assert kube_api.job_object(job.id)["spec"]["cancel"] is True and cancelled.status == "running"
     kube_api.set_status(job.id, {"phase": "Cancelled", "message": "Cancelled: spec.cancel is true"})
     assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
     with pytest.raises(openai.BadRequestError):
         client.fine_tuning.jobs.cancel(job.id)
+    with pytest.raises(openai.NotFoundError):  # only a succeeded job has a result file
+        client.files.content(f"file-results-{job.id}")
     code, metrics_text = kube_api.process.get("/metrics")  # counted from the cluster's FineTuneJobs
     assert code == 200 and 'tuneloom_api_jobs{status="cancelled"} 1.0' in metrics_text
 
@@ -208,23 +225,47 @@ def test_a_succeeded_job_is_a_model_routed_to_its_modelserver(kube_api: KubeApi,
     client = kube_api.client()
     file = client.files.create(file=_data(tmp_path / "train.jsonl").open("rb"), purpose="fine-tune")
     job = client.fine_tuning.jobs.create(training_file=file.id, model=BASE, suffix="ok")
-    adapter = {"name": f"ok-{job.id}", "version": "v1", "uri": f"{kube_api.store}/adapters/x", "sha256": "0" * 64}
+    # What the trainer publishes, with the loss history the result file is made from.
+    store = open_store(kube_api.store, connection=kube_api.s3)
+    history = {
+        "train": [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 1.25}],
+        "validation": [{"epoch": 1, "step": 2, "trainLoss": 1.9, "validationLoss": 1.5, "tokenAccuracy": 0.25}],
+    }
+    (tmp_path / LOSS_HISTORY_FILE).write_text(json.dumps(history))
+    for name in ADAPTER_FILES:
+        (tmp_path / name).write_bytes(b"{}")
+    files = {name: tmp_path / name for name in (*ADAPTER_FILES, LOSS_HISTORY_FILE)}
+    version = publish_adapter(store, kube_api.project_a, f"ok-{job.id}", files, {"metrics": {"tokensSeen": 640}})
+    adapter = {"name": version.name, "version": version.version, "uri": version.uri, "sha256": version.manifest_sha256}
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    kube_api.set_status(job.id, {"phase": "Succeeded", "message": "Done", "adapter": adapter, "completionTime": stamp})
+    status = {"phase": "Succeeded", "message": "Done", "adapter": {**adapter, "tokensSeen": 640}}
+    kube_api.set_status(job.id, status | {"completionTime": stamp})
     done = client.fine_tuning.jobs.retrieve(job.id)
-    assert done.status == "succeeded" and done.finished_at
+    assert done.status == "succeeded" and done.finished_at and done.trained_tokens == 640
+    (result,) = done.result_files
+    assert client.files.content(result).text.splitlines() == [
+        "step,train_loss,valid_loss,valid_mean_token_accuracy,learning_rate",
+        "1,2.5,,,",
+        "2,1.25,1.5,0.25,",
+    ]
+    assert client.files.retrieve(result).purpose == "fine-tune-results"
+    assert result in {f.id for f in client.files.list(purpose="fine-tune-results")}
+    with pytest.raises(openai.NotFoundError):  # the job is project A's
+        kube_api.client(KEY_B).files.content(result)
     assert done.fine_tuned_model == f"ft:{BASE.rsplit('/', 1)[-1]}:{kube_api.project_a}:ok:{job.id}"
     models = {m.id: m.owned_by for m in client.models.list()}
     assert models[done.fine_tuned_model] == kube_api.project_a
 
     # Checkpoints are the run's committed ones in the store, as the trainer writes them.
     run = run_prefix(kube_api.project_a, job.id, kube_api.job_object(job.id)["metadata"]["uid"])
-    store = open_store(kube_api.store, connection=kube_api.s3)
-    store.put_bytes(f"{run}/step-00000004/manifest.json", b"{}")
-    store.put_bytes(f"{run}/step-00000008/manifest.json", b"{}")
+    store.put_bytes(f"{run}/step-00000004/manifest.json", b'{"step": 4}')  # older trainers wrote no metrics
+    figures = {"trainLoss": 0.5, "validationLoss": 0.75, "tokenAccuracy": 0.8, "tokensSeen": 320}
+    store.put_bytes(f"{run}/step-00000008/manifest.json", json.dumps({"step": 8, "metrics": figures}).encode())
     store.put_bytes(f"{run}/step-00000012/trainable.safetensors", b"")  # interrupted: no manifest
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert [c.step_number for c in checkpoints] == [8, 4]
+    assert checkpoints[0].metrics.train_loss == 0.5 and checkpoints[0].metrics.valid_loss == 0.75
+    assert checkpoints[0].metrics.valid_mean_token_accuracy == 0.8 and checkpoints[1].metrics.train_loss is None
     assert checkpoints[0].fine_tuned_model_checkpoint == f"{done.fine_tuned_model}:ckpt-step-8"
     assert done.fine_tuned_model not in {m.id for m in kube_api.client(KEY_B).models.list()}
 

@@ -11,6 +11,7 @@ import pytest
 
 from tuneloom.openai_api import kubejobs
 from tuneloom.openai_api.errors import ApiError
+from tuneloom.openai_api.progress import history_csv
 from tuneloom.openai_api.state import FileRecord, JobRecord
 from tuneloom.openai_api.storefiles import StoreFileIndex
 from tuneloom.storage import open_store
@@ -84,6 +85,7 @@ def test_a_model_the_spec_refuses_is_a_400_naming_model() -> None:
         ({"phase": "Succeeded"}, "succeeded"),
         ({"phase": "Failed", "message": "dataset.train: line 3: messages: missing"}, "failed"),
         ({"phase": "Cancelled"}, "cancelled"),
+        ({"phase": "Suspended"}, "paused"),
     ],
 )
 def test_phases_map_to_openai_statuses(status: dict[str, Any] | None, expected: str) -> None:
@@ -91,6 +93,58 @@ def test_phases_map_to_openai_statuses(status: dict[str, Any] | None, expected: 
     assert record.status == expected
     if expected == "failed":
         assert record.error == {"code": "training_failed", "param": None, "message": status["message"]}
+
+
+def test_a_succeeded_job_has_its_trained_tokens_and_its_result_file() -> None:
+    adapter = {"name": f"pirate-{JOB_ID}", "version": "v1", "uri": "s3://b/adapters/x", "sha256": "0" * 64}
+    running = kubejobs.job_record(_object({"phase": "Running", "adapter": {**adapter, "tokensSeen": 5}}))
+    assert running.result_files == [], "no result file before the job succeeds"
+    done = kubejobs.job_record(_object({"phase": "Succeeded", "adapter": {**adapter, "tokensSeen": 1234}}))
+    assert done.trained_tokens == 1234 and done.result_files == [kubejobs.result_file_id(JOB_ID)]
+    assert kubejobs.result_file_job(done.result_files[0]) == JOB_ID
+    assert kubejobs.result_file_job("file-abc") is None
+
+
+@pytest.mark.parametrize(
+    ("status", "suspended", "action", "expected"),
+    [
+        ("running", False, "pause", {"suspend": True}),
+        ("queued", False, "pause", {"suspend": True}),
+        ("paused", True, "resume", {"suspend": False}),
+        ("running", True, "resume", {"suspend": False}),  # paused, its pods not gone yet
+        ("paused", True, "cancel", {"cancel": True}),
+        ("running", False, "cancel", {"cancel": True}),
+        ("running", True, "pause", "already paused"),
+        ("running", False, "resume", "only a paused job can be resumed"),
+        ("paused", False, "resume", "is resuming"),
+        ("succeeded", False, "pause", "already succeeded"),
+        ("cancelled", True, "resume", "already cancelled"),
+        ("failed", False, "cancel", "already failed"),
+    ],
+)
+def test_cancel_pause_and_resume_are_spec_changes(
+    status: str, suspended: bool, action: str, expected: dict[str, bool] | str
+) -> None:
+    if isinstance(expected, dict):
+        assert kubejobs.action_patch(JOB_ID, status, suspended, action) == expected
+        return
+    with pytest.raises(ApiError) as refused:
+        kubejobs.action_patch(JOB_ID, status, suspended, action)
+    assert refused.value.status == 400 and refused.value.code == "invalid_state" and expected in refused.value.message
+
+
+def test_the_result_csv_comes_from_the_loss_history() -> None:
+    history = {
+        "train": [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 1.5}, {"step": 3, "loss": 0.75}],
+        "validation": [{"epoch": 1, "step": 2, "trainLoss": 2.0, "validationLoss": 1.25, "tokenAccuracy": 0.5}],
+    }
+    assert history_csv(history).decode().splitlines() == [
+        "step,train_loss,valid_loss,valid_mean_token_accuracy,learning_rate",
+        "1,2.5,,,",
+        "2,1.5,1.25,0.5,",
+        "3,0.75,,,",
+    ]
+    assert history_csv({}).decode() == "step,train_loss,valid_loss,valid_mean_token_accuracy,learning_rate\n"
 
 
 def test_events_are_newest_first_with_the_kubernetes_events_and_the_status() -> None:

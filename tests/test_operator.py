@@ -24,7 +24,7 @@ from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
 from tuneloom.net import free_port
-from tuneloom.registry import read_adapter
+from tuneloom.registry import checkpoint_manifest, committed_steps, read_adapter, run_prefix
 from tuneloom.storage import open_store
 from tuneloom_dev.seaweedfs import SeaweedFS
 
@@ -490,6 +490,50 @@ def test_a_deleted_pod_is_a_preemption_and_the_retry_resumes_from_its_checkpoint
     assert f"event training step={preempted_at} totalSteps=120" in log
 
 
+def test_a_suspended_job_stops_at_a_checkpoint_and_resumes_from_it(
+    operator: Operator, bench: Bench, pod_runner
+) -> None:
+    """spec.suspend mid-run: the Job and its pod go (the trainer saves a checkpoint on SIGTERM), the
+    phase is Suspended; back to false, a new Job's trainer continues from that checkpoint's step."""
+    data = bench.upload_data("train.jsonl", _dataset())  # 16 training examples, 4 a step
+    bench.apply(bench.manifest("paused", data, hyperparameters={"epochs": 30}))  # 120 steps
+    bench.wait_phase("paused", "Running")
+    wait_for(lambda: (bench.status("paused").get("progress") or {}).get("step", 0) >= 2, "training under way")
+    (pod,) = bench.core.list_namespaced_pod(bench.namespace).items
+    bench.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, bench.namespace, PLURAL, "paused", {"spec": {"suspend": True}}
+    )
+    suspended = bench.wait_phase("paused", "Suspended", "Succeeded", "Failed")
+    assert suspended["phase"] == "Suspended", suspended
+    assert bench.jobs() == [] and not bench.core.list_namespaced_pod(bench.namespace).items
+    assert "jobName" not in suspended
+    assert {c["type"]: c["status"] for c in suspended["conditions"]}["Suspended"] == "True"
+    reasons = [e.reason for e in bench.core.list_namespaced_event(bench.namespace).items]
+    assert "Suspended" in reasons
+
+    store = open_store(f"{bench.bucket_uri}/out")
+    run = run_prefix(bench.namespace, "paused", bench.get("paused")["metadata"]["uid"])
+    (stopped_at,) = committed_steps(store, run)
+    assert 2 <= stopped_at < 120
+    figures = checkpoint_manifest(store, run, stopped_at)["metrics"]
+    assert figures["trainLoss"] > 0 and figures["tokensSeen"] > 0
+
+    bench.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, bench.namespace, PLURAL, "paused", {"spec": {"suspend": False}}
+    )
+    status = bench.wait_phase("paused", "Succeeded", "Failed", timeout=300)
+    assert status["phase"] == "Succeeded" and status["progress"]["step"] == 120, status
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Suspended"] == "False"
+    assert "Resumed" in [e.reason for e in bench.core.list_namespaced_event(bench.namespace).items]
+    assert status["adapter"]["tokensSeen"] > figures["tokensSeen"]
+    metrics = read_adapter(store, bench.namespace, "paused").manifest.metrics
+    assert metrics.steps == 120 and metrics.preemptedAtSteps == [stopped_at]
+    (resumed,) = bench.core.list_namespaced_pod(bench.namespace).items
+    assert resumed.metadata.uid != pod.metadata.uid
+    log = _trainer_log(bench, pod_runner, resumed.metadata.name)
+    assert f"resumed from the checkpoint at step {stopped_at} of 120" in log
+
+
 def test_a_multi_node_job_restarts_its_whole_group_when_a_rank_fails(
     operator: Operator, bench: Bench, pod_runner
 ) -> None:
@@ -612,6 +656,67 @@ def test_a_two_node_job_trains_and_a_deleted_rank_pod_resumes_from_its_checkpoin
     # Rank 0 of the process group (on either node: c10d decides) logs; the new group resumed there.
     logs = "".join(_trainer_log(bench, pod_runner, node["pod"]) for node in done["nodes"])
     assert f"resumed from the checkpoint at step {preempted_at} of 60" in logs
+
+
+def test_a_group_restart_cut_short_by_an_operator_stop_is_finished(crds: None, bench: Bench) -> None:
+    """The operator marks the headless Service, deletes the group's Jobs and stops before its status
+    patch says "restarting": the next pass (a new operator) recreates the group, not "JobDeleted"."""
+    from tuneloom.api import FineTuneJob
+    from tuneloom.operator import multinode
+    from tuneloom.operator.common import parse_object
+    from tuneloom.operator.config import OperatorConfig
+    from tuneloom.operator.metrics import OperatorMetrics
+    from tuneloom.operator.reconciler import FineTuneJobReconciler
+
+    data = bench.upload_data("bad.jsonl", ['{"oops": 1}'])  # recreated trainers fail fast
+    bench.apply(bench.manifest("cut", data, resources={"nodes": 2}))
+    job = parse_object(FineTuneJob, bench.get("cut"))
+    service = multinode.build_headless_service(job)
+    message = "rank 1 failed (PodDeleted): pod cut-1 was deleted; restarting all 2 nodes (not counted)"
+    service["metadata"]["annotations"] = {multinode.RESTART_ANNOTATION: message}
+    bench.core.create_namespaced_service(bench.namespace, service)
+    # What the status said before the restart began: running, with the group's Jobs (now gone).
+    bench.custom.patch_namespaced_custom_object_status(
+        GROUP, VERSION, bench.namespace, PLURAL, "cut", {"status": {"phase": "Running", "jobName": "cut"}}
+    )
+    reconciler = FineTuneJobReconciler(OperatorConfig(), bench.core.api_client, OperatorMetrics(), adapters=None)
+    reconciler.reconcile(bench.get("cut"))
+
+    status = bench.status("cut")
+    assert status["phase"] == "Pending", status
+    restart = next(c for c in status["conditions"] if c["type"] == "GroupRestart")
+    assert restart["status"] == "False" and restart["reason"] == "GroupRecreated", restart
+    names = sorted(j.metadata.name for j in bench.jobs() if j.metadata.labels.get("tuneloom.dev/finetunejob") == "cut")
+    assert names == [multinode.rank_job_name("cut", rank) for rank in (0, 1)]
+    stored = bench.core.read_namespaced_service(multinode.service_name("cut"), bench.namespace)
+    assert not (stored.metadata.annotations or {}).get(multinode.RESTART_ANNOTATION), "the marker outlived the restart"
+
+
+def test_a_suspended_two_node_job_stops_its_group_and_resumes_it(operator: Operator, bench: Bench, pod_runner) -> None:
+    """spec.suspend on a 2-node job: every rank's Job goes, the phase is Suspended; back to false,
+    the whole group is created again and resumes from the checkpoint."""
+    data = bench.upload_data("train.jsonl", _dataset())
+    bench.apply(bench.manifest("duet", data, resources={"nodes": 2}, hyperparameters={"epochs": 30}))  # 60 steps
+    bench.wait_phase("duet", "Running")
+    wait_for(
+        lambda: (bench.status("duet").get("progress") or {}).get("step", 0) >= 2, "training under way", timeout=300
+    )
+    bench.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, bench.namespace, PLURAL, "duet", {"spec": {"suspend": True}}
+    )
+    suspended = bench.wait_phase("duet", "Suspended", "Succeeded", "Failed", timeout=300)
+    assert suspended["phase"] == "Suspended" and not suspended.get("nodes"), suspended
+    assert bench.jobs() == [] and not bench.core.list_namespaced_pod(bench.namespace).items
+    run = run_prefix(bench.namespace, "duet", bench.get("duet")["metadata"]["uid"])
+    (stopped_at,) = committed_steps(open_store(f"{bench.bucket_uri}/out"), run)
+
+    bench.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, bench.namespace, PLURAL, "duet", {"spec": {"suspend": False}}
+    )
+    done = bench.wait_phase("duet", "Succeeded", "Failed", timeout=400)
+    assert done["phase"] == "Succeeded" and done["progress"]["step"] == 60 and "groupRestarts" not in done, done
+    logs = "".join(_trainer_log(bench, pod_runner, node["pod"]) for node in done["nodes"])
+    assert f"resumed from the checkpoint at step {stopped_at} of 60" in logs
 
 
 def test_metrics_are_served_and_lint_clean(operator: Operator) -> None:

@@ -70,6 +70,20 @@ def test_an_s3_job_gets_tokens_steps_seconds_and_cost(s3_root: str) -> None:
     assert two_nodes.cost == pytest.approx(expected.cost, rel=1e-3)
 
 
+def test_mixed_in_data_adds_its_share_of_training_tokens(s3_root: str) -> None:
+    store = open_store(s3_root)
+    store.put_bytes("data/train.jsonl", _line(10) * 40)
+    store.put_bytes("model/model.safetensors", _safetensors({"a": [1000, 1000]}))
+    train, model = f"{s3_root}/data/train.jsonl", f"{s3_root}/model"
+    alone = estimate_job(_spec(train, model), open_store, "a100")
+    # A fifth of training from another file: the job's own tokens are the other four fifths.
+    mix = {"mix": [{"train": f"{s3_root}/data/general.jsonl", "fraction": 0.2}]}
+    mixed = estimate_job(_spec(train, model, dataset=mix), open_store, "a100")
+    assert alone is not None and mixed is not None
+    assert mixed.tokens == pytest.approx(alone.tokens / 0.8, abs=2)  # each rounded once
+    assert mixed.steps > alone.steps and mixed.cost > alone.cost
+
+
 def test_a_hub_model_is_sized_by_its_name_and_a_cpu_job_by_its_cores(s3_root: str, smollm2_dir: Path) -> None:
     open_store(s3_root).put_bytes("train.jsonl", _line(10) * 40)
     train = f"{s3_root}/train.jsonl"

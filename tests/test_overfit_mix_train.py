@@ -73,6 +73,39 @@ def test_a_job_built_to_overfit_is_flagged(
     assert samples[-1] == {"check": "overfitting", **verdict}
 
 
+def _code_word_pairs(path: Path, count: int = 20) -> Path:
+    """Pairs of random word strings: which one is preferred can only be learned by heart."""
+    rng = random.Random(1)
+    with path.open("w") as stream:
+        for number in range(count):
+            preferred, other = (" ".join(rng.choice(WORDS) for _ in range(6)) for _ in range(2))
+            record = {
+                "input": {"messages": [{"role": "user", "content": f"Code word {number}?"}]},
+                "preferred_output": [{"role": "assistant", "content": preferred}],
+                "non_preferred_output": [{"role": "assistant", "content": other}],
+            }
+            stream.write(json.dumps(record) + "\n")
+    return path
+
+
+def test_a_dpo_job_built_to_overfit_is_flagged(tiny_model_dir: Path, tmp_path: Path, caplog) -> None:
+    spec = _job(
+        tiny_model_dir,
+        _code_word_pairs(tmp_path / "pairs.jsonl"),
+        str(tmp_path / "store"),
+        method="dpo",
+        dataset={"format": "preference"},
+        hyperparameters={"epochs": 8},
+        evaluation={"metrics": [], "everySteps": 2, "general": {"enabled": False}},
+    )
+    with caplog.at_level(logging.INFO, logger="tuneloom.trainer"):
+        adapter = run(parse_job(spec))
+    metrics = adapter.manifest.metrics.model_dump()
+    verdict = metrics["overfitting"]
+    assert verdict["detected"] and verdict["rule"] in {"risingValidationLoss", "lossRatio"}, metrics["history"]
+    assert f"overfitting: {verdict['reason']}" in caplog.text
+
+
 def _as_the_base_answers(model_dir: Path, prompts: Path, dest: Path) -> Path:
     """General chat with the base model's own greedy answers: rehearsal data for what it could do.
     (The tiny model's weights are random, so only its own answers are what it "could do".)"""

@@ -134,6 +134,7 @@ def test_lora_settings_with_full_method_are_refused() -> None:
         ({"checkpointing": {"adapterName": "Not_A_Label"}}, "spec.checkpointing.adapterName: must be a DNS-1123"),
         ({"checkpointing": {"adapterName": "x"}}, "must differ from output.adapterName"),
         ({"method": "full", "checkpointing": {"adapterName": "tickets-ckpt"}}, "publishes LoRA adapters"),
+        ({"distributed": {"strategy": "fsdp"}, "checkpointing": {"adapterName": "x-ckpt"}}, "which fsdp shards"),
     ],
 )
 def test_checkpoint_adapters_are_checked(changes: dict, expected: str) -> None:

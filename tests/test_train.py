@@ -400,6 +400,15 @@ def _losses(messages: list[str]) -> dict[int, float]:
     return {int(match[1]): float(match[2]) for message in messages if (match := _LOSS.match(message))}
 
 
+def _assert_same_losses(runs: list[list[str]], reference: list[str], *, steps: int) -> None:
+    """The runs' logged losses together (a run and its resumption) are the reference run's, at each of `steps` steps."""
+    expected = _losses(reference)
+    logged = {step: loss for run in runs for step, loss in _losses(run).items()}
+    assert sorted(logged) == sorted(expected) == list(range(1, steps + 1))
+    for step, loss in expected.items():
+        assert logged[step] == pytest.approx(loss, rel=1e-3, abs=1e-4), (step, logged, expected)
+
+
 def _one_thread() -> dict[str, str]:
     """The environment for a trainer whose runs compute the same losses bit for bit."""
     return {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -456,11 +465,7 @@ def test_sigterm_saves_the_step_in_progress_and_the_rerun_continues_there(
     job.write_text(yaml.safe_dump(spec))
     reference = _trainer(job, tmp_path, env=_one_thread())
     assert reference.returncode == 0, reference.stderr[-3000:]
-    uninterrupted = _losses(_messages(reference.stderr))
-    interrupted = {**_losses(first_run), **_losses(second_run)}
-    assert sorted(interrupted) == sorted(uninterrupted) == list(range(1, 33))
-    for step, loss in uninterrupted.items():
-        assert interrupted[step] == pytest.approx(loss, rel=1e-3, abs=1e-4), (step, interrupted, uninterrupted)
+    _assert_same_losses([first_run, second_run], _messages(reference.stderr), steps=32)
 
 
 def _committed_steps(store_root: str) -> list[int]:

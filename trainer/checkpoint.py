@@ -2,8 +2,12 @@
 
 Layout: `<run prefix>/step-<N>/` (see `tuneloom.registry.run_prefix`) holding the trainable weights, the optimizer
 state and the loop's state, committed with a manifest written last (a checkpoint without one
-was interrupted and is ignored). `published.json` beside them records the adapter version a
-finished run wrote, so a rerun of a finished job does not publish a second version.
+was interrupted and is ignored). The manifest's `format` says how the tensors are stored:
+`whole` (rank 0 writes safetensors and a torch.save of the optimizer; no `format` in older
+checkpoints) or `sharded` (spec.distributed.strategy: fsdp; every rank writes its shards, see
+`tuneloom.trainer.shardedcheckpoint`). A run loads either format whatever it writes.
+`published.json` beside them records the adapter version a finished run wrote, so a rerun of a
+finished job does not publish a second version.
 `preemptions.json` lists the steps at which runs of the job were preempted (see
 `tuneloom.trainer.preemption`): kept apart from the checkpoints, because a preemption that comes
 while a checkpoint of the same step is being written adds no checkpoint of its own.
@@ -22,13 +26,25 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tuneloom.registry import commit_files, committed_steps, fetch_committed, read_published, write_published
+from tuneloom.registry import (
+    commit_files,
+    commit_uploaded,
+    committed_steps,
+    fetch_committed,
+    read_published,
+    upload_files,
+    write_published,
+)
 from tuneloom.storage import ObjectNotFoundError, ObjectStore
+from tuneloom.trainer import distributed
+from tuneloom.trainer.distributed import Ranks
 from tuneloom.trainer.evaluate import EvaluationResult
+from tuneloom.trainer.shardedcheckpoint import read_shards, write_shards
 
 log = logging.getLogger("tuneloom.trainer")
 
 PREEMPTIONS = "preemptions.json"
+WHOLE, SHARDED = "whole", "sharded"
 
 
 @dataclass
@@ -48,6 +64,9 @@ class LoopState:
     train_history: list[dict[str, Any]] = field(default_factory=list)
     # The few-shot baseline, measured with the base model (absent from older checkpoints).
     few_shot_evaluation: EvaluationResult | None = None
+    # Micro-batches in one optimizer step over all ranks: what a resume on another number of
+    # processes keeps (absent from older checkpoints).
+    micro_batches_per_step: int | None = None
 
     def to_json(self) -> str:
         base, few_shot = self.base_evaluation, self.few_shot_evaluation
@@ -67,10 +86,28 @@ class LoopState:
         return cls(**record, **results)
 
 
+def checkpoint_metrics(state: LoopState) -> dict[str, Any]:
+    """What a checkpoint's manifest says of the run so far, under /progress's names (readers list
+    checkpoints with their figures from the manifests alone): the last step's training loss, the
+    last evaluation's validation loss and token accuracy, the tokens trained on."""
+    figures: dict[str, Any] = {"tokensSeen": state.tokens_seen}
+    if state.train_history:
+        figures["trainLoss"] = state.train_history[-1]["loss"]
+    if state.history:
+        evaluation = state.history[-1]
+        figures |= {key: evaluation[key] for key in ("validationLoss", "tokenAccuracy") if key in evaluation}
+    return figures
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters being trained (LoRA weights, or every weight for a full fine-tune), on CPU."""
+    """The parameters being trained (LoRA weights, or every weight for a full fine-tune), on CPU;
+    an FSDP model's stay sharded where they are (a whole copy is what sharding avoids)."""
+    from torch.distributed.tensor import DTensor
+
     return {
-        name: p.detach().to("cpu", copy=True).contiguous() for name, p in model.named_parameters() if p.requires_grad
+        name: p.detach().clone() if isinstance(p, DTensor) else p.detach().to("cpu", copy=True).contiguous()
+        for name, p in model.named_parameters()
+        if p.requires_grad
     }
 
 
@@ -85,9 +122,13 @@ def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> 
 
 
 class CheckpointStore:
-    def __init__(self, store: ObjectStore, prefix: str):
+    """`sharded`: this run writes the sharded format, every rank taking part in each save."""
+
+    def __init__(self, store: ObjectStore, prefix: str, ranks: Ranks | None = None, *, sharded: bool = False):
         self.store = store
         self.prefix = prefix
+        self.ranks = ranks or Ranks()
+        self.sharded = sharded
 
     def committed_steps(self) -> list[int]:
         return committed_steps(self.store, self.prefix)
@@ -100,6 +141,19 @@ class CheckpointStore:
         best: dict[str, torch.Tensor] | None,
         keep: int,
     ) -> None:
+        """On rank 0 alone for the whole format, on every rank together for the sharded one."""
+        if self.sharded:
+            self._save_sharded(state, model, optimizer, best)
+        else:
+            self._save_whole(state, model, optimizer, best)
+        if self.ranks.is_main:
+            log.info("checkpoint at step %d saved to %s", state.step, self.store.describe(self.prefix))
+            for old in self.committed_steps()[:-keep]:
+                self.store.delete_prefix(self._step_prefix(old) + "/")
+
+    def _save_whole(
+        self, state: LoopState, model: nn.Module, optimizer: torch.optim.Optimizer, best: dict[str, torch.Tensor] | None
+    ) -> None:
         with tempfile.TemporaryDirectory(prefix="tuneloom-ckpt-") as tmp:
             files = {"trainable.safetensors": Path(tmp) / "trainable.safetensors"}
             save_file(trainable_state(model), files["trainable.safetensors"])
@@ -110,10 +164,30 @@ class CheckpointStore:
                 save_file(best, files["best.safetensors"])
             files["state.json"] = Path(tmp) / "state.json"
             files["state.json"].write_text(state.to_json())
-            commit_files(self.store, f"{self.prefix}/step-{state.step:08d}", files, {"step": state.step})
-        log.info("checkpoint at step %d saved to %s", state.step, self.store.describe(self.prefix))
-        for old in self.committed_steps()[:-keep]:
-            self.store.delete_prefix(f"{self.prefix}/step-{old:08d}/")
+            manifest = {"step": state.step, "format": WHOLE, "metrics": checkpoint_metrics(state)}
+            commit_files(self.store, self._step_prefix(state.step), files, manifest)
+
+    def _save_sharded(
+        self, state: LoopState, model: nn.Module, optimizer: torch.optim.Optimizer, best: dict[str, torch.Tensor] | None
+    ) -> None:
+        prefix = self._step_prefix(state.step)
+        with tempfile.TemporaryDirectory(prefix="tuneloom-ckpt-") as tmp:
+            directory = Path(tmp)
+            write_shards(directory, model, optimizer, best)
+            if self.ranks.is_main:
+                (directory / "state.json").write_text(state.to_json())
+            # Each rank uploads what it wrote: on several nodes no disk holds every shard.
+            uploaded = upload_files(self.store, prefix, {path.name: path for path in directory.iterdir()})
+        recorded = distributed.gathered(uploaded, self.ranks)
+        if self.ranks.is_main:
+            files = {name: record for part in recorded for name, record in part.items()}
+            manifest = {"step": state.step, "format": SHARDED, "processes": self.ranks.world_size}
+            manifest["metrics"] = checkpoint_metrics(state)
+            manifest["best"] = best is not None
+            commit_uploaded(self.store, prefix, files, manifest)
+
+    def _step_prefix(self, step: int) -> str:
+        return f"{self.prefix}/step-{step:08d}"
 
     def load_latest(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
@@ -123,8 +197,17 @@ class CheckpointStore:
             return None
         with tempfile.TemporaryDirectory(prefix="tuneloom-ckpt-") as tmp:
             dest = Path(tmp) / "checkpoint"
-            fetch_committed(self.store, f"{self.prefix}/step-{steps[-1]:08d}", dest)
+            manifest = fetch_committed(self.store, self._step_prefix(steps[-1]), dest)
             state = LoopState.from_json((dest / "state.json").read_text())
+            if manifest.get("format", WHOLE) == SHARDED:
+                log.info("loading the sharded checkpoint of %d process(es)", manifest["processes"])
+                return state, read_shards(dest, model, optimizer, with_best=manifest["best"])
+            if self.sharded and self.ranks.enabled:
+                raise RuntimeError(
+                    f"the checkpoint at step {state.step} holds whole weights (spec.distributed.strategy: ddp), and "
+                    "this run shards the model (fsdp); resume it with spec.distributed.strategy: ddp, on one "
+                    "process, or start over with --fresh"
+                )
             load_trainable_state(model, load_file(dest / "trainable.safetensors"))
             optimizer.load_state_dict(torch.load(dest / "optimizer.pt", map_location=device, weights_only=True))
             best_file = dest / "best.safetensors"

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,15 @@ def total(value: float, ranks: Ranks) -> float:
     tensor = torch.tensor([value], dtype=torch.float64, device=device_for(ranks))
     dist.all_reduce(tensor)
     return float(tensor.item())
+
+
+def gathered(value: T, ranks: Ranks) -> list[T]:
+    """`value` of every rank, in rank order, on every rank (any picklable value)."""
+    if not ranks.enabled:
+        return [value]
+    values: list[T] = [None] * ranks.world_size  # type: ignore[list-item]
+    dist.all_gather_object(values, value)
+    return values
 
 
 def any_rank(flag: bool, ranks: Ranks) -> bool:

@@ -13,6 +13,7 @@ from torch import nn
 from tuneloom.trainer import distributed
 from tuneloom.trainer.loop import TrainingLoop
 from tuneloom.trainer.modeling import autocast
+from tuneloom.trainer.overfitting import detect_overfitting
 from tuneloom.trainer.preference import DpoObjective, PairBatch, collate_pairs
 from tuneloom.trainer.progress import ProgressReporter, RewardTotals
 
@@ -66,7 +67,7 @@ class PreferenceLoop(TrainingLoop):
         return result.metrics()
 
     def _report_validation(self, result: PreferenceResult, reporter: ProgressReporter) -> None:
-        reporter.preference_evaluation(result.metrics())
+        reporter.preference_evaluation(result.metrics(), detect_overfitting(self.state.history))
 
 
 @torch.no_grad()

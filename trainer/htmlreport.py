@@ -17,7 +17,6 @@ from typing import Any
 from matplotlib.figure import Figure
 
 REPORT_FILE = "report.html"
-LOSS_HISTORY_FILE = "loss_history.json"
 # Longer prompts and answers are cut in the page (a data line may hold 4 MiB); the files keep them whole.
 MAX_SHOWN_CHARS = 2000
 GENERAL_PREFIX = "general."

@@ -9,6 +9,7 @@ a form the operator reads. Each of those is a few lines here and a fight with ca
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import resource
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from tuneloom.api import FineTuneJobSpec
-from tuneloom.trainer import distributed
+from tuneloom.trainer import distributed, fsdp
 from tuneloom.trainer.batching import Batch, collate, epoch_batches, within_token_budget
 from tuneloom.trainer.checkpoint import CheckpointStore, LoopState, load_trainable_state, trainable_state
 from tuneloom.trainer.distributed import Ranks
@@ -109,7 +110,11 @@ class TrainingLoop:
         self.loss_fn = self._loss_module(model)
         # Evaluation calls loss_fn directly; training goes through DDP so gradients are averaged.
         self.train_fn: nn.Module = self.loss_fn
-        if self.ranks.enabled:
+        self.sharded = fsdp.shards_model(spec, self.ranks)
+        if self.sharded:
+            # In place: loss_fn becomes the FSDP root, and evaluating through it gathers the shards too.
+            self.train_fn = fsdp.shard(self.loss_fn, model, spec, device)
+        elif self.ranks.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.ranks.local_rank] if device.type == "cuda" else None
@@ -126,7 +131,7 @@ class TrainingLoop:
         )
         self.preemption = preemption or PreemptionWatch()
         self.on_checkpoint = on_checkpoint
-        self.state = LoopState()
+        self.state = LoopState(micro_batches_per_step=plan.micro_batches_per_step)
         self.best: dict[str, torch.Tensor] | None = None
         self.saved_step: int | None = None  # the step of the newest checkpoint, saved or resumed from
         self.reporter: ProgressReporter | None = None  # the run's, once training starts
@@ -159,8 +164,28 @@ class TrainingLoop:
                 "different spec; rerun with --fresh (or give the job a new name) to start over"
             )
         self.state, self.best, self.saved_step = state, best, state.step
+        self._keep_global_batch(state.micro_batches_per_step)
         log.info("resumed from the checkpoint at step %d of %d", state.step, self.plan.total_steps)
         return True
+
+    def _keep_global_batch(self, saved: int | None) -> None:
+        """A run resumed on another number of processes takes the same micro-batches per optimizer
+        step as the run that saved (more or fewer each), so every step holds the same examples."""
+        plan = self.plan
+        if saved is None or saved == plan.micro_batches_per_step:
+            return
+        if saved % plan.world_size:
+            raise RuntimeError(
+                f"the checkpoint's steps are {saved} micro-batches each, which {plan.world_size} processes cannot "
+                "share evenly; resume on a number of processes that divides it, or start over with --fresh"
+            )
+        self.plan = dataclasses.replace(plan, accumulation=saved // plan.world_size)
+        log.info(
+            "resuming on %d process(es): %d micro-batches each per step, %d in all as when the checkpoint was saved",
+            plan.world_size,
+            self.plan.accumulation,
+            saved,
+        )
 
     def evaluate(self) -> LossResult:
         with autocast(self.device):
@@ -217,13 +242,15 @@ class TrainingLoop:
         raise Preempted(self.state.step)
 
     def save_preempted(self) -> None:
-        """Rank 0 saves the state as it stands (checkpointing off or not) and records the preemption."""
-        if not self.ranks.is_main:
+        """Rank 0 saves the state as it stands (checkpointing off or not; every rank for a sharded
+        checkpoint) and records the preemption."""
+        if not (self.ranks.is_main or self.checkpoints.sharded):
             return
         with self.preemption.deferred():  # a further SIGTERM must not cut the write short
             if self.saved_step != self.state.step:
                 self._save()
-            self.checkpoints.record_preemption(self.state.step)
+            if self.ranks.is_main:
+                self.checkpoints.record_preemption(self.state.step)
         log.info("preempted at step %d: checkpoint saved", self.state.step)
 
     def _step(self, step_batches: list[Sequence[int]], reporter: ProgressReporter) -> None:
@@ -248,8 +275,7 @@ class TrainingLoop:
         outputs = []
         for number, batch in enumerate(batches):
             last = number == len(batches) - 1
-            sync = contextlib.nullcontext() if last or not self.ranks.enabled else self.train_fn.no_sync()
-            with sync, autocast(self.device):
+            with self._gradient_sync(last), autocast(self.device):
                 loss_sum, *others = self.train_fn(batch.to(self.device))
                 (loss_sum * scale).backward()
             loss_total += loss_sum.detach().item() * weight
@@ -278,6 +304,12 @@ class TrainingLoop:
         # Every step, not only at the end: the pod's metrics endpoint is gone soon after training,
         # often before Prometheus's next scrape.
         reporter.peak_memory(peak_memory_bytes(self.device))
+
+    def _gradient_sync(self, last: bool) -> contextlib.AbstractContextManager[None]:
+        """Gradients are averaged over the ranks on a step's last micro-batch only."""
+        if last or not self.ranks.enabled:
+            return contextlib.nullcontext()
+        return fsdp.no_gradient_sync(self.train_fn) if self.sharded else self.train_fn.no_sync()
 
     def _end_of_epoch(self, epoch: int, reporter: ProgressReporter) -> None:
         self._validate(epoch + 1, reporter)
@@ -320,13 +352,13 @@ class TrainingLoop:
 
     def _checkpoint(self) -> None:
         """The periodic checkpoint, when checkpointing is on."""
-        if self.spec.checkpointing.everySteps and self.ranks.is_main:
+        if self.spec.checkpointing.everySteps and (self.ranks.is_main or self.checkpoints.sharded):
             self._save()
 
     def _save(self) -> None:
         self.checkpoints.save(self.state, self.model, self.optimizer, self.best, self.spec.checkpointing.keep)
         self.saved_step = self.state.step
-        if self.on_checkpoint is not None:
+        if self.on_checkpoint is not None and self.ranks.is_main:
             self.on_checkpoint(self.state.step)
         if self.reporter is not None:  # told after the commit, so a reader that sees it can resume from it
             self.reporter.event("checkpoint", step=self.state.step, checkpointStep=self.state.step)

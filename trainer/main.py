@@ -24,13 +24,14 @@ from typing import Any
 import torch
 
 from tuneloom import __version__
-from tuneloom.api import TRAINER_EXIT_INVALID_INPUT, TRAINER_EXIT_PREEMPTED, FineTuneJob, Method
+from tuneloom.api import TRAINER_EXIT_INVALID_INPUT, TRAINER_EXIT_PREEMPTED, DistributedStrategy, FineTuneJob, Method
 from tuneloom.inputs import BaseModelUnavailableError, fetch_file, resolve_base_model
 from tuneloom.jobfile import SpecError, load_job
 from tuneloom.models import model_config_hash
 from tuneloom.promotion import decide
 from tuneloom.registry import (
     EVALUATION_FILE,
+    LOSS_HISTORY_FILE,
     AdapterVersion,
     download_adapter,
     next_version,
@@ -39,7 +40,7 @@ from tuneloom.registry import (
     run_prefix,
 )
 from tuneloom.storage import ObjectNotFoundError, StorageError, open_store, sha256_file
-from tuneloom.trainer import distributed
+from tuneloom.trainer import distributed, fsdp
 from tuneloom.trainer.batching import collate, pack_rows, single_rows
 from tuneloom.trainer.checkpoint import CheckpointStore
 from tuneloom.trainer.datafile import DataValidationError, Example, content_key, load_examples
@@ -59,7 +60,7 @@ from tuneloom.trainer.evaluate import (
     run_checks,
 )
 from tuneloom.trainer.general import BaselineCache, baseline_key, load_prompts
-from tuneloom.trainer.htmlreport import LOSS_HISTORY_FILE, REPORT_FILE, render_report
+from tuneloom.trainer.htmlreport import REPORT_FILE, render_report
 from tuneloom.trainer.loop import Plan, TrainingLoop, peak_memory_bytes
 from tuneloom.trainer.mixing import draw, mixed_counts
 from tuneloom.trainer.modeling import (
@@ -232,7 +233,18 @@ def encode_all(
 
 def spec_sha256(job: FineTuneJob) -> str:
     """What a checkpoint must match to be resumed: the parts of the spec that shape training."""
-    ignored = ("resources", "evaluation", "promotion", "checkpointing", "storage", "scheduling", "image", "cancel")
+    ignored = (
+        "resources",
+        "evaluation",
+        "promotion",
+        "checkpointing",
+        # A checkpoint of either strategy loads (see trainer.checkpoint): changing it keeps the run.
+        "distributed",
+        "storage",
+        "scheduling",
+        "image",
+        "cancel",
+    )
     # maxLineBytes only decides which files are accepted: a checkpoint made before it existed still fits.
     exclude: dict[str, Any] = {name: True for name in ignored} | {"dataset": {"maxLineBytes": True}}
     relevant = job.spec.model_dump(mode="json", exclude=exclude)
@@ -249,11 +261,19 @@ class Tokenized:
 
 @dataclass(frozen=True)
 class Model:
-    """The model being tuned, its tokenizer, and the local directory the base model came from."""
+    """The model being tuned, its tokenizer, and the local directory the base model came from.
+    `whole`: when the loop shards `module` (fsdp on several processes) no rank holds the model whole,
+    so rank 0 keeps an unsharded copy to generate answers with and to publish: the base until
+    training ends, then the trained weights (see `FineTuneRun.gather_weights`)."""
 
     path: str
     tokenizer: Any
     module: torch.nn.Module
+    whole: torch.nn.Module | None = None
+
+    @property
+    def unsharded(self) -> torch.nn.Module:
+        return self.module if self.whole is None else self.whole
 
 
 @dataclass(frozen=True)
@@ -285,7 +305,8 @@ class FineTuneRun:
         if not self.ranks.is_main:
             logging.getLogger("tuneloom").setLevel(logging.WARNING)  # one rank tells the story
         self.store = open_store(self.spec.output.uri)
-        self.checkpoints = CheckpointStore(self.store, _run_prefix(job))
+        sharded = fsdp.strategy(self.spec) is DistributedStrategy.fsdp
+        self.checkpoints = CheckpointStore(self.store, _run_prefix(job), self.ranks, sharded=sharded)
         self.latest_progress: dict[str, Any] = {"event": "starting"}
         self.metrics = self._start_metrics(metrics_port)
         self.reporter = self._reporter(0, 0, 1)
@@ -331,6 +352,7 @@ class FineTuneRun:
         evaluation = self.setup_evaluation(model, loop, data)
         base = self.evaluate_base(loop, evaluation)
         training = self.train(loop)
+        self.gather_weights(model, loop)
         try:
             tuned = self.evaluate(evaluation.checks)
         except Preempted:
@@ -394,10 +416,17 @@ class FineTuneRun:
             validation=encode_all(tokenizer, data.validation, max_length, "validation data", encode),
         )
         if self.spec.dpo.initAdapter is None:
-            return Model(path, tokenizer, load_model(self.spec, path, self.device)), tokens
+            return self._model(path, tokenizer), tokens
         with tempfile.TemporaryDirectory(prefix="tuneloom-init-") as tmp:
             start = self._download_init_adapter(path, Path(tmp) / "adapter")
-            return Model(path, tokenizer, load_model(self.spec, path, self.device, start)), tokens
+            return self._model(path, tokenizer, start), tokens
+
+    def _model(self, path: str, tokenizer: Any, init_adapter: Path | None = None) -> Model:
+        module = load_model(self.spec, path, self.device, init_adapter)
+        whole = None
+        if fsdp.shards_model(self.spec, self.ranks) and self.ranks.is_main:
+            whole = load_model(self.spec, path, self.device, init_adapter)
+        return Model(path, tokenizer, module, whole)
 
     def _download_init_adapter(self, base_path: str, dest: Path) -> Path:
         """dpo.initAdapter from this job's registry, checked to be an adapter of the same base model."""
@@ -502,7 +531,7 @@ class FineTuneRun:
         # Only rank 0 publishes answers, so only it spends the time generating them.
         if evaluation.metrics and data.held_out and self.ranks.is_main:
             answers = HeldOutAnswers(
-                model.module,
+                model.unsharded,
                 model.tokenizer,
                 data.held_out,
                 evaluation.metrics,
@@ -526,7 +555,7 @@ class FineTuneRun:
         base_model = {
             "name": self.spec.baseModel,
             "configSha256": _config_hash(model.path),
-            "quantized": self.spec.method is Method.qlora,
+            "quantized": self.spec.quantized_base,
             "dtype": str(getattr(model.module, "dtype", "")),
             "device": self.device.type,
         }
@@ -537,7 +566,7 @@ class FineTuneRun:
             max_prompt_tokens=max_prompt_tokens,
         )
         return GeneralAbility(
-            model.module,
+            model.unsharded,
             model.tokenizer,
             prompts,
             max_new_tokens=general.maxNewTokens,
@@ -567,6 +596,14 @@ class FineTuneRun:
         preempted_at = self.checkpoints.preempted_steps() if self.ranks.is_main else []
         return TrainingResult(state, time.monotonic() - started, preempted_at)
 
+    def gather_weights(self, model: Model, loop: TrainingLoop) -> None:
+        """Sharded training: the trained weights, all-gathered, into rank 0's whole copy."""
+        if not loop.sharded:
+            return
+        weights = fsdp.whole_state(model.module)
+        if model.whole is not None:
+            model.whole.load_state_dict(weights)
+
     def evaluate(self, checks: list[Check]) -> EvaluationResult:
         self.reporter.event("evaluating")
         return run_checks(checks)
@@ -595,11 +632,12 @@ class FineTuneRun:
         return adapter
 
     def _save(self, model: Model, out: Path) -> None:
+        module = model.unsharded
         if self.spec.method is Method.full:
-            model.module.save_pretrained(out)
+            module.save_pretrained(out)
             model.tokenizer.save_pretrained(out)
         else:
-            save_adapter(model.module, self.spec.baseModel, out)
+            save_adapter(module, self.spec.baseModel, out)
 
     def _manifest(self, model: Model, data: Datasets, report: RunReport) -> dict[str, Any]:
         spec, meta = self.spec, self.job.metadata

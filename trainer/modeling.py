@@ -22,10 +22,15 @@ class MethodNotSupportedError(RuntimeError):
 
 def check_method_supported(spec: FineTuneJobSpec, device: torch.device) -> None:
     """Refuses QLoRA without CUDA before anything heavy is loaded."""
-    if spec.method is Method.qlora and device.type != "cuda":
+    if spec.quantized_base and device.type != "cuda":
+        field, instead = (
+            ("spec.dpo.qlora", "dpo.qlora: false")
+            if spec.method is Method.dpo
+            else ("spec.method: qlora", "method: lora")
+        )
         raise MethodNotSupportedError(
-            "spec.method: qlora loads the base model in 4-bit NF4 through bitsandbytes, which needs a CUDA GPU, "
-            "and none was found; use method: lora on CPU, or run on a node with an NVIDIA GPU"
+            f"{field} loads the base model in 4-bit NF4 through bitsandbytes, which needs a CUDA GPU, "
+            f"and none was found; use {instead} on CPU, or run on a node with an NVIDIA GPU"
         )
 
 
@@ -56,7 +61,7 @@ def load_base_model(spec: FineTuneJobSpec, model_path: str | Path, device: torch
     gradient checkpointing. No adapter yet."""
     from transformers import AutoModelForCausalLM
 
-    qlora = spec.method is Method.qlora
+    qlora = spec.quantized_base
     kwargs: dict[str, Any] = {"dtype": weights_dtype(spec.method, device), "attn_implementation": "sdpa"}
     if qlora:
         from transformers import BitsAndBytesConfig

@@ -242,16 +242,20 @@ class ProgressReporter:
             self.metrics.validation_loss.set(loss)
             self.metrics.validation_accuracy.set(accuracy)
         log.info("validation at step %d: loss %.4f token accuracy %.3f", self.state.step, loss, accuracy)
+        self._emit_evaluation({"tokenAccuracy": accuracy}, overfitting)
+
+    def _emit_evaluation(self, figures: dict[str, Any], overfitting: OverfittingVerdict) -> None:
         record: dict[str, Any] = {"event": "evaluation", **self.state.model_dump(exclude_none=True)}
         if overfitting.detected:
             if not self.overfitting_warned:
                 log.warning("overfitting: %s", overfitting.reason)
                 self.overfitting_warned = True
             record["overfitting"] = overfitting.to_record()
-        self._emit({**record, "tokenAccuracy": accuracy})
+        self._emit({**record, **figures})
 
-    def preference_evaluation(self, metrics: dict[str, float]) -> None:
-        """A DPO run's held-out figures (`PreferenceResult.metrics`)."""
+    def preference_evaluation(self, metrics: dict[str, float], overfitting: OverfittingVerdict) -> None:
+        """A DPO run's held-out figures (`PreferenceResult.metrics`), and the overfitting verdict as
+        for supervised runs (the rules compare DPO's training and validation loss)."""
         self.state.validationLoss = metrics["validationLoss"]
         if self.metrics:
             self.metrics.validation_loss.set(metrics["validationLoss"])
@@ -265,8 +269,7 @@ class ProgressReporter:
             metrics["rewardMargin"],
         )
         # rewardAccuracy and rewardMargin stay the training interval's, as in every progress record.
-        preference = {"preferenceAccuracy": metrics["preferenceAccuracy"]}
-        self._emit({"event": "evaluation", **self.state.model_dump(exclude_none=True), **preference})
+        self._emit_evaluation({"preferenceAccuracy": metrics["preferenceAccuracy"]}, overfitting)
 
     def published(self, figures: dict[str, dict[str, Any]], promoted: bool) -> None:
         """The general-ability figures of both models and the promotion verdict, as gauges."""

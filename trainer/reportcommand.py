@@ -8,9 +8,9 @@ import json
 import sys
 from pathlib import Path
 
-from tuneloom.registry import EVALUATION_FILE, read_adapter, read_version_file, split_adapter_uri
+from tuneloom.registry import EVALUATION_FILE, LOSS_HISTORY_FILE, read_adapter, read_version_file, split_adapter_uri
 from tuneloom.storage import StorageError, open_store
-from tuneloom.trainer.htmlreport import LOSS_HISTORY_FILE, render_report
+from tuneloom.trainer.htmlreport import render_report
 
 
 def report_command(uri: str, output: str | None) -> int:

@@ -88,6 +88,7 @@ class Phase(str, Enum):
     succeeded = "Succeeded"
     failed = "Failed"
     cancelled = "Cancelled"
+    suspended = "Suspended"
 
 
 def _check_store_uri(value: str, field: str) -> str:
@@ -228,6 +229,11 @@ class DpoSpec(_Model):
         description="An earlier adapter of this namespace, as name@version (e.g. a supervised one): training "
         "starts from its weights and it is the reference policy. Unset: a fresh LoRA adapter, the base model "
         "as reference.",
+    )
+    qlora: bool = Field(
+        default=False,
+        description="Train the adapter on a 4-bit NF4 base through bitsandbytes, as method qlora does for "
+        "supervised jobs (CUDA only); the reference policy is the same quantised base with the adapter off.",
     )
 
 
@@ -382,7 +388,7 @@ class CheckpointingSpec(_Model):
         description="When set, each checkpoint's adapter weights are also published to the registry as "
         "<adapterName>@<step> (a DNS-1123 label other than output.adapterName; version = optimizer step), so a "
         "checkpoint can be served like the final model; kept when older checkpoints are deleted. LoRA-based "
-        "methods only.",
+        "methods without fsdp only.",
     )
     gracePeriodSeconds: int = Field(
         default=120,
@@ -391,6 +397,26 @@ class CheckpointingSpec(_Model):
         description="Seconds a preempted or deleted training pod gets, after SIGTERM, to finish its optimizer "
         "step and save a checkpoint before SIGKILL (the pod's terminationGracePeriodSeconds; operator only). "
         "Allow one step and one checkpoint write.",
+    )
+
+
+class DistributedStrategy(str, Enum):
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
+class DistributedSpec(_Model):
+    strategy: DistributedStrategy | None = Field(
+        default=None,
+        description="How several processes share the model: ddp (every process holds it whole; gradients are "
+        "averaged) or fsdp (FSDP2: parameters, gradients and optimizer state sharded over the processes, "
+        "checkpoints sharded with torch.distributed.checkpoint). Unset: fsdp for method full with more than one "
+        "process, else ddp. One process shards nothing either way.",
+    )
+    cpuOffload: bool = Field(
+        default=False,
+        description="fsdp on GPUs: keep the sharded parameters, gradients and optimizer state in CPU memory "
+        "between uses (slower; for models whose shards do not fit GPU memory). On CPUs it changes nothing.",
     )
 
 
@@ -485,6 +511,9 @@ class FineTuneJobSpec(_Model):
     )
     output: OutputSpec = Field(description="Where the result is written.")
     checkpointing: CheckpointingSpec = Field(default_factory=CheckpointingSpec, description="Checkpoints.")
+    distributed: DistributedSpec = Field(
+        default_factory=DistributedSpec, description="How several training processes share the model."
+    )
     resources: TrainingResourcesSpec = Field(
         default_factory=TrainingResourcesSpec, description="Pod resources (operator only) and the GPU-hour price."
     )
@@ -492,6 +521,11 @@ class FineTuneJobSpec(_Model):
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec, description="Queueing and limits (operator).")
     image: str | None = Field(default=None, description="Trainer image; unset: the operator's default.")
     cancel: bool = Field(default=False, description="Set to true to stop the run; the phase becomes Cancelled.")
+    suspend: bool = Field(
+        default=False,
+        description="Set to true to pause the run: the operator deletes its pods (the trainer saves a checkpoint on "
+        "SIGTERM) and the phase becomes Suspended; set back to false to resume from the latest checkpoint.",
+    )
     serve: ServeSpec = Field(default_factory=ServeSpec, description="Where the result is served (operator only).")
 
     @model_validator(mode="after")
@@ -502,6 +536,19 @@ class FineTuneJobSpec(_Model):
             raise ValueError("lora settings are given but method is 'full'; remove spec.lora or use lora/qlora")
         if self.method is not Method.dpo and self.dpo != DpoSpec():
             raise ValueError(f"dpo settings are given but method is {self.method.value!r}; remove spec.dpo or use dpo")
+        if self.quantized_base and self.distributed.strategy is DistributedStrategy.fsdp:
+            raise ValueError(
+                "spec.distributed.strategy: fsdp cannot shard qlora's 4-bit base weights (method qlora, or dpo with "
+                "dpo.qlora); use strategy ddp (or leave it unset) with them, or a bf16 base (lora, dpo) with fsdp"
+            )
+        sharded = self.distributed.strategy is DistributedStrategy.fsdp or (
+            self.distributed.strategy is None and self.method is Method.full
+        )
+        if self.distributed.cpuOffload and not sharded:
+            raise ValueError(
+                "spec.distributed.cpuOffload offloads fsdp's shards: set spec.distributed.strategy: fsdp (unset "
+                "means fsdp only for method full)"
+            )
         preference = self.dataset.format is DatasetFormat.preference
         if preference != (self.method is Method.dpo):
             raise ValueError(
@@ -515,12 +562,22 @@ class FineTuneJobSpec(_Model):
         name = self.checkpointing.adapterName
         if name is not None and self.method is Method.full:
             raise ValueError("checkpointing.adapterName publishes LoRA adapters; remove it or use a LoRA-based method")
+        if name is not None and self.distributed.strategy is DistributedStrategy.fsdp:
+            raise ValueError(
+                "checkpointing.adapterName needs the adapter whole on one process during training, which fsdp "
+                "shards; use spec.distributed.strategy: ddp (or leave it unset) with it"
+            )
         if name is not None and name == self.output.adapterName:
             raise ValueError(
                 "checkpointing.adapterName must differ from output.adapterName: checkpoints are versioned by step, "
                 "the final adapter by release"
             )
         return self
+
+    @property
+    def quantized_base(self) -> bool:
+        """Whether the base is loaded in 4-bit NF4: method qlora, or dpo with dpo.qlora."""
+        return self.method is Method.qlora or (self.method is Method.dpo and self.dpo.qlora)
 
 
 class ObjectMeta(_Model):
@@ -534,8 +591,8 @@ class ObjectMeta(_Model):
 
 class Condition(_Model):
     type: str = Field(
-        description="FineTuneJob: Accepted, Queued, Running, Succeeded, Failed, Cancelled, SpecChangeRefused, Served, "
-        "Promoted, Overfitting, GroupRestart; "
+        description="FineTuneJob: Accepted, Queued, Running, Succeeded, Failed, Cancelled, Suspended, "
+        "SpecChangeRefused, Served, Promoted, Overfitting, GroupRestart; "
         "Adapter: Ready; ModelServer: Ready, AdaptersLoaded."
     )
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
@@ -598,6 +655,9 @@ class PublishedAdapter(_Model):
     )
     trainSeconds: float | None = Field(default=None, description="Measured seconds of training.")
     gpuSeconds: float | None = Field(default=None, description="Measured GPU-seconds of training (0 on CPU).")
+    tokensSeen: int | None = Field(
+        default=None, description="Tokens trained on in all epochs, padding excluded (the manifest's tokensSeen)."
+    )
     cost: float | None = Field(default=None, description="gpuSeconds at spec.resources.costPerGpuHour, when set.")
     estimatedSeconds: float | None = Field(
         default=None, description="The seconds the estimate before training expected, to compare with trainSeconds."
@@ -622,7 +682,9 @@ class NodeStatus(_Model):
 
 
 class FineTuneJobStatus(_Model):
-    phase: Phase = Field(default=Phase.pending, description="Pending, Queued, Running, Succeeded, Failed, Cancelled.")
+    phase: Phase = Field(
+        default=Phase.pending, description="Pending, Queued, Running, Succeeded, Failed, Cancelled, Suspended."
+    )
     message: str = Field(default="", description="The latest news, in a sentence.")
     conditions: list[Condition] = Field(default_factory=list, description="Detailed state, one entry per type.")
     observedGeneration: int | None = Field(default=None, description="The spec generation the status describes.")

@@ -41,7 +41,12 @@ MANIFEST = "manifest.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+# A fully fine-tuned model (manifest kind "full"): a transformers directory, its weights in one
+# safetensors file or in shards listed by the index.
+MODEL_CONFIG = "config.json"
+MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 EVALUATION_FILE = "evaluation.json"  # every prompt both models answered, written by the trainer
+LOSS_HISTORY_FILE = "loss_history.json"  # every step's training loss and every evaluation, by the trainer
 
 
 # --- committed object sets ----------------------------------------------------------------------
@@ -63,9 +68,14 @@ def commit_files(
     """
     if "files" in manifest:
         raise ValueError("the manifest's 'files' entry is computed by commit_files; do not pass one")
+    return commit_uploaded(store, prefix, upload_files(store, prefix, files), manifest)
+
+
+def upload_files(store: ObjectStore, prefix: str, files: Mapping[str, Path]) -> dict[str, dict[str, Any]]:
+    """The first half of `commit_files`, for sets that several writers upload (the ranks of a sharded
+    checkpoint): uploads `files` under `prefix/` uncommitted; returns their {name: {"sha256", "size"}}."""
     names = [_file_name(name) for name in files]
-    manifest_key = join_key(prefix, MANIFEST)
-    if store.exists(manifest_key):
+    if store.exists(join_key(prefix, MANIFEST)):
         raise ObjectExistsError(
             f"{store.describe(prefix)}: already committed ({MANIFEST} exists); committed versions are "
             "immutable, publish a new version instead"
@@ -75,9 +85,17 @@ def commit_files(
         path = Path(files[name])
         recorded[name] = {"sha256": sha256_file(path), "size": path.stat().st_size}
         _upload_uncommitted(store, join_key(prefix, name), path)
-    written = {**manifest, "files": recorded}
+    return recorded
+
+
+def commit_uploaded(
+    store: ObjectStore, prefix: str, recorded: Mapping[str, dict[str, Any]], manifest: dict[str, Any]
+) -> tuple[dict[str, Any], str]:
+    """The second half of `commit_files`: commits files `upload_files` uploaded (`recorded`, merged
+    over every writer) by writing `prefix/manifest.json`."""
+    written = {**manifest, "files": dict(recorded)}
     data = manifest_bytes(written)
-    store.put_bytes(manifest_key, data, if_absent=True)
+    store.put_bytes(join_key(prefix, MANIFEST), data, if_absent=True)
     return written, _sha256_bytes(data)
 
 
@@ -215,6 +233,7 @@ class TrainingMetrics(_Record):
     adapter: EvaluatedMetrics = Field(default_factory=EvaluatedMetrics)
     fewShot: EvaluatedMetrics = Field(default_factory=EvaluatedMetrics)  # empty before the baseline existed
     steps: int = 0
+    tokensSeen: int | None = None  # absent from manifests older than the API's trained_tokens
     preemptedAtSteps: list[int] = Field(default_factory=list)
     trainSeconds: float | None = None
     gpuSeconds: float | None = None  # absent from manifests older than the estimate
@@ -336,7 +355,11 @@ def publish_adapter(
     fetch_committed's checksums would catch such damage.
     """
     adapter = AdapterId(namespace, name, version or None)
-    missing = [f for f in ADAPTER_FILES if f not in files]
+    if manifest.get("kind") == "full":
+        missing = [] if any(f in files for f in MODEL_WEIGHTS) else [" or ".join(MODEL_WEIGHTS)]
+        missing += [] if MODEL_CONFIG in files else [MODEL_CONFIG]
+    else:
+        missing = [f for f in ADAPTER_FILES if f not in files]
     if missing:
         raise ValueError(f"adapter {adapter.key}: missing {', '.join(missing)}")
     if adapter.version is None:
@@ -469,6 +492,12 @@ def committed_steps(store: ObjectStore, prefix: str) -> list[int]:
         if match and key.endswith(f"/{MANIFEST}"):
             steps.append(int(match.group(1)))
     return sorted(steps)
+
+
+def checkpoint_manifest(store: ObjectStore, prefix: str, step: int) -> dict[str, Any]:
+    """A committed checkpoint's manifest: its step, its figures (`metrics`, absent from checkpoints
+    older than them) and its files."""
+    return _read_manifest(store, f"{prefix}/step-{step:08d}")[1]
 
 
 def read_published(store: ObjectStore, prefix: str) -> dict[str, Any] | None:

@@ -11,7 +11,7 @@ from . import jobs as mapping
 from .errors import ApiError, found, not_found
 from .files import FileService
 from .inference import ServeManager, Target, adapter_served_name
-from .interface import MAX_PAGE, Engine, Forwarded, page_limit, requested_model
+from .interface import MAX_PAGE, Engine, Forwarded, model_missing_message, page_limit, requested_model
 from .keys import KeyRing
 from .metrics import ApiMetrics
 from .models import OWNED_BY_BASE, prepared_base_models, resolve_base_model
@@ -135,12 +135,7 @@ class ApiEngine(Engine):
             return self._checkpoint_target(project, model_id, *checkpoint)
         job = found(self.state.job_for_model(project, model_id), "model", model_id, "model")
         if not job.model_created:
-            why = (
-                f"its job is {job.status}"
-                if job.status != "succeeded"
-                else "it was not promoted: " + "; ".join((job.promotion or {}).get("reasons", []))
-            )
-            raise ApiError(404, f"model {model_id!r} does not exist: {why}", param="model", code="model_not_found")
+            raise ApiError(404, model_missing_message(model_id, job), param="model", code="model_not_found")
         return job, adapter_served_name(job.project, job.adapter_name, job.adapter_version or "")
 
     def _checkpoint_target(

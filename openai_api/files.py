@@ -1,6 +1,6 @@
-"""Uploaded files: streamed to a temporary file, validated when they are training data, then put
-in the object store. A FileIndex holds their records (the local database, or the store itself in
-Kubernetes mode); the store holds their bytes."""
+"""Uploaded files: streamed to a temporary file, then put in the object store while their lines
+are checked (a file that fails the check is deleted again). A FileIndex holds their records (the
+local database, or the store itself in Kubernetes mode); the store holds their bytes."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from . import jobs as mapping
 from .errors import ApiError, found, not_found
 from .files import FileService
 from .inference import ServeManager, Target, adapter_served_name
-from .interface import MAX_PAGE, Engine, Forwarded, page_limit, requested_model
+from .interface import MAX_PAGE, Engine, Forwarded, model_missing_message, page_limit, requested_model
 from .keys import KeyRing
 from .metrics import ApiMetrics
 from .models import OWNED_BY_BASE, prepared_base_models, resolve_base_model
@@ -19,8 +19,6 @@ from .objects import checkpoint_object, event_object, event_seq, job_object, lis
 from .runner import LocalRunner
 from .settings import ApiSettings
 from .state import JobRecord, NewEvent, State
-
-CHECKPOINT_MARK = ":ckpt-step-"
 
 
 class ApiEngine(Engine):
@@ -53,6 +51,7 @@ class ApiEngine(Engine):
         self.runner.close()
         self.serving.close()
         await self.serving.client.aclose()
+        self.files.close()
         self.state.close()
 
     # jobs
@@ -102,7 +101,7 @@ class ApiEngine(Engine):
             page, more = self.state.jobs(project, after=after, limit=MAX_PAGE, metadata={})
             finished += page
             after = page[-1].id if page else None
-        return [j for j in finished if j.status == "succeeded" and not self.state.model_deleted(j.fine_tuned_model)]
+        return [j for j in finished if j.model_created and not self.state.model_deleted(j.fine_tuned_model)]
 
     def list_models(self, project: str) -> dict[str, Any]:
         tuned = self._fine_tuned(project)
@@ -112,48 +111,52 @@ class ApiEngine(Engine):
         return {"object": "list", "data": items, "has_more": False}
 
     def model(self, project: str, model_id: str) -> dict[str, Any]:
-        job = self._servable_job(project, model_id)
-        if job is not None:
-            return model_object(job.fine_tuned_model, job.finished_at or job.created_at, project)
+        served = self._fine_tuned_target(project, model_id)
+        if served is not None:
+            job, _ = served
+            return model_object(model_id, job.finished_at or job.created_at, project)
         return model_object(resolve_base_model(model_id).id, 0, OWNED_BY_BASE)
 
     def delete_model(self, project: str, model_id: str) -> dict[str, Any]:
-        job = self._servable_job(project, model_id)
-        if job is None:
+        if self._fine_tuned_target(project, model_id) is None:
             raise not_found("model", model_id, "model")
         self.state.delete_model(project, model_id)
         return {"id": model_id, "object": "model", "deleted": True}
 
-    def _servable_job(self, project: str, model_id: str) -> JobRecord | None:
-        """The succeeded, undeleted job behind a fine-tuned model id; None when it is no such id."""
+    def _fine_tuned_target(self, project: str, model_id: str) -> tuple[JobRecord, str] | None:
+        """The job behind a fine-tuned model or checkpoint id and the name vLLM serves it by (the
+        registry's pinned `namespace/name@version`); None when it is no such id (a base model)."""
         if not model_id.startswith("ft:"):
             return None
-        job = self.state.job_for_model(project, model_id)
-        if job is None or self.state.model_deleted(model_id):
-            if CHECKPOINT_MARK in model_id and self.state.job_for_model(project, model_id.split(CHECKPOINT_MARK)[0]):
-                raise ApiError(
-                    404,
-                    f"model {model_id!r} is a checkpoint, which is not servable yet; use the job's fine_tuned_model",
-                    param="model",
-                    code="model_not_found",
-                )
+        if self.state.model_deleted(model_id):
             raise not_found("model", model_id, "model")
-        if job.status != "succeeded":
-            raise ApiError(
-                404,
-                f"model {model_id!r} does not exist yet: its job is {job.status}",
-                param="model",
-                code="model_not_found",
-            )
-        return job
+        checkpoint = mapping.split_checkpoint_model_id(model_id)
+        if checkpoint is not None:
+            return self._checkpoint_target(project, model_id, *checkpoint)
+        job = found(self.state.job_for_model(project, model_id), "model", model_id, "model")
+        if not job.model_created:
+            raise ApiError(404, model_missing_message(model_id, job), param="model", code="model_not_found")
+        return job, adapter_served_name(job.project, job.adapter_name, job.adapter_version or "")
+
+    def _checkpoint_target(
+        self, project: str, model_id: str, fine_tuned_model: str, step: int
+    ) -> tuple[JobRecord, str]:
+        """A checkpoint serves the adapter published at its step (its job's final version at the last)."""
+        job = found(self.state.job_for_model(project, fine_tuned_model), "model", model_id, "model")
+        records, _ = self.state.checkpoints(job.id, after=step + 1, limit=1)  # the newest at or below `step`
+        if not records or records[0].step != step:
+            raise not_found("model", model_id, "model")
+        if step == job.final_step:
+            return job, adapter_served_name(job.project, job.adapter_name, job.adapter_version or "")
+        return job, adapter_served_name(job.project, mapping.checkpoint_adapter_name(job.id), str(step))
 
     async def forward(self, project: str, path: str, body: dict[str, Any]) -> Forwarded:
         model = requested_model(body)
         return await self.serving.forward(self.target(project, model), path, body, model)
 
     def target(self, project: str, model: str) -> Target:
-        job = self._servable_job(project, model)
-        if job is None:
+        served = self._fine_tuned_target(project, model)
+        if served is None:
             return Target(resolve_base_model(model), resolve_base_model(model).id)
-        served = adapter_served_name(job.project, job.adapter_name, job.adapter_version or "")
-        return Target(resolve_base_model(job.base_model), served)
+        job, name = served
+        return Target(resolve_base_model(job.base_model), name)

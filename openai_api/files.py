@@ -1,20 +1,26 @@
-"""Uploaded files: streamed to a temporary file, validated when they are training data, then put
-in the object store. A FileIndex holds their records (the local database, or the store itself in
-Kubernetes mode); the store holds their bytes."""
+"""Uploaded files: streamed to a temporary file, then put in the object store while their lines
+are checked (a file that fails the check is deleted again). A FileIndex holds their records (the
+local database, or the store itself in Kubernetes mode); the store holds their bytes."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import IO, Any, Protocol
 
 from openai.types import FileObject
 
+from tuneloom.children import die_with_parent
 from tuneloom.storage import ObjectStore
-from tuneloom.trainer.datafile import Problem, iter_checked, sniff_format
+from tuneloom.trainer.datafile import WHOLE_FILE, Problem, sniff_format
+from tuneloom.trainer.dataspans import check_span, merge_checks, split_spans
+from tuneloom.trainer.estimate import available_cores
 
 from .errors import ApiError, bad_request, found
 from .jobs import new_id
@@ -23,6 +29,7 @@ from .state import FileRecord
 FINE_TUNE = "fine-tune"
 RESULTS = "fine-tune-results"
 CHUNK = 1024 * 1024
+CHECK_PROCESSES = min(8, available_cores())  # spans of an upload checked at once
 
 
 def file_object(record: FileRecord) -> dict[str, Any]:
@@ -63,6 +70,17 @@ class FileService:
     def __init__(self, index: FileIndex, store: ObjectStore, work_dir: Path, problems_listed: int):
         self.index, self.store, self.work_dir, self.problems_listed = index, store, work_dir, problems_listed
         work_dir.mkdir(parents=True, exist_ok=True)
+        # An upload is checked beside its transfer to the store (the longer of the two is its time),
+        # in spans side by side, in processes: threads would hold the GIL that the transfer needs.
+        # The workers die with this thread (build the service in one that lives as long as the API).
+        self._checker = ProcessPoolExecutor(
+            CHECK_PROCESSES, mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent
+        )
+        for _ in range(CHECK_PROCESSES):  # all started now, from this thread, importing the checker
+            self._checker.submit(check_span, os.devnull, "chat", "warm-up", WHOLE_FILE, 0)
+
+    def close(self) -> None:
+        self._checker.shutdown(cancel_futures=True)
 
     @staticmethod
     def store_key(project: str, file_id: str) -> str:
@@ -75,7 +93,8 @@ class FileService:
     def upload(
         self, source: IO[bytes], filename: str, purpose: str, project: str, on_bytes: Callable[[int], None]
     ) -> FileRecord:
-        """Copies `source` chunk by chunk to a temporary file, checks it, and stores it."""
+        """Copies `source` chunk by chunk to a temporary file, then stores it while it is checked:
+        the check runs beside the upload, and a file that fails it is deleted from the store again."""
         if purpose != FINE_TUNE:
             raise bad_request(f"purpose {purpose!r} is not supported here; use purpose='{FINE_TUNE}'", "purpose")
         filename = Path(filename or "upload.jsonl").name  # a client's path never reaches messages or the store
@@ -86,40 +105,38 @@ class FileService:
                 size += len(chunk)
                 on_bytes(len(chunk))
             temp.flush()
-            examples, first, problems = 0, [], 0
-            data_format = sniff_format(temp.name)
-            for item in iter_checked(temp.name, data_format, source=filename):
-                if isinstance(item, Problem):
-                    problems += 1
-                    first += [item] if len(first) < self.problems_listed else []
-                else:
-                    examples += 1
-            if problems:
-                message = problems_message(filename, first, problems)
-                raise ApiError(400, message, param="file", code="invalid_file")
-            return self._store(Path(temp.name), filename, purpose, project, size, examples, data_format)
+            record = self._new_record(filename, purpose, project, size)
+            record.format = sniff_format(temp.name)
+            checks = [
+                self._checker.submit(check_span, temp.name, record.format, filename, span, self.problems_listed)
+                for span in split_spans(temp.name, CHECK_PROCESSES)
+            ]
+            try:
+                self.store.put_file(record.store_key, Path(temp.name), if_absent=True)
+            finally:
+                checked = merge_checks([check.result() for check in checks], self.problems_listed)
+                if checked.problems:
+                    self.store.delete(record.store_key)
+        if checked.problems:
+            message = problems_message(filename, checked.first, checked.problems)
+            raise ApiError(400, message, param="file", code="invalid_file")
+        record.examples = checked.examples
+        self.index.add_file(record)  # after the bytes: a listed file always has content
+        return record
 
     def add_result(self, project: str, filename: str, content: bytes, file_id: str | None = None) -> FileRecord:
         """A job's result file; `file_id` names it where the id must be known before the file is
         made (Kubernetes mode), else it gets a new one."""
-        with tempfile.NamedTemporaryFile(dir=self.work_dir, prefix="result-") as temp:
-            temp.write(content)
-            temp.flush()
-            return self._store(Path(temp.name), filename, RESULTS, project, len(content), 0, file_id=file_id)
+        record = self._new_record(filename, RESULTS, project, len(content), file_id)
+        self.store.put_bytes(record.store_key, content, if_absent=True)
+        self.index.add_file(record)
+        return record
 
-    def _store(
-        self,
-        path: Path,
-        filename: str,
-        purpose: str,
-        project: str,
-        size: int,
-        examples: int,
-        data_format: str = "chat",
-        file_id: str | None = None,
+    def _new_record(
+        self, filename: str, purpose: str, project: str, size: int, file_id: str | None = None
     ) -> FileRecord:
         file_id = file_id or new_id("file")
-        record = FileRecord(
+        return FileRecord(
             id=file_id,
             project=project,
             filename=filename,
@@ -127,12 +144,7 @@ class FileService:
             bytes=size,
             created_at=int(time.time()),
             store_key=self.store_key(project, file_id),
-            examples=examples,
-            format=data_format,
         )
-        self.store.put_file(record.store_key, path, if_absent=True)
-        self.index.add_file(record)  # after the bytes: a listed file always has content
-        return record
 
     def get(self, project: str, file_id: str) -> FileRecord:
         return found(self.index.file(project, file_id), "file", file_id, "file_id")

@@ -46,6 +46,15 @@ def requested_model(body: dict[str, Any]) -> str:
     return model
 
 
+def model_missing_message(model_id: str, job: JobRecord) -> str:
+    """Why a fine-tuned model id names no model (yet): its job has not succeeded, or its version
+    failed the promotion gate."""
+    if job.status != "succeeded":
+        return f"model {model_id!r} does not exist yet: its job is {job.status}"
+    reasons = "; ".join((job.promotion or {}).get("reasons", []))
+    return f"model {model_id!r} does not exist: its job's version was not promoted: {reasons}"
+
+
 # What each format's lines look like, for the error that says a file does not suit the method.
 _FORMAT_SHAPES = {
     "chat": '{"messages": [...]} chat examples',

@@ -177,8 +177,24 @@ def fine_tuned_model_id(model: str, project: str, suffix: str | None, job_id: st
     return f"ft:{base_model_label(model)}:{project}:{suffix or ''}:{job_id}"
 
 
+CHECKPOINT_MARK = ":ckpt-step-"
+# A fine-tuned model is made available only when it beats its base model on the held-out examples.
+PROMOTION_REQUIRE = ["validationLoss"]
+
+
 def checkpoint_model_id(fine_tuned_model: str, step: int) -> str:
-    return f"{fine_tuned_model}:ckpt-step-{step}"
+    return f"{fine_tuned_model}{CHECKPOINT_MARK}{step}"
+
+
+def split_checkpoint_model_id(model_id: str) -> tuple[str, int] | None:
+    """(the job's fine_tuned_model, the step) of a checkpoint's model id; None for any other id."""
+    model, mark, step = model_id.rpartition(CHECKPOINT_MARK)
+    return (model, int(step)) if mark and step.isdigit() else None
+
+
+def checkpoint_adapter_name(job_id: str) -> str:
+    """The registry name a job's checkpoints are published under, one version per step."""
+    return f"{job_id}-checkpoints"
 
 
 def train_examples(examples: int, has_validation_file: bool) -> int:
@@ -231,8 +247,14 @@ def finetune_job(
                 "loggingSteps": max(1, total_steps // PROGRESS_EVENTS_PER_RUN),
             },
             "evaluation": {"metrics": ["exact_match"], "maxNewTokens": 64, "maxExamples": 8},
+            "promotion": {"require": PROMOTION_REQUIRE},
             # The trainer also checkpoints at every epoch's end while steps are on: one a epoch at least.
-            "checkpointing": {"everySteps": steps_per_epoch, "keep": 2},
+            # Each is published as an adapter too, so its fine_tuned_model_checkpoint can be served.
+            "checkpointing": {
+                "everySteps": steps_per_epoch,
+                "keep": 2,
+                "adapterName": checkpoint_adapter_name(job_id),
+            },
             "output": {"adapterName": adapter, "uri": store},
         },
     }

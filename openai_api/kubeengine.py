@@ -37,7 +37,7 @@ from . import kubejobs
 from .errors import ApiError, not_found
 from .files import FileService
 from .inference import PROXY_TIMEOUT, adapter_served_name, proxy
-from .interface import Engine, Forwarded, page_limit, requested_model
+from .interface import Engine, Forwarded, model_missing_message, page_limit, requested_model
 from .keys import KeyRing, KeysFileError, parse_keys
 from .metrics import ApiMetrics
 from .models import OWNED_BY_BASE
@@ -111,6 +111,7 @@ class KubeEngine(Engine):
     async def close(self) -> None:
         await self.http.aclose()
         self.client.close()
+        self.files.close()
 
     # jobs
 
@@ -268,7 +269,7 @@ class KubeEngine(Engine):
 
     def _fine_tuned(self, project: str) -> list[tuple[JobRecord, dict[str, Any]]]:
         pairs = [(kubejobs.job_record(body), body) for body in self._job_objects(project)]
-        return [(r, body) for r, body in pairs if r.status == "succeeded" and not kubejobs.model_deleted(body)]
+        return [(r, body) for r, body in pairs if r.model_created and not kubejobs.model_deleted(body)]
 
     def _servers(self, project: str) -> list[ModelServer]:
         listed = call_json(self.custom.list_namespaced_custom_object, API_GROUP, API_VERSION, project, MODELSERVERS)
@@ -294,9 +295,8 @@ class KubeEngine(Engine):
         record = kubejobs.job_record(body)
         if record.fine_tuned_model != model_id or kubejobs.model_deleted(body):
             raise not_found("model", model_id, "model")
-        if record.status != "succeeded":
-            message = f"model {model_id!r} does not exist yet: its job is {record.status}"
-            raise ApiError(404, message, param="model", code="model_not_found")
+        if not record.model_created:
+            raise ApiError(404, model_missing_message(model_id, record), param="model", code="model_not_found")
         return record
 
     def model(self, project: str, model_id: str) -> dict[str, Any]:

@@ -159,6 +159,8 @@ def job_record(body: dict[str, Any], now: float | None = None) -> JobRecord:
     if status.adapter is not None:
         record.adapter_version = status.adapter.version
         record.trained_tokens = status.adapter.tokensSeen
+        if status.adapter.promotion is not None:
+            record.promotion = status.adapter.promotion.model_dump(mode="json")
     if record.status == "succeeded":
         record.result_files = [result_file_id(record.id)]
     progress = status.progress

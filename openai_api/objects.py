@@ -53,7 +53,7 @@ def job_object(job: JobRecord) -> dict[str, Any]:
         "hyperparameters": hyperparameters,
         "method": {"type": job.method, job.method: {"hyperparameters": method_hyperparameters}},
         "seed": job.seed,
-        "fine_tuned_model": job.fine_tuned_model if job.status == "succeeded" else None,
+        "fine_tuned_model": job.fine_tuned_model if job.model_created else None,
         "finished_at": job.finished_at,
         "trained_tokens": job.trained_tokens,
         "estimated_finish": job.estimated_finish,

@@ -8,6 +8,8 @@ import io
 from dataclasses import dataclass, field
 from typing import Any
 
+from tuneloom.registry import Promotion
+
 from .state import EventRecord, NewEvent
 
 PHASE_MESSAGES = {
@@ -92,6 +94,21 @@ def comparison_event(base: dict[str, Any], tuned: dict[str, Any]) -> NewEvent:
     return NewEvent(
         message="Base model vs fine-tuned model on held-out examples: " + ", ".join(parts),
         data={"base": base, "fine_tuned": tuned},
+    )
+
+
+def promotion_event(promotion: Promotion, fine_tuned_model: str) -> NewEvent:
+    """The promotion gate's verdict: the model is created, or (a warning) it is not, and why."""
+    data = {"promoted": promotion.promoted, "reasons": promotion.reasons}
+    if promotion.promoted:
+        return NewEvent(message=f"New fine-tuned model created: {fine_tuned_model}", data=data)
+    return NewEvent(
+        message="The fine-tuned model was not promoted, so no fine_tuned_model is created: "
+        + "; ".join(promotion.reasons)
+        + ". Its checkpoints can still be served; create the job again with more data, epochs or a higher "
+        "learning_rate_multiplier",
+        level="warn",
+        data=data,
     )
 
 

@@ -35,7 +35,7 @@ from . import jobs as mapping
 from .errors import ApiError
 from .files import FileService
 from .models import resolve_base_model
-from .progress import comparison_event, result_csv, translate
+from .progress import comparison_event, promotion_event, result_csv, translate
 from .state import JobRecord, NewEvent, State
 
 log = logging.getLogger("tuneloom.api")
@@ -304,7 +304,8 @@ class LocalRunner:
             return
         adapter = read_adapter(self.store, job.project, job.adapter_name, published["version"])
         metrics = adapter.manifest.metrics
-        job.adapter_version = adapter.version
+        job.adapter_version, job.final_step = adapter.version, metrics.steps
+        job.promotion = adapter.manifest.promotion.model_dump(mode="json")
         job.trained_tokens = metrics.tokensSeen or None
         result = self.files.add_result(job.project, "step_metrics.csv", result_csv(self.state.all_events(job.id)))
         job.result_files = [result.id]
@@ -316,7 +317,7 @@ class LocalRunner:
         }
         events = [
             comparison_event(metrics.base.model_dump(), metrics.adapter.model_dump()),
-            NewEvent(message=f"New fine-tuned model created: {job.fine_tuned_model}"),
+            promotion_event(adapter.manifest.promotion, job.fine_tuned_model),
             NewEvent(message="The job has successfully completed"),
         ]
         self.state.update_job(job, events, [(metrics.steps, {k: v for k, v in final.items() if v is not None})])

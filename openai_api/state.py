@@ -68,6 +68,10 @@ class JobRecord(BaseModel):
     fine_tuned_model: str
     status: str = "validating_files"
     adapter_version: str | None = None
+    # The trainer's promotion verdict on the final version ({"promoted", "reasons"}); an unpromoted
+    # version is kept in the registry but is not the job's fine_tuned_model.
+    promotion: dict[str, Any] | None = None
+    final_step: int | None = None  # the final version's step: its checkpoint is that version
     finished_at: int | None = None
     trained_tokens: int | None = None
     estimated_finish: int | None = None
@@ -75,6 +79,11 @@ class JobRecord(BaseModel):
     result_files: list[str] = Field(default_factory=list)
     # Set before the trainer is signalled, so a restart in between still ends the job as asked.
     stopping: str | None = None
+
+    @property
+    def model_created(self) -> bool:
+        """Whether the job made its fine_tuned_model: it succeeded and its version was promoted."""
+        return self.status == "succeeded" and (self.promotion is None or bool(self.promotion.get("promoted", True)))
 
 
 class EventRecord(BaseModel):

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tuneloom.cli import main
+from tuneloom.trainer import dataspans
 from tuneloom.trainer.datafile import (
     DEFAULT_MAX_LINE_BYTES,
     DataValidationError,
@@ -22,6 +23,7 @@ from tuneloom.trainer.datafile import (
     Message,
     Problem,
     check_file,
+    iter_checked,
     load_examples,
     summarize,
 )
@@ -571,3 +573,29 @@ def test_preference_pairs_are_checked_line_by_line(tmp_path: Path, capsys: pytes
     ok = write_jsonl(tmp_path / "ok.jsonl", [good])
     assert main(["validate-data", str(ok), "--format", "preference"]) == 0
     assert f"{ok}: OK, 1 pair: 2 sequences, input + each answer (preference format)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("spans", [2, 7, 40])
+def test_spans_checked_side_by_side_find_what_one_check_of_the_file_finds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spans: int
+) -> None:
+    """Blank lines (some only spaces) just before and after span boundaries, bad lines, a long line,
+    a byte order mark and trailing blank lines: the same problems on the same lines."""
+    monkeypatch.setattr(dataspans, "MIN_SPAN_BYTES", 64)
+    good = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+    lines = []
+    for i in range(60):
+        lines.append(good if i % 7 else '{"messages": [{"role": "robot", "content": "hi"}]}')
+        lines += [""] * (i % 3) + ["   "] * (i % 5 == 0)
+    lines += ["x" * 300, good, "", "  ", ""]
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode())
+
+    whole = list(iter_checked(path, max_line_bytes=200))
+    parts = dataspans.split_spans(path, spans)
+    side_by_side = [item for span in parts for item in iter_checked(path, max_line_bytes=200, span=span)]
+    assert len(parts) > 1
+    assert [str(item) if isinstance(item, Problem) else item.line for item in side_by_side] == [
+        str(item) if isinstance(item, Problem) else item.line for item in whole
+    ]
+    assert any(isinstance(item, Problem) and "blank line" in item.message for item in whole)

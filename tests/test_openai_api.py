@@ -139,6 +139,8 @@ def test_the_openai_fine_tuning_flow_runs_unchanged(api: Api, tmp_path: Path) ->
     assert any(m.startswith("Validated training file training_data.jsonl: 100 examples") for m in messages)
     assert any("wandb" in m and "ignored" in m for m in messages)
     assert any(m.startswith("Base model vs fine-tuned model") for m in messages)
+    (verdict,) = [e for e in events if "promoted" in (e.data or {})]
+    assert verdict.level == "info" and verdict.data == {"promoted": True, "reasons": []}
     assert any(m.startswith("Estimated before training: ") for m in messages), "the trainer's estimate"
     metrics = [e for e in events if e.type == "metrics"]
     assert metrics and {"step", "train_loss"} <= set(metrics[-1].data)
@@ -180,14 +182,91 @@ def test_the_openai_fine_tuning_flow_runs_unchanged(api: Api, tmp_path: Path) ->
     assert {c.model for c in chunks} == {job.fine_tuned_model}
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).startswith("Arr, matey!")
 
-    with pytest.raises(openai.NotFoundError, match="not servable yet"):
+    # The first epoch's checkpoint, published as its own adapter version, and the last (the final version).
+    for checkpoint in (checkpoints[-1], checkpoints[0]):
+        checkpoint_model = checkpoint.fine_tuned_model_checkpoint
+        assert client.models.retrieve(checkpoint_model).id == checkpoint_model
+        answer = client.chat.completions.create(
+            model=checkpoint_model, messages=[{"role": "user", "content": PROMPT}], max_tokens=16, temperature=0
+        )
+        assert answer.model == checkpoint_model and answer.choices[0].message.content
+    assert checkpoints[0].step_number == 69
+    assert answer.choices[0].message.content == reply.choices[0].message.content, "the last is the final model"
+    with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(
-            model=checkpoints[-1].fine_tuned_model_checkpoint, messages=[{"role": "user", "content": PROMPT}]
+            model=f"{job.fine_tuned_model}:ckpt-step-5", messages=[{"role": "user", "content": PROMPT}]
         )
     assert client.models.delete(job.fine_tuned_model).deleted
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model=job.fine_tuned_model, messages=[{"role": "user", "content": PROMPT}])
     assert job.fine_tuned_model not in {m.id for m in client.models.list().data}
+
+
+def test_an_unpromoted_model_is_a_warning_and_no_fine_tuned_model(api: Api, tmp_path: Path) -> None:
+    """A learning rate too small to move the weights: the adapter does not beat the base model's
+    validation loss, so the job succeeds without a fine_tuned_model and says why."""
+    file = api.client.files.create(file=_write_data(tmp_path / "d.jsonl", 8).open("rb"), purpose="fine-tune")
+    job = api.client.fine_tuning.jobs.create(
+        training_file=file.id,
+        model=api.model,
+        hyperparameters={"n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": 1e-9},
+    )
+    job = api.wait(job.id)
+    assert job.status == "succeeded", job.error
+    assert job.fine_tuned_model is None
+    (verdict,) = [e for e in api.events(job.id) if "promoted" in (e.data or {})]
+    assert verdict.level == "warn" and verdict.data["promoted"] is False
+    assert verdict.data["reasons"] and "validationLoss" in verdict.message
+    model_id = f"ft:{Path(api.model).name}:default::{job.id}"
+    assert model_id not in {m.id for m in api.client.models.list().data}
+    with pytest.raises(openai.NotFoundError, match="not promoted"):
+        api.client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": PROMPT}])
+
+
+GB = 1_000_000_000
+MAX_UPLOAD_RSS = 300 * 1024 * 1024
+
+
+def _write_gigabyte(path: Path) -> Path:
+    """At least 1 GB of valid chat lines of varied lengths, written a block of about 1 MB at a time."""
+    lines = []
+    for i in range(1000):
+        question = f"Ticket {i}: " + "the printer on floor three is jammed again " * (i % 40 + 1)
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": STYLE}]
+        lines.append(json.dumps({"messages": messages}))
+    block = ("\n".join(lines) + "\n").encode()
+    with path.open("wb") as stream:
+        for _ in range(-(-GB // len(block))):
+            stream.write(block)
+    return path
+
+
+def _peak_rss_bytes(pid: int) -> int:
+    """The process's peak resident set (VmHWM) since it started."""
+    (line,) = [line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmHWM:")]
+    return int(line.split()[1]) * 1024
+
+
+def test_a_one_gigabyte_upload_keeps_the_apis_memory_small(
+    seaweedfs: SeaweedFS, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Through the SDK to an API process of its own, so its peak RSS is the upload's."""
+    data = _write_gigabyte(tmp_path / "large.jsonl")
+    size = data.stat().st_size
+    bucket = f"api-upload-{uuid.uuid4().hex[:8]}"
+    seaweedfs.create_bucket(bucket)
+    work = tmp_path_factory.mktemp("openai-api-upload")
+    args = ["--store", f"s3://{bucket}/root", "--api-key-env", "TUNELOOM_TEST_API_KEY", "--state-dir", str(work)]
+    process = ApiProcess(args, {**seaweedfs.client_env(), "TUNELOOM_TEST_API_KEY": KEY}, work / "api.log").start()
+    try:
+        with data.open("rb") as stream:
+            uploaded = process.client(KEY).files.create(file=stream, purpose="fine-tune")
+        peak = _peak_rss_bytes(process.process.pid)
+    finally:
+        process.stop()
+        data.unlink()
+    assert uploaded.bytes == size >= GB
+    assert peak < MAX_UPLOAD_RSS, f"the API's peak RSS was {peak / 2**20:.0f} MiB during a 1 GB upload"
 
 
 def test_a_bad_file_is_refused_naming_every_line(api: Api, tmp_path: Path) -> None:

@@ -11,6 +11,8 @@ import pytest
 
 from tuneloom.openai_api import kubejobs
 from tuneloom.openai_api.errors import ApiError
+from tuneloom.openai_api.interface import model_missing_message
+from tuneloom.openai_api.objects import job_object
 from tuneloom.openai_api.progress import history_csv
 from tuneloom.openai_api.state import FileRecord, JobRecord
 from tuneloom.openai_api.storefiles import StoreFileIndex
@@ -103,6 +105,17 @@ def test_a_succeeded_job_has_its_trained_tokens_and_its_result_file() -> None:
     assert done.trained_tokens == 1234 and done.result_files == [kubejobs.result_file_id(JOB_ID)]
     assert kubejobs.result_file_job(done.result_files[0]) == JOB_ID
     assert kubejobs.result_file_job("file-abc") is None
+
+
+def test_an_unpromoted_version_is_no_fine_tuned_model() -> None:
+    adapter = {"name": f"pirate-{JOB_ID}", "version": "1", "uri": "s3://b/adapters/x", "sha256": "0" * 64}
+    reasons = ["validationLoss 2.5000 is not below the base model's 2.5000"]
+    verdict = {"promoted": False, "reasons": reasons}
+    done = kubejobs.job_record(_object({"phase": "Succeeded", "adapter": {**adapter, "promotion": verdict}}))
+    assert done.status == "succeeded" and not done.model_created and job_object(done)["fine_tuned_model"] is None
+    assert reasons[0] in model_missing_message(done.fine_tuned_model, done)
+    promoted = kubejobs.job_record(_object({"phase": "Succeeded", "adapter": adapter}))
+    assert promoted.model_created and job_object(promoted)["fine_tuned_model"] == promoted.fine_tuned_model
 
 
 @pytest.mark.parametrize(

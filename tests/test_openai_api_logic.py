@@ -18,9 +18,10 @@ from tuneloom.openai_api import jobs
 from tuneloom.openai_api.errors import ApiError
 from tuneloom.openai_api.keys import KeyRing, add_key, key_hash, read_keys_file
 from tuneloom.openai_api.objects import checkpoint_object, event_object, event_seq, job_object, model_object
-from tuneloom.openai_api.progress import result_csv, translate
+from tuneloom.openai_api.progress import promotion_event, result_csv, translate
 from tuneloom.openai_api.runner import failure
 from tuneloom.openai_api.state import CheckpointRecord, EventRecord, JobRecord
+from tuneloom.registry import Promotion
 
 RULE = [(10, 10), (20, 5), (34, 3), (100, 3), (1000, 3), (8333, 3), (8334, 2), (10_000, 2), (10**6, 1)]
 
@@ -128,6 +129,27 @@ def test_the_job_document_is_a_valid_finetunejob_that_checkpoints_every_epoch() 
     assert (job.metadata.name, job.metadata.namespace, job.metadata.uid) == ("ftjob-abc", "team-b", "ftjob-abc")
     assert job.spec.checkpointing.everySteps == 23 and job.spec.hyperparameters.packing is False
     assert job.spec.dataset.validationSplit == jobs.VALIDATION_SPLIT and job.spec.hyperparameters.seed == 7
+    assert job.spec.checkpointing.adapterName == "ftjob-abc-checkpoints"
+    assert is_dns_label(jobs.checkpoint_adapter_name(jobs.new_id("ftjob")))
+    assert [m.value for m in job.spec.promotion.require] == ["validationLoss"]
+
+
+def test_a_checkpoint_model_id_names_its_model_and_step() -> None:
+    model = "ft:tiny:default:pirate:ftjob-abc"
+    assert jobs.split_checkpoint_model_id(jobs.checkpoint_model_id(model, 23)) == (model, 23)
+    assert jobs.split_checkpoint_model_id(model) is None
+    assert jobs.split_checkpoint_model_id(model + ":ckpt-step-x") is None
+
+
+def test_the_promotion_verdict_is_an_event_and_decides_the_fine_tuned_model() -> None:
+    promoted = promotion_event(Promotion(promoted=True), "ft:m")
+    assert promoted.level == "info" and promoted.data == {"promoted": True, "reasons": []}
+    reasons = ["validationLoss 2.5000 is not below the base model's 2.5000"]
+    refused = promotion_event(Promotion(promoted=False, reasons=reasons), "ft:m")
+    assert refused.level == "warn" and reasons[0] in refused.message and refused.data["reasons"] == reasons
+    assert job_object(_job(status="succeeded", promotion={"promoted": True, "reasons": []}))["fine_tuned_model"]
+    unpromoted = _job(status="succeeded", promotion={"promoted": False, "reasons": reasons})
+    assert job_object(unpromoted)["fine_tuned_model"] is None and not unpromoted.model_created
 
 
 def _job(**changes) -> JobRecord:

@@ -128,6 +128,23 @@ def test_lora_settings_with_full_method_are_refused() -> None:
     assert "method is 'full'" in caught.value.problems[0]
 
 
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"checkpointing": {"adapterName": "Not_A_Label"}}, "spec.checkpointing.adapterName: must be a DNS-1123"),
+        ({"checkpointing": {"adapterName": "x"}}, "must differ from output.adapterName"),
+        ({"method": "full", "checkpointing": {"adapterName": "tickets-ckpt"}}, "publishes LoRA adapters"),
+        ({"distributed": {"strategy": "fsdp"}, "checkpointing": {"adapterName": "x-ckpt"}}, "which fsdp shards"),
+    ],
+)
+def test_checkpoint_adapters_are_checked(changes: dict, expected: str) -> None:
+    data = _minimal()
+    data["spec"].update(changes)
+    with pytest.raises(SpecError) as caught:
+        parse_job(data)
+    assert expected in caught.value.problems[0]
+
+
 def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
     [problem] = _problems(tmp_path, VALID + "  oops: [unclosed\n")
     assert problem.startswith(f"{tmp_path / 'job.yaml'}:13: invalid YAML")

@@ -19,7 +19,7 @@ import yaml
 from tuneloom.api import Progress
 from tuneloom.jobfile import parse_job
 from tuneloom.net import free_port
-from tuneloom.registry import download_adapter, list_versions
+from tuneloom.registry import download_adapter, list_versions, read_adapter
 from tuneloom.storage import open_store
 from tuneloom.trainer.main import run
 
@@ -284,7 +284,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(
     spec = _job(
         tiny_model_dir, _dataset(tmp_path / "train.jsonl"), s3_root, hyperparameters={"epochs": 4, "packing": False}
     )
-    spec["spec"]["checkpointing"] = {"everySteps": 3, "keep": 2}
+    spec["spec"]["checkpointing"] = {"everySteps": 3, "keep": 2, "adapterName": "pirate-checkpoints"}
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(spec))
     # 8 steps an epoch: kill after the step-9 checkpoint (an in-epoch one) and before the run ends.
@@ -297,6 +297,12 @@ def test_killed_run_resumes_from_its_last_checkpoint(
     assert list_versions(open_store(s3_root), "default", "pirate") == ["1"]
     checkpoints = [k for k in open_store(s3_root).list("checkpoints/") if k.endswith("manifest.json")]
     assert len(checkpoints) == 2, checkpoints  # keep: 2
+    # Every checkpoint of both runs stays servable as pirate-checkpoints@<step>; the last step is the final version.
+    published = [int(v) for v in list_versions(open_store(s3_root), "default", "pirate-checkpoints")]
+    assert published == [step for step in range(1, 32) if step % 3 == 0 or step % 8 == 0]
+    resumed = read_adapter(open_store(s3_root), "default", "pirate-checkpoints", str(resumed_from)).manifest
+    assert resumed.model_extra["checkpoint"] == {"step": resumed_from, "adapterName": "pirate"}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(resumed.files)
 
 
 def test_progress_lines_progress_endpoint_and_prometheus_metrics(

@@ -42,6 +42,7 @@ MAX_LISTED_LINES = 20
 DEFAULT_MAX_LINE_BYTES = 4 * 1024 * 1024
 # How much of an over-long line is read at a time while skipping to its end.
 _SKIP_CHUNK = 1024 * 1024
+_BLANK_LINE = "blank line; only the end of the file may have blank lines"
 # validate-data counts tokens exactly up to this multiple of max_seq_length; a longer example's
 # count is a lower bound, which is all "longer than max_seq_length" needs.
 TOKEN_COUNT_FACTOR = 4
@@ -104,26 +105,44 @@ def _json_type(value: Any) -> str:
     return "object"
 
 
-def _read_lines(path: Path, max_line_bytes: int) -> Iterator[tuple[int, bytes | None, int]]:
-    """(1-based line number, raw bytes without the line ending, their count) for every line.
+@dataclass(frozen=True)
+class Span:
+    """The lines of a file that are checked together: those starting in bytes [start, end) (None:
+    to the end of the file), the first of them line `first_line`. A large file is checked as spans
+    side by side (`tuneloom.trainer.dataspans`); each after the first starts at a non-blank line."""
+
+    start: int = 0
+    end: int | None = None
+    first_line: int = 1
+
+
+WHOLE_FILE = Span()
+
+
+def _read_lines(path: Path, max_line_bytes: int, span: Span = WHOLE_FILE) -> Iterator[tuple[int, bytes | None, int]]:
+    """(1-based line number, raw bytes without the line ending, their count) for every line of `span`.
 
     Streams, and never holds more than `max_line_bytes` of a line: a longer one comes as
     (number, None, its real length), the rest of it read in chunks and dropped.
     """
     with path.open("rb") as handle:
-        if handle.peek(3)[:3] == b"\xef\xbb\xbf":
+        if span.start:
+            handle.seek(span.start)
+        elif handle.peek(3)[:3] == b"\xef\xbb\xbf":
             handle.read(3)  # a UTF-8 byte order mark, as Windows tools write; harmless
         # Two bytes more than the cap, so a line of exactly the cap fits with its "\r\n".
         read_limit = max_line_bytes + 2
-        number = 0
-        while raw := handle.readline(read_limit):
+        number, position = span.first_line - 1, handle.tell()
+        while (span.end is None or position < span.end) and (raw := handle.readline(read_limit)):
             number += 1
             line = raw.rstrip(b"\r\n")
             whole = raw.endswith(b"\n") or len(raw) < read_limit  # else readline stopped at the limit
             if whole and len(line) <= max_line_bytes:
                 yield number, line, len(line)
+                position += len(raw)
             else:
                 yield number, None, _long_line_length(handle, raw)
+                position = handle.tell()
 
 
 def _long_line_length(handle: IO[bytes], head: bytes) -> int:
@@ -397,9 +416,11 @@ def iter_checked(
     *,
     source: str | None = None,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    span: Span = WHOLE_FILE,
 ) -> Iterator[Example | Problem]:
     """check_file's examples and problems one at a time, in line order: a caller that only counts
-    them (an upload's check) holds none of a large file in memory."""
+    them (an upload's check) holds none of a large file in memory. With a `span`, those of its
+    lines: blank lines at its end are followed by the next span's first line, so they are problems."""
     fmt = str(getattr(fmt, "value", fmt))  # accepts api.DatasetFormat as well as a plain string
     if fmt not in FORMATS:
         raise ValueError(f"unknown dataset format {fmt!r}; must be one of {', '.join(FORMATS)}")
@@ -414,12 +435,12 @@ def iter_checked(
     # Blank lines are only wrong when something follows them, so hold them until it does.
     pending_blanks: list[int] = []
     seen_content = False
-    for number, raw, size in _read_lines(path, max_line_bytes):
+    for number, raw, size in _read_lines(path, max_line_bytes, span):
         if raw is not None and not raw.strip():
             pending_blanks.append(number)
             continue
         for blank in pending_blanks:
-            yield Problem(source, blank, "line", "blank line; only the end of the file may have blank lines")
+            yield Problem(source, blank, "line", _BLANK_LINE)
         pending_blanks.clear()
         seen_content = True
         if raw is None:
@@ -437,7 +458,10 @@ def iter_checked(
             yield Problem(source, number, where, what)
         if example:
             yield example
-    if not seen_content:
+    if span.end is not None:
+        for blank in pending_blanks:
+            yield Problem(source, blank, "line", _BLANK_LINE)
+    elif not seen_content and span.start == 0:
         yield Problem(source, 1, "file", "empty; expected one JSON object per line")
 
 

@@ -100,7 +100,9 @@ class TrainingLoop:
         reporter_factory: Callable[[int], ProgressReporter],
         ranks: Ranks | None = None,
         preemption: PreemptionWatch | None = None,
+        on_checkpoint: Callable[[int], None] | None = None,
     ):
+        """`on_checkpoint(step)` runs on rank 0 after each checkpoint is committed, before it is reported."""
         self.spec = spec
         self.hp = spec.hyperparameters
         self.model = model
@@ -128,6 +130,7 @@ class TrainingLoop:
             trainable, lr=self.hp.learningRate, weight_decay=self.hp.weightDecay, foreach=True
         )
         self.preemption = preemption or PreemptionWatch()
+        self.on_checkpoint = on_checkpoint
         self.state = LoopState(micro_batches_per_step=plan.micro_batches_per_step)
         self.best: dict[str, torch.Tensor] | None = None
         self.saved_step: int | None = None  # the step of the newest checkpoint, saved or resumed from
@@ -355,5 +358,7 @@ class TrainingLoop:
     def _save(self) -> None:
         self.checkpoints.save(self.state, self.model, self.optimizer, self.best, self.spec.checkpointing.keep)
         self.saved_step = self.state.step
+        if self.on_checkpoint is not None and self.ranks.is_main:
+            self.on_checkpoint(self.state.step)
         if self.reporter is not None:  # told after the commit, so a reader that sees it can resume from it
             self.reporter.event("checkpoint", step=self.state.step, checkpointStep=self.state.step)

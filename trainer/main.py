@@ -64,17 +64,18 @@ from tuneloom.trainer.htmlreport import REPORT_FILE, render_report
 from tuneloom.trainer.loop import Plan, TrainingLoop, peak_memory_bytes
 from tuneloom.trainer.mixing import draw, mixed_counts
 from tuneloom.trainer.modeling import (
-    TRAINED_ADAPTER,
     MethodNotSupportedError,
     check_method_supported,
     load_model,
     load_tokenizer,
+    save_adapter,
 )
 from tuneloom.trainer.preemption import Preempted, PreemptionWatch
 from tuneloom.trainer.preference import EncodedPair, collate_pairs, encode_pair
 from tuneloom.trainer.preflight import PreflightError, check_before_running
 from tuneloom.trainer.progress import ProgressReporter, TrainerMetrics
 from tuneloom.trainer.report import RunReport, TrainingResult, print_report
+from tuneloom.trainer.servable import CheckpointAdapters
 from tuneloom.trainer.tokenize import EncodedExample, encode_example
 
 log = logging.getLogger("tuneloom.trainer")
@@ -482,11 +483,18 @@ class FineTuneRun:
             lambda start: self._reporter(start, plan.total_steps, plan.steps_per_epoch),
             self.ranks,
             self.preemption,
+            on_checkpoint=self._checkpoint_adapters(model),
         )
         loop.resume(spec_sha256(self.job))
         if self.ranks.is_main:
             self._remember({"preemptedAtSteps": self.checkpoints.preempted_steps()})
         return loop
+
+    def _checkpoint_adapters(self, model: Model) -> Callable[[int], None] | None:
+        """What publishes each checkpoint as a servable adapter, when spec.checkpointing.adapterName asks."""
+        if self.spec.checkpointing.adapterName is None:
+            return None
+        return CheckpointAdapters(self.store, self.job, model.module, _config_hash(model.path)).publish
 
     def _rows(self, examples: list[EncodedExample] | list[EncodedPair]) -> list[list[int]]:
         hp = self.spec.hyperparameters
@@ -639,10 +647,7 @@ class FineTuneRun:
             module.save_pretrained(out)
             model.tokenizer.save_pretrained(out)
         else:
-            # Recorded as the user wrote it, not as the local cache path it was loaded from.
-            module.peft_config[TRAINED_ADAPTER].base_model_name_or_path = self.spec.baseModel
-            # Only the trained adapter: a DPO run from dpo.initAdapter also holds its frozen reference.
-            module.save_pretrained(out, selected_adapters=[TRAINED_ADAPTER])
+            save_adapter(module, self.spec.baseModel, out)
 
     def _manifest(self, model: Model, data: Datasets, report: RunReport) -> dict[str, Any]:
         spec, meta = self.spec, self.job.metadata

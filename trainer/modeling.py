@@ -106,6 +106,14 @@ REFERENCE_ADAPTER = "reference"
 TRAINED_ADAPTER = "default"
 
 
+def save_adapter(model: nn.Module, base_model: str, out: Path) -> None:
+    """The trained LoRA adapter as a PEFT folder (adapter_config.json, adapter_model.safetensors)."""
+    # Recorded as the user wrote it, not as the local cache path it was loaded from.
+    model.peft_config[TRAINED_ADAPTER].base_model_name_or_path = base_model
+    # Only the trained adapter: a DPO run from dpo.initAdapter also holds its frozen reference.
+    model.save_pretrained(out, selected_adapters=[TRAINED_ADAPTER])
+
+
 def load_model(
     spec: FineTuneJobSpec, model_path: str | Path, device: torch.device, init_adapter: Path | None = None
 ) -> nn.Module:

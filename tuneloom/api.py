@@ -114,6 +114,7 @@ def _check_base_model(value: str) -> str:
 
 # A base model as every kind names it: a local directory, a file:// or s3:// prefix, or a hub id.
 BaseModelName = Annotated[str, AfterValidator(_check_base_model)]
+DnsLabel = Annotated[str, AfterValidator(_check_dns_label)]
 
 
 class MixSpec(_Model):
@@ -382,6 +383,13 @@ class OutputSpec(_Model):
 class CheckpointingSpec(_Model):
     everySteps: int = Field(default=50, ge=0, description="Optimizer steps between checkpoints; 0 turns them off.")
     keep: int = Field(default=2, ge=1, description="Checkpoints kept in object storage; older ones are deleted.")
+    adapterName: DnsLabel | None = Field(
+        default=None,
+        description="When set, each checkpoint's adapter weights are also published to the registry as "
+        "<adapterName>@<step> (a DNS-1123 label other than output.adapterName; version = optimizer step), so a "
+        "checkpoint can be served like the final model; kept when older checkpoints are deleted. LoRA-based "
+        "methods without fsdp only.",
+    )
     gracePeriodSeconds: int = Field(
         default=120,
         ge=1,
@@ -546,6 +554,23 @@ class FineTuneJobSpec(_Model):
             raise ValueError(
                 "method: dpo trains on preference pairs: it needs dataset.format: preference, and that format "
                 f"needs method: dpo (got method {self.method.value!r}, format {self.dataset.format.value!r})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _checkpoint_adapters_fit(self) -> FineTuneJobSpec:
+        name = self.checkpointing.adapterName
+        if name is not None and self.method is Method.full:
+            raise ValueError("checkpointing.adapterName publishes LoRA adapters; remove it or use a LoRA-based method")
+        if name is not None and self.distributed.strategy is DistributedStrategy.fsdp:
+            raise ValueError(
+                "checkpointing.adapterName needs the adapter whole on one process during training, which fsdp "
+                "shards; use spec.distributed.strategy: ddp (or leave it unset) with it"
+            )
+        if name is not None and name == self.output.adapterName:
+            raise ValueError(
+                "checkpointing.adapterName must differ from output.adapterName: checkpoints are versioned by step, "
+                "the final adapter by release"
             )
         return self
 

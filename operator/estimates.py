@@ -117,6 +117,7 @@ def expected_training(
     workload = Workload(
         parameters=parameters,
         method=spec.method.value,
+        quantized=spec.quantized_base,
         tokens_per_epoch=tokens,
         epochs=hp.epochs,
         steps=steps_per_epoch * hp.epochs,

@@ -44,6 +44,10 @@ def test_full_costs_six_n_lora_four_n_and_qlora_its_dequantisation_more() -> Non
     )
     assert lora == pytest.approx(4 * N * 54_970 / (989e12 * ASSUMED_GPU_UTILISATION))
     assert "QLoRA dequantisation x1.35 assumed" in estimate(_workload("qlora"), DEVICES["h100"], devices=1).basis
+    # DPO on a 4-bit base (dpo.qlora) pays the same dequantisation on DPO's own compute.
+    dpo = estimate(_workload("dpo"), DEVICES["h100"], devices=1).seconds
+    quantized_dpo = estimate(_workload("dpo", quantized=True), DEVICES["h100"], devices=1).seconds
+    assert quantized_dpo == pytest.approx(dpo * QLORA_DEQUANT_FACTOR)
 
 
 def test_validation_passes_cost_a_forward_pass_each_epoch() -> None:

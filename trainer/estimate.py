@@ -93,6 +93,7 @@ class Workload:
     epochs: int
     steps: int  # optimizer steps in all
     validation_tokens_per_epoch: int = 0  # the held-out loss after every epoch
+    quantized: bool = False  # a 4-bit base (qlora, or dpo with dpo.qlora): dequantised at every use
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ def estimate(workload: Workload, device: Device, *, devices: int, price_per_gpu_
     )
     seconds = flops / (device.peak_flops * device.utilisation * devices)
     basis = device.basis
-    if workload.method == "qlora":
+    if workload.method == "qlora" or workload.quantized:
         seconds *= QLORA_DEQUANT_FACTOR
         basis += f"; QLoRA dequantisation x{QLORA_DEQUANT_FACTOR} assumed"
     gpu_seconds = seconds * devices if device.is_gpu else 0.0

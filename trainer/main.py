@@ -517,6 +517,7 @@ class FineTuneRun:
         workload = Workload(
             parameters=parameters,
             method=self.spec.method.value,
+            quantized=self.spec.quantized_base,
             tokens_per_epoch=sum(len(item.input_ids) for item in tokens.train),
             epochs=self.spec.hyperparameters.epochs,
             steps=plan.total_steps,

@@ -303,6 +303,9 @@ def test_killed_run_resumes_from_its_last_checkpoint(
     resumed = read_adapter(open_store(s3_root), "default", "pirate-checkpoints", str(resumed_from)).manifest
     assert resumed.model_extra["checkpoint"] == {"step": resumed_from, "adapterName": "pirate"}
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(resumed.files)
+    # With the run's figures at that step, as the resume checkpoint had them (listed with the checkpoint).
+    figures = resumed.metrics.model_dump()
+    assert figures["steps"] == resumed_from and figures["trainLoss"] > 0 and figures["tokensSeen"] > 0, figures
 
 
 def test_progress_lines_progress_endpoint_and_prometheus_metrics(

@@ -100,9 +100,9 @@ class TrainingLoop:
         reporter_factory: Callable[[int], ProgressReporter],
         ranks: Ranks | None = None,
         preemption: PreemptionWatch | None = None,
-        on_checkpoint: Callable[[int], None] | None = None,
+        on_checkpoint: Callable[[LoopState], None] | None = None,
     ):
-        """`on_checkpoint(step)` runs on rank 0 after each checkpoint is committed, before it is reported."""
+        """`on_checkpoint(state)` runs on rank 0 after each checkpoint is committed, before it is reported."""
         self.spec = spec
         self.hp = spec.hyperparameters
         self.model = model
@@ -359,6 +359,6 @@ class TrainingLoop:
         self.checkpoints.save(self.state, self.model, self.optimizer, self.best, self.spec.checkpointing.keep)
         self.saved_step = self.state.step
         if self.on_checkpoint is not None and self.ranks.is_main:
-            self.on_checkpoint(self.state.step)
+            self.on_checkpoint(self.state)
         if self.reporter is not None:  # told after the commit, so a reader that sees it can resume from it
             self.reporter.event("checkpoint", step=self.state.step, checkpointStep=self.state.step)

@@ -42,7 +42,7 @@ from tuneloom.registry import (
 from tuneloom.storage import ObjectNotFoundError, StorageError, open_store, sha256_file
 from tuneloom.trainer import distributed, fsdp
 from tuneloom.trainer.batching import collate, pack_rows, single_rows
-from tuneloom.trainer.checkpoint import CheckpointStore
+from tuneloom.trainer.checkpoint import CheckpointStore, LoopState
 from tuneloom.trainer.datafile import DataValidationError, Example, content_key, load_examples
 from tuneloom.trainer.dataquality import find_problems
 from tuneloom.trainer.dpo import PreferenceLoop
@@ -490,7 +490,7 @@ class FineTuneRun:
             self._remember({"preemptedAtSteps": self.checkpoints.preempted_steps()})
         return loop
 
-    def _checkpoint_adapters(self, model: Model) -> Callable[[int], None] | None:
+    def _checkpoint_adapters(self, model: Model) -> Callable[[LoopState], None] | None:
         """What publishes each checkpoint as a servable adapter, when spec.checkpointing.adapterName asks."""
         if self.spec.checkpointing.adapterName is None:
             return None

@@ -19,6 +19,7 @@ from torch import nn
 from tuneloom.api import FineTuneJob
 from tuneloom.registry import publish_adapter
 from tuneloom.storage import ObjectExistsError, ObjectStore
+from tuneloom.trainer.checkpoint import LoopState, checkpoint_metrics
 from tuneloom.trainer.modeling import save_adapter
 
 log = logging.getLogger("tuneloom.trainer")
@@ -33,14 +34,15 @@ class CheckpointAdapters:
     def name(self) -> str:
         return str(self.job.spec.checkpointing.adapterName)
 
-    def publish(self, step: int) -> None:
-        """Commits the model's adapter as `<name>@<step>`; a step already published (by a run that
-        was stopped after it) keeps its version."""
-        namespace = self.job.metadata.namespace
+    def publish(self, state: LoopState) -> None:
+        """Commits the model's adapter as `<name>@<step>`, with the run's figures at that step (as the
+        checkpoint's own manifest has them); a step already published (by a run that was stopped
+        after it) keeps its version."""
+        namespace, step = self.job.metadata.namespace, state.step
         manifest = {
             "kind": "lora",
             "baseModel": self.base_model,
-            "metrics": {"steps": step},
+            "metrics": {"steps": step, **checkpoint_metrics(state)},
             "checkpoint": {"step": step, "adapterName": self.job.spec.output.adapterName},
             "job": {"namespace": namespace, "name": self.job.metadata.name, "uid": self.job.metadata.uid},
         }

@@ -294,12 +294,17 @@ def test_a_service_name_reaches_a_ready_pod_behind_it(
         "        break\n"
         "    except OSError:\n"
         "        time.sleep(0.5)\n"
-        f"print(socket.getaddrinfo('web.{namespace}.svc', 8080)[0][4][0], status, flush=True)\n"
+        "async def on_uvloop():\n"
+        "    import asyncio\n"
+        f"    return (await asyncio.get_running_loop().getaddrinfo('web.{namespace}.svc', 8080))[0][4][0]\n"
+        "import uvloop\n"
+        f"resolved = socket.getaddrinfo('web.{namespace}.svc', 8080)[0][4][0]\n"
+        "print(resolved, uvloop.run(on_uvloop()), status, flush=True)\n"
         "time.sleep(60)\n"
     )
     create_pod(core, namespace, "caller", {"containers": [pod_container("main", ["python", "-c", ask])]})
     ip = wait_running(core, namespace, "web").status.pod_ip
-    wait_for(lambda: pod_log(core, pod_runner, namespace, "caller", "main").strip() == f"{ip} 200", "the answer")
+    wait_for(lambda: pod_log(core, pod_runner, namespace, "caller", "main").strip() == f"{ip} {ip} 200", "the answer")
 
 
 def test_readiness_probe_gates_ready(api: k8s.ApiClient, pod_runner: PodRunner | None, namespace: str) -> None:

@@ -35,10 +35,11 @@ It is not a container runtime. What differs, and the rules that bridge it:
   reachable as `<hostname>.<subdomain>.<namespace>.svc[.cluster.local]`, but only through the
   command and args: an element that holds such a name (`--rdzv-endpoint=NAME:PORT`) gets that
   Pod's address instead. A Pod whose command names one the runner does not run yet waits, as
-  CreateContainerConfigError, until it does. A Service, `<service>.<namespace>.svc[.cluster.local]`,
-  resolves in the Pods' Python processes (`socket.getaddrinfo`) to a ready Pod behind it, when the
-  Service's port is its target port (`tuneloom_dev.servicedns`, loaded by the `sitecustomize`
-  that the runner puts on PYTHONPATH; `python -I` skips it).
+  CreateContainerConfigError, until it does. A Service's name, `<service>.<namespace>.svc
+  [.cluster.local]`, resolves in the Pods' Python processes (`socket.getaddrinfo` and uvloop's
+  loop) to a ready Pod the Service selects, for Services whose port is their target port
+  (`tuneloom_dev.servicedns`, loaded by the `sitecustomize` that the runner puts on PYTHONPATH;
+  `python -I` skips it).
 - Liveness and startup probes are ignored; readiness probes (httpGet, tcpSocket, exec) are run.
   Node selectors, affinity, taints and resource requests are not checked: every Pod binds.
 - One runner per node name: a Running Pod on its node that it did not start (say, after a

@@ -63,6 +63,8 @@ def _service_address(service: str, namespace: str) -> str:
 
 
 def install() -> None:
+    """Resolve Service names in `socket.getaddrinfo`, and in uvloop's event loop, which resolves in
+    libuv without it (uvicorn's servers run on uvloop where it is installed, tuneloom's API too)."""
     resolve = socket.getaddrinfo
 
     def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
@@ -70,3 +72,16 @@ def install() -> None:
         return resolve(_service_address(*service) if service else host, *args, **kwargs)
 
     socket.getaddrinfo = getaddrinfo
+    try:
+        import uvloop
+    except ImportError:
+        return
+    loop_resolve = uvloop.Loop.getaddrinfo
+
+    async def loop_getaddrinfo(loop: Any, host: Any, *args: Any, **kwargs: Any) -> Any:
+        service = service_of(host)
+        if service:
+            host = await loop.run_in_executor(None, _service_address, *service)
+        return await loop_resolve(loop, host, *args, **kwargs)
+
+    uvloop.Loop.getaddrinfo = loop_getaddrinfo

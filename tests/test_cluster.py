@@ -270,7 +270,6 @@ def test_a_service_name_reaches_a_ready_pod_behind_it(
     """The runner's stand-in for cluster DNS for Services, as tuneloom's API reaches a ModelServer."""
     if pod_runner is None:
         pytest.skip("the pod runner's stand-in for cluster DNS; real Pods have DNS")
-    core = k8s.CoreV1Api(api)
     serve = (
         "import http.server, os; http.server.HTTPServer((os.environ['TUNELOOM_POD_IP'], 8080), "
         "http.server.SimpleHTTPRequestHandler).serve_forever()"
@@ -282,6 +281,7 @@ def test_a_service_name_reaches_a_ready_pod_behind_it(
         readinessProbe={"tcpSocket": {"port": "http"}, "periodSeconds": 1},
     )
     pod = {"metadata": {"name": "web", "labels": {"app": "web"}}, "spec": {"containers": [server]}}
+    core = k8s.CoreV1Api(api)
     core.create_namespaced_pod(namespace, pod)
     service = {"selector": {"app": "web"}, "ports": [{"port": 8080, "targetPort": "http"}]}
     core.create_namespaced_service(namespace, {"metadata": {"name": "web"}, "spec": service})

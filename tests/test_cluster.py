@@ -264,6 +264,49 @@ def test_a_pod_dns_name_in_a_command_becomes_that_pods_address(
     )
 
 
+def test_a_service_name_reaches_a_ready_pod_behind_it(
+    api: k8s.ApiClient, pod_runner: PodRunner | None, namespace: str
+) -> None:
+    """The runner's stand-in for cluster DNS for Services, as tuneloom's API reaches a ModelServer."""
+    if pod_runner is None:
+        pytest.skip("the pod runner's stand-in for cluster DNS; real Pods have DNS")
+    serve = (
+        "import http.server, os; http.server.HTTPServer((os.environ['TUNELOOM_POD_IP'], 8080), "
+        "http.server.SimpleHTTPRequestHandler).serve_forever()"
+    )
+    server = pod_container(
+        "server",
+        ["python", "-c", serve],
+        ports=[{"name": "http", "containerPort": 8080}],
+        readinessProbe={"tcpSocket": {"port": "http"}, "periodSeconds": 1},
+    )
+    pod = {"metadata": {"name": "web", "labels": {"app": "web"}}, "spec": {"containers": [server]}}
+    core = k8s.CoreV1Api(api)
+    core.create_namespaced_pod(namespace, pod)
+    service = {"selector": {"app": "web"}, "ports": [{"port": 8080, "targetPort": "http"}]}
+    core.create_namespaced_service(namespace, {"metadata": {"name": "web"}, "spec": service})
+    # Until the Pod is ready the name does not resolve; the caller retries, as a client would.
+    ask = (
+        "import socket, time, urllib.request\n"
+        "while True:\n"
+        "    try:\n"
+        f"        status = urllib.request.urlopen('http://web.{namespace}.svc.cluster.local:8080/').status\n"
+        "        break\n"
+        "    except OSError:\n"
+        "        time.sleep(0.5)\n"
+        "async def on_uvloop():\n"
+        "    import asyncio\n"
+        f"    return (await asyncio.get_running_loop().getaddrinfo('web.{namespace}.svc', 8080))[0][4][0]\n"
+        "import uvloop\n"
+        f"resolved = socket.getaddrinfo('web.{namespace}.svc', 8080)[0][4][0]\n"
+        "print(resolved, uvloop.run(on_uvloop()), status, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    create_pod(core, namespace, "caller", {"containers": [pod_container("main", ["python", "-c", ask])]})
+    ip = wait_running(core, namespace, "web").status.pod_ip
+    wait_for(lambda: pod_log(core, pod_runner, namespace, "caller", "main").strip() == f"{ip} {ip} 200", "the answer")
+
+
 def test_readiness_probe_gates_ready(api: k8s.ApiClient, pod_runner: PodRunner | None, namespace: str) -> None:
     core = k8s.CoreV1Api(api)
     # Waits 3 s before serving, so the Pod is first Running but not Ready.

@@ -7,6 +7,11 @@ OpenAI SDK gets an answer in the trained style from the server pod. Prometheus, 
 the chart's scrape rules and alerts, watches all of it: every dashboard panel must show data, and
 a failing job must fire its alert.
 
+The chart also deploys the OpenAI-compatible API (`api.enabled`), run as a pod like the operator:
+the OpenAI SDK uploads a file and creates a job through it, the operator runs the trainer, and the
+fine-tuned model answers through the API, which routes it to the ModelServer's Service (the pod
+runner resolves Service names in its pods).
+
 CI runs it with the tiny model (a minute of training is seconds); `make e2e` sets
 TUNELOOM_E2E_MODEL=smollm2 to train SmolLM2-135M on the support tickets instead.
 """
@@ -27,9 +32,11 @@ import pytest
 import yaml
 from kubernetes import client as k8s
 
+from tuneloom.api import HyperparametersSpec
 from tuneloom.net import free_ports
+from tuneloom.openai_api.keys import key_hash
 from tuneloom.registry import read_adapter
-from tuneloom.storage import open_store
+from tuneloom.storage import S3Connection, open_store
 from tuneloom_dev.dashboards import load_dashboards, panel_queries, render
 from tuneloom_dev.helm import ensure_helm
 from tuneloom_dev.podrunner import PodRunner
@@ -45,6 +52,8 @@ DPO_ONLY_SERIES = "tuneloom_trainer_reward_"  # reward accuracy and margin: meth
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "tuneloom"
 GROUP, VERSION = "tuneloom.dev", "v1alpha1"
+API_KEY = "tlk-e2e-team-not-a-secret"
+API_KEYS_SECRET = "tuneloom-api-keys"
 
 
 @dataclass(frozen=True)
@@ -58,7 +67,9 @@ class Scenario:
     hyperparameters: dict[str, Any]
 
 
-def _scenario(request: pytest.FixtureRequest, work: Path) -> Scenario:
+@pytest.fixture(scope="module")
+def scenario(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Scenario:
+    work = tmp_path_factory.mktemp("e2e-data")
     if os.environ.get("TUNELOOM_E2E_MODEL") == "smollm2":
         tickets = ROOT / "examples" / "support-tickets" / "train.jsonl"
         system = json.loads(tickets.read_text().splitlines()[0])["messages"][0]
@@ -85,6 +96,11 @@ def _scenario(request: pytest.FixtureRequest, work: Path) -> Scenario:
     )
 
 
+def _hyperparameters(scenario: Scenario) -> dict[str, Any]:
+    """The FineTuneJob's hyperparameters: the example's, with the scenario's changes."""
+    return {**_example("finetunejob.yaml")["spec"]["hyperparameters"], **scenario.hyperparameters}
+
+
 @dataclass
 class Stack:
     cluster: KubeCluster
@@ -94,6 +110,7 @@ class Stack:
     bucket: str
     prometheus: Prometheus
     started: float
+    openai_base_url: str  # the API pod's, from the chart
 
     @property
     def custom(self) -> k8s.CustomObjectsApi:
@@ -132,6 +149,7 @@ def stack(
     api: k8s.ApiClient,
     pod_runner: PodRunner | None,
     seaweedfs: SeaweedFS,
+    scenario: Scenario,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
     if pod_runner is None:
@@ -141,16 +159,18 @@ def stack(
     namespace, bucket = f"team-{uuid.uuid4().hex[:6]}", f"e2e-{uuid.uuid4().hex[:8]}"
     seaweedfs.create_bucket(bucket)
     core = k8s.CoreV1Api(api)
-    core.create_namespace({"metadata": {"name": namespace}})
-    core.create_namespaced_secret(
-        namespace,
-        {
-            "metadata": {"name": "s3-credentials"},
-            "stringData": {k: v for k, v in seaweedfs.client_env().items() if k.startswith("AWS_") and "KEY" in k},
-        },
-    )
+    credentials = {k: v for k, v in seaweedfs.client_env().items() if k.startswith("AWS_") and "KEY" in k}
+    for name in (namespace, system_ns):
+        core.create_namespace({"metadata": {"name": name}})
+        core.create_namespaced_secret(name, {"metadata": {"name": "s3-credentials"}, "stringData": credentials})
+    # The API's keys: one key, whose project is the team's namespace.
+    keys = {
+        "metadata": {"name": API_KEYS_SECRET},
+        "stringData": {"keys.json": json.dumps({namespace: [key_hash(API_KEY)]})},
+    }
+    core.create_namespaced_secret(system_ns, keys)
     helm = ensure_helm()
-    metrics_port, health_port = free_ports(2)
+    metrics_port, health_port, api_port = free_ports(3)
     settings = {
         "metrics.operatorPort": metrics_port,
         "operator.healthPort": health_port,
@@ -161,17 +181,29 @@ def stack(
         "operator.reconcileIntervalSeconds": 1,
         "operator.serverSyncIntervalSeconds": 2,
         "operator.adapterResyncIntervalSeconds": 2,
+        # The API, with the store of the registry the ModelServer serves from, so its jobs' adapters are served.
+        "api.enabled": "true",
+        "api.port": api_port,
+        "api.bindAddress": "$(TUNELOOM_POD_IP)",
+        "api.store": f"s3://{bucket}/registry",
+        "api.keysSecret": API_KEYS_SECRET,
+        "api.jobStorageSecret": "s3-credentials",
+        "api.maxSeqLength": _hyperparameters(scenario)["maxSeqLength"],
+        "objectStorage.endpoint": seaweedfs.endpoint,
+        "objectStorage.credentialsSecret": "s3-credentials",
     }
     flags = [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
     _helm(helm, kube_cluster, work, "install", release, str(CHART), "-n", system_ns, "--create-namespace", *flags)
     targets = work / "targets.json"
     scrape = loopback_scrape_configs(CHART / "files" / "prometheus-scrape.yaml", targets)
     try:
+        api_ip = wait_for(lambda: _ready_pod_ip(core, system_ns, "app.kubernetes.io/component=api"), "the API pod")
         with (
             PodTargets(core, targets),
             Prometheus(work / "prometheus", scrape, [CHART / "files" / "alerts.yaml"]) as prometheus,
         ):
-            yield Stack(kube_cluster, api, pod_runner, namespace, bucket, prometheus, time.time())
+            openai_base_url = f"http://{api_ip}:{api_port}/v1"
+            yield Stack(kube_cluster, api, pod_runner, namespace, bucket, prometheus, time.time(), openai_base_url)
     finally:
         for plural in ("finetunejobs", "modelservers", "adapters"):
             for item in k8s.CustomObjectsApi(api).list_namespaced_custom_object(GROUP, VERSION, namespace, plural)[
@@ -187,45 +219,65 @@ def stack(
         core.delete_namespace(system_ns)
 
 
+def _ready_pod_ip(core: k8s.CoreV1Api, namespace: str, selector: str) -> str | None:
+    for pod in core.list_namespaced_pod(namespace, label_selector=selector).items:
+        if any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or []):
+            return pod.status.pod_ip
+    return None
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """The base model in object storage, and the ModelServer that serves it and its adapters."""
+
+    uri: str
+    served_name: str
+
+
+@pytest.fixture(scope="module")
+def base_model(stack: Stack, seaweedfs: SeaweedFS, scenario: Scenario) -> BaseModel:
+    # Pods see no host paths on a cluster: the base model comes from object storage, as it would there.
+    uri = f"s3://{stack.bucket}/models/{scenario.model_dir.name}"
+    s3 = S3Connection(seaweedfs.endpoint, "us-east-1", seaweedfs.access_key, seaweedfs.secret_key)
+    models = open_store(uri, connection=s3)
+    for path in sorted(p for p in scenario.model_dir.iterdir() if p.is_file()):
+        models.put_file(path.name, path)
+    # The server first: vLLM starts while the job trains.
+    server = _example("modelserver.yaml")
+    server["spec"].update(
+        baseModel=uri,
+        resources={"gpus": 0},
+        extraArgs=["--max-model-len=1024"],
+        storage={"uri": f"s3://{stack.bucket}/registry", **_connection(seaweedfs)},
+    )
+    server["spec"].pop("apiKeySecret")
+    stack.apply(server)
+    return BaseModel(uri, scenario.model_dir.name)
+
+
+def _connection(seaweedfs: SeaweedFS) -> dict[str, str]:
+    return {"endpoint": seaweedfs.endpoint, "credentialsSecret": "s3-credentials"}
+
+
 def _phase(stack: Stack, name: str) -> str | None:
     return stack.status("finetunejobs", name).get("phase")
 
 
 def test_fine_tune_serve_and_watch_the_whole_loop(
-    stack: Stack, s3_env: SeaweedFS, request: pytest.FixtureRequest, tmp_path: Path
+    stack: Stack, s3_env: SeaweedFS, scenario: Scenario, base_model: BaseModel, tmp_path: Path
 ) -> None:
-    scenario = _scenario(request, tmp_path)
-    seaweedfs = s3_env
     store = open_store(f"s3://{stack.bucket}/registry")
     open_store(f"s3://{stack.bucket}/datasets").put_file("train.jsonl", scenario.dataset)
-    # Pods see no host paths on a cluster: the base model comes from object storage, as it would there.
-    base_name = scenario.model_dir.name
-    base_model = f"s3://{stack.bucket}/models/{base_name}"
-    models = open_store(base_model)
-    for path in sorted(p for p in scenario.model_dir.iterdir() if p.is_file()):
-        models.put_file(path.name, path)
-    connection = {"endpoint": seaweedfs.endpoint, "credentialsSecret": "s3-credentials"}
-
-    # The server first: vLLM starts while the job trains.
-    server = _example("modelserver.yaml")
-    server["spec"].update(
-        baseModel=base_model,
-        resources={"gpus": 0},
-        extraArgs=["--max-model-len=1024"],
-        storage={"uri": f"s3://{stack.bucket}/registry", **connection},
-    )
-    server["spec"].pop("apiKeySecret")
-    stack.apply(server)
-
+    base_name = base_model.served_name
     job = _example("finetunejob.yaml")
     job["spec"].update(
-        baseModel=base_model,
+        baseModel=base_model.uri,
         dataset={"train": f"s3://{stack.bucket}/datasets/train.jsonl", "validationSplit": 0.2},
         resources={"gpus": 0},
-        storage=connection,
+        storage=_connection(s3_env),
         output={"adapterName": "support-tickets", "uri": f"s3://{stack.bucket}/registry"},
+        hyperparameters=_hyperparameters(scenario),
     )
-    job["spec"]["hyperparameters"].update(scenario.hyperparameters)
     stack.apply(job)
     wait_for(lambda: _phase(stack, "support-tickets") in ("Succeeded", "Failed"), "the FineTuneJob to finish", 900)
     assert _phase(stack, "support-tickets") == "Succeeded", stack.status("finetunejobs", "support-tickets")
@@ -291,3 +343,60 @@ def test_fine_tune_serve_and_watch_the_whole_loop(
     out = Path(os.environ.get("TUNELOOM_DASHBOARD_PNG_DIR") or tmp_path / "dashboards")
     for name, dashboard in load_dashboards().items():
         assert render(name, dashboard, prometheus, stack.started, end, out / f"{name}.png").stat().st_size > 10_000
+
+
+def test_the_openai_sdk_flow_through_the_api_the_chart_deployed(
+    stack: Stack, scenario: Scenario, base_model: BaseModel
+) -> None:
+    """The OpenAI SDK's fine-tuning flow against the API pod: the operator runs the job as a
+    FineTuneJob, the trainer pod trains it, and the API routes completions to the ModelServer."""
+    client = openai.OpenAI(base_url=stack.openai_base_url, api_key=API_KEY, max_retries=0, timeout=120)
+    file = client.files.create(file=scenario.dataset.open("rb"), purpose="fine-tune")
+    chosen = _hyperparameters(scenario)
+    job = client.fine_tuning.jobs.create(
+        training_file=file.id,
+        model=base_model.uri,
+        suffix="pirate",
+        hyperparameters={
+            "n_epochs": chosen["epochs"],
+            "batch_size": chosen["batchSize"],
+            "learning_rate_multiplier": chosen["learningRate"]
+            / HyperparametersSpec.model_fields["learningRate"].default,
+        },
+    )
+    assert (
+        stack.get("finetunejobs", job.id)["spec"]["baseModel"] == base_model.uri
+    )  # a FineTuneJob in the key's namespace
+
+    def finished() -> Any:
+        current = client.fine_tuning.jobs.retrieve(job.id)
+        return current if current.status in ("succeeded", "failed", "cancelled") else None
+
+    job = wait_for(finished, "the API's job to finish", 900)
+    assert job.status == "succeeded", (job.error, stack.status("finetunejobs", job.id))
+    assert job.fine_tuned_model == f"ft:{base_model.served_name}:{stack.namespace}:pirate:{job.id}"
+
+    # The operator's Events on the FineTuneJob, as the job's events, newest first.
+    events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+    reasons = [(event.data or {}).get("reason") for event in events]
+    assert {"Running", "Succeeded"} <= set(reasons), [e.message for e in events]
+    assert reasons.index("Succeeded") < reasons.index("Running")
+    assert events[-1].message == f"Created fine-tuning job: {job.id}"
+
+    # The trainer's committed checkpoints in the store, servable ids included.
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert checkpoints and all(c.fine_tuned_model_checkpoint.startswith(job.fine_tuned_model) for c in checkpoints)
+    assert [c.step_number for c in checkpoints] == sorted((c.step_number for c in checkpoints), reverse=True)
+    assert checkpoints[0].metrics.train_loss is not None
+
+    models = {m.id: m.owned_by for m in client.models.list()}
+    assert models[job.fine_tuned_model] == stack.namespace and base_model.served_name in models
+
+    # Through the API to the ModelServer's Service: the adapter answers in the trained style.
+    def ask(model: str) -> Any:
+        return client.chat.completions.create(model=model, messages=scenario.prompt, max_tokens=32, temperature=0)
+
+    tuned, base = ask(job.fine_tuned_model), ask(base_model.served_name)
+    assert tuned.model == job.fine_tuned_model
+    assert scenario.trained(tuned.choices[0].message.content), tuned.choices[0].message.content
+    assert base.choices[0].message.content != tuned.choices[0].message.content

@@ -35,7 +35,11 @@ It is not a container runtime. What differs, and the rules that bridge it:
   reachable as `<hostname>.<subdomain>.<namespace>.svc[.cluster.local]`, but only through the
   command and args: an element that holds such a name (`--rdzv-endpoint=NAME:PORT`) gets that
   Pod's address instead. A Pod whose command names one the runner does not run yet waits, as
-  CreateContainerConfigError, until it does.
+  CreateContainerConfigError, until it does. A Service's name, `<service>.<namespace>.svc
+  [.cluster.local]`, resolves in the Pods' Python processes (`socket.getaddrinfo` and uvloop's
+  loop) to a ready Pod the Service selects, for Services whose port is their target port
+  (`tuneloom_dev.servicedns`, loaded by the `sitecustomize` that the runner puts on PYTHONPATH;
+  `python -I` skips it).
 - Liveness and startup probes are ignored; readiness probes (httpGet, tcpSocket, exec) are run.
   Node selectors, affinity, taints and resource requests are not checked: every Pod binds.
 - One runner per node name: a Running Pod on its node that it did not start (say, after a
@@ -83,6 +87,8 @@ HOST_IP = "127.0.0.1"
 DEFAULT_CAPACITY = {"pods": "110", "nvidia.com/gpu": "8", "ephemeral-storage": "100Gi"}
 # Environment variables passed from the runner to every Pod (a container image would set them).
 BASE_ENV_NAMES = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "TUNELOOM_CACHE_DIR")
+# Its sitecustomize resolves Service names in each Pod's Python processes (the module doc's DNS rule).
+POD_SITE = Path(__file__).resolve().parent / "podsite"
 
 _HEARTBEAT_S = 10.0
 _TICK_S = 0.2
@@ -712,6 +718,7 @@ class _PodWorker:
         # The runner's interpreter first, so `python` and console scripts come from its venv.
         bin_dir = str(Path(sys.executable).parent)
         env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", os.defpath)])
+        env["PYTHONPATH"] = str(POD_SITE)
         env["KUBECONFIG"] = str(self.runner.kubeconfig)
         env["HOSTNAME"] = self.name
         env["TUNELOOM_POD_ROOT"] = str(self.root)

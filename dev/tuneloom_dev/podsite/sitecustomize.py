@@ -1,0 +1,5 @@
+"""Run at the start of every Python process in a pod runner Pod (PYTHONPATH names this folder)."""
+
+from tuneloom_dev.servicedns import install
+
+install()

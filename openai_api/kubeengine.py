@@ -23,8 +23,10 @@ from tuneloom.operator.common import MODELSERVERS, api_client, call_json, read_c
 from tuneloom.operator.serverbuilder import SERVER_PORT
 from tuneloom.registry import (
     LOSS_HISTORY_FILE,
+    AdapterVersion,
     checkpoint_manifest,
     committed_steps,
+    list_versions,
     read_adapter,
     read_version_file,
     run_prefix,
@@ -200,22 +202,47 @@ class KubeEngine(Engine):
         return listing(page, more)
 
     def checkpoints(self, project: str, job_id: str, after: str | None, limit: int | None) -> dict[str, Any]:
+        """Every checkpoint the trainer published as a servable adapter (one an epoch at least), and
+        the final version at the last step; for jobs from before checkpoints were published, the
+        resume checkpoints the store still keeps."""
         body = self._object(project, job_id)
         record = kubejobs.job_record(body)
-        prefix = run_prefix(project, job_id, body["metadata"]["uid"])
         created = record.finished_at or record.created_at
-        checkpoints = []
-        for step in reversed(committed_steps(self.store, prefix)):
-            try:
-                manifest = checkpoint_manifest(self.store, prefix, step)
-            except ObjectNotFoundError:
-                continue  # deleted since listed: the trainer keeps its latest few
-            metrics = checkpoint_metrics(step, manifest.get("metrics") or {})
-            checkpoint = CheckpointRecord(seq=step, job_id=job_id, step=step, created_at=created, metrics=metrics)
-            checkpoints.append(checkpoint)
+        figures = self._resume_checkpoint_figures(project, job_id, body["metadata"]["uid"])
+        figures |= self._published_checkpoint_figures(project, job_id)
+        if (final := self._final_version(record)) is not None:
+            metrics = final.manifest.metrics
+            figures[metrics.steps] = metrics.adapter.model_dump()
+        checkpoints = [
+            CheckpointRecord(
+                seq=step, job_id=job_id, step=step, created_at=created, metrics=checkpoint_metrics(step, figures[step])
+            )
+            for step in sorted(figures, reverse=True)
+        ]
         items = [checkpoint_object(record, c) for c in checkpoints]
         page, more = page_after(items, after, page_limit(limit, 10), lambda item: item["id"])
         return listing(page, more)
+
+    def _resume_checkpoint_figures(self, project: str, job_id: str, uid: str) -> dict[int, dict[str, Any]]:
+        prefix = run_prefix(project, job_id, uid)
+        figures = {}
+        for step in committed_steps(self.store, prefix):
+            with contextlib.suppress(ObjectNotFoundError):  # deleted since listed: the trainer keeps its latest few
+                figures[step] = checkpoint_manifest(self.store, prefix, step).get("metrics") or {}
+        return figures
+
+    def _published_checkpoint_figures(self, project: str, job_id: str) -> dict[int, dict[str, Any]]:
+        name = mapping.checkpoint_adapter_name(job_id)
+        return {
+            int(version): read_adapter(self.store, project, name, version).manifest.metrics.model_dump()
+            for version in list_versions(self.store, project, name)
+        }
+
+    def _final_version(self, record: JobRecord) -> AdapterVersion | None:
+        """The version a succeeded job published (promoted or not: its checkpoints stay servable)."""
+        if record.status != "succeeded" or record.adapter_version is None:
+            return None
+        return read_adapter(self.store, record.project, record.adapter_name, record.adapter_version)
 
     # result files: made on first read
 
@@ -284,9 +311,8 @@ class KubeEngine(Engine):
         items += [model_object(r.fine_tuned_model, r.finished_at or r.created_at, project) for r, _ in tuned]
         return {"object": "list", "data": items, "has_more": False}
 
-    def _tuned_model(self, project: str, model_id: str) -> JobRecord | None:
-        if not model_id.startswith("ft:"):
-            return None
+    def _job_of_model(self, project: str, model_id: str) -> JobRecord:
+        """The job whose fine_tuned_model is `model_id` (made or not); 404 for any other id."""
         job_id = model_id.rsplit(":", 1)[-1]
         try:
             body = self._object(project, job_id)
@@ -295,9 +321,34 @@ class KubeEngine(Engine):
         record = kubejobs.job_record(body)
         if record.fine_tuned_model != model_id or kubejobs.model_deleted(body):
             raise not_found("model", model_id, "model")
+        return record
+
+    def _tuned_model(self, project: str, model_id: str) -> JobRecord | None:
+        if not model_id.startswith("ft:"):
+            return None
+        record = self._job_of_model(project, model_id)
         if not record.model_created:
             raise ApiError(404, model_missing_message(model_id, record), param="model", code="model_not_found")
         return record
+
+    def _served_target(self, project: str, model_id: str) -> tuple[JobRecord, str] | None:
+        """The job behind a fine-tuned model or checkpoint id and the name its ModelServer serves it
+        by (the registry's `namespace/name@version`); None for a base model."""
+        checkpoint = mapping.split_checkpoint_model_id(model_id)
+        if checkpoint is None:
+            record = self._tuned_model(project, model_id)
+            if record is None:
+                return None
+            return record, adapter_served_name(project, record.adapter_name, record.adapter_version or "")
+        fine_tuned_model, step = checkpoint
+        record = self._job_of_model(project, fine_tuned_model)
+        name = mapping.checkpoint_adapter_name(record.id)
+        if str(step) in list_versions(self.store, project, name):
+            return record, adapter_served_name(project, name, str(step))
+        final = self._final_version(record)
+        if final is not None and final.manifest.metrics.steps == step:
+            return record, adapter_served_name(project, record.adapter_name, final.version)
+        raise not_found("model", model_id, "model")
 
     def model(self, project: str, model_id: str) -> dict[str, Any]:
         record = self._tuned_model(project, model_id)
@@ -333,7 +384,8 @@ class KubeEngine(Engine):
 
     async def forward(self, project: str, path: str, body: dict[str, Any]) -> Forwarded:
         model = requested_model(body)
-        record = self._tuned_model(project, model)
+        target = self._served_target(project, model)
+        record = target[0] if target else None
         server = self._server_for(project, record.base_model if record else model, model)
         if server.spec.apiKeySecret is not None:
             raise ApiError(
@@ -352,9 +404,7 @@ class KubeEngine(Engine):
             raise ApiError(
                 503, f"ModelServer {name} has no Service yet; retry in a minute", type="server_error"
             ) from None
-        served = default_served_name(server.spec.baseModel)
-        if record is not None:
-            served = adapter_served_name(project, record.adapter_name, record.adapter_version or "")
+        served = target[1] if target else default_served_name(server.spec.baseModel)
         url = f"http://{name}.{namespace}.svc:{SERVER_PORT}"
         try:
             return await proxy(self.http, url, None, served, path, body, model)

@@ -235,7 +235,8 @@ def test_a_succeeded_job_is_a_model_routed_to_its_modelserver(kube_api: KubeApi,
     for name in ADAPTER_FILES:
         (tmp_path / name).write_bytes(b"{}")
     files = {name: tmp_path / name for name in (*ADAPTER_FILES, LOSS_HISTORY_FILE)}
-    version = publish_adapter(store, kube_api.project_a, f"ok-{job.id}", files, {"metrics": {"tokensSeen": 640}})
+    final = {"steps": 10, "tokensSeen": 640, "adapter": {"validationLoss": 0.5, "tokenAccuracy": 0.9}}
+    version = publish_adapter(store, kube_api.project_a, f"ok-{job.id}", files, {"metrics": final})
     adapter = {"name": version.name, "version": version.version, "uri": version.uri, "sha256": version.manifest_sha256}
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     status = {"phase": "Succeeded", "message": "Done", "adapter": {**adapter, "tokensSeen": 640}}
@@ -256,18 +257,31 @@ def test_a_succeeded_job_is_a_model_routed_to_its_modelserver(kube_api: KubeApi,
     models = {m.id: m.owned_by for m in client.models.list()}
     assert models[done.fine_tuned_model] == kube_api.project_a
 
-    # Checkpoints are the run's committed ones in the store, as the trainer writes them.
+    # Checkpoints: those the trainer published as servable adapters (every one it saved), the resume
+    # checkpoints the store still keeps (all an older trainer left), and the final version.
     run = run_prefix(kube_api.project_a, job.id, kube_api.job_object(job.id)["metadata"]["uid"])
     store.put_bytes(f"{run}/step-00000004/manifest.json", b'{"step": 4}')  # older trainers wrote no metrics
     figures = {"trainLoss": 0.5, "validationLoss": 0.75, "tokenAccuracy": 0.8, "tokensSeen": 320}
     store.put_bytes(f"{run}/step-00000008/manifest.json", json.dumps({"step": 8, "metrics": figures}).encode())
     store.put_bytes(f"{run}/step-00000012/trainable.safetensors", b"")  # interrupted: no manifest
+    servable = f"{job.id}-checkpoints"
+    publish_adapter(store, kube_api.project_a, servable, files, {"metrics": {"steps": 2, "trainLoss": 1.25}}, "2")
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
-    assert [c.step_number for c in checkpoints] == [8, 4]
-    assert checkpoints[0].metrics.train_loss == 0.5 and checkpoints[0].metrics.valid_loss == 0.75
-    assert checkpoints[0].metrics.valid_mean_token_accuracy == 0.8 and checkpoints[1].metrics.train_loss is None
-    assert checkpoints[0].fine_tuned_model_checkpoint == f"{done.fine_tuned_model}:ckpt-step-8"
+    assert [c.step_number for c in checkpoints] == [10, 8, 4, 2]
+    assert checkpoints[0].metrics.valid_loss == 0.5 and checkpoints[0].metrics.valid_mean_token_accuracy == 0.9
+    assert checkpoints[1].metrics.train_loss == 0.5 and checkpoints[1].metrics.valid_loss == 0.75
+    assert checkpoints[1].metrics.valid_mean_token_accuracy == 0.8 and checkpoints[2].metrics.train_loss is None
+    assert checkpoints[3].metrics.train_loss == 1.25
+    assert checkpoints[1].fine_tuned_model_checkpoint == f"{done.fine_tuned_model}:ckpt-step-8"
     assert done.fine_tuned_model not in {m.id for m in kube_api.client(KEY_B).models.list()}
+    # A published checkpoint and the final step resolve to a version its ModelServer would serve (there
+    # is none here: the 404 names the ModelServer); a resume-only checkpoint and another step do not.
+    for step, servable_step in ((2, True), (10, True), (8, False), (3, False)):
+        with pytest.raises(openai.NotFoundError) as refused:
+            client.chat.completions.create(
+                model=f"{done.fine_tuned_model}:ckpt-step-{step}", messages=[{"role": "user", "content": "hi"}]
+            )
+        assert ("ModelServer" in refused.value.body["message"]) is servable_step, (step, refused.value.body)
 
     # No ModelServer in the namespace serves its base: a 404 in OpenAI's shape that says what to do.
     with pytest.raises(openai.NotFoundError) as refused:

@@ -212,7 +212,9 @@ class KubeEngine(Engine):
         figures |= self._published_checkpoint_figures(project, job_id)
         if (final := self._final_version(record)) is not None:
             metrics = final.manifest.metrics
-            figures[metrics.steps] = metrics.adapter.model_dump()
+            # The training loss beside it: the last evaluation's (the mean of the steps it followed).
+            last_evaluation = ((metrics.model_extra or {}).get("history") or [{}])[-1]
+            figures[metrics.steps] = {"trainLoss": last_evaluation.get("trainLoss"), **metrics.adapter.model_dump()}
         checkpoints = [
             CheckpointRecord(
                 seq=step, job_id=job_id, step=step, created_at=created, metrics=checkpoint_metrics(step, figures[step])

@@ -71,7 +71,7 @@ def test_a_checkpoint_from_before_typed_results_resumes_and_is_written_back_the_
         (ScoredAnswer("hello", {"exact_match": False}), ScoredAnswer("", {"exact_match": False})),
     )
     assert (state.step, state.best_step, state.history) == (9, 8, history)
-    added_since = {"few_shot_evaluation": None, "train_history": []}
+    added_since = {"few_shot_evaluation": None, "train_history": [], "micro_batches_per_step": None}
     assert json.loads(state.to_json()) == {**json.loads(written_before), **added_since}
 
 

@@ -236,6 +236,7 @@ def test_a_succeeded_job_is_a_model_routed_to_its_modelserver(kube_api: KubeApi,
         (tmp_path / name).write_bytes(b"{}")
     files = {name: tmp_path / name for name in (*ADAPTER_FILES, LOSS_HISTORY_FILE)}
     final = {"steps": 10, "tokensSeen": 640, "adapter": {"validationLoss": 0.5, "tokenAccuracy": 0.9}}
+    final["history"] = [{"epoch": 1, "step": 10, "trainLoss": 0.625, "validationLoss": 0.5, "tokenAccuracy": 0.9}]
     version = publish_adapter(store, kube_api.project_a, f"ok-{job.id}", files, {"metrics": final})
     adapter = {"name": version.name, "version": version.version, "uri": version.uri, "sha256": version.manifest_sha256}
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -269,6 +270,7 @@ def test_a_succeeded_job_is_a_model_routed_to_its_modelserver(kube_api: KubeApi,
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert [c.step_number for c in checkpoints] == [10, 8, 4, 2]
     assert checkpoints[0].metrics.valid_loss == 0.5 and checkpoints[0].metrics.valid_mean_token_accuracy == 0.9
+    assert checkpoints[0].metrics.train_loss == 0.625
     assert checkpoints[1].metrics.train_loss == 0.5 and checkpoints[1].metrics.valid_loss == 0.75
     assert checkpoints[1].metrics.valid_mean_token_accuracy == 0.8 and checkpoints[2].metrics.train_loss is None
     assert checkpoints[3].metrics.train_loss == 1.25

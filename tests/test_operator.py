@@ -638,7 +638,9 @@ def test_a_two_node_job_trains_and_a_deleted_rank_pod_resumes_from_its_checkpoin
     """A real 2-node run (one process per node, gloo): deleting rank 1's pod mid-run restarts
     the group without counting, every rank resumes from the checkpoint, and the job succeeds."""
     data = bench.upload_data("train.jsonl", _dataset())  # 16 training examples, 4 a micro-batch
-    bench.apply(bench.manifest("duo", data, resources={"nodes": 2}, hyperparameters={"epochs": 30}))  # 60 steps
+    # backoffLimit: room for start-up rendezvous failures, which this host's load causes now and then.
+    spec = {"resources": {"nodes": 2}, "hyperparameters": {"epochs": 30}, "scheduling": {"backoffLimit": 6}}
+    bench.apply(bench.manifest("duo", data, **spec))  # 60 steps
     bench.wait_phase("duo", "Running")
     wait_for(lambda: (bench.status("duo").get("progress") or {}).get("step", 0) >= 2, "training under way", timeout=300)
     status = bench.status("duo")
@@ -700,7 +702,8 @@ def test_a_suspended_two_node_job_stops_its_group_and_resumes_it(operator: Opera
     """spec.suspend on a 2-node job: every rank's Job goes, the phase is Suspended; back to false,
     the whole group is created again and resumes from the checkpoint."""
     data = bench.upload_data("train.jsonl", _dataset())
-    bench.apply(bench.manifest("duet", data, resources={"nodes": 2}, hyperparameters={"epochs": 30}))  # 60 steps
+    spec = {"resources": {"nodes": 2}, "hyperparameters": {"epochs": 30}, "scheduling": {"backoffLimit": 6}}
+    bench.apply(bench.manifest("duet", data, **spec))  # 60 steps; backoffLimit as in the test above
     bench.wait_phase("duet", "Running")
     wait_for(
         lambda: (bench.status("duet").get("progress") or {}).get("step", 0) >= 2, "training under way", timeout=300

@@ -130,6 +130,11 @@ class CheckpointStore:
         self.ranks = ranks or Ranks()
         self.sharded = sharded
 
+    @property
+    def saves_here(self) -> bool:
+        """Whether this rank takes part in a save: rank 0 alone, or every rank for the sharded format."""
+        return self.ranks.is_main or self.sharded
+
     def committed_steps(self) -> list[int]:
         return committed_steps(self.store, self.prefix)
 

@@ -244,7 +244,7 @@ class TrainingLoop:
     def save_preempted(self) -> None:
         """Rank 0 saves the state as it stands (checkpointing off or not; every rank for a sharded
         checkpoint) and records the preemption."""
-        if not (self.ranks.is_main or self.checkpoints.sharded):
+        if not self.checkpoints.saves_here:
             return
         with self.preemption.deferred():  # a further SIGTERM must not cut the write short
             if self.saved_step != self.state.step:
@@ -352,7 +352,7 @@ class TrainingLoop:
 
     def _checkpoint(self) -> None:
         """The periodic checkpoint, when checkpointing is on."""
-        if self.spec.checkpointing.everySteps and (self.ranks.is_main or self.checkpoints.sharded):
+        if self.spec.checkpointing.everySteps and self.checkpoints.saves_here:
             self._save()
 
     def _save(self) -> None:

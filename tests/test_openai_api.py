@@ -20,6 +20,8 @@ import yaml
 from tuneloom_dev.apiprocess import ApiProcess
 from tuneloom_dev.seaweedfs import SeaweedFS
 
+from .scratch import scratch_dir
+
 pytestmark = pytest.mark.slow
 
 KEY = "tlk-test-default-not-a-secret"
@@ -91,8 +93,12 @@ class Api:
 
 
 @pytest.fixture(scope="module")
-def api(seaweedfs: SeaweedFS, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
-    work = tmp_path_factory.mktemp("openai-api")
+def api(seaweedfs: SeaweedFS, tiny_model_dir: Path, request: pytest.FixtureRequest) -> Iterator[Api]:
+    with scratch_dir(request, "openai-api") as work:
+        yield from _api(seaweedfs, tiny_model_dir, work)
+
+
+def _api(seaweedfs: SeaweedFS, tiny_model_dir: Path, work: Path) -> Iterator[Api]:
     bucket = f"api-{uuid.uuid4().hex[:10]}"
     seaweedfs.create_bucket(bucket)
     keys_file = work / "keys.json"
@@ -112,6 +118,7 @@ def api(seaweedfs: SeaweedFS, tiny_model_dir: Path, tmp_path_factory: pytest.Tem
         yield Api(process, other_key, str(tiny_model_dir), work)
     finally:
         process.stop()
+        seaweedfs.delete_bucket(bucket)
 
 
 def test_the_openai_fine_tuning_flow_runs_unchanged(api: Api, tmp_path: Path) -> None:
@@ -247,15 +254,14 @@ def _peak_rss_bytes(pid: int) -> int:
     return int(line.split()[1]) * 1024
 
 
-def test_a_one_gigabyte_upload_keeps_the_apis_memory_small(
-    seaweedfs: SeaweedFS, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
-) -> None:
+def test_a_one_gigabyte_upload_keeps_the_apis_memory_small(seaweedfs: SeaweedFS, tmp_path: Path) -> None:
     """Through the SDK to an API process of its own, so its peak RSS is the upload's."""
     data = _write_gigabyte(tmp_path / "large.jsonl")
     size = data.stat().st_size
     bucket = f"api-upload-{uuid.uuid4().hex[:8]}"
     seaweedfs.create_bucket(bucket)
-    work = tmp_path_factory.mktemp("openai-api-upload")
+    work = tmp_path / "api"
+    work.mkdir()
     args = ["--store", f"s3://{bucket}/root", "--api-key-env", "TUNELOOM_TEST_API_KEY", "--state-dir", str(work)]
     process = ApiProcess(args, {**seaweedfs.client_env(), "TUNELOOM_TEST_API_KEY": KEY}, work / "api.log").start()
     try:
@@ -265,6 +271,7 @@ def test_a_one_gigabyte_upload_keeps_the_apis_memory_small(
     finally:
         process.stop()
         data.unlink()
+        seaweedfs.delete_bucket(bucket)  # gives the gigabyte back to the disk the rest of the session uses
     assert uploaded.bytes == size >= GB
     assert peak < MAX_UPLOAD_RSS, f"the API's peak RSS was {peak / 2**20:.0f} MiB during a 1 GB upload"
 

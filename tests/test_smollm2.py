@@ -26,6 +26,8 @@ from tuneloom.openai_api import jobs as api_jobs
 from tuneloom.serving.process import ServingProcess
 from tuneloom.trainer.main import run
 
+from .scratch import scratch_dir
+
 # Three SmolLM2 jobs train in the module fixture, which the per-test timeout also counts.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
@@ -116,8 +118,12 @@ class Runs:
 
 
 @pytest.fixture(scope="module")
-def runs(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Runs:
-    work = tmp_path_factory.mktemp("smollm2")
+def runs(smollm2_dir: Path, request: pytest.FixtureRequest) -> Iterator[Runs]:
+    with scratch_dir(request, "smollm2") as work:
+        yield _train_runs(smollm2_dir, work)
+
+
+def _train_runs(smollm2_dir: Path, work: Path) -> Runs:
     store = str(work / "store")
     questions = _questions(TOPICS)  # 112 examples, about OpenAI's smallest useful file
     sft = _write_jsonl(work / "pirate.jsonl", [_chat(q, pirate(t)) for q, t in questions])
@@ -155,12 +161,12 @@ def runs(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Runs:
 
 
 @pytest.fixture(scope="module")
-def server(runs: Runs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
-    work = tmp_path_factory.mktemp("smollm2-serve")
-    env = {"TUNELOOM_TEST_API_KEY": API_KEY, "TUNELOOM_CACHE_DIR": str(work / "cache")}
-    args = ["--api-key-env", "TUNELOOM_TEST_API_KEY", "--max-model-len", "512", "--served-model-name", "smollm2"]
-    with ServingProcess(runs.model_dir, runs.store, work / "serve.log", args=args, env=env) as process:
-        yield openai.OpenAI(base_url=f"{process.url}/v1", api_key=API_KEY, max_retries=0)
+def server(runs: Runs, request: pytest.FixtureRequest) -> Iterator[openai.OpenAI]:
+    with scratch_dir(request, "smollm2-serve") as work:
+        env = {"TUNELOOM_TEST_API_KEY": API_KEY, "TUNELOOM_CACHE_DIR": str(work / "cache")}
+        args = ["--api-key-env", "TUNELOOM_TEST_API_KEY", "--max-model-len", "512", "--served-model-name", "smollm2"]
+        with ServingProcess(runs.model_dir, runs.store, work / "serve.log", args=args, env=env) as process:
+            yield openai.OpenAI(base_url=f"{process.url}/v1", api_key=API_KEY, max_retries=0)
 
 
 def _answer(client: openai.OpenAI, model: str, question: str) -> str:

@@ -12,9 +12,10 @@ import base64
 import html
 import io
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from matplotlib.figure import Figure
+if TYPE_CHECKING:  # matplotlib is imported by the charts that draw: about 0.4 s of every trainer's start-up
+    from matplotlib.figure import Figure
 
 REPORT_FILE = "report.html"
 # Longer prompts and answers are cut in the page (a data line may hold 4 MiB); the files keep them whole.
@@ -152,6 +153,8 @@ def _loss_section(metrics: Mapping[str, Any], loss_history: Mapping[str, Any] | 
         notes.append(_note("The validation loss curve was not recorded for this version."))
     if not (train or validation):
         return "<h2>Loss curves</h2>" + "".join(notes)
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(8, 3.6))
     axes = figure.add_subplot()
     if train:
@@ -198,6 +201,8 @@ def _metrics_section(metrics: Mapping[str, Any]) -> str:
 
 
 def _bars(metrics: Mapping[str, Any], columns: Sequence[tuple[str, str]], names: Sequence[str]) -> str:
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(8, 3.2))
     axes = figure.add_subplot()
     width = 0.8 / len(columns)

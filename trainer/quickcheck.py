@@ -41,12 +41,18 @@ def _valid_chat(raw: bytes) -> bool:
         messages = _decode_chat(raw).messages
     except msgspec.DecodeError:  # ValidationError is one: a line of another shape
         return False
-    return (
-        bool(messages)
-        and messages[-1].role == "assistant"
-        and all(m.content.strip() and (m.weight is msgspec.UNSET or m.role == "assistant") for m in messages)
-        and any(m.role == "assistant" and m.weight != 0 for m in messages)
-    )
+    if not messages or messages[-1].role != "assistant":
+        return False
+    learned = False  # an assistant message with weight 1 (unset is 1)
+    for message in messages:
+        # `isspace` is `not strip()` without the copy: str.strip removes exactly what isspace matches.
+        if not message.content or message.content.isspace():
+            return False
+        if message.role == "assistant":
+            learned = learned or message.weight != 0
+        elif message.weight is not msgspec.UNSET:
+            return False
+    return learned
 
 
 def quick_check(fmt: str) -> Callable[[bytes], bool] | None:

@@ -15,10 +15,10 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from .errors import ApiError
-from .files import IncomingFile, refuse_purpose
+from .files import FINE_TUNE, IncomingFile, refuse_purpose
 from .interface import Engine
 from .jobs import CreateJobRequest
-from .multipart import read_form
+from .multipart import DROPPED, FileSink, read_form
 
 log = logging.getLogger("tuneloom.api")
 
@@ -114,14 +114,17 @@ def create_app(engine: Engine) -> FastAPI:
         # Read here rather than as UploadFile/Form parameters, which spool the whole body first.
         received: list[IncomingFile] = []
 
-        def receive(filename: str, fields: dict[str, str]) -> IncomingFile:
-            if "purpose" in fields:  # the SDK sends it first: a wrong one is refused before any byte is kept
-                refuse_purpose(fields["purpose"])
+        def receive(filename: str, fields: dict[str, str]) -> FileSink:
+            if fields.get("purpose", FINE_TUNE) != FINE_TUNE:
+                # The SDK sends the purpose first: a wrong one keeps no byte. It is refused once the
+                # body is read, as a client still sending may miss an earlier reply.
+                return DROPPED
             received.append(engine.receive_file(who, filename))
             return received[-1]
 
         try:
             form = await read_form(request, "file", receive)
+            refuse_purpose(form.fields.get("purpose", FINE_TUNE))
             missing = [
                 name
                 for name, absent in (("file", form.file is None), ("purpose", "purpose" not in form.fields))

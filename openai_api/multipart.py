@@ -24,6 +24,12 @@ class FileSink(Protocol):
     def write(self, data: bytes) -> None: ...
 
 
+class _Dropped:
+    def write(self, data: bytes) -> None:
+        pass
+
+
+DROPPED = _Dropped()  # a sink for a file part that is read only to reach the end of the body
 Sink = TypeVar("Sink", bound=FileSink)
 
 

@@ -6,7 +6,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Literal
 
-from fastapi import Depends, FastAPI, File, Form, Header, Request, UploadFile
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -14,13 +15,33 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from .errors import ApiError
+from .files import FINE_TUNE, IncomingFile, refuse_purpose
 from .interface import Engine
 from .jobs import CreateJobRequest
+from .multipart import DROPPED, FileSink, read_form
 
 log = logging.getLogger("tuneloom.api")
 
 INFERENCE_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 OPEN_ROUTES = ("/health", "/metrics")
+# POST /v1/files as the OpenAI SDK's files.create sends it; the route reads the body itself.
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "purpose"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "the JSONL file"},
+                        "purpose": {"type": "string", "enum": ["fine-tune"]},
+                    },
+                }
+            }
+        },
+    }
+}
 
 
 def create_app(engine: Engine) -> FastAPI:
@@ -88,9 +109,34 @@ def create_app(engine: Engine) -> FastAPI:
     def metrics() -> Response:
         return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/files")
-    def upload(who: Project, file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]) -> dict:
-        return engine.upload(who, file.file, file.filename or "", purpose)
+    @app.post("/v1/files", openapi_extra=UPLOAD_BODY)
+    async def upload(who: Project, request: Request) -> dict:
+        # Read here rather than as UploadFile/Form parameters, which spool the whole body first.
+        received: list[IncomingFile] = []
+
+        def receive(filename: str, fields: dict[str, str]) -> FileSink:
+            if fields.get("purpose", FINE_TUNE) != FINE_TUNE:
+                # The SDK sends the purpose first: a wrong one keeps no byte. It is refused once the
+                # body is read, as a client still sending may miss an earlier reply.
+                return DROPPED
+            received.append(engine.receive_file(who, filename))
+            return received[-1]
+
+        try:
+            form = await read_form(request, "file", receive)
+            refuse_purpose(form.fields.get("purpose", FINE_TUNE))
+            missing = [
+                name
+                for name, absent in (("file", form.file is None), ("purpose", "purpose" not in form.fields))
+                if absent
+            ]
+            if missing:
+                message = "; ".join(f"{name}: Field required" for name in missing)
+                raise ApiError(400, f"Invalid request: {message}", param=missing[0])
+            return await run_in_threadpool(engine.finish_upload, received[0], form.fields["purpose"])
+        finally:
+            for incoming in received:
+                incoming.discard()
 
     @app.get("/v1/files")
     def files(

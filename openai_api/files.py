@@ -1,5 +1,5 @@
-"""Uploaded files: streamed to a temporary file, then put in the object store while their lines
-are checked (a file that fails the check is deleted again). A FileIndex holds their records (the
+"""Uploaded files: as they arrive, written to a temporary file, sent to the object store in parts
+and checked in spans of lines; committed to the store only once the check passed. A FileIndex holds their records (the
 local database, or the store itself in Kubernetes mode); the store holds their bytes."""
 
 from __future__ import annotations
@@ -10,16 +10,16 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Any, Protocol
 
 from openai.types import FileObject
 
 from tuneloom.children import die_with_parent
 from tuneloom.storage import ObjectStore
-from tuneloom.trainer.datafile import WHOLE_FILE, Problem, sniff_format
-from tuneloom.trainer.dataspans import check_span, merge_checks, split_spans
+from tuneloom.trainer.datafile import WHOLE_FILE, Problem, Span, sniff_format
+from tuneloom.trainer.dataspans import SpanCheck, SpanCutter, check_span, merge_checks
 from tuneloom.trainer.estimate import available_cores
 
 from .errors import ApiError, bad_request, found
@@ -28,7 +28,6 @@ from .state import FileRecord
 
 FINE_TUNE = "fine-tune"
 RESULTS = "fine-tune-results"
-CHUNK = 1024 * 1024
 CHECK_PROCESSES = min(8, available_cores())  # spans of an upload checked at once
 
 
@@ -66,6 +65,11 @@ class FileIndex(Protocol):
     def delete_file(self, project: str, file_id: str) -> None: ...
 
 
+def refuse_purpose(purpose: str) -> None:
+    if purpose != FINE_TUNE:
+        raise bad_request(f"purpose {purpose!r} is not supported here; use purpose='{FINE_TUNE}'", "purpose")
+
+
 class FileService:
     def __init__(self, index: FileIndex, store: ObjectStore, work_dir: Path, problems_listed: int):
         self.index, self.store, self.work_dir, self.problems_listed = index, store, work_dir, problems_listed
@@ -90,39 +94,9 @@ class FileService:
         """Where the trainer reads the file from."""
         return self.store.describe(record.store_key)
 
-    def upload(
-        self, source: IO[bytes], filename: str, purpose: str, project: str, on_bytes: Callable[[int], None]
-    ) -> FileRecord:
-        """Copies `source` chunk by chunk to a temporary file, then stores it while it is checked:
-        the check runs beside the upload, and a file that fails it is deleted from the store again."""
-        if purpose != FINE_TUNE:
-            raise bad_request(f"purpose {purpose!r} is not supported here; use purpose='{FINE_TUNE}'", "purpose")
-        filename = Path(filename or "upload.jsonl").name  # a client's path never reaches messages or the store
-        with tempfile.NamedTemporaryFile(dir=self.work_dir, prefix="upload-", suffix=".jsonl") as temp:
-            size = 0
-            while chunk := source.read(CHUNK):
-                temp.write(chunk)
-                size += len(chunk)
-                on_bytes(len(chunk))
-            temp.flush()
-            record = self._new_record(filename, purpose, project, size)
-            record.format = sniff_format(temp.name)
-            checks = [
-                self._checker.submit(check_span, temp.name, record.format, filename, span, self.problems_listed)
-                for span in split_spans(temp.name, CHECK_PROCESSES)
-            ]
-            try:
-                self.store.put_file(record.store_key, Path(temp.name), if_absent=True)
-            finally:
-                checked = merge_checks([check.result() for check in checks], self.problems_listed)
-                if checked.problems:
-                    self.store.delete(record.store_key)
-        if checked.problems:
-            message = problems_message(filename, checked.first, checked.problems)
-            raise ApiError(400, message, param="file", code="invalid_file")
-        record.examples = checked.examples
-        self.index.add_file(record)  # after the bytes: a listed file always has content
-        return record
+    def receive(self, filename: str, project: str, on_bytes: Callable[[int], None]) -> IncomingFile:
+        """A fine-tuning file about to arrive, written to with IncomingFile.write."""
+        return IncomingFile(self, Path(filename or "upload.jsonl").name, project, on_bytes)
 
     def add_result(self, project: str, filename: str, content: bytes, file_id: str | None = None) -> FileRecord:
         """A job's result file; `file_id` names it where the id must be known before the file is
@@ -162,3 +136,70 @@ class FileService:
     @staticmethod
     def remove_download(path: Path) -> None:
         shutil.rmtree(path.parent, ignore_errors=True)
+
+
+class IncomingFile:
+    """An upload as it arrives: its bytes go to a temporary file, from there to the store in parts
+    as they are complete, and in spans of whole lines to the checker's processes; `finish` waits
+    for the check and only then commits the object to the store and lists the file."""
+
+    def __init__(self, service: FileService, filename: str, project: str, on_bytes: Callable[[int], None]):
+        self.service, self.filename, self.on_bytes = service, filename, on_bytes
+        self.record = service._new_record(filename, FINE_TUNE, project, 0)
+        # Unbuffered: each write is in the file for the store's threads and the checkers at once.
+        self._temp = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed by discard)
+            dir=service.work_dir, prefix="upload-", suffix=".jsonl", buffering=0
+        )
+        try:
+            self._staged = service.store.stage_file(self.record.store_key, Path(self._temp.name), if_absent=True)
+        except BaseException:
+            self._temp.close()
+            raise
+        self._cutter = SpanCutter()
+        self._checks: list[Future[SpanCheck]] = []
+        self._committed = self._discarded = False
+
+    def write(self, data: bytes) -> None:
+        self._temp.write(data)
+        self.record.bytes += len(data)
+        self.on_bytes(len(data))
+        self._staged.grown(self.record.bytes)
+        self._check(self._cutter.feed(data))
+
+    def _check(self, spans: list[Span]) -> None:
+        if spans and not self._checks:
+            # The first span holds at least one complete line: the first, which sniff_format reads
+            # (unless the file starts with a span of blank lines, which is refused as any format).
+            self.record.format = sniff_format(self._temp.name)
+        submit, listed = self.service._checker.submit, self.service.problems_listed
+        self._checks += [
+            submit(check_span, self._temp.name, self.record.format, self.filename, span, listed) for span in spans
+        ]
+
+    def finish(self, purpose: str) -> FileRecord:
+        """The stored, listed file; an ApiError naming every problem (up to the cap) if it is refused."""
+        try:
+            refuse_purpose(purpose)
+            self._check([self._cutter.finish()])
+            checked = merge_checks([check.result() for check in self._checks], self.service.problems_listed)
+            if checked.problems:
+                message = problems_message(self.filename, checked.first, checked.problems)
+                raise ApiError(400, message, param="file", code="invalid_file")
+            self._staged.commit()
+            self._committed = True
+        finally:
+            self.discard()
+        self.record.examples = checked.examples
+        self.service.index.add_file(self.record)  # after the bytes: a listed file always has content
+        return self.record
+
+    def discard(self) -> None:
+        """Drops what was received unless it was committed; safe to call more than once."""
+        if self._discarded:
+            return
+        self._discarded = True
+        for check in self._checks:
+            check.cancel()
+        if not self._committed:
+            self._staged.abort()
+        self._temp.close()

@@ -9,11 +9,11 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Any, Protocol
 
 from . import jobs as mapping
 from .errors import bad_request, not_found
-from .files import FINE_TUNE, FileIndex, FileService, file_object
+from .files import FINE_TUNE, FileIndex, FileService, IncomingFile, file_object
 from .jobs import CreateJobRequest
 from .metrics import ApiMetrics
 from .objects import listing
@@ -87,9 +87,11 @@ class Engine(ABC):
 
     # files
 
-    def upload(self, project: str, source: IO[bytes], filename: str, purpose: str) -> dict[str, Any]:
-        record = self.files.upload(source, filename, purpose, project, self.metrics.upload_bytes.inc)
-        return file_object(record)
+    def receive_file(self, project: str, filename: str) -> IncomingFile:
+        return self.files.receive(filename, project, self.metrics.upload_bytes.inc)
+
+    def finish_upload(self, incoming: IncomingFile, purpose: str) -> dict[str, Any]:
+        return file_object(incoming.finish(purpose))
 
     def list_files(self, project: str, purpose: str | None, after: str | None, limit: int | None, order: str):
         if order not in ("asc", "desc"):

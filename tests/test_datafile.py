@@ -575,26 +575,35 @@ def test_preference_pairs_are_checked_line_by_line(tmp_path: Path, capsys: pytes
     assert f"{ok}: OK, 1 pair: 2 sequences, input + each answer (preference format)" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("spans", [2, 7, 40])
-def test_spans_checked_side_by_side_find_what_one_check_of_the_file_finds(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spans: int
+@pytest.mark.parametrize("chunk", [1, 5, 64, 10_000])
+def test_spans_cut_as_the_file_arrives_find_what_one_check_of_the_file_finds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
 ) -> None:
     """Blank lines (some only spaces) just before and after span boundaries, bad lines, a long line,
-    a byte order mark and trailing blank lines: the same problems on the same lines."""
+    a byte order mark and trailing blank lines, fed in chunks of every size (a newline at a chunk's
+    end, a cut in the next chunk's first byte): the same problems on the same lines."""
     monkeypatch.setattr(dataspans, "MIN_SPAN_BYTES", 64)
     good = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
     lines = []
     for i in range(60):
         lines.append(good if i % 7 else '{"messages": [{"role": "robot", "content": "hi"}]}')
-        lines += [""] * (i % 3) + ["   "] * (i % 5 == 0)
+        lines += [""] * (i % 3) + ["   "] * (i % 5 == 0) + [" " + good] * (i % 11 == 0)
     lines += ["x" * 300, good, "", "  ", ""]
     path = tmp_path / "d.jsonl"
-    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode())
+    content = b"\xef\xbb\xbf" + "\n".join(lines).encode()
+    path.write_bytes(content)
 
+    cutter = dataspans.SpanCutter()
+    parts = [span for start in range(0, len(content), chunk) for span in cutter.feed(content[start : start + chunk])]
+    parts.append(cutter.finish())
     whole = list(iter_checked(path, max_line_bytes=200))
-    parts = dataspans.split_spans(path, spans)
     side_by_side = [item for span in parts for item in iter_checked(path, max_line_bytes=200, span=span)]
-    assert len(parts) > 1
+    assert len(parts) > 10
+    assert [span.start for span in parts[1:]] == [span.end for span in parts[:-1]]
+    for span in parts[1:]:
+        assert content[span.start : span.start + 1] not in b" \n"
+        assert span.first_line == content[: span.start].count(b"\n") + 1
+        assert span.start - (parts[parts.index(span) - 1].start) >= 64
     assert [str(item) if isinstance(item, Problem) else item.line for item in side_by_side] == [
         str(item) if isinstance(item, Problem) else item.line for item in whole
     ]

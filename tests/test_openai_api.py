@@ -13,10 +13,12 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 import yaml
 
+from tuneloom.storage import S3Store
 from tuneloom_dev.apiprocess import ApiProcess
 from tuneloom_dev.seaweedfs import SeaweedFS
 
@@ -58,8 +60,8 @@ def _write_pairs(path: Path, count: int) -> Path:
 
 
 class Api:
-    def __init__(self, process: ApiProcess, other_key: str, model: str, work: Path):
-        self.process, self.other_key, self.model, self.work = process, other_key, model, work
+    def __init__(self, process: ApiProcess, other_key: str, model: str, work: Path, store: S3Store):
+        self.process, self.other_key, self.model, self.work, self.store = process, other_key, model, work, store
 
     @property
     def client(self) -> openai.OpenAI:
@@ -115,7 +117,7 @@ def _api(seaweedfs: SeaweedFS, tiny_model_dir: Path, work: Path) -> Iterator[Api
     args += ["--state-dir", str(work / "state"), "--max-seq-length", "128", "--serve-max-model-len", "512"]
     process = ApiProcess(args, env, work / "api.log").start()
     try:
-        yield Api(process, other_key, str(tiny_model_dir), work)
+        yield Api(process, other_key, str(tiny_model_dir), work, S3Store(bucket, "root", client=seaweedfs.client()))
     finally:
         process.stop()
         seaweedfs.delete_bucket(bucket)
@@ -288,6 +290,39 @@ def test_a_bad_file_is_refused_naming_every_line(api: Api, tmp_path: Path) -> No
     assert "tickets.jsonl:2: messages[0].role" in message and "tickets.jsonl:3: line: invalid JSON" in message
     assert "and 7 more" in message and refused.value.body["param"] == "file"
     assert "tickets.jsonl" not in {f.filename for f in api.client.files.list().data}
+
+
+def test_a_large_refused_file_leaves_nothing_in_the_store(api: Api, tmp_path: Path) -> None:
+    """Past a store part and a check span (sent and checked while it arrives), a bad last line:
+    refused, and no object, no pending multipart upload, no record."""
+    line = json.dumps({"messages": [{"role": "user", "content": "q" * 500}, {"role": "assistant", "content": "a"}]})
+    bad = tmp_path / "large-bad.jsonl"
+    with bad.open("w") as stream:
+        stream.write((line + "\n") * 40_000 + '{"messages": []}\n')
+    assert bad.stat().st_size > 20 * 2**20
+    stored = list(api.store.list("api/files/"))
+    with pytest.raises(openai.BadRequestError, match=r"large-bad.jsonl:40001: messages: empty") as refused:
+        api.client.files.create(file=bad.open("rb"), purpose="fine-tune")
+    assert refused.value.body["param"] == "file" and "(1 problem)" in refused.value.body["message"]
+    assert list(api.store.list("api/files/")) == stored
+    assert api.store.client.list_multipart_uploads(Bucket=api.store.bucket).get("Uploads", []) == []
+    assert "large-bad.jsonl" not in {f.filename for f in api.client.files.list().data}
+
+
+def test_an_upload_without_its_fields_is_refused_naming_them(api: Api, tmp_path: Path) -> None:
+    data = _write_data(tmp_path / "d.jsonl", 2)
+    with pytest.raises(openai.BadRequestError, match="purpose 'batch' is not supported here") as purpose:
+        api.client.files.create(file=data.open("rb"), purpose="batch")
+    assert purpose.value.body["param"] == "purpose"
+    # The SDK always sends both fields; a hand-made form may not.
+    url, headers = f"{api.client.base_url}files", {"Authorization": f"Bearer {KEY}"}
+    no_purpose = httpx.post(url, headers=headers, files={"file": ("d.jsonl", data.read_bytes())})
+    assert no_purpose.status_code == 400 and no_purpose.json()["error"]["param"] == "purpose"
+    no_file = httpx.post(url, headers=headers, files={"other": ("d.jsonl", b"")}, data={"purpose": "fine-tune"})
+    assert no_file.status_code == 400 and no_file.json()["error"]["param"] == "file"
+    assert "file: Field required" in no_file.json()["error"]["message"]
+    not_a_form = httpx.post(url, headers=headers, json={"purpose": "fine-tune"})
+    assert not_a_form.status_code == 400 and "multipart/form-data" in not_a_form.json()["error"]["message"]
 
 
 def test_requests_that_cannot_run_are_refused_naming_the_parameter(api: Api, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
 from tuneloom.jobfile import parse_job
 from tuneloom.names import is_dns_label
 from tuneloom.openai_api import jobs
+from tuneloom.openai_api.app import create_app
 from tuneloom.openai_api.errors import ApiError
 from tuneloom.openai_api.keys import KeyRing, add_key, key_hash, read_keys_file
 from tuneloom.openai_api.objects import checkpoint_object, event_object, event_seq, job_object, model_object
@@ -281,3 +282,10 @@ def test_the_estimate_before_training_is_an_event_once() -> None:
     assert event.message == "Estimated before training: 8211 tokens, 24 steps, about 49.7 s"
     again = translate({"event": "loading-model", "estimate": estimate}, {"event": "training", "estimate": estimate})
     assert not [e for e in again.events if e.data and "estimate" in e.data]
+
+
+def test_the_upload_route_describes_the_sdks_form() -> None:
+    """The route reads its body itself; its OpenAPI entry still says what files.create sends."""
+    body = create_app(engine=None).openapi()["paths"]["/v1/files"]["post"]["requestBody"]  # type: ignore[arg-type]
+    schema = body["content"]["multipart/form-data"]["schema"]
+    assert schema["required"] == ["file", "purpose"] and schema["properties"]["file"]["format"] == "binary"

@@ -95,6 +95,60 @@ def test_missing_object(store: ObjectStore, tmp_path: Path) -> None:
     assert not _temp_leftovers(tmp_path)
 
 
+def _stage_growing(store: ObjectStore, key: str, source: bytes, growing: Path, *, if_absent: bool = False):
+    """Stages `key` while `growing` is written with `source` in 3 MiB pieces, as an upload arrives."""
+    existed = store.exists(key)
+    staged = store.stage_file(key, growing, if_absent=if_absent)
+    with growing.open("wb", buffering=0) as handle:
+        for start in range(0, len(source), 3 * MIB):
+            handle.write(source[start : start + 3 * MIB])
+            staged.grown(handle.tell())
+            assert store.exists(key) == existed  # nothing is visible before the commit
+    return staged
+
+
+@pytest.mark.parametrize("size", [1000, 8 * MIB, 20 * MIB + 7], ids=["single-put", "one-part", "three-parts"])
+def test_a_file_staged_while_it_grows_appears_whole_at_commit(store: ObjectStore, tmp_path: Path, size: int) -> None:
+    source = os.urandom(size)
+    staged = _stage_growing(store, "files/growing.bin", source, tmp_path / "growing.bin", if_absent=True)
+    staged.commit()
+    assert store.get_bytes("files/growing.bin") == source
+    if isinstance(store, S3Store) and size > 8 * MIB:
+        head = store.client.head_object(Bucket=store.bucket, Key=f"{store.prefix}/files/growing.bin")
+        assert head["ETag"].strip('"').endswith("-3")  # sent in parts as the file grew
+
+
+def test_an_aborted_staged_upload_leaves_nothing(store: ObjectStore, tmp_path: Path) -> None:
+    staged = _stage_growing(store, "files/refused.bin", os.urandom(20 * MIB), tmp_path / "refused.bin")
+    staged.abort()
+    staged.abort()  # as a caller's cleanup may, after its own
+    assert list(store.list()) == []
+    if isinstance(store, S3Store):
+        assert store.client.list_multipart_uploads(Bucket=store.bucket).get("Uploads", []) == []
+    else:
+        assert not _temp_leftovers(tmp_path / "store")
+
+
+def test_a_staged_upload_onto_an_existing_key_is_refused(store: ObjectStore, tmp_path: Path) -> None:
+    store.put_bytes("files/taken.bin", b"original")
+    with pytest.raises(ObjectExistsError):
+        _stage_growing(store, "files/taken.bin", os.urandom(10), tmp_path / "taken.bin", if_absent=True).commit()
+    assert store.get_bytes("files/taken.bin") == b"original"
+
+
+@pytest.mark.parametrize("size", [1000, 8 * MIB + 1], ids=["single-put", "multipart"])
+def test_s3_staged_upload_conditional_commit_is_enforced_by_the_server(s3_root: str, tmp_path: Path, size: int) -> None:
+    bucket, _, prefix = s3_root.removeprefix("s3://").partition("/")
+    store = _RacingS3Store(bucket, prefix)
+    staged = _stage_growing(store, "obj", os.urandom(size), tmp_path / "f.bin", if_absent=True)
+    store.put_bytes("obj", b"original")  # another writer, between the start and the commit
+    with pytest.raises(ObjectExistsError, match="PreconditionFailed"):
+        staged.commit()
+    staged.abort()
+    assert store.get_bytes("obj") == b"original"
+    assert store.client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
 # --- listing and deleting -----------------------------------------------------------------------
 
 

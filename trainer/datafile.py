@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -417,10 +417,13 @@ def iter_checked(
     source: str | None = None,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     span: Span = WHOLE_FILE,
-) -> Iterator[Example | Problem]:
+    quick: Callable[[bytes], bool] | None = None,
+) -> Iterator[Example | Problem | int]:
     """check_file's examples and problems one at a time, in line order: a caller that only counts
     them (an upload's check) holds none of a large file in memory. With a `span`, those of its
-    lines: blank lines at its end are followed by the next span's first line, so they are problems."""
+    lines: blank lines at its end are followed by the next span's first line, so they are problems.
+    A line that `quick` accepts is valid without the checks below and comes as its number alone
+    (`quickcheck`: for a caller that only counts examples)."""
     fmt = str(getattr(fmt, "value", fmt))  # accepts api.DatasetFormat as well as a plain string
     if fmt not in FORMATS:
         raise ValueError(f"unknown dataset format {fmt!r}; must be one of {', '.join(FORMATS)}")
@@ -445,6 +448,9 @@ def iter_checked(
         seen_content = True
         if raw is None:
             yield Problem(source, number, "line", _too_long(size, max_line_bytes))
+            continue
+        if quick is not None and quick(raw):
+            yield number
             continue
         record, problem = _decode(source, number, raw)
         if problem:

@@ -1,6 +1,6 @@
-"""A large JSONL file cut into spans of lines that are checked side by side (one process each),
-with the same problems, on the same line numbers, as one check of the whole file; and the
-checks merged again.
+"""A large JSONL file cut into spans of lines as its bytes arrive, the spans checked side by side
+(one process each) with the same problems, on the same line numbers, as one check of the whole
+file; and the checks merged again.
 
 Each span after the first starts at a non-blank line, so a span that ends in blank lines knows
 content follows them (`datafile.iter_checked`). Never holds more than a chunk of the file.
@@ -9,63 +9,54 @@ content follows them (`datafile.iter_checked`). Never holds more than a chunk of
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import IO
 
-from tuneloom.trainer.datafile import WHOLE_FILE, Problem, Span, iter_checked
+from tuneloom.trainer.datafile import Problem, Span, iter_checked
+from tuneloom.trainer.quickcheck import quick_check
 
-CHUNK = 1024 * 1024
 MIN_SPAN_BYTES = 16 * 1024 * 1024  # below this, a span's own start-up costs more than it saves
+_BLANK_BYTES = b" \t\n\r\x0b\x0c"  # what bytes.strip() removes: a line of only these is blank
 
 
-def split_spans(path: Path | str, count: int) -> list[Span]:
-    """Up to `count` spans of about equal size covering the file, in order."""
-    path = Path(path)
-    size = path.stat().st_size
-    count = min(count, size // MIN_SPAN_BYTES)
-    if count <= 1:
-        return [WHOLE_FILE]
-    with path.open("rb") as handle:
-        found = {_content_line_after(handle, size * k // count) for k in range(1, count)}
-        starts = sorted({0} | {start for start in found if start is not None})
-        first_lines = _line_numbers(handle, starts)
-    ends = [*starts[1:], None]
-    return [Span(start, end, line) for start, end, line in zip(starts, ends, first_lines, strict=True)]
+class SpanCutter:
+    """Cuts a file into spans of at least MIN_SPAN_BYTES while it is written: `feed` takes its
+    bytes in order and returns the spans they complete, `finish` the last one (to the end).
 
+    A span ends just before a line whose first byte is not blank, so that line is not blank; a
+    file with no such line after MIN_SPAN_BYTES stays one span."""
 
-def _content_line_after(handle: IO[bytes], offset: int) -> int | None:
-    """Where the first non-blank line starting at or after `offset` (> 0) starts; None if none does."""
-    handle.seek(offset - 1)
-    _skip_rest_of_line(handle)  # offset - 1 is in the line before, or is its "\n"
-    while True:
-        start = handle.tell()
-        piece = handle.readline(CHUNK)
-        blank = not piece.strip()
-        while piece and blank and not piece.endswith(b"\n"):  # a long line, read a chunk at a time
-            piece = handle.readline(CHUNK)
-            blank = not piece.strip()
-        if not piece:
-            return None
-        if not blank:
-            return start
+    def __init__(self) -> None:
+        self._start, self._first_line = 0, 1  # the open span
+        self._offset = 0  # bytes fed so far
+        self._newlines = 0  # in the bytes fed so far
+        self._ended_in_newline = False  # the last byte fed was "\n"
 
+    def feed(self, data: bytes) -> list[Span]:
+        spans, counted = [], 0  # counted: data[:counted] is in self._newlines
+        if data and self._ended_in_newline and self._may_cut_at(self._offset) and data[0] not in _BLANK_BYTES:
+            spans.append(self._cut(self._offset))
+        search = 0
+        while (newline := data.find(b"\n", max(search, self._start + MIN_SPAN_BYTES - 1 - self._offset))) != -1:
+            search = newline + 1
+            if search < len(data) and data[search] not in _BLANK_BYTES:
+                self._newlines += data.count(b"\n", counted, search)
+                counted = search
+                spans.append(self._cut(self._offset + search))
+        self._newlines += data.count(b"\n", counted)
+        self._offset += len(data)
+        self._ended_in_newline = data.endswith(b"\n") if data else self._ended_in_newline
+        return spans
 
-def _skip_rest_of_line(handle: IO[bytes]) -> None:
-    while (piece := handle.readline(CHUNK)) and not piece.endswith(b"\n"):
-        pass
+    def finish(self) -> Span:
+        return Span(self._start, None, self._first_line)
 
+    def _may_cut_at(self, offset: int) -> bool:
+        return offset - self._start >= MIN_SPAN_BYTES
 
-def _line_numbers(handle: IO[bytes], starts: list[int]) -> list[int]:
-    """The line number at each of `starts` (ascending offsets of line starts)."""
-    handle.seek(0)
-    numbers, newlines, position = [], 0, 0
-    for start in starts:
-        while position < start:
-            chunk = handle.read(min(CHUNK, start - position))
-            newlines += chunk.count(b"\n")
-            position += len(chunk)
-        numbers.append(newlines + 1)
-    return numbers
+    def _cut(self, offset: int) -> Span:
+        """The open span, ended at `offset` (a line start; every newline before it is counted)."""
+        span = Span(self._start, offset, self._first_line)
+        self._start, self._first_line = offset, self._newlines + 1
+        return span
 
 
 @dataclass(frozen=True)
@@ -81,7 +72,7 @@ def check_span(path: str, fmt: str, source: str, span: Span, listed: int) -> Spa
     """The lines of `span` checked as `fmt`, problems named after `source`, the first `listed` of
     them kept; holds none of the file in memory (this runs in a worker process)."""
     examples, first, problems = 0, [], 0
-    for item in iter_checked(path, fmt, source=source, span=span):
+    for item in iter_checked(path, fmt, source=source, span=span, quick=quick_check(fmt)):
         if isinstance(item, Problem):
             problems += 1
             first += [item] if len(first) < listed else []

@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,6 +187,12 @@ class ObjectStore(abc.ABC):
     def put_file(self, key: str, path: Path, *, if_absent: bool = False) -> None:
         """Uploads the file at `path` to `key`."""
 
+    def stage_file(self, key: str, path: Path, *, if_absent: bool = False) -> StagedUpload:
+        """An upload to `key` of the file at `path` while it is still being written (see
+        StagedUpload). Here it is sent whole at commit; a store that can send it in parts as it
+        grows does so."""
+        return _PutAtCommit(self, key, Path(path), if_absent)
+
     @abc.abstractmethod
     def get_bytes(self, key: str) -> bytes:
         """The content of `key`; ObjectNotFoundError if missing."""
@@ -223,6 +229,37 @@ class ObjectStore(abc.ABC):
     @abc.abstractmethod
     def describe(self, key: str = "") -> str:
         """A human-readable URI for `key`, for messages and records."""
+
+
+class StagedUpload(abc.ABC):
+    """An object written from a local file that is still growing: `grown(size)` says its first
+    `size` bytes are final (the store may send them now), `commit()` makes the object appear with
+    put_file's guarantees (`if_absent` included), `abort()` leaves nothing behind. Until commit,
+    readers never see the object."""
+
+    @abc.abstractmethod
+    def grown(self, size: int) -> None: ...
+
+    @abc.abstractmethod
+    def commit(self) -> None: ...
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Drops whatever was sent; safe to call after a failed commit, or twice."""
+
+
+class _PutAtCommit(StagedUpload):
+    def __init__(self, store: ObjectStore, key: str, path: Path, if_absent: bool) -> None:
+        self.store, self.key, self.path, self.if_absent = store, key, path, if_absent
+
+    def grown(self, size: int) -> None:
+        pass  # nothing is sent before the file is complete
+
+    def commit(self) -> None:
+        self.store.put_file(self.key, self.path, if_absent=self.if_absent)
+
+    def abort(self) -> None:
+        pass  # put_file wrote nothing, or all of it atomically
 
 
 def _folder_prefix(prefix: str) -> str:
@@ -590,6 +627,11 @@ class S3Store(ObjectStore):
                 self.client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
             raise
 
+    def stage_file(self, key: str, path: Path, *, if_absent: bool = False) -> StagedUpload:
+        if if_absent and self.exists(key):
+            raise self._exists_error(self._full(key))  # fail fast; the conditional commit is the guarantee
+        return _S3StagedUpload(self, key, Path(path), if_absent)
+
     def get_bytes(self, key: str) -> bytes:
         full = self._full(key)
         with self._errors(full):
@@ -751,6 +793,76 @@ class S3Store(ObjectStore):
             hint = _CREDENTIALS_HINT.format(bucket=self.bucket)
             return StorageError(f"{where}: {code}: {message}; {hint}")
         return StorageError(f"{where}: {code}: {message}; retry later or check the S3 service")
+
+
+class _S3StagedUpload(StagedUpload):
+    """Each `part_size` bytes of the growing file are sent as one part of a multipart upload as
+    soon as they are final, `max_concurrency` at a time; commit sends the rest and completes the
+    upload conditionally. A file that stays under one part is a single PUT at commit."""
+
+    def __init__(self, store: S3Store, key: str, path: Path, if_absent: bool) -> None:
+        self.store, self.key, self.path, self.if_absent = store, key, path, if_absent
+        self.full = store._full(key)
+        self._size = self._sent = 0
+        self._pool = ThreadPoolExecutor(max_workers=store.max_concurrency)
+        self._upload_id: Future[str] | None = None  # created with the first part
+        self._parts: list[Future[dict[str, Any]]] = []
+
+    def grown(self, size: int) -> None:
+        self._size = size
+        while self._size - self._sent >= self.store.part_size:
+            self._send(self.store.part_size)
+
+    def _send(self, length: int) -> None:
+        if len(self._parts) == S3_MAX_PARTS:
+            raise StorageError(
+                f"{self.store.describe(self.key)}: more than {S3_MAX_PARTS} parts of {self.store.part_size} bytes; "
+                "give the store a larger part_size for files this large"
+            )
+        if self._upload_id is None:
+            create = self.store.client.create_multipart_upload
+            self._upload_id = self._pool.submit(lambda: create(Bucket=self.store.bucket, Key=self.full)["UploadId"])
+        number, start = len(self._parts) + 1, self._sent
+        self._parts.append(self._pool.submit(self._upload_part, number, start, length))
+        self._sent += length
+
+    def _upload_part(self, number: int, start: int, length: int) -> dict[str, Any]:
+        assert self._upload_id is not None
+        upload_id = self._upload_id.result()  # submitted first, so it never waits on a part
+        with self.path.open("rb") as handle:
+            data = os.pread(handle.fileno(), length, start)
+        response = self.store.client.upload_part(
+            Bucket=self.store.bucket, Key=self.full, UploadId=upload_id, PartNumber=number, Body=data
+        )
+        return {"PartNumber": number, "ETag": response["ETag"]}
+
+    def commit(self) -> None:
+        extra = {"IfNoneMatch": "*"} if self.if_absent else {}
+        with self.store._errors(self.full):
+            if self._upload_id is None:
+                with self.path.open("rb") as body:
+                    self.store.client.put_object(Bucket=self.store.bucket, Key=self.full, Body=body, **extra)
+            else:
+                if self._size > self._sent:
+                    self._send(self._size - self._sent)
+                parts = [part.result() for part in self._parts]
+                self.store.client.complete_multipart_upload(
+                    Bucket=self.store.bucket,
+                    Key=self.full,
+                    UploadId=self._upload_id.result(),
+                    MultipartUpload={"Parts": parts},
+                    **extra,
+                )
+        self._pool.shutdown()
+
+    def abort(self) -> None:
+        self._pool.shutdown(cancel_futures=True)
+        if self._upload_id is not None:
+            # Uploaded parts are billed until aborted; a failed abort only leaves garbage behind.
+            with suppress(Exception):
+                self.store.client.abort_multipart_upload(
+                    Bucket=self.store.bucket, Key=self.full, UploadId=self._upload_id.result()
+                )
 
 
 class _S3Errors:

@@ -169,6 +169,13 @@ class SeaweedFS:
                     client.delete_objects(Bucket=name, Delete={"Objects": keys})
             client.delete_bucket(Bucket=name)
 
+    @property
+    def pid(self) -> int:
+        """The server's process id (a benchmark counts its CPU time)."""
+        if self._process is None:
+            raise SeaweedFSError("SeaweedFS is not started")
+        return self._process.pid
+
     def start(self) -> SeaweedFS:
         """Starts the server and waits until S3 answers an authenticated request.
 

@@ -37,7 +37,7 @@ from tuneloom.storage import ObjectExistsError, ObjectNotFoundError, open_store
 from . import jobs as mapping
 from . import kubejobs
 from .errors import ApiError, not_found
-from .files import FileService
+from .files import RESULTS, FileService
 from .inference import PROXY_TIMEOUT, adapter_served_name, proxy
 from .interface import Engine, Forwarded, model_missing_message, page_limit, requested_model
 from .keys import KeyRing, KeysFileError, parse_keys
@@ -246,7 +246,13 @@ class KubeEngine(Engine):
             return None
         return read_adapter(self.store, record.project, record.adapter_name, record.adapter_version)
 
-    # result files: made on first read
+    # result files: made on first read, or on the first listing after the job succeeded
+
+    def list_files(self, project: str, purpose: str | None, after: str | None, limit: int | None, order: str):
+        if purpose in (None, RESULTS):
+            for body in self._job_objects(project):
+                self._make_result_file_of(project, body)
+        return super().list_files(project, purpose, after, limit, order)
 
     def file(self, project: str, file_id: str) -> dict[str, Any]:
         self._make_result_file(project, file_id)
@@ -260,14 +266,21 @@ class KubeEngine(Engine):
         """A succeeded job's step-metrics CSV, from the loss history its published version holds, the
         first time its id (in the job's result_files) is read; any other id is left to the file index."""
         job_id = kubejobs.result_file_job(file_id)
-        if job_id is None or self.file_index.file(project, file_id) is not None:
+        if job_id is None:
             return
         try:
             body = self._object(project, job_id)
         except ApiError:
             return  # no job of this project's: the index's 404 for the file
+        self._make_result_file_of(project, body)
+
+    def _make_result_file_of(self, project: str, body: dict[str, Any]) -> None:
+        """The CSV of the FineTuneJob `body`, if it succeeded and has none yet."""
+        file_id = kubejobs.result_file_id(body["metadata"]["name"])
         adapter = read_status(FineTuneJobStatus, body).adapter
         if adapter is None or kubejobs.job_record(body).status != "succeeded":
+            return
+        if self.file_index.file(project, file_id) is not None:
             return
         version = read_adapter(self.store, project, adapter.name, adapter.version)
         history = read_version_file(self.store, version, LOSS_HISTORY_FILE)

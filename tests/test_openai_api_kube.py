@@ -245,6 +245,8 @@ def test_a_succeeded_job_is_a_model_routed_to_its_modelserver(kube_api: KubeApi,
     done = client.fine_tuning.jobs.retrieve(job.id)
     assert done.status == "succeeded" and done.finished_at and done.trained_tokens == 640
     (result,) = done.result_files
+    # Listed before anyone read it, as OpenAI lists a job's result files.
+    assert result in {f.id for f in client.files.list()}
     assert client.files.content(result).text.splitlines() == [
         "step,train_loss,valid_loss,valid_mean_token_accuracy,learning_rate",
         "1,2.5,,,",

@@ -54,7 +54,14 @@ from tuneloom.operator.gang import GroupObservation, observe_group
 from tuneloom.operator.jobbuilder import LABEL_JOB
 from tuneloom.operator.metrics import OperatorMetrics
 from tuneloom.operator.observe import Observation, invalid_input, is_finished, observe, running_pod
-from tuneloom.registry import OverfittingRecord, TrainingMetrics, read_adapter, read_published, run_prefix
+from tuneloom.registry import (
+    OverfittingRecord,
+    TrainingMetrics,
+    read_adapter,
+    read_preemptions,
+    read_published,
+    run_prefix,
+)
 from tuneloom.storage import ObjectStore, StorageError
 from tuneloom.trainer.estimate import run_cost
 
@@ -246,6 +253,8 @@ class FineTuneJobReconciler:
                 return status
         message = "spec.suspend is true: the training pods were deleted; set it to false to resume from the latest "
         message += "checkpoint"
+        if status.phase is not Phase.suspended:
+            self._count_suspend_saves(job, status)
         status.phase, status.message, status.jobName, status.nodes = Phase.suspended, message, None, []
         set_condition(status.conditions, "Suspended", "True", "SpecSuspend", message)
         set_condition(status.conditions, "Running", "False", "Suspended", message)
@@ -377,10 +386,21 @@ class FineTuneJobReconciler:
         status.phase, status.message, status.nodes = Phase.pending, "waiting for the new group's nodes to start", []
         return status
 
+    def _count_suspend_saves(self, job: FineTuneJob, status: FineTuneJobStatus) -> None:
+        """The trainer records the SIGTERM checkpoint of a suspend as a preemption: once its pods are
+        gone, every record not counted yet is the suspend's (a real preemption between the last poll
+        and the suspend would be taken for it too), so the resumed trainer's report counts none."""
+        try:
+            steps = read_preemptions(*self._run_store(job))
+        except (StorageError, ApiException) as exc:
+            log.warning("%s: the trainer's preemption record is unreadable (%s)", job.metadata.name, exc)
+            return
+        status.suspendSaves = max(status.suspendSaves, len(steps) - status.preempted)
+
     def _count_preemptions(self, body: dict[str, Any], status: FineTuneJobStatus, steps: list[int]) -> None:
         """The trainer's own record of its preemptions (a deleted pod leaves no exit code behind to
-        read): one Event for each one not counted yet."""
-        for step in steps[status.preempted :]:
+        read): one Event for each one not counted yet, as a preemption or as a suspend's save."""
+        for step in steps[status.preempted + status.suspendSaves :]:
             post_event(
                 self.core,
                 body,
@@ -388,7 +408,7 @@ class FineTuneJobReconciler:
                 "Preempted",
                 f"the trainer was preempted at step {step} and saved a checkpoint there; the retry resumed from it",
             )
-        status.preempted = max(status.preempted, len(steps))
+        status.preempted = max(status.preempted, len(steps) - status.suspendSaves)
 
     def _succeed(self, body: dict[str, Any], job: FineTuneJob, status: FineTuneJobStatus) -> FineTuneJobStatus:
         try:
@@ -692,11 +712,15 @@ class FineTuneJobReconciler:
             return None  # not serving yet; the next pass tries again
         return record if isinstance(record, dict) else None
 
+    def _run_store(self, job: FineTuneJob) -> tuple[ObjectStore, str]:
+        """The job's object store and the prefix of its run there (checkpoints and records)."""
+        store = open_object_store(self.core, job.metadata.namespace, job.spec.output.uri, job.spec.storage)
+        return store, run_prefix(job.metadata.namespace, job.metadata.name, job.metadata.uid or "local")
+
     def _published(self, job: FineTuneJob) -> tuple[PublishedAdapter, TrainingMetrics]:
         """What the job published and its training figures, read from object storage: the
         manifest is the proof."""
-        store = open_object_store(self.core, job.metadata.namespace, job.spec.output.uri, job.spec.storage)
-        prefix = run_prefix(job.metadata.namespace, job.metadata.name, job.metadata.uid or "local")
+        store, prefix = self._run_store(job)
         record = read_published(store, prefix)
         if record is None:
             raise StorageError(f"{store.describe(prefix)}/published.json is missing")

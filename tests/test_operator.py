@@ -528,6 +528,9 @@ def test_a_suspended_job_stops_at_a_checkpoint_and_resumes_from_it(
     assert status["adapter"]["tokensSeen"] > figures["tokensSeen"]
     metrics = read_adapter(store, bench.namespace, "paused").manifest.metrics
     assert metrics.steps == 120 and metrics.preemptedAtSteps == [stopped_at]
+    # The trainer recorded the suspend's save as it records a preemption; the operator knows better.
+    assert status.get("preempted", 0) == 0 and status["suspendSaves"] == 1, status
+    assert "Preempted" not in [e.reason for e in bench.core.list_namespaced_event(bench.namespace).items]
     (resumed,) = bench.core.list_namespaced_pod(bench.namespace).items
     assert resumed.metadata.uid != pod.metadata.uid
     log = _trainer_log(bench, pod_runner, resumed.metadata.name)
@@ -724,6 +727,7 @@ def test_a_suspended_two_node_job_stops_its_group_and_resumes_it(operator: Opera
     done = bench.wait_phase("duet", "Succeeded", "Failed", timeout=400)
     assert done["phase"] == "Succeeded" and done["progress"]["step"] == 60, done
     assert done.get("groupRestarts", 0) == restarts_before, "suspending and resuming counted as a failure"
+    assert done.get("preempted", 0) == 0 and done["suspendSaves"] >= 1, done
     logs = "".join(_trainer_log(bench, pod_runner, node["pod"]) for node in done["nodes"])
     assert f"resumed from the checkpoint at step {stopped_at} of 60" in logs
 

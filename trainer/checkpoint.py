@@ -31,18 +31,19 @@ from tuneloom.registry import (
     commit_uploaded,
     committed_steps,
     fetch_committed,
+    read_preemptions,
     read_published,
     upload_files,
+    write_preemptions,
     write_published,
 )
-from tuneloom.storage import ObjectNotFoundError, ObjectStore
+from tuneloom.storage import ObjectStore
 from tuneloom.trainer import distributed
 from tuneloom.trainer.distributed import Ranks
 from tuneloom.trainer.evaluate import EvaluationResult
 
 log = logging.getLogger("tuneloom.trainer")
 
-PREEMPTIONS = "preemptions.json"
 WHOLE, SHARDED = "whole", "sharded"
 
 
@@ -226,15 +227,12 @@ class CheckpointStore:
 
     def preempted_steps(self) -> list[int]:
         """The steps at which earlier runs of this job were preempted, oldest first."""
-        try:
-            return json.loads(self.store.get_bytes(f"{self.prefix}/{PREEMPTIONS}"))["steps"]
-        except ObjectNotFoundError:
-            return []
+        return read_preemptions(self.store, self.prefix)
 
     def record_preemption(self, step: int) -> list[int]:
         """Adds `step` to the record (one writer: the job's one running trainer); returns the record."""
         steps = [*self.preempted_steps(), step]
-        self.store.put_bytes(f"{self.prefix}/{PREEMPTIONS}", json.dumps({"steps": steps}).encode())
+        write_preemptions(self.store, self.prefix, steps)
         return steps
 
     def published(self) -> dict[str, Any] | None:

@@ -705,6 +705,12 @@ class FineTuneJobStatus(_Model):
         "checkpoint and was retried from it; each one posts a Preempted Event. Not a failure: the phase stays "
         "Running or Pending.",
     )
+    suspendSaves: int = Field(
+        default=0,
+        ge=0,
+        description="Checkpoints the trainer saved on the SIGTERM of a spec.suspend; the trainer records them "
+        "as it records preemptions, and they are not counted in preempted.",
+    )
     nodes: list[NodeStatus] = Field(
         default_factory=list, description="Multi-node jobs (spec.resources.nodes > 1): each node's pod and state."
     )

@@ -475,6 +475,7 @@ def split_adapter_uri(uri: str) -> tuple[str, AdapterId]:
 # wrote without taking the pod's word for it.
 
 PUBLISHED = "published.json"
+PREEMPTIONS = "preemptions.json"  # the steps at which the trainer saved a checkpoint on SIGTERM
 _STEP_DIR = re.compile(r"^step-(\d+)/")
 
 
@@ -509,3 +510,15 @@ def read_published(store: ObjectStore, prefix: str) -> dict[str, Any] | None:
 
 def write_published(store: ObjectStore, prefix: str, record: Mapping[str, Any]) -> None:
     store.put_bytes(f"{prefix}/{PUBLISHED}", json.dumps(record).encode())
+
+
+def read_preemptions(store: ObjectStore, prefix: str) -> list[int]:
+    """The steps at which earlier runs of the job stopped on SIGTERM and saved a checkpoint, oldest first."""
+    try:
+        return json.loads(store.get_bytes(f"{prefix}/{PREEMPTIONS}"))["steps"]
+    except ObjectNotFoundError:
+        return []
+
+
+def write_preemptions(store: ObjectStore, prefix: str, steps: list[int]) -> None:
+    store.put_bytes(f"{prefix}/{PREEMPTIONS}", json.dumps({"steps": steps}).encode())

@@ -266,8 +266,8 @@ class KubeEngine(Engine):
         """A succeeded job's step-metrics CSV, from the loss history its published version holds, the
         first time its id (in the job's result_files) is read; any other id is left to the file index."""
         job_id = kubejobs.result_file_job(file_id)
-        if job_id is None:
-            return
+        if job_id is None or self.file_index.file(project, file_id) is not None:
+            return  # no kube call for a result file that exists: most reads
         try:
             body = self._object(project, job_id)
         except ApiError:

@@ -574,9 +574,8 @@ class S3Store(ObjectStore):
 
     def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
         full = self._full(key)
-        extra = {"IfNoneMatch": "*"} if if_absent else {}
         with self._errors(full):
-            self.client.put_object(Bucket=self.bucket, Key=full, Body=data, **extra)
+            self.client.put_object(Bucket=self.bucket, Key=full, Body=data, **_only_if_absent(if_absent))
 
     def put_file(self, key: str, path: Path, *, if_absent: bool = False) -> None:
         full = self._full(key)
@@ -591,8 +590,7 @@ class S3Store(ObjectStore):
         with self._errors(full):
             if size < self.multipart_threshold:
                 with path.open("rb") as body:
-                    extra = {"IfNoneMatch": "*"} if if_absent else {}
-                    self.client.put_object(Bucket=self.bucket, Key=full, Body=body, **extra)
+                    self.client.put_object(Bucket=self.bucket, Key=full, Body=body, **_only_if_absent(if_absent))
                 progress(size)
             else:
                 self._put_multipart(full, path, size, if_absent, progress)
@@ -605,27 +603,38 @@ class S3Store(ObjectStore):
         upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=full)["UploadId"]
 
         def upload_part(index: int) -> dict[str, Any]:
-            with path.open("rb") as handle:
-                handle.seek(index * part_size)
-                data = handle.read(part_size)
-            response = self.client.upload_part(
-                Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=index + 1, Body=data
-            )
-            progress(len(data))
-            return {"PartNumber": index + 1, "ETag": response["ETag"]}
+            start = index * part_size
+            part = self._upload_part_of(full, upload_id, path, index + 1, start, min(part_size, size - start))
+            progress(min(part_size, size - start))
+            return part
 
         try:
             with ThreadPoolExecutor(max_workers=min(self.max_concurrency, count)) as pool:
                 parts = list(pool.map(upload_part, range(count)))
-            extra = {"IfNoneMatch": "*"} if if_absent else {}
             self.client.complete_multipart_upload(
-                Bucket=self.bucket, Key=full, UploadId=upload_id, MultipartUpload={"Parts": parts}, **extra
+                Bucket=self.bucket,
+                Key=full,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+                **_only_if_absent(if_absent),
             )
         except BaseException:
-            # Uploaded parts are billed until aborted; a failed abort only leaves garbage behind.
-            with suppress(Exception):
-                self.client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
+            self._abort_multipart(full, upload_id)
             raise
+
+    def _upload_part_of(self, full: str, upload_id: str, path: Path, number: int, start: int, length: int) -> dict:
+        """Part `number` of a multipart upload: `length` bytes of the file at `path` from `start`."""
+        with path.open("rb") as handle:
+            data = os.pread(handle.fileno(), length, start)
+        response = self.client.upload_part(
+            Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=number, Body=data
+        )
+        return {"PartNumber": number, "ETag": response["ETag"]}
+
+    def _abort_multipart(self, full: str, upload_id: str) -> None:
+        # Uploaded parts are billed until aborted; a failed abort only leaves garbage behind.
+        with suppress(Exception):
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
 
     def stage_file(self, key: str, path: Path, *, if_absent: bool = False) -> StagedUpload:
         if if_absent and self.exists(key):
@@ -829,15 +838,10 @@ class _S3StagedUpload(StagedUpload):
     def _upload_part(self, number: int, start: int, length: int) -> dict[str, Any]:
         assert self._upload_id is not None
         upload_id = self._upload_id.result()  # submitted first, so it never waits on a part
-        with self.path.open("rb") as handle:
-            data = os.pread(handle.fileno(), length, start)
-        response = self.store.client.upload_part(
-            Bucket=self.store.bucket, Key=self.full, UploadId=upload_id, PartNumber=number, Body=data
-        )
-        return {"PartNumber": number, "ETag": response["ETag"]}
+        return self.store._upload_part_of(self.full, upload_id, self.path, number, start, length)
 
     def commit(self) -> None:
-        extra = {"IfNoneMatch": "*"} if self.if_absent else {}
+        extra = _only_if_absent(self.if_absent)
         with self.store._errors(self.full):
             if self._upload_id is None:
                 with self.path.open("rb") as body:
@@ -858,11 +862,8 @@ class _S3StagedUpload(StagedUpload):
     def abort(self) -> None:
         self._pool.shutdown(cancel_futures=True)
         if self._upload_id is not None:
-            # Uploaded parts are billed until aborted; a failed abort only leaves garbage behind.
-            with suppress(Exception):
-                self.store.client.abort_multipart_upload(
-                    Bucket=self.store.bucket, Key=self.full, UploadId=self._upload_id.result()
-                )
+            with suppress(Exception):  # the create itself may have failed
+                self.store._abort_multipart(self.full, self._upload_id.result())
 
 
 class _S3Errors:
@@ -895,3 +896,8 @@ def open_store(uri: str, **s3_options: Any) -> ObjectStore:
     if "://" in uri:
         raise StorageError(f"{uri}: unsupported storage URI; use s3://bucket/prefix, file:///abs/path or a path")
     return LocalStore(Path(uri))
+
+
+def _only_if_absent(if_absent: bool) -> dict[str, str]:
+    """The conditional-write argument of put_object and complete_multipart_upload."""
+    return {"IfNoneMatch": "*"} if if_absent else {}

@@ -13,6 +13,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ApiError
 from .files import FINE_TUNE, IncomingFile, refuse_purpose
@@ -44,6 +45,39 @@ UPLOAD_BODY = {
 }
 
 
+class RequestMetrics:
+    """Counts each request by route and code and times it to its first byte. A plain ASGI
+    middleware: Starlette's `@app.middleware("http")` would relay every chunk of a streamed body
+    (an upload, a proxied completion stream) through a task group of its own."""
+
+    def __init__(self, app: ASGIApp, engine: Engine):
+        self.app, self.engine = app, engine
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, counted = time.perf_counter(), False
+
+        def count(code: int) -> None:
+            nonlocal counted
+            counted = True
+            route = getattr(scope.get("route"), "path", "(unmatched)")  # set by the router on this scope
+            self.engine.metrics.requests.labels(route, str(code)).inc()
+            self.engine.metrics.duration.labels(route).observe(time.perf_counter() - started)
+
+        async def send_counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                count(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            if not counted:  # it raised before answering: the server's error handler answers 500
+                count(500)
+
+
 def create_app(engine: Engine) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -66,14 +100,7 @@ def create_app(engine: Engine) -> FastAPI:
 
     Project = Annotated[str, Depends(project)]
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = getattr(request.scope.get("route"), "path", "(unmatched)")
-        engine.metrics.requests.labels(route, str(response.status_code)).inc()
-        engine.metrics.duration.labels(route).observe(time.perf_counter() - started)
-        return response
+    app.add_middleware(RequestMetrics, engine=engine)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:

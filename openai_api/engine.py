@@ -12,7 +12,7 @@ from .errors import ApiError, found, not_found
 from .files import FileService
 from .inference import ServeManager, Target, adapter_served_name
 from .interface import MAX_PAGE, Engine, Forwarded, model_missing_message, page_limit, requested_model
-from .keys import KeyRing
+from .keys import KeyRing, RefreshingKeys, keys_file_version
 from .metrics import ApiMetrics
 from .models import OWNED_BY_BASE, prepared_base_models, resolve_base_model
 from .objects import checkpoint_object, event_object, event_seq, job_object, listing, model_object
@@ -26,7 +26,10 @@ class ApiEngine(Engine):
 
     def __init__(self, settings: ApiSettings):
         self.settings = settings
-        self.keys = KeyRing.load(settings.api_key_env, settings.keys_file)
+        self.keys = RefreshingKeys(
+            lambda: KeyRing.load(settings.api_key_env, settings.keys_file),
+            lambda: keys_file_version(settings.keys_file),
+        )
         root = settings.state_path()
         self.state = State(root / "state.sqlite3")
         self.store = open_store(settings.store)
@@ -38,7 +41,7 @@ class ApiEngine(Engine):
         self.serving = ServeManager(
             self.store.uri,
             root / "serve",
-            self.keys.projects,
+            lambda: self.keys.projects,
             settings.serve_max_model_len,
             settings.serve_startup_timeout_s,
         )
@@ -159,4 +162,4 @@ class ApiEngine(Engine):
         if served is None:
             return Target(resolve_base_model(model), resolve_base_model(model).id)
         job, name = served
-        return Target(resolve_base_model(job.base_model), name)
+        return Target(resolve_base_model(job.base_model), name, job.project)

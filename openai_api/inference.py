@@ -15,7 +15,7 @@ import os
 import secrets
 import signal
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,17 +41,24 @@ class Target:
 
     base: BaseModel
     served_name: str
+    project: str | None = None  # a fine-tuned model's: its server must allow this namespace
 
 
 class ServeManager:
     def __init__(
-        self, store: str, work_dir: Path, projects: list[str], max_model_len: int | None, startup_timeout_s: float
+        self,
+        store: str,
+        work_dir: Path,
+        projects: Callable[[], list[str]],
+        max_model_len: int | None,
+        startup_timeout_s: float,
     ):
         self.store, self.work_dir, self.projects = store, work_dir, projects
         self.max_model_len, self.startup_timeout_s = max_model_len, startup_timeout_s
         # The API's own key for its servers (loopback only): no client reaches them around the API.
         self.key = secrets.token_urlsafe(24)
         self._servers: dict[str, ServingProcess] = {}
+        self._allowed: dict[str, frozenset[str]] = {}  # the projects each server was started for
         self._groups_file = work_dir / "process-groups"
         reap_orphans(self._groups_file)
         self._lock = threading.Lock()
@@ -59,20 +66,32 @@ class ServeManager:
         self._starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="serve-starter")
         self.client = httpx.AsyncClient(timeout=PROXY_TIMEOUT)
 
-    async def server_for(self, base: BaseModel) -> ServingProcess:
+    async def server_for(self, base: BaseModel, project: str | None) -> ServingProcess:
+        """The running server of `base`, started if there is none or if it does not allow
+        `project` (a project whose key was added after it started)."""
         with self._lock:
-            server = self._servers.get(base.id)
-        if server is not None and server.running():
+            server = self._usable(base, project)
+        if server is not None:
             return server
-        return await asyncio.wrap_future(self._starter.submit(self._start, base))
+        return await asyncio.wrap_future(self._starter.submit(self._start, base, project))
 
-    def _start(self, base: BaseModel) -> ServingProcess:
+    def _usable(self, base: BaseModel, project: str | None) -> ServingProcess | None:
+        server = self._servers.get(base.id)
+        if server is None or not server.running():
+            return None
+        return server if project is None or project in self._allowed[base.id] else None
+
+    def _start(self, base: BaseModel, project: str | None) -> ServingProcess:
         with self._lock:
-            running = self._servers.get(base.id)
-        if running is not None and running.running():
-            return running  # started while this request waited its turn
+            usable, running = self._usable(base, project), self._servers.get(base.id)
+        if usable is not None:
+            return usable  # started while this request waited its turn
+        if running is not None:
+            log.info("restarting tuneloom serve for %s to serve project %s", base.id, project)
+            running.stop()
+        allowed = sorted(set(self.projects()) | ({project} if project else set()))
         args = ["--api-key-env", SERVE_KEY_ENV, "--served-model-name", base.id]
-        args += ["--allowed-namespaces", ",".join(self.projects)]
+        args += ["--allowed-namespaces", ",".join(allowed)]
         if self.max_model_len:
             args += ["--max-model-len", str(self.max_model_len)]
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -98,7 +117,7 @@ class ServeManager:
                 code="server_unavailable",
             ) from None
         with self._lock:
-            self._servers[base.id] = server
+            self._servers[base.id], self._allowed[base.id] = server, frozenset(allowed)
             with self._groups_file.open("a") as groups:
                 groups.write(f"{server.process.pid}\n")
         return server
@@ -112,7 +131,7 @@ class ServeManager:
 
     async def forward(self, target: Target, path: str, body: dict[str, Any], client_name: str):
         """vLLM's answer: (status, media type, body or async byte stream)."""
-        server = await self.server_for(target.base)
+        server = await self.server_for(target.base, target.project)
         return await proxy(self.client, server.url, self.key, target.served_name, path, body, client_name)
 
 

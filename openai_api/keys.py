@@ -1,17 +1,23 @@
 """API keys and the project each one belongs to. Only SHA-256 hashes are kept; a presented key is
-hashed and compared with every known hash in constant time."""
+hashed and compared with every known hash in constant time. The keys are read again when their
+source changes, so a key added or revoked takes effect without a restart."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
+import threading
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 
 from tuneloom.names import DNS_LABEL_RULE, is_dns_label
+
+log = logging.getLogger("tuneloom.api")
 
 DEFAULT_PROJECT = "default"
 KEY_PREFIX = "tlk-"
@@ -101,3 +107,42 @@ class KeyRing:
             if hmac.compare_digest(presented, known):
                 found = project
         return found
+
+
+def keys_file_version(path: Path | None) -> Hashable:
+    """What changes when the keys file is written (add_key replaces it): its inode, size and mtime."""
+    try:
+        stat = path.stat() if path is not None else None
+    except OSError:
+        return None
+    return stat and (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+class RefreshingKeys:
+    """The KeyRing that `read` gives, read again whenever `version()` (cheap, asked at every
+    request) differs from the last read's. The first read must succeed; a later one that fails
+    keeps the keys last read, with a warning."""
+
+    def __init__(self, read: Callable[[], KeyRing], version: Callable[[], Hashable]):
+        self.read, self.version = read, version
+        self._lock = threading.Lock()
+        self._read_version = version()
+        self._ring = read()
+
+    def current(self) -> KeyRing:
+        with self._lock:
+            version = self.version()
+            if version != self._read_version:
+                self._read_version = version
+                try:
+                    self._ring = self.read()
+                except KeysFileError as exc:
+                    log.warning("keeping the API keys last read: %s", exc)
+            return self._ring
+
+    @property
+    def projects(self) -> list[str]:
+        return self.current().projects
+
+    def project_of(self, key: str) -> str | None:
+        return self.current().project_of(key)

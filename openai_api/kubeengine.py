@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import threading
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ from .errors import ApiError, not_found
 from .files import RESULTS, FileService
 from .inference import PROXY_TIMEOUT, adapter_served_name, proxy
 from .interface import Engine, Forwarded, model_missing_message, page_limit, requested_model
-from .keys import KeyRing, KeysFileError, parse_keys
+from .keys import KeyRing, KeysFileError, RefreshingKeys, parse_keys
 from .metrics import ApiMetrics
 from .models import OWNED_BY_BASE
 from .objects import checkpoint_object, job_object, listing, model_object, page_after
@@ -55,39 +55,20 @@ FINETUNEJOBS = "finetunejobs"
 KEYS_ENTRY = "keys.json"  # the Secret's data key: the keys file's JSON, {namespace: [sha256, ...]}
 
 
-class SecretKeys:
-    """The keys in a Secret, read again at most every `refresh_s`, so a key added or revoked there
-    takes effect without a restart. A Secret that cannot be read keeps the keys last read."""
-
-    def __init__(self, core: k8s.CoreV1Api, secret: str, refresh_s: float):
-        namespace, _, name = secret.partition("/")
-        self.core, self.namespace, self.name, self.refresh_s = core, namespace, name, refresh_s
-        self._lock = threading.Lock()
-        self._ring, self._read_at = self._read(), time.monotonic()
-
-    def _read(self) -> KeyRing:
-        source = f"Secret {self.namespace}/{self.name}"
-        try:
-            data = read_secret(self.core, self.namespace, self.name)
-        except ApiException as exc:
-            raise KeysFileError(f"{source} (--keys-secret) cannot be read: {exc.status} {exc.reason}") from None
-        if data is None or KEYS_ENTRY not in data:
-            raise KeysFileError(
-                f"{source} has no {KEYS_ENTRY!r}; create it from a keys file made by `tuneloom api new-key`: "
-                f"kubectl create secret generic {self.name} -n {self.namespace} --from-file={KEYS_ENTRY}=KEYS_FILE"
-            )
-        return KeyRing.of(parse_keys(data[KEYS_ENTRY], source))
-
-    def project_of(self, key: str) -> str | None:
-        with self._lock:
-            if time.monotonic() - self._read_at > self.refresh_s:
-                try:
-                    self._ring = self._read()
-                except KeysFileError as exc:
-                    log.warning("keeping the API keys last read: %s", exc)
-                self._read_at = time.monotonic()
-            ring = self._ring
-        return ring.project_of(key)
+def read_secret_keys(core: k8s.CoreV1Api, secret: str) -> KeyRing:
+    """The keys in the Secret `secret` (NAMESPACE/NAME), from its `keys.json`."""
+    namespace, _, name = secret.partition("/")
+    source = f"Secret {namespace}/{name}"
+    try:
+        data = read_secret(core, namespace, name)
+    except ApiException as exc:
+        raise KeysFileError(f"{source} (--keys-secret) cannot be read: {exc.status} {exc.reason}") from None
+    if data is None or KEYS_ENTRY not in data:
+        raise KeysFileError(
+            f"{source} has no {KEYS_ENTRY!r}; create it from a keys file made by `tuneloom api new-key`: "
+            f"kubectl create secret generic {name} -n {namespace} --from-file={KEYS_ENTRY}=KEYS_FILE"
+        )
+    return KeyRing.of(parse_keys(data[KEYS_ENTRY], source))
 
 
 class KubeEngine(Engine):
@@ -102,7 +83,11 @@ class KubeEngine(Engine):
                 f"--kubernetes: no cluster to talk to ({exc}); run in a pod or set KUBECONFIG"
             ) from None
         self.core, self.custom = k8s.CoreV1Api(self.client), k8s.CustomObjectsApi(self.client)
-        self.keys = SecretKeys(self.core, settings.keys_secret, settings.keys_refresh_s)
+        # A watch would need `list` and `watch` on Secrets; a read every keys_refresh_s needs `get` on one.
+        self.keys = RefreshingKeys(
+            lambda: read_secret_keys(self.core, settings.keys_secret),
+            lambda: int(time.monotonic() // settings.keys_refresh_s),
+        )
         self.store = open_store(settings.store)
         self.file_index = StoreFileIndex(self.store)
         work = settings.state_path() / "tmp"
@@ -402,15 +387,8 @@ class KubeEngine(Engine):
         target = self._served_target(project, model)
         record = target[0] if target else None
         server = self._server_for(project, record.base_model if record else model, model)
-        if server.spec.apiKeySecret is not None:
-            raise ApiError(
-                503,
-                f"ModelServer {server.metadata.name} requires its own API key, which this API does not hold; "
-                "unset its spec.apiKeySecret (the API authenticates clients) to serve through it",
-                type="server_error",
-                code="server_unavailable",
-            )
         name, namespace = server.metadata.name, server.metadata.namespace
+        key = self._modelserver_key(server)
         try:
             self.core.read_namespaced_service(name, namespace, _preload_content=False)
         except ApiException as exc:
@@ -422,9 +400,33 @@ class KubeEngine(Engine):
         served = target[1] if target else default_served_name(server.spec.baseModel)
         url = f"http://{name}.{namespace}.svc:{SERVER_PORT}"
         try:
-            return await proxy(self.http, url, None, served, path, body, model)
+            answer = await proxy(self.http, url, key, served, path, body, model)
         except httpx.TransportError:
             raise ApiError(503, f"ModelServer {name} did not answer; retry in a minute", type="server_error") from None
+        if answer[0] == 401:
+            raise _modelserver_key_error(name, f"refused the key in ${self.settings.modelserver_key_env}")
+        return answer
+
+    def _modelserver_key(self, server: ModelServer) -> str | None:
+        """The key for a ModelServer that requires one (spec.apiKeySecret): the API's own, read
+        from its environment (a Secret the chart maps in), never from the ModelServer's Secret."""
+        if server.spec.apiKeySecret is None:
+            return None
+        variable = self.settings.modelserver_key_env
+        key = os.environ.get(variable, "") if variable else ""
+        if not key:
+            raise _modelserver_key_error(server.metadata.name, "requires an API key and this API was given none")
+        return key
+
+
+def _modelserver_key_error(name: str, what: str) -> ApiError:
+    return ApiError(
+        503,
+        f"ModelServer {name} {what}: put the same key in the API's api.modelServerKeySecret (the chart's value; "
+        "--modelserver-key-env) and in the ModelServer's spec.apiKeySecret, or unset spec.apiKeySecret",
+        type="server_error",
+        code="server_unavailable",
+    )
 
 
 def _is_job_name(job_id: str) -> bool:

@@ -28,7 +28,9 @@ class ApiSettings(BaseModel):
     keys_secret: str | None = Field(
         default=None, description="Kubernetes mode: NAMESPACE/NAME of the Secret whose `keys.json` maps keys"
     )
-    keys_refresh_s: float = Field(default=30.0, gt=0, description="Kubernetes mode: seconds between Secret reads")
+    keys_refresh_s: float = Field(
+        default=30.0, gt=0, description="Kubernetes mode: seconds between reads of the keys' Secret"
+    )  # a keys file is read again whenever it changes
     job_s3_endpoint: str | None = Field(
         default=None, description="Kubernetes mode: each FineTuneJob's spec.storage.endpoint; unset: AWS"
     )
@@ -36,6 +38,12 @@ class ApiSettings(BaseModel):
         default=None,
         description="Kubernetes mode: each FineTuneJob's spec.storage.credentialsSecret, a Secret in the project's "
         "namespace with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; unset: the training pod's own identity",
+    )
+
+    modelserver_key_env: str | None = Field(
+        default=None,
+        description="Kubernetes mode: variable holding the key the API sends to ModelServers that set "
+        "spec.apiKeySecret (their Secrets hold the same key); unset: such ModelServers are not reachable",
     )
 
     def state_path(self) -> Path:

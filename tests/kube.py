@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-import yaml
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
@@ -112,19 +111,3 @@ def install_crds(cluster: KubeCluster, api: k8s.ApiClient, plurals: list[str]) -
             return any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or [])
 
         wait_for(established, f"the {plural} CRD to be established")
-
-
-def service_account_kubeconfig(
-    cluster: KubeCluster, core: k8s.CoreV1Api, namespace: str, account: str, dest: Path
-) -> Path:
-    """A kubeconfig of the cluster that acts as the ServiceAccount (a fresh token of it), so a
-    process run with it has exactly the RBAC that account is bound to."""
-    token = core.create_namespaced_service_account_token(
-        account, namespace, {"spec": {"expirationSeconds": 7200}}
-    ).status.token
-    admin = yaml.safe_load(cluster.kubeconfig.read_text())
-    admin["users"] = [{"name": account, "user": {"token": token}}]
-    for context in admin["contexts"]:
-        context["context"]["user"] = account
-    dest.write_text(yaml.safe_dump(admin))
-    return dest

@@ -216,11 +216,23 @@ def test_api_render_is_its_deployment_service_and_least_privilege_account(helm: 
     assert env["TUNELOOM_S3_ENDPOINT"]["value"] == "http://s3:8333"
     assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {"name": "s3", "key": "AWS_ACCESS_KEY_ID"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert args.modelserver_key_env is None and "TUNELOOM_API_MODELSERVER_KEY" not in env
     (service,) = by_kind(api, "Service")
     assert service["spec"]["ports"] == [{"name": "http", "port": 8080, "targetPort": "http"}]
     assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     operator_pod = by_kind(render(helm), "Deployment")[0]["spec"]["template"]["metadata"]["labels"]
     assert not service["spec"]["selector"].items() <= operator_pod.items(), "the API's Service selects the operator"
+
+
+def test_api_holds_the_modelservers_key_from_its_own_secret(helm: Path) -> None:
+    objects = render(helm, **API_VALUES, **{"api.modelServerKeySecret.name": "server-key"})
+    (deployment,) = [obj for obj in by_kind(objects, "Deployment") if obj["metadata"]["name"].endswith("-api")]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    variable = build_parser().parse_args(container["command"][1:]).modelserver_key_env
+    (item,) = [item for item in container["env"] if item["name"] == variable]
+    assert item["valueFrom"]["secretKeyRef"] == {"name": "server-key", "key": "api-key"}
+    rules = [rule for obj in objects if obj["kind"] in ("Role", "ClusterRole") for rule in obj.get("rules", [])]
+    assert not any("server-key" in rule.get("resourceNames", []) for rule in rules), "the kubelet maps it, not RBAC"
 
 
 def test_api_needs_a_store(helm: Path) -> None:

@@ -264,6 +264,63 @@ def test_a_pod_dns_name_in_a_command_becomes_that_pods_address(
     )
 
 
+def test_a_pod_acts_as_its_service_account(api: k8s.ApiClient, pod_runner: PodRunner | None, namespace: str) -> None:
+    """As the kubelet mounts a ServiceAccount token: a Pod has its account's RBAC and no more, and
+    a Pod that opts out of the token has no credentials at all."""
+    if pod_runner is None:
+        pytest.skip("the pod runner's stand-in for the kubelet's token; real Pods mount one")
+    core, rbac = k8s.CoreV1Api(api), k8s.RbacAuthorizationV1Api(api)
+    core.create_namespaced_service_account(namespace, {"metadata": {"name": "reader"}})
+    core.create_namespaced_config_map(namespace, {"metadata": {"name": "shared"}, "data": {"word": "visible"}})
+    rule = {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}
+    rbac.create_namespaced_role(namespace, {"metadata": {"name": "reader"}, "rules": [rule]})
+    binding = {
+        "metadata": {"name": "reader"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "reader"},
+        "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": namespace}],
+    }
+    rbac.create_namespaced_role_binding(namespace, binding)
+    script = (
+        "import os\n"
+        "from kubernetes import client, config\n"
+        "if 'KUBECONFIG' not in os.environ:\n"
+        "    print('no credentials', flush=True); raise SystemExit\n"
+        "config.load_kube_config(); core = client.CoreV1Api()\n"
+        f"word = core.read_namespaced_config_map('shared', '{namespace}').data['word']\n"
+        "try:\n"
+        f"    core.list_namespaced_secret('{namespace}'); secrets = 'listed'\n"
+        "except client.ApiException as error:\n"
+        "    secrets = error.status\n"
+        "print(word, secrets, flush=True)\n"
+    )
+    reader = {"serviceAccountName": "reader", "containers": [pod_container("main", ["python", "-c", script])]}
+    create_pod(core, namespace, "as-reader", reader)
+    opted_out = {"automountServiceAccountToken": False, "containers": [pod_container("main", ["python", "-c", script])]}
+    create_pod(core, namespace, "no-token", opted_out)
+    for pod, printed in (("as-reader", "visible 403"), ("no-token", "no credentials")):
+        wait_for(lambda pod=pod: read_pod(core, namespace, pod).status.phase in ("Succeeded", "Failed"), f"pod {pod}")
+        assert pod_log(core, pod_runner, namespace, pod, "main").strip() == printed
+
+
+def test_only_its_own_address_is_local_to_a_pod(
+    api: k8s.ApiClient, pod_runner: PodRunner | None, namespace: str
+) -> None:
+    """torchrun's agent hosts the c10d rendezvous store where the endpoint is its own address: on
+    the runner, whose Pods all have loopback addresses, only the Pod's own one may count."""
+    if pod_runner is None:
+        pytest.skip("the pod runner's stand-in for a Pod's own address; real Pods have one")
+    script = (
+        "import os\n"
+        "from torch.distributed.elastic.rendezvous import c10d_rendezvous_backend as backend\n"
+        "own, other = os.environ['TUNELOOM_POD_IP'], '127.0.0.254'\n"
+        "print(backend._matches_machine_hostname(own), backend._matches_machine_hostname(other), flush=True)\n"
+    )
+    core = k8s.CoreV1Api(api)
+    create_pod(core, namespace, "rank-0", {"containers": [pod_container("main", ["python", "-c", script])]})
+    wait_for(lambda: read_pod(core, namespace, "rank-0").status.phase in ("Succeeded", "Failed"), "pod rank-0")
+    assert pod_log(core, pod_runner, namespace, "rank-0", "main").strip() == "True False"
+
+
 def test_a_service_name_reaches_a_ready_pod_behind_it(
     api: k8s.ApiClient, pod_runner: PodRunner | None, namespace: str
 ) -> None:

@@ -54,6 +54,8 @@ CHART = ROOT / "charts" / "tuneloom"
 GROUP, VERSION = "tuneloom.dev", "v1alpha1"
 API_KEY = "tlk-e2e-team-not-a-secret"
 API_KEYS_SECRET = "tuneloom-api-keys"
+# examples/modelserver.yaml's Secret: the key its server requires, which the API holds too.
+SERVER_KEY_SECRET, SERVER_KEY = "tuneloom-api-key", "e2e-server-key-not-a-secret"
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,8 @@ def stack(
     for name in (namespace, system_ns):
         core.create_namespace({"metadata": {"name": name}})
         core.create_namespaced_secret(name, {"metadata": {"name": "s3-credentials"}, "stringData": credentials})
+        server_key = {"metadata": {"name": SERVER_KEY_SECRET}, "stringData": {"api-key": SERVER_KEY}}
+        core.create_namespaced_secret(name, server_key)
     # The API's keys: one key, whose project is the team's namespace.
     keys = {
         "metadata": {"name": API_KEYS_SECRET},
@@ -188,6 +192,7 @@ def stack(
         "api.store": f"s3://{bucket}/registry",
         "api.keysSecret": API_KEYS_SECRET,
         "api.jobStorageSecret": "s3-credentials",
+        "api.modelServerKeySecret.name": SERVER_KEY_SECRET,
         "api.maxSeqLength": _hyperparameters(scenario)["maxSeqLength"],
         "objectStorage.endpoint": seaweedfs.endpoint,
         "objectStorage.credentialsSecret": "s3-credentials",
@@ -250,7 +255,6 @@ def base_model(stack: Stack, seaweedfs: SeaweedFS, scenario: Scenario) -> BaseMo
         extraArgs=["--max-model-len=1024"],
         storage={"uri": f"s3://{stack.bucket}/registry", **_connection(seaweedfs)},
     )
-    server["spec"].pop("apiKeySecret")
     stack.apply(server)
     return BaseModel(uri, scenario.model_dir.name)
 
@@ -295,7 +299,7 @@ def test_fine_tune_serve_and_watch_the_whole_loop(
 
     pod_name = wait_for(ready_pod, "the ModelServer's pod to be ready", 600)
     pod_ip = k8s.CoreV1Api(stack.api).read_namespaced_pod(pod_name, stack.namespace).status.pod_ip
-    client = openai.OpenAI(base_url=f"http://{pod_ip}:8000/v1", api_key="none", max_retries=0)
+    client = openai.OpenAI(base_url=f"http://{pod_ip}:8000/v1", api_key=SERVER_KEY, max_retries=0)
     loaded = f"{stack.namespace}/support-tickets@{published.version}"
     wait_for(lambda: loaded in {m.id for m in client.models.list().data}, "the adapter to be preloaded", 120)
 

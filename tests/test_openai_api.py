@@ -385,6 +385,23 @@ def test_keys_and_projects(api: Api, tmp_path: Path) -> None:
     assert KEY not in api.process.log_path.read_text() and api.other_key not in api.process.log_path.read_text()
 
 
+def test_a_key_added_or_revoked_takes_effect_without_a_restart(api: Api) -> None:
+    keys_file = api.work / "keys.json"
+    before = keys_file.read_text()
+    made = subprocess.run(
+        [sys.executable, "-I", "-m", "tuneloom.cli", "api", "new-key", "--project", "team-c", "--keys-file", keys_file],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    new_project = api.process.client(made.stdout.strip())
+    assert new_project.files.list().data == []  # the running API knows the new key at once
+    keys_file.write_text(before)  # revoked: the file as it was
+    with pytest.raises(openai.AuthenticationError):
+        new_project.files.list()
+    assert api.process.client(api.other_key).files.list().data == []  # the keys still there still work
+
+
 def test_cancel_stops_the_trainer(api: Api, tmp_path: Path) -> None:
     file = api.client.files.create(file=_write_data(tmp_path / "d.jsonl", 40).open("rb"), purpose="fine-tune")
     job = api.client.fine_tuning.jobs.create(

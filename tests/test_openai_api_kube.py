@@ -23,10 +23,11 @@ from tuneloom.operator.common import post_event
 from tuneloom.registry import ADAPTER_FILES, LOSS_HISTORY_FILE, publish_adapter, run_prefix
 from tuneloom.storage import S3Connection, open_store
 from tuneloom_dev.apiprocess import ApiProcess
+from tuneloom_dev.cluster import service_account_kubeconfig
 from tuneloom_dev.helm import ensure_helm
 from tuneloom_dev.seaweedfs import SeaweedFS
 
-from .kube import KubeCluster, install_crds, kubectl, service_account_kubeconfig
+from .kube import KubeCluster, install_crds, kubectl
 from .test_chart import by_kind, run_helm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,7 +107,7 @@ def kube_api(
     (account,) = by_kind(rbac, "ServiceAccount")
     work = tmp_path_factory.mktemp("kube-api")
     kubeconfig = service_account_kubeconfig(
-        kube_cluster, core, release_ns, account["metadata"]["name"], work / "kubeconfig"
+        core, kube_cluster.kubeconfig, release_ns, account["metadata"]["name"], work / "kubeconfig"
     )
     args = ["--kubernetes", "--store", store, "--keys-secret", f"{release_ns}/api-keys"]
     args += ["--state-dir", str(work / "state"), "--max-seq-length", "128"]
@@ -297,3 +298,26 @@ def test_a_succeeded_job_is_a_model_routed_to_its_modelserver(kube_api: KubeApi,
     assert client.models.delete(done.fine_tuned_model).deleted
     assert done.fine_tuned_model not in {m.id for m in client.models.list()}
     assert client.fine_tuning.jobs.retrieve(job.id).status == "succeeded"
+
+
+def test_a_modelserver_that_requires_a_key_the_api_lacks_is_a_503_saying_what_to_set(kube_api: KubeApi) -> None:
+    server = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "ModelServer",
+        "metadata": {"name": "secured"},
+        "spec": {
+            "baseModel": BASE,
+            "apiKeySecret": {"name": "tuneloom-api-key", "key": "api-key"},
+            "storage": {"uri": kube_api.store},
+        },
+    }
+    kube_api.custom.create_namespaced_custom_object(GROUP, VERSION, kube_api.project_b, "modelservers", server)
+    try:
+        with pytest.raises(openai.InternalServerError) as refused:
+            kube_api.client(KEY_B).chat.completions.create(model=BASE, messages=[{"role": "user", "content": "hi"}])
+        error = refused.value.body
+        assert refused.value.status_code == 503 and error["code"] == "server_unavailable", error
+        assert "ModelServer secured requires an API key" in error["message"]
+        assert "api.modelServerKeySecret" in error["message"] and "--modelserver-key-env" in error["message"]
+    finally:
+        kube_api.custom.delete_namespaced_custom_object(GROUP, VERSION, kube_api.project_b, "modelservers", "secured")

@@ -3,9 +3,12 @@ to events, and the objects' shapes checked against the `openai` package's own ty
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 from pathlib import Path
+from types import SimpleNamespace
+from typing import ClassVar
 
 import pytest
 from openai.types import Model
@@ -14,10 +17,11 @@ from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
 
 from tuneloom.jobfile import parse_job
 from tuneloom.names import is_dns_label
-from tuneloom.openai_api import jobs
+from tuneloom.openai_api import inference, jobs
 from tuneloom.openai_api.app import create_app
 from tuneloom.openai_api.errors import ApiError
-from tuneloom.openai_api.keys import KeyRing, add_key, key_hash, read_keys_file
+from tuneloom.openai_api.keys import KeyRing, RefreshingKeys, add_key, key_hash, keys_file_version, read_keys_file
+from tuneloom.openai_api.models import BaseModel
 from tuneloom.openai_api.objects import checkpoint_object, event_object, event_seq, job_object, model_object
 from tuneloom.openai_api.progress import promotion_event, result_csv, translate
 from tuneloom.openai_api.runner import failure
@@ -289,3 +293,60 @@ def test_the_upload_route_describes_the_sdks_form() -> None:
     body = create_app(engine=None).openapi()["paths"]["/v1/files"]["post"]["requestBody"]  # type: ignore[arg-type]
     schema = body["content"]["multipart/form-data"]["schema"]
     assert schema["required"] == ["file", "purpose"] and schema["properties"]["file"]["format"] == "binary"
+
+
+class _RecordedServer:
+    """Stands in for ServingProcess: records the arguments each start was given."""
+
+    started: ClassVar[list[_RecordedServer]] = []
+
+    def __init__(self, base_model: Path, store: str, log_path: Path, **options: object):
+        self.args, self.stopped, self.process = options["args"], False, SimpleNamespace(pid=2**22 + 1)
+
+    def start(self) -> _RecordedServer:
+        _RecordedServer.started.append(self)
+        return self
+
+    def running(self) -> bool:
+        return not self.stopped
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    @property
+    def allowed(self) -> str:
+        return self.args[self.args.index("--allowed-namespaces") + 1]
+
+
+def test_a_server_restarts_for_a_project_whose_key_came_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(inference, "ServingProcess", _RecordedServer)
+    monkeypatch.setattr(_RecordedServer, "started", [])
+    projects = ["default"]
+    manager = inference.ServeManager("file:///store", tmp_path, lambda: list(projects), None, 60.0)
+    base = BaseModel("tiny", tmp_path)
+    try:
+        first = asyncio.run(manager.server_for(base, None))
+        assert asyncio.run(manager.server_for(base, "default")) is first and first.allowed == "default"
+        projects.append("team-c")  # a key added while the server runs
+        assert asyncio.run(manager.server_for(base, None)) is first  # a base model needs no restart
+        second = asyncio.run(manager.server_for(base, "team-c"))
+        assert first.stopped and second.allowed == "default,team-c" and len(_RecordedServer.started) == 2
+        assert asyncio.run(manager.server_for(base, "team-c")) is second
+    finally:
+        manager.close()
+
+
+def test_keys_are_read_again_when_the_file_changes_and_kept_when_it_breaks(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    keys_file = tmp_path / "keys.json"
+    first = add_key(keys_file, "team-a")
+    keys = RefreshingKeys(lambda: KeyRing.load(None, keys_file), lambda: keys_file_version(keys_file))
+    assert keys.project_of(first) == "team-a"
+    second = add_key(keys_file, "team-b")
+    assert keys.project_of(second) == "team-b" and keys.projects == ["team-a", "team-b"]
+    keys_file.write_text("{not json")
+    assert keys.project_of(second) == "team-b"  # the keys last read, with a warning that says why
+    assert "keeping the API keys last read" in caplog.text and "keys.json" in caplog.text

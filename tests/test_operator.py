@@ -26,9 +26,10 @@ from kubernetes.client.exceptions import ApiException
 from tuneloom.net import free_port
 from tuneloom.registry import checkpoint_manifest, committed_steps, read_adapter, run_prefix
 from tuneloom.storage import open_store
+from tuneloom_dev.cluster import service_account_kubeconfig
 from tuneloom_dev.seaweedfs import SeaweedFS
 
-from .kube import KubeCluster, install_crds, kubectl, service_account_kubeconfig, wait_for
+from .kube import KubeCluster, install_crds, kubectl, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 GROUP, VERSION, PLURAL = "tuneloom.dev", "v1alpha1", "finetunejobs"
@@ -69,7 +70,7 @@ def _operator_kubeconfig(cluster: KubeCluster, api: k8s.ApiClient, dest: Path) -
         except ApiException as exc:
             if exc.status != 409:
                 raise
-    return service_account_kubeconfig(cluster, core, OPERATOR_NAMESPACE, "tuneloom-operator", dest)
+    return service_account_kubeconfig(core, cluster.kubeconfig, OPERATOR_NAMESPACE, "tuneloom-operator", dest)
 
 
 @dataclass

@@ -93,6 +93,7 @@ def _api(args: argparse.Namespace) -> int:
         "keys_secret": args.keys_secret,
         "job_s3_endpoint": args.job_s3_endpoint,
         "job_storage_secret": args.job_storage_secret,
+        "modelserver_key_env": args.modelserver_key_env,
     }
     return serve(ApiSettings(**{k: v for k, v in settings.items() if v is not None}))
 
@@ -252,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--keys-secret", help="with --kubernetes: NAMESPACE/NAME of the Secret holding keys.json")
     api.add_argument("--job-s3-endpoint", help="with --kubernetes: the S3 endpoint training pods use")
     api.add_argument("--job-storage-secret", help="with --kubernetes: Secret with the store's keys in each namespace")
+    api.add_argument(
+        "--modelserver-key-env",
+        help="with --kubernetes: variable holding the key sent to ModelServers that set spec.apiKeySecret",
+    )
     api.set_defaults(handler=_api, api_command=None)
     api_commands = api.add_subparsers(dest="api_command", metavar="ACTION")
     key = api_commands.add_parser("new-key", help="print a new key for a project; the keys file keeps its hash")

@@ -32,12 +32,15 @@ from contextlib import closing, contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from tuneloom.net import LOCALHOST, free_port
 from tuneloom_dev.kubebuild import KubeBinaries, ensure_etcd, ensure_kube_binaries
+
+if TYPE_CHECKING:
+    from kubernetes import client as k8s
 
 log = logging.getLogger("tuneloom_dev.cluster")
 
@@ -45,6 +48,7 @@ CLUSTER_NAME = "tuneloom-local"
 ADMIN_USER = "tuneloom-admin"
 SERVICE_CIDR = "10.96.0.0/24"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
+SERVICE_ACCOUNT_TOKEN_S = 24 * 3600  # longer than any test's Pod lives; the kubelet would refresh it
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager")
 
 _START_TIMEOUT_S = 180.0
@@ -468,6 +472,21 @@ class LocalCluster:
 
 
 # -- process helpers ---------------------------------------------------------------------------
+
+
+def service_account_kubeconfig(
+    core: k8s.CoreV1Api, admin_kubeconfig: Path, namespace: str, account: str, dest: Path
+) -> Path:
+    """A kubeconfig of the cluster that `admin_kubeconfig` reaches, acting as the ServiceAccount
+    with a fresh token of it, so a process run with it has exactly the RBAC that account is bound to."""
+    request = {"spec": {"expirationSeconds": SERVICE_ACCOUNT_TOKEN_S}}
+    token = core.create_namespaced_service_account_token(account, namespace, request).status.token
+    config = yaml.safe_load(admin_kubeconfig.read_text())
+    config["users"] = [{"name": account, "user": {"token": token}}]
+    for context in config["contexts"]:
+        context["context"]["user"] = account
+    _write_atomic(dest, yaml.safe_dump(config), 0o600)
+    return dest
 
 
 def _start_ticks(pid: int) -> int:

@@ -28,9 +28,9 @@ It is not a container runtime. What differs, and the rules that bridge it:
   TUNELOOM_BIND_ADDRESS, where tuneloom's servers listen unless told otherwise (a Pod's own env
   or `--host` wins, so tests point the operator and ModelServer pods at "$(TUNELOOM_POD_IP)").
 - The environment is the Pod's own (envFrom, then env, with `$(VAR)` expansion) over a small
-  base: PATH, HOME, LANG, TMPDIR, TUNELOOM_CACHE_DIR from the runner, KUBECONFIG pointing at the
-  runner's kubeconfig (there are no ServiceAccount tokens; Pods talk to the API as the runner
-  does), and `extra_env`.
+  base: PATH, HOME, LANG, TMPDIR, TUNELOOM_CACHE_DIR from the runner, KUBECONFIG pointing at a
+  kubeconfig with a token of the Pod's ServiceAccount (so a Pod has exactly its account's RBAC,
+  as on a cluster; none for `automountServiceAccountToken: false`), and `extra_env`.
 - DNS: a Pod with `hostname` and `subdomain` (a headless Service's pods, an Indexed Job's) is
   reachable as `<hostname>.<subdomain>.<namespace>.svc[.cluster.local]`, but only through the
   command and args: an element that holds such a name (`--rdzv-endpoint=NAME:PORT`) gets that
@@ -39,7 +39,9 @@ It is not a container runtime. What differs, and the rules that bridge it:
   [.cluster.local]`, resolves in the Pods' Python processes (`socket.getaddrinfo` and uvloop's
   loop) to a ready Pod the Service selects, for Services whose port is their target port
   (`tuneloom_dev.servicedns`, loaded by the `sitecustomize` that the runner puts on PYTHONPATH;
-  `python -I` skips it).
+  `python -I` skips it). Of the loopback addresses, only the Pod's own is local to it where
+  torchrun asks whether it hosts the c10d rendezvous (`tuneloom_dev.podaddress`, loaded so too),
+  so rank 0's agent hosts the store, as on a cluster.
 - Liveness and startup probes are ignored; readiness probes (httpGet, tcpSocket, exec) are run.
   Node selectors, affinity, taints and resource requests are not checked: every Pod binds.
 - One runner per node name: a Running Pod on its node that it did not start (say, after a
@@ -79,6 +81,9 @@ from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.utils import parse_quantity
 from kubernetes.watch.watch import iter_resp_lines
+
+from tuneloom_dev.cluster import service_account_kubeconfig
+from tuneloom_dev.servicedns import DNS_KUBECONFIG_ENV
 
 log = logging.getLogger("tuneloom_dev.podrunner")
 
@@ -719,7 +724,9 @@ class _PodWorker:
         bin_dir = str(Path(sys.executable).parent)
         env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", os.defpath)])
         env["PYTHONPATH"] = str(POD_SITE)
-        env["KUBECONFIG"] = str(self.runner.kubeconfig)
+        if (kubeconfig := self._service_account_kubeconfig()) is not None:
+            env["KUBECONFIG"] = str(kubeconfig)
+        env[DNS_KUBECONFIG_ENV] = str(self.runner.kubeconfig)
         env["HOSTNAME"] = self.name
         env["TUNELOOM_POD_ROOT"] = str(self.root)
         env["TUNELOOM_POD_IP"] = self.ip or ""
@@ -728,6 +735,23 @@ class _PodWorker:
         env["TUNELOOM_POD_NAMESPACE"] = self.namespace
         env.update(self.runner.extra_env)
         return env
+
+    def _service_account_kubeconfig(self) -> Path | None:
+        """A kubeconfig acting as the Pod's ServiceAccount, as the kubelet mounts its token; None for
+        a Pod that sets automountServiceAccountToken: false."""
+        spec = self.pod["spec"]
+        if spec.get("automountServiceAccountToken") is False:
+            return None
+        account = spec.get("serviceAccountName") or "default"
+        try:
+            runner = self.runner
+            return service_account_kubeconfig(
+                runner.core, runner.kubeconfig, self.namespace, account, self.root / ".kubeconfig"
+            )
+        except ApiException as err:
+            if err.status != 404:
+                raise
+            raise _ConfigMissing(f'serviceaccount "{account}" not found') from None
 
     def _env_value(self, item: dict[str, Any], env: dict[str, str]) -> str | None:
         if "valueFrom" not in item:

@@ -18,6 +18,7 @@ import re
 import socket
 from typing import Any
 
+DNS_KUBECONFIG_ENV = "TUNELOOM_SERVICE_DNS_KUBECONFIG"  # set by the pod runner in each Pod
 SERVICE_NAME = re.compile(r"([a-z0-9-]+)\.([a-z0-9-]+)\.svc(?:\.cluster\.local)?\.?")
 
 
@@ -45,7 +46,8 @@ def _service_address(service: str, namespace: str) -> str:
     from kubernetes.client.exceptions import ApiException
 
     name = f"{service}.{namespace}.svc"
-    with k8s_config.new_client_from_config(config_file=os.environ.get("KUBECONFIG")) as api:
+    # The runner's own credentials, as cluster DNS sees every Service: the Pod's account may see none.
+    with k8s_config.new_client_from_config(config_file=os.environ.get(DNS_KUBECONFIG_ENV)) as api:
         core = k8s.CoreV1Api(api)
         try:
             spec = json.loads(core.read_namespaced_service(service, namespace, _preload_content=False).data)["spec"]

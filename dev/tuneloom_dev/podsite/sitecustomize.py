@@ -1,5 +1,6 @@
 """Run at the start of every Python process in a pod runner Pod (PYTHONPATH names this folder)."""
 
-from tuneloom_dev.servicedns import install
+from tuneloom_dev import podaddress, servicedns
 
-install()
+servicedns.install()
+podaddress.install()

@@ -111,11 +111,13 @@ class KeyRing:
 
 def keys_file_version(path: Path | None) -> Hashable:
     """What changes when the keys file is written (add_key replaces it): its inode, size and mtime."""
+    if path is None:
+        return None
     try:
-        stat = path.stat() if path is not None else None
+        stat = path.stat()
     except OSError:
         return None
-    return stat and (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 class RefreshingKeys:

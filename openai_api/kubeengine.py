@@ -76,6 +76,9 @@ class KubeEngine(Engine):
         if not settings.keys_secret or settings.keys_secret.count("/") != 1:
             raise KeysFileError("--kubernetes needs --keys-secret NAMESPACE/NAME (the API keys' Secret)")
         self.settings = settings
+        # The key for ModelServers with spec.apiKeySecret, from a Secret the chart maps into the environment.
+        variable = settings.modelserver_key_env
+        self.modelserver_key = (os.environ.get(variable) if variable else None) or None
         try:
             self.client = client or api_client()
         except k8s_config.ConfigException as exc:
@@ -408,15 +411,13 @@ class KubeEngine(Engine):
         return answer
 
     def _modelserver_key(self, server: ModelServer) -> str | None:
-        """The key for a ModelServer that requires one (spec.apiKeySecret): the API's own, read
-        from its environment (a Secret the chart maps in), never from the ModelServer's Secret."""
+        """The key for a ModelServer that requires one (spec.apiKeySecret): the API's own, never
+        read from the ModelServer's Secret."""
         if server.spec.apiKeySecret is None:
             return None
-        variable = self.settings.modelserver_key_env
-        key = os.environ.get(variable, "") if variable else ""
-        if not key:
+        if self.modelserver_key is None:
             raise _modelserver_key_error(server.metadata.name, "requires an API key and this API was given none")
-        return key
+        return self.modelserver_key
 
 
 def _modelserver_key_error(name: str, what: str) -> ApiError:

@@ -54,6 +54,7 @@ import atexit
 import base64
 import ctypes
 import ctypes.util
+import functools
 import json
 import logging
 import os
@@ -724,7 +725,7 @@ class _PodWorker:
         bin_dir = str(Path(sys.executable).parent)
         env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", os.defpath)])
         env["PYTHONPATH"] = str(POD_SITE)
-        if (kubeconfig := self._service_account_kubeconfig()) is not None:
+        if (kubeconfig := self._service_account_kubeconfig) is not None:
             env["KUBECONFIG"] = str(kubeconfig)
         env[DNS_KUBECONFIG_ENV] = str(self.runner.kubeconfig)
         env["HOSTNAME"] = self.name
@@ -736,9 +737,10 @@ class _PodWorker:
         env.update(self.runner.extra_env)
         return env
 
+    @functools.cached_property
     def _service_account_kubeconfig(self) -> Path | None:
-        """A kubeconfig acting as the Pod's ServiceAccount, as the kubelet mounts its token; None for
-        a Pod that sets automountServiceAccountToken: false."""
+        """A kubeconfig acting as the Pod's ServiceAccount, as the kubelet mounts its token (one for
+        all the Pod's containers); None for a Pod that sets automountServiceAccountToken: false."""
         spec = self.pod["spec"]
         if spec.get("automountServiceAccountToken") is False:
             return None
